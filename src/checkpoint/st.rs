@@ -1,0 +1,318 @@
+//! Memory-mapped safetensors reading (single files and sharded indexes) and atomic writing.
+
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+struct StFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// One or more memory-mapped safetensors files seen as one tensor namespace.
+pub struct TensorFiles {
+    files: Vec<StFile>,
+    index: HashMap<String, usize>,
+}
+
+/// A borrowed tensor with the file it came from, for error messages.
+pub struct RawTensor<'a> {
+    /// The file holding it.
+    pub path: &'a Path,
+    /// Its name.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Little-endian bytes.
+    pub data: &'a [u8],
+}
+
+fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}")
+}
+
+impl TensorFiles {
+    /// Map and parse the headers of `paths`. Truncated or corrupt files give
+    /// [`Error::Safetensors`] naming the file.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the map is read-only; a file changed underneath us while loading is
+            // outside what any model loader can defend against (same as candle and HF).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
+            for name in meta.tensors().keys() {
+                index.insert(name.clone(), i);
+            }
+            files.push(StFile {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + n,
+                meta,
+            });
+        }
+        Ok(TensorFiles { files, index })
+    }
+
+    /// A metadata string of the first file's header (`__metadata__`).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.files
+            .first()?
+            .meta
+            .metadata()
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+
+    /// The first file's path (the one named in format-level errors).
+    pub fn path(&self) -> &Path {
+        &self.files[0].path
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Total bytes of the files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.mmap.len() as u64).sum()
+    }
+
+    /// A tensor, or [`Error::MissingTensor`].
+    pub fn get<'a>(&'a self, name: &'a str) -> Result<RawTensor<'a>> {
+        let Some(&i) = self.index.get(name) else {
+            return Err(Error::MissingTensor {
+                path: self.path().to_path_buf(),
+                tensor: name.to_string(),
+            });
+        };
+        let f = &self.files[i];
+        let info: &TensorInfo = f.meta.info(name).expect("indexed tensor has info");
+        let (a, b) = info.data_offsets;
+        Ok(RawTensor {
+            path: &f.path,
+            name,
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &f.mmap[f.data_start + a..f.data_start + b],
+        })
+    }
+}
+
+impl RawTensor<'_> {
+    /// Error unless the shape is `expected`.
+    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::Shape {
+                path: self.path.to_path_buf(),
+                tensor: self.name.to_string(),
+                expected: expected.to_vec(),
+                got: self.shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn dtype_error(&self, expected: &str) -> Error {
+        Error::Dtype {
+            path: self.path.to_path_buf(),
+            tensor: self.name.to_string(),
+            expected: expected.to_string(),
+            got: dtype_name(self.dtype),
+        }
+    }
+
+    /// Whether the element type is a float type we read.
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
+    }
+
+    /// Values as f32 from F32/F16/BF16/F64; errors on other dtypes and on NaN/Inf.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let v: Vec<f32> = match self.dtype {
+            Dtype::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => self
+                .data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            _ => return Err(self.dtype_error("F32, F16, BF16 or F64")),
+        };
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::bad_value(
+                self.path,
+                self.name,
+                format!("non-finite value {} at index {i}", v[i]),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Raw bytes of a U8 tensor.
+    pub fn as_u8(&self) -> Result<&[u8]> {
+        if self.dtype != Dtype::U8 {
+            return Err(self.dtype_error("U8"));
+        }
+        Ok(self.data)
+    }
+
+    /// Values of an I8 tensor.
+    pub fn as_i8(&self) -> Result<Vec<i8>> {
+        if self.dtype != Dtype::I8 {
+            return Err(self.dtype_error("I8"));
+        }
+        Ok(self.data.iter().map(|&b| b as i8).collect())
+    }
+
+    /// A bad-value error about this tensor.
+    pub fn bad(&self, msg: impl Into<String>) -> Error {
+        Error::bad_value(self.path, self.name, msg)
+    }
+}
+
+/// An owned tensor to write.
+pub struct OwnedTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl OwnedTensor {
+    /// An f32 tensor.
+    pub fn f32(shape: Vec<usize>, v: &[f32]) -> Self {
+        OwnedTensor {
+            dtype: Dtype::F32,
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+    /// A u8 tensor.
+    pub fn u8(shape: Vec<usize>, v: Vec<u8>) -> Self {
+        OwnedTensor {
+            dtype: Dtype::U8,
+            shape,
+            data: v,
+        }
+    }
+    /// An i8 tensor.
+    pub fn i8(shape: Vec<usize>, v: &[i8]) -> Self {
+        OwnedTensor {
+            dtype: Dtype::I8,
+            shape,
+            data: v.iter().map(|&x| x as u8).collect(),
+        }
+    }
+    /// An f16 tensor.
+    pub fn f16(shape: Vec<usize>, v: &[f32]) -> Self {
+        OwnedTensor {
+            dtype: Dtype::F16,
+            shape,
+            data: v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        }
+    }
+    /// A bf16 tensor.
+    pub fn bf16(shape: Vec<usize>, v: &[f32]) -> Self {
+        OwnedTensor {
+            dtype: Dtype::BF16,
+            shape,
+            data: v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        }
+    }
+    /// An i64 tensor.
+    pub fn i64(shape: Vec<usize>, v: &[i64]) -> Self {
+        OwnedTensor {
+            dtype: Dtype::I64,
+            shape,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A temporary sibling path for atomic writes of `path`.
+pub fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Write bytes to `path` atomically (temporary sibling, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_sibling(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Serialize tensors (+ header metadata) to `path` atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, OwnedTensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
+        .map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    write_atomic(path, &bytes)
+}

@@ -1,0 +1,133 @@
+//! The library's error type. Every variant names the file (and, where there is one, the tensor,
+//! field or line) at fault and what was expected, so a user can act on the message alone.
+
+use std::path::PathBuf;
+
+/// Errors raised by bitsvf's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A safetensors file is truncated or its header is corrupt.
+    #[error("{path}: not a valid safetensors file ({msg}); is it truncated or corrupt?")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the safetensors parser said.
+        msg: String,
+    },
+    /// A tensor the format requires is absent.
+    #[error("{path}: missing tensor `{tensor}`")]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A tensor has the wrong element type.
+    #[error("{path}: tensor `{tensor}` has dtype {got}, expected {expected}")]
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What the format expects.
+        expected: String,
+        /// What the file holds.
+        got: String,
+    },
+    /// A tensor's values are invalid (packed code 3, a non-ternary value, a NaN/Inf scale…).
+    #[error("{path}: tensor `{tensor}`: {msg}")]
+    BadValue {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong with the values.
+        msg: String,
+    },
+    /// A config field is missing, malformed or disagrees with the weights.
+    #[error("{path}: config field `{field}`: {msg}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The files do not match any supported model format.
+    #[error("{path}: unknown model format: {msg}")]
+    UnknownFormat {
+        /// The file or directory given.
+        path: PathBuf,
+        /// What was found and what was expected.
+        msg: String,
+    },
+    /// Invalid user input that is not a file (a command-line value, token ids…).
+    #[error("{0}")]
+    Input(String),
+    /// A model-level check failed (e.g. recovery below the 99% threshold).
+    #[error("check failed: {0}")]
+    Check(String),
+    /// An error from the tensor library.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias used across the library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wrap an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A bad-value error for `tensor` in `path`.
+    pub fn bad_value(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::BadValue {
+            path: path.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// A config error for `field` in `path`.
+    pub fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+}

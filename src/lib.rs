@@ -1,0 +1,10 @@
+//! bitsvf: self-adaptive 1.58-bit (BitNet b1.58) language models with Transformer²'s Singular
+//! Value Fine-tuning. See README.md and DESIGN.md for the pipeline.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod ternary;
+
+pub use error::{Error, Result};

@@ -1,0 +1,536 @@
+//! The BitNet b1.58 decoder in candle: RMSNorm, rotate-half RoPE, GQA attention with BitNet's
+//! `attn_sub_norm`, ReLU² (or SiLU-gated) FFN with `ffn_sub_norm`, BitLinear layers with
+//! per-token int8 activation quantization, a KV cache and seeded sampling.
+//!
+//! Two weight modes share one interface ([`WeightMode`]): *ternary* runs the packed 2-bit
+//! weights through the exact integer kernel of [`crate::ternary`]; *dense* holds W = γ·W_t in
+//! f32 and uses only composable candle ops, so gradients flow through it (candle's fused
+//! `rms_norm`, `softmax_last_dim`, `rope*` and `sdpa` kernels silently drop gradients and are
+//! deliberately not used here).
+
+use crate::checkpoint::{Checkpoint, LinearKind};
+use crate::config::{Activation, ModelConfig};
+use crate::error::{Error, Result};
+use crate::ternary::{quantize_activations, TernaryMatrix};
+use candle_core::{DType, Device, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::Arc;
+
+/// How the linear layers hold their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Packed 2-bit weights, integer matmul (no gradients).
+    Ternary,
+    /// Dequantized f32 weights, differentiable.
+    Dense,
+}
+
+/// Options for building a [`Model`].
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// Weight mode.
+    pub mode: WeightMode,
+    /// Per-token int8 activation quantization (BitNet's BitLinear); with it off the
+    /// activations stay f32.
+    pub act_quant: bool,
+    /// Compute dtype of the dense path (F32, or F64 for gradient checks).
+    pub dtype: DType,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            mode: WeightMode::Ternary,
+            act_quant: true,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Fake-quantize activations `[.., in]` per token, with the straight-through estimator: the
+/// forward value is x_q/s, the gradient is the identity (BitNet training, DESIGN.md §2).
+pub fn fake_quant_ste(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let cols = *dims.last().expect("activations have a feature dim");
+    let flat: Vec<f32> = x.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (q, s) = quantize_activations(&flat, cols);
+    let deq: Vec<f32> = q
+        .chunks(cols)
+        .zip(&s)
+        .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 / s))
+        .collect();
+    let deq = Tensor::from_vec(deq, dims, x.device())?.to_dtype(x.dtype())?;
+    // x + (q(x) − x) with the bracket detached: value q(x), gradient 1.
+    Ok((x + (deq - x.detach())?)?)
+}
+
+/// Weights of one BitLinear.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// Packed ternary, integer kernel.
+    Ternary(Arc<TernaryMatrix>),
+    /// W transposed, `[in, out]`, f32/f64.
+    Dense(Tensor),
+}
+
+/// A BitNet linear layer: y = quant(x) · Wᵀ (+ b).
+#[derive(Debug, Clone)]
+pub struct BitLinear {
+    /// The weights.
+    pub weight: LinearWeight,
+    /// Optional bias `[out]`.
+    pub bias: Option<Tensor>,
+    /// Whether activations are int8-quantized.
+    pub act_quant: bool,
+    /// Output features.
+    pub out_features: usize,
+}
+
+impl BitLinear {
+    /// Forward `x` `[.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Ternary(m) => {
+                let mut dims = x.dims().to_vec();
+                let tokens = x.elem_count() / m.cols;
+                let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let y = m.forward(&flat, tokens, self.act_quant);
+                *dims.last_mut().expect("feature dim") = m.rows;
+                Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?
+            }
+            LinearWeight::Dense(wt) => {
+                let x = if self.act_quant {
+                    fake_quant_ste(x)?
+                } else {
+                    x.clone()
+                };
+                x.broadcast_matmul(wt)?
+            }
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm from composable ops (differentiable): x · rsqrt(mean(x²) + ε) · w.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let x = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(x.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dim from composable ops (the max is a constant shift, detached).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dim from composable ops.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Rotate-half RoPE tables `cos`, `sin` of shape `[max_pos, head_dim]` (HF convention).
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let n = cfg.max_position_embeddings;
+        let inv: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for p in 0..n {
+            for _half in 0..2 {
+                for f in &inv {
+                    // HF computes the angle in f32; match it before taking cos/sin.
+                    let a = (p as f32 * *f as f32) as f64;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n, hd), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, hd), dev)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Apply to `x` `[B, H, T, hd]` at positions `offset..offset+T`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, hd) = x.dims4()?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.kv
+            .first()
+            .and_then(|e| e.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    attn_sub_norm: Option<Tensor>,
+    ffn_sub_norm: Option<Tensor>,
+    /// The seven linears in [`LinearKind::ALL`] order.
+    pub linears: Vec<BitLinear>,
+}
+
+/// The decoder.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Architecture.
+    pub config: ModelConfig,
+    /// Options it was built with.
+    pub options: ModelOptions,
+    embed: Tensor,
+    /// Decoder blocks.
+    pub blocks: Vec<Block>,
+    norm: Tensor,
+    /// lm_head transposed, `[d, vocab]`.
+    lm_head_t: Tensor,
+    rope: Rope,
+    device: Device,
+}
+
+fn vec_tensor(v: &[f32], dtype: DType, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(v, v.len(), dev)?.to_dtype(dtype)?)
+}
+
+impl Model {
+    /// Build the forward pass over a checkpoint's weights.
+    pub fn new(ck: &Checkpoint, options: ModelOptions) -> Result<Self> {
+        let dev = Device::Cpu;
+        let cfg = ck.config.clone();
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let dt = options.dtype;
+        let embed = Tensor::from_slice(&ck.embed_tokens, (v, d), &dev)?.to_dtype(dt)?;
+        let lm_head_t = Tensor::from_slice(ck.lm_head(), (v, d), &dev)?
+            .to_dtype(dt)?
+            .t()?
+            .contiguous()?;
+        let mut blocks = Vec::with_capacity(ck.layers.len());
+        for layer in &ck.layers {
+            let mut linears = Vec::with_capacity(7);
+            for kind in LinearKind::ALL {
+                let lin = layer.linear(kind);
+                let m = &lin.matrix;
+                let weight = match options.mode {
+                    WeightMode::Ternary => LinearWeight::Ternary(Arc::new(m.clone())),
+                    WeightMode::Dense => LinearWeight::Dense(
+                        Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &dev)?
+                            .to_dtype(dt)?
+                            .t()?
+                            .contiguous()?,
+                    ),
+                };
+                linears.push(BitLinear {
+                    weight,
+                    bias: lin
+                        .bias
+                        .as_ref()
+                        .map(|b| vec_tensor(b, dt, &dev))
+                        .transpose()?,
+                    act_quant: options.act_quant,
+                    out_features: m.rows,
+                });
+            }
+            let opt = |w: &Option<Vec<f32>>| w.as_ref().map(|w| vec_tensor(w, dt, &dev)).transpose();
+            blocks.push(Block {
+                input_layernorm: vec_tensor(&layer.input_layernorm, dt, &dev)?,
+                post_attention_layernorm: vec_tensor(&layer.post_attention_layernorm, dt, &dev)?,
+                attn_sub_norm: opt(&layer.attn_sub_norm)?,
+                ffn_sub_norm: opt(&layer.ffn_sub_norm)?,
+                linears,
+            });
+        }
+        Ok(Model {
+            rope: Rope::new(&cfg, dt, &dev)?,
+            norm: vec_tensor(&ck.norm, dt, &dev)?,
+            config: cfg,
+            options,
+            embed,
+            blocks,
+            lm_head_t,
+            device: dev,
+        })
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh, empty KV cache.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            kv: vec![None; self.blocks.len()],
+        }
+    }
+
+    /// Token ids `[B, T]` (u32) from rows of equal length.
+    pub fn ids_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        let t = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != t) || t == 0 {
+            return Err(Error::Input(
+                "token rows must be non-empty and of equal length".into(),
+            ));
+        }
+        if let Some(bad) = rows.iter().flatten().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is out of range for a vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (rows.len(), t), &self.device)?)
+    }
+
+    /// Logits `[B, T, vocab]` for ids `[B, T]`, continuing from `cache` when given.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.hidden_states(ids, cache)?;
+        Ok(h.broadcast_matmul(&self.lm_head_t)?)
+    }
+
+    /// Final-normed hidden states `[B, T, d]`.
+    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + t > self.config.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                offset + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let mask = self.causal_mask(t, offset)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.kv[l]);
+            x = self.block_forward(block, &x, offset, mask.as_ref(), slot)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Additive mask `[T, offset+T]`: 0 where key ≤ query position, −∞ after.
+    fn causal_mask(&self, t: usize, offset: usize) -> Result<Option<Tensor>> {
+        if t == 1 {
+            return Ok(None);
+        }
+        let total = offset + t;
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.options.dtype)?,
+        ))
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.rms_norm_eps;
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let lin = |k: LinearKind| &block.linears[k as usize];
+
+        // Attention: o_proj(attn_sub_norm(softmax(q kᵀ/√hd + mask) v)).
+        let xn = rms_norm(x, &block.input_layernorm, eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.rope.apply(&heads(lin(LinearKind::Q).forward(&xn)?, h)?, offset)?; // [B,H,T,hd]
+        let mut k = self.rope.apply(&heads(lin(LinearKind::K).forward(&xn)?, kvh)?, offset)?; // [B,KV,T,hd]
+        let mut v = heads(lin(LinearKind::V).forward(&xn)?, kvh)?; // [B,KV,T,hd]
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let rep = h / kvh;
+        let repeat = |y: &Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(y.clone());
+            }
+            let (b, n, s, hd) = y.dims4()?;
+            Ok(y.unsqueeze(2)?
+                .expand((b, n, rep, s, hd))?
+                .reshape((b, n * rep, s, hd))?)
+        };
+        let (k, v) = (repeat(&k)?, repeat(&v)?); // [B,H,S,hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B,H,T,S]
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let att = softmax(&scores)?.matmul(&v.contiguous()?)?; // [B,H,T,hd]
+        let mut att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        if let Some(w) = &block.attn_sub_norm {
+            att = rms_norm(&att, w, eps)?;
+        }
+        let x = (x + lin(LinearKind::O).forward(&att)?)?;
+
+        // FFN: down(ffn_sub_norm(act(gate(x)) · up(x))).
+        let xn = rms_norm(&x, &block.post_attention_layernorm, eps)?;
+        let g = lin(LinearKind::Gate).forward(&xn)?;
+        let g = match cfg.hidden_act {
+            Activation::Relu2 => g.relu()?.sqr()?,
+            Activation::Silu => g.silu()?,
+        };
+        let mut f = (g * lin(LinearKind::Up).forward(&xn)?)?;
+        if let Some(w) = &block.ffn_sub_norm {
+            f = rms_norm(&f, w, eps)?;
+        }
+        Ok((x + lin(LinearKind::Down).forward(&f)?)?)
+    }
+
+    /// Generate up to `opts.max_new_tokens` after `prompt`, with a KV cache. Returns only the
+    /// new tokens (stopping after `stop` tokens, which are included).
+    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut rng = StdRng::seed_from_u64(opts.seed);
+        let mut out = Vec::new();
+        let mut input = self.ids_tensor(&[prompt.to_vec()])?;
+        let room = self
+            .config
+            .max_position_embeddings
+            .saturating_sub(prompt.len());
+        for _ in 0..opts.max_new_tokens.min(room) {
+            let logits = self.forward(&input, Some(&mut cache))?;
+            let last: Vec<f32> = logits
+                .squeeze(0)?
+                .get(logits.dim(1)? - 1)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let next = sample(&last, opts.temperature, opts.top_p, &mut rng);
+            out.push(next);
+            if opts.stop.contains(&next) {
+                break;
+            }
+            input = Tensor::from_vec(vec![next], (1, 1), &self.device)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Sampling settings for [`Model::generate`].
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to produce.
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus mass (1 = off).
+    pub top_p: f64,
+    /// RNG seed.
+    pub seed: u64,
+    /// Tokens that end generation.
+    pub stop: Vec<u32>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Pick a token from logits: argmax at temperature 0 (first index on ties), else sample from
+/// the temperature-scaled softmax restricted to the smallest set with mass ≥ `top_p`.
+pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl Rng) -> u32 {
+    if temperature <= 0.0 {
+        return argmax(logits) as u32;
+    }
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut p: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, ((l as f64 - m) / temperature).exp()))
+        .collect();
+    let z: f64 = p.iter().map(|x| x.1).sum();
+    p.iter_mut().for_each(|x| x.1 /= z);
+    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut keep = p.len();
+    let mut acc = 0.0;
+    for (i, x) in p.iter().enumerate() {
+        acc += x.1;
+        if acc >= top_p {
+            keep = i + 1;
+            break;
+        }
+    }
+    p.truncate(keep);
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    let mut r = rng.gen::<f64>() * total;
+    for &(i, w) in &p {
+        if r < w {
+            return i as u32;
+        }
+        r -= w;
+    }
+    p.last().map_or(0, |x| x.0 as u32)
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

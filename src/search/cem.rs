@@ -1,0 +1,600 @@
+//! Cross-entropy method for maximisation over a box (DESIGN.md §3, few-shot adaptation).
+//!
+//! Each iteration samples a population from a diagonal Gaussian N(μ, σ²), clamps the samples to
+//! the bounds, scores the whole batch, and refits μ and σ to the elites (the best samples by
+//! [`Score`]). Transformer²'s few-shot setting: population 32, 6 elites, μ₀ = 1/K, σ₀ = 0.5,
+//! α ∈ [0, 1], 50–100 iterations, ties in accuracy broken by the mean log-likelihood of the
+//! correct answers.
+
+use std::cmp::Ordering;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::{validate_bounds, SearchError};
+
+/// Settings of one CEM run; defaults are Transformer²'s few-shot ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CemConfig {
+    /// Samples per iteration; at least 1.
+    pub population: usize,
+    /// Best samples the distribution is refitted to; between 1 and `population`.
+    pub elites: usize,
+    /// Most iterations; the run evaluates at most `population × iterations` samples.
+    pub iterations: usize,
+    /// Initial standard deviation of every variable.
+    pub sigma0: f64,
+    /// Seed of the `StdRng` driving the sampling.
+    pub seed: u64,
+    /// Stop once every σ has fallen below this: further samples would all be (nearly) the
+    /// same point, each costing an evaluation.
+    pub sigma_tolerance: f64,
+}
+
+impl Default for CemConfig {
+    fn default() -> Self {
+        Self {
+            population: 32,
+            elites: 6,
+            iterations: 100,
+            sigma0: 0.5,
+            seed: 0,
+            sigma_tolerance: 1e-6,
+        }
+    }
+}
+
+/// A sample's score, compared lexicographically: `primary` first, then `secondary` to break
+/// ties (e.g. few-shot accuracy, then mean log-likelihood of the correct answers). Larger is
+/// better; `-inf` marks an infeasible sample, NaN is an error.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Score {
+    /// The value maximised.
+    pub primary: f64,
+    /// Tie-breaker among equal `primary` values; 0 when there is none.
+    pub secondary: f64,
+}
+
+impl Score {
+    /// A score with a tie-breaker.
+    pub fn new(primary: f64, secondary: f64) -> Self {
+        Self { primary, secondary }
+    }
+
+    /// A score without a tie-breaker (`secondary` = 0).
+    pub fn primary(primary: f64) -> Self {
+        Self::new(primary, 0.0)
+    }
+
+    /// Lexicographic order on (`primary`, `secondary`); `Greater` is better.
+    pub fn lexicographic_cmp(&self, other: &Self) -> Ordering {
+        self.primary
+            .total_cmp(&other.primary)
+            .then(self.secondary.total_cmp(&other.secondary))
+    }
+}
+
+/// Progress after one CEM iteration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CemRecord {
+    /// Iteration index, from 0.
+    pub iteration: usize,
+    /// Best score seen so far, this iteration included.
+    pub best: Score,
+    /// Best score among this iteration's samples.
+    pub iteration_best: Score,
+    /// Mean primary score of this iteration's elites.
+    pub elite_mean_primary: f64,
+    /// Largest standard deviation after refitting to this iteration's elites.
+    pub max_sigma: f64,
+    /// Samples evaluated so far, this iteration included.
+    pub evaluations: usize,
+}
+
+/// What a CEM run found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CemResult {
+    /// The best sample evaluated (the earliest one among equal scores).
+    pub best: Vec<f64>,
+    /// Its score.
+    pub best_score: Score,
+    /// Final mean of the sampling distribution.
+    pub mean: Vec<f64>,
+    /// Final standard deviations of the sampling distribution.
+    pub sigma: Vec<f64>,
+    /// One record per iteration.
+    pub history: Vec<CemRecord>,
+    /// Samples evaluated in total.
+    pub evaluations: usize,
+    /// `true` when the run stopped because every σ fell below `sigma_tolerance`.
+    pub converged: bool,
+}
+
+/// Maximises a [`Score`] over the box `bounds` (one `(lo, hi)` per variable) with the
+/// cross-entropy method, starting from the mean `mu0`.
+///
+/// `evaluate` receives each iteration's batch of samples and must return one score per sample,
+/// in order; its first error stops the run and is returned inside [`SearchError::Objective`].
+/// `observer` is called after every iteration. The returned `best` is the best sample
+/// actually evaluated (never the untested mean). The same inputs and scores give a
+/// bit-identical result.
+///
+/// # Errors
+/// [`SearchError::InvalidConfig`] for bad bounds, `mu0` or settings, and the evaluation errors of
+/// [`SearchError`].
+pub fn cem<E, F, O>(
+    mu0: &[f64],
+    bounds: &[(f64, f64)],
+    config: &CemConfig,
+    mut evaluate: F,
+    mut observer: O,
+) -> Result<CemResult, SearchError<E>>
+where
+    F: FnMut(&[Vec<f64>]) -> Result<Vec<Score>, E>,
+    O: FnMut(&CemRecord),
+{
+    validate_bounds(bounds)?;
+    validate_config(mu0, bounds, config)?;
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut mean = mu0.to_vec();
+    let mut sigma = vec![config.sigma0; mu0.len()];
+    let mut best: Option<(Vec<f64>, Score)> = None;
+    let mut history = Vec::new();
+    let mut evaluations = 0;
+    let mut converged = false;
+
+    for iteration in 0..config.iterations {
+        let samples: Vec<Vec<f64>> = (0..config.population)
+            .map(|_| {
+                mean.iter()
+                    .zip(&sigma)
+                    .zip(bounds)
+                    .map(|((&m, &s), &(lo, hi))| (m + s * standard_normal(&mut rng)).clamp(lo, hi))
+                    .collect()
+            })
+            .collect();
+        let scores = evaluate(&samples).map_err(|source| SearchError::Objective {
+            round: iteration,
+            source,
+        })?;
+        check_scores(&scores, samples.len(), iteration)?;
+        evaluations += samples.len();
+
+        // Best first; the stable sort keeps sample order among equal scores.
+        let mut order: Vec<usize> = (0..samples.len()).collect();
+        order.sort_by(|&a, &b| scores[b].lexicographic_cmp(&scores[a]));
+        let elites = &order[..config.elites];
+        let iteration_best = scores[order[0]];
+        if best
+            .as_ref()
+            .is_none_or(|(_, s)| iteration_best.lexicographic_cmp(s) == Ordering::Greater)
+        {
+            best = Some((samples[order[0]].clone(), iteration_best));
+        }
+
+        let k = elites.len() as f64;
+        for j in 0..mean.len() {
+            let m = elites.iter().map(|&e| samples[e][j]).sum::<f64>() / k;
+            let variance = elites
+                .iter()
+                .map(|&e| (samples[e][j] - m).powi(2))
+                .sum::<f64>()
+                / k;
+            mean[j] = m;
+            sigma[j] = variance.sqrt();
+        }
+        let max_sigma = sigma.iter().copied().fold(0.0, f64::max);
+        let entry = CemRecord {
+            iteration,
+            best: best.as_ref().map_or(iteration_best, |(_, s)| *s),
+            iteration_best,
+            elite_mean_primary: elites.iter().map(|&e| scores[e].primary).sum::<f64>() / k,
+            max_sigma,
+            evaluations,
+        };
+        observer(&entry);
+        history.push(entry);
+        if max_sigma < config.sigma_tolerance {
+            converged = true;
+            break;
+        }
+    }
+
+    let (best, best_score) = best.expect("validate_config ensures at least one iteration");
+    Ok(CemResult {
+        best,
+        best_score,
+        mean,
+        sigma,
+        history,
+        evaluations,
+        converged,
+    })
+}
+
+fn validate_config<E>(
+    mu0: &[f64],
+    bounds: &[(f64, f64)],
+    config: &CemConfig,
+) -> Result<(), SearchError<E>> {
+    let invalid = |field: &str, reason: String| {
+        Err(SearchError::InvalidConfig {
+            field: field.to_string(),
+            reason,
+        })
+    };
+    if mu0.len() != bounds.len() {
+        return invalid(
+            "mu0",
+            format!(
+                "got {} values; expected one per variable ({})",
+                mu0.len(),
+                bounds.len()
+            ),
+        );
+    }
+    for (i, (&m, &(lo, hi))) in mu0.iter().zip(bounds).enumerate() {
+        if !(lo <= m && m <= hi) {
+            return invalid(
+                &format!("mu0[{i}]"),
+                format!("got {m}; expected a value within the bounds [{lo}, {hi}]"),
+            );
+        }
+    }
+    if config.population == 0 {
+        return invalid("population", "got 0; expected at least 1".into());
+    }
+    if !(1..=config.population).contains(&config.elites) {
+        return invalid(
+            "elites",
+            format!(
+                "got {}; expected between 1 and `population` = {}",
+                config.elites, config.population
+            ),
+        );
+    }
+    if config.iterations == 0 {
+        return invalid("iterations", "got 0; expected at least 1".into());
+    }
+    if !(config.sigma0.is_finite() && config.sigma0 >= 0.0) {
+        return invalid(
+            "sigma0",
+            format!("got {}; expected a finite value >= 0", config.sigma0),
+        );
+    }
+    if !(config.sigma_tolerance.is_finite() && config.sigma_tolerance >= 0.0) {
+        return invalid(
+            "sigma_tolerance",
+            format!(
+                "got {}; expected a finite value >= 0",
+                config.sigma_tolerance
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn check_scores<E>(scores: &[Score], expected: usize, round: usize) -> Result<(), SearchError<E>> {
+    if scores.len() != expected {
+        return Err(SearchError::BatchSize {
+            round,
+            expected,
+            got: scores.len(),
+        });
+    }
+    for (genome, s) in scores.iter().enumerate() {
+        for (objective, v) in [s.primary, s.secondary].into_iter().enumerate() {
+            if v.is_nan() {
+                return Err(SearchError::NotANumber {
+                    round,
+                    genome,
+                    objective,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One N(0, 1) draw by the Box–Muller transform (rand 0.8 has no normal distribution without
+/// `rand_distr`, which is not a dependency).
+fn standard_normal(rng: &mut StdRng) -> f64 {
+    // 1 - [0, 1) = (0, 1]: keeps ln away from 0.
+    let u1 = 1.0 - rng.gen::<f64>();
+    let u2: f64 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    fn squared_distance(x: &[f64], c: &[f64]) -> f64 {
+        x.iter().zip(c).map(|(a, b)| (a - b).powi(2)).sum()
+    }
+
+    fn max_abs_error(x: &[f64], c: &[f64]) -> f64 {
+        x.iter()
+            .zip(c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn finds_shifted_sphere_optimum_clamped_to_the_box() {
+        // Maximise −‖x − c‖² over [0, 1]^5 from μ₀ = 1/K; two coordinates of c lie outside the
+        // box, so the optimum is c clamped: (0.3, 0.7, 0.1, 1.0, 0.0).
+        let c = [0.3, 0.7, 0.1, 1.3, -0.2];
+        let optimum = [0.3, 0.7, 0.1, 1.0, 0.0];
+        let result = cem(
+            &[0.2; 5],
+            &[(0.0, 1.0); 5],
+            &CemConfig::default(),
+            |batch: &[Vec<f64>]| -> Result<_, Infallible> {
+                Ok(batch
+                    .iter()
+                    .map(|x| Score::primary(-squared_distance(x, &c)))
+                    .collect())
+            },
+            |_| {},
+        )
+        .unwrap();
+        let error = max_abs_error(&result.best, &optimum);
+        eprintln!(
+            "CEM sphere: max error {error:.2e} after {} evaluations",
+            result.evaluations
+        );
+        assert!(error < 1e-2, "best {:?}", result.best);
+        assert!(max_abs_error(&result.mean, &optimum) < 1e-2);
+        assert!(result.best_score.primary <= 0.0);
+        assert!((result.best_score.primary + squared_distance(&result.best, &c)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn tie_breaker_decides_among_equal_primary_scores() {
+        // Primary: 1 inside the disc of radius 0.25 around c1, else 0 (a plateau, like few-shot
+        // accuracy). Secondary: −‖x − c2‖² with c2 outside the disc. Lexicographically the
+        // optimum is the disc's point nearest c2: c1 + 0.25·(c2 − c1)/‖c2 − c1‖ = (0.65, 0.6).
+        let (c1, c2) = ([0.4, 0.6], [0.9, 0.6]);
+        let score = |x: &Vec<f64>| {
+            let inside = squared_distance(x, &c1) < 0.25f64.powi(2);
+            Score::new(if inside { 1.0 } else { 0.0 }, -squared_distance(x, &c2))
+        };
+        let result = cem(
+            &[0.5, 0.5],
+            &[(0.0, 1.0); 2],
+            &CemConfig::default(),
+            |batch: &[Vec<f64>]| -> Result<_, Infallible> { Ok(batch.iter().map(score).collect()) },
+            |r| eprintln!("{r:?}"),
+        )
+        .unwrap();
+        assert_eq!(
+            result.best_score.primary, 1.0,
+            "primary score must win over secondary"
+        );
+        let error = max_abs_error(&result.best, &[0.65, 0.6]);
+        eprintln!("CEM tie-breaker: max error {error:.2e}");
+        assert!(error < 1e-2, "best {:?}", result.best);
+    }
+
+    #[test]
+    fn score_order_is_lexicographic() {
+        let a = Score::new(1.0, -100.0);
+        let b = Score::new(0.5, 100.0);
+        assert_eq!(a.lexicographic_cmp(&b), Ordering::Greater);
+        assert_eq!(
+            Score::new(1.0, 2.0).lexicographic_cmp(&Score::new(1.0, 1.0)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            Score::primary(3.0).lexicographic_cmp(&Score::primary(3.0)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            Score::primary(f64::NEG_INFINITY).lexicographic_cmp(&Score::primary(-1e300)),
+            Ordering::Less
+        );
+    }
+
+    #[test]
+    fn same_seed_same_result_and_history_counts() {
+        let config = CemConfig {
+            iterations: 20,
+            seed: 5,
+            ..CemConfig::default()
+        };
+        let run = |config: &CemConfig| {
+            let mut observed = Vec::new();
+            let result = cem(
+                &[0.5; 3],
+                &[(0.0, 1.0); 3],
+                config,
+                |batch: &[Vec<f64>]| -> Result<_, Infallible> {
+                    Ok(batch
+                        .iter()
+                        .map(|x| Score::primary(-squared_distance(x, &[0.2, 0.4, 0.6])))
+                        .collect())
+                },
+                |record| observed.push(record.clone()),
+            )
+            .unwrap();
+            (result, observed)
+        };
+        let (a, observed) = run(&config);
+        let (b, _) = run(&config);
+        assert_eq!(a, b);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.best), bits(&b.best));
+        let (c, _) = run(&CemConfig {
+            seed: 6,
+            ..config.clone()
+        });
+        assert_ne!(bits(&a.best), bits(&c.best));
+
+        assert_eq!(observed, a.history);
+        assert_eq!(a.evaluations, 32 * a.history.len());
+        for (k, record) in a.history.iter().enumerate() {
+            assert_eq!(record.iteration, k);
+            assert_eq!(record.evaluations, 32 * (k + 1));
+            assert_ne!(
+                record.iteration_best.lexicographic_cmp(&record.best),
+                Ordering::Greater
+            );
+            if k > 0 {
+                let previous = &a.history[k - 1].best;
+                assert_ne!(record.best.lexicographic_cmp(previous), Ordering::Less);
+            }
+        }
+        assert_eq!(a.history.last().unwrap().best, a.best_score);
+    }
+
+    #[test]
+    fn stops_when_sigma_collapses() {
+        // A single elite refits σ to 0 after the first iteration.
+        let config = CemConfig {
+            elites: 1,
+            ..CemConfig::default()
+        };
+        let result = cem(
+            &[0.5],
+            &[(0.0, 1.0)],
+            &config,
+            |batch: &[Vec<f64>]| -> Result<_, Infallible> {
+                Ok(batch.iter().map(|x| Score::primary(x[0])).collect())
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert!(result.converged);
+        assert_eq!(result.history.len(), 1);
+        assert_eq!(result.sigma, vec![0.0]);
+        assert_eq!(result.mean, result.best);
+    }
+
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("model evaluation failed")]
+    struct ModelError;
+
+    #[test]
+    fn errors_propagate_and_bad_results_are_rejected() {
+        let bounds = [(0.0, 1.0); 2];
+        let config = CemConfig::default();
+        let mut calls = 0;
+        let err = cem(
+            &[0.5; 2],
+            &bounds,
+            &config,
+            |batch: &[Vec<f64>]| {
+                calls += 1;
+                if calls == 2 {
+                    Err(ModelError)
+                } else {
+                    Ok(vec![Score::primary(0.0); batch.len()])
+                }
+            },
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            SearchError::Objective {
+                round: 1,
+                source: ModelError
+            }
+        ));
+        let short = cem(
+            &[0.5; 2],
+            &bounds,
+            &config,
+            |_: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![Score::primary(0.0)]) },
+            |_| {},
+        );
+        assert!(matches!(
+            short,
+            Err(SearchError::BatchSize {
+                round: 0,
+                expected: 32,
+                got: 1
+            })
+        ));
+        let nan = cem(
+            &[0.5; 2],
+            &bounds,
+            &config,
+            |batch: &[Vec<f64>]| -> Result<_, Infallible> {
+                Ok(vec![Score::new(1.0, f64::NAN); batch.len()])
+            },
+            |_| {},
+        );
+        assert!(matches!(
+            nan,
+            Err(SearchError::NotANumber {
+                round: 0,
+                genome: 0,
+                objective: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn invalid_settings_name_their_field() {
+        let field = |mu0: &[f64], config: &CemConfig| match cem(
+            mu0,
+            &[(0.0, 1.0); 2],
+            config,
+            |b: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![Score::primary(0.0); b.len()]) },
+            |_| {},
+        ) {
+            Err(SearchError::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        };
+        let base = CemConfig::default();
+        assert_eq!(field(&[0.5], &base), "mu0");
+        assert_eq!(field(&[0.5, 1.5], &base), "mu0[1]");
+        assert_eq!(
+            field(
+                &[0.5; 2],
+                &CemConfig {
+                    elites: 33,
+                    ..base.clone()
+                }
+            ),
+            "elites"
+        );
+        assert_eq!(
+            field(
+                &[0.5; 2],
+                &CemConfig {
+                    iterations: 0,
+                    ..base.clone()
+                }
+            ),
+            "iterations"
+        );
+        assert_eq!(
+            field(
+                &[0.5; 2],
+                &CemConfig {
+                    sigma0: f64::NAN,
+                    ..base.clone()
+                }
+            ),
+            "sigma0"
+        );
+    }
+
+    #[test]
+    fn standard_normal_has_unit_moments() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let n = 200_000;
+        let draws: Vec<f64> = (0..n).map(|_| standard_normal(&mut rng)).collect();
+        let mean = draws.iter().sum::<f64>() / n as f64;
+        let variance = draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        // Standard errors: 1/√n ≈ 0.0022 for the mean, √(2/n) ≈ 0.0032 for the variance.
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((variance - 1.0).abs() < 0.015, "variance {variance}");
+    }
+}

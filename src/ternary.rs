@@ -1,0 +1,513 @@
+//! Ternary (BitNet b1.58) weights: absmean quantization, 2-bit packing in our native layout and
+//! in Hugging Face's layout, dequantization, and the exact packed 2-bit × int8 matrix product
+//! used by the model's ternary mode.
+//!
+//! Arithmetic (DESIGN.md §2): γ = mean|W| (clamped ≥ 1e-5), W_t = clamp(round(W/γ), −1, 1),
+//! W ≈ γ·W_t. Activations are quantized per token with s = 127 / max|x|,
+//! x_q = clamp(round(x·s), −128, 127), and a linear layer outputs (x_q · W_tᵀ) · γ / s.
+//! Rounding is half-to-even, as `torch.round` does, so our codes match PyTorch-made ones.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Smallest scale allowed by BitNet's absmean and absmax formulas.
+pub const MIN_SCALE: f32 = 1e-5;
+
+/// How many weights share one scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "granularity", rename_all = "snake_case")]
+pub enum Quantization {
+    /// One γ per matrix, zero where |W/γ| rounds to 0 (BitNet b1.58).
+    PerTensor,
+    /// One γ per output row, zero where |W| < τ·γ_row (the origin pipeline's Phase 4).
+    PerChannel {
+        /// The zero threshold τ, as a fraction of the row's mean |W|.
+        threshold: f32,
+    },
+}
+
+impl Quantization {
+    /// Human-readable name.
+    pub fn name(&self) -> String {
+        match self {
+            Quantization::PerTensor => "per-tensor absmean".into(),
+            Quantization::PerChannel { threshold } => {
+                format!("per-channel absmean, zero threshold {threshold}")
+            }
+        }
+    }
+}
+
+/// Round half to even, like `torch.round`.
+#[inline]
+pub fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// Per-tensor absmean ternarization of a row-major `rows × cols` matrix.
+/// Returns the ternary values and γ.
+pub fn ternarize_per_tensor(w: &[f32]) -> (Vec<i8>, f32) {
+    let gamma = if w.is_empty() {
+        MIN_SCALE
+    } else {
+        ((w.iter().map(|x| x.abs() as f64).sum::<f64>() / w.len() as f64) as f32).max(MIN_SCALE)
+    };
+    let q = w
+        .iter()
+        .map(|&x| round_even(x / gamma).clamp(-1.0, 1.0) as i8)
+        .collect();
+    (q, gamma)
+}
+
+/// Per-output-channel ternarization with a zero threshold: γ_o = mean|W[o,:]|,
+/// W_t = sign(W) where |W| ≥ τ·γ_o, else 0. With τ = 0.5 each row matches the per-tensor rule.
+pub fn ternarize_per_channel(w: &[f32], rows: usize, cols: usize, tau: f32) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(w.len(), rows * cols, "matrix buffer does not match its shape");
+    let mut q = vec![0i8; w.len()];
+    let mut scales = Vec::with_capacity(rows);
+    for (row, qrow) in w.chunks(cols.max(1)).zip(q.chunks_mut(cols.max(1))) {
+        let gamma = ((row.iter().map(|x| x.abs() as f64).sum::<f64>() / cols.max(1) as f64)
+            as f32)
+            .max(MIN_SCALE);
+        for (x, out) in row.iter().zip(qrow.iter_mut()) {
+            *out = if x.abs() >= tau * gamma {
+                x.signum() as i8
+            } else {
+                0
+            };
+        }
+        scales.push(gamma);
+    }
+    (q, scales)
+}
+
+/// Bytes per row in the native packed layout.
+pub fn native_row_bytes(cols: usize) -> usize {
+    cols.div_ceil(4)
+}
+
+/// Pack ternary values (row-major `rows × cols`) into the native layout: row-major
+/// `[rows, ceil(cols/4)]` bytes, weight `4j+k` of a row in bits `2k..2k+1` of byte `j`, code =
+/// value + 1. Rows stay contiguous so the matrix-vector kernel streams one row at a time.
+pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
+    assert_eq!(values.len(), rows * cols, "matrix buffer does not match its shape");
+    let rb = native_row_bytes(cols);
+    let mut out = vec![0u8; rows * rb];
+    for r in 0..rows {
+        for c in 0..cols {
+            let code = (values[r * cols + c] + 1) as u8;
+            out[r * rb + c / 4] |= code << (2 * (c % 4));
+        }
+    }
+    // Padding weights beyond `cols` are encoded as 0 (code 1) so that code 3 never appears.
+    for r in 0..rows {
+        for c in cols..rb * 4 {
+            out[r * rb + c / 4] |= 1 << (2 * (c % 4));
+        }
+    }
+    out
+}
+
+/// Position of the first invalid code (3) in a packed buffer, as (byte index, bit position).
+fn find_code3(packed: &[u8]) -> Option<(usize, usize)> {
+    packed.iter().enumerate().find_map(|(i, &b)| {
+        (0..4)
+            .find(|k| (b >> (2 * k)) & 3 == 3)
+            .map(|k| (i, 2 * k))
+    })
+}
+
+/// Unpack the native layout. Errors with a description if a code 3 occurs.
+pub fn unpack_native(
+    packed: &[u8],
+    rows: usize,
+    cols: usize,
+) -> std::result::Result<Vec<i8>, String> {
+    let rb = native_row_bytes(cols);
+    if packed.len() != rows * rb {
+        return Err(format!(
+            "packed buffer has {} bytes, expected {} for a {rows}×{cols} matrix",
+            packed.len(),
+            rows * rb
+        ));
+    }
+    if let Some((i, bit)) = find_code3(packed) {
+        return Err(format!(
+            "invalid ternary code 3 in byte {i} (row {}, bits {bit}..{})",
+            i / rb.max(1),
+            bit + 1
+        ));
+    }
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            out.push(((packed[r * rb + c / 4] >> (2 * (c % 4))) & 3) as i8 - 1);
+        }
+    }
+    Ok(out)
+}
+
+/// Pack ternary values into Hugging Face's BitNet layout: uint8 `[rows/4, cols]`, where bits
+/// `2i..2i+1` of packed row `p` hold output row `i·(rows/4) + p` (four concatenated blocks).
+pub fn pack_hf(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
+    assert_eq!(values.len(), rows * cols, "matrix buffer does not match its shape");
+    assert_eq!(rows % 4, 0, "HF packing needs rows divisible by 4");
+    let pr = rows / 4;
+    let mut out = vec![0u8; pr * cols];
+    for i in 0..4 {
+        for p in 0..pr {
+            let r = i * pr + p;
+            for c in 0..cols {
+                out[p * cols + c] |= ((values[r * cols + c] + 1) as u8) << (2 * i);
+            }
+        }
+    }
+    out
+}
+
+/// Unpack Hugging Face's layout (see [`pack_hf`]) into row-major `rows × cols` values.
+pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result<Vec<i8>, String> {
+    if rows % 4 != 0 {
+        return Err(format!("{rows} output rows is not a multiple of 4"));
+    }
+    let pr = rows / 4;
+    if packed.len() != pr * cols {
+        return Err(format!(
+            "packed buffer has {} bytes, expected {} for a {rows}×{cols} matrix",
+            packed.len(),
+            pr * cols
+        ));
+    }
+    if let Some((i, bit)) = find_code3(packed) {
+        return Err(format!(
+            "invalid ternary code 3 at packed row {}, column {}, bits {bit}..{} (output row {})",
+            i / cols.max(1),
+            i % cols.max(1),
+            bit + 1,
+            (bit / 2) * pr + i / cols.max(1)
+        ));
+    }
+    let mut out = vec![0i8; rows * cols];
+    for p in 0..pr {
+        for c in 0..cols {
+            let b = packed[p * cols + c];
+            for i in 0..4 {
+                out[(i * pr + p) * cols + c] = ((b >> (2 * i)) & 3) as i8 - 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per-token int8 activation quantization of a row-major `[tokens, cols]` buffer.
+/// Returns the int8 codes and the scale s of each token (x ≈ x_q / s).
+pub fn quantize_activations(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; x.len()];
+    let mut scales = Vec::with_capacity(x.len() / cols.max(1));
+    for (row, qrow) in x.chunks(cols.max(1)).zip(q.chunks_mut(cols.max(1))) {
+        let s = 127.0 / row.iter().fold(0f32, |m, v| m.max(v.abs())).max(MIN_SCALE);
+        for (v, out) in row.iter().zip(qrow.iter_mut()) {
+            *out = round_even(v * s).clamp(-128.0, 127.0) as i8;
+        }
+        scales.push(s);
+    }
+    (q, scales)
+}
+
+/// Statistics of a ternary matrix, for `bitsvf inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TernaryStats {
+    /// Share of weights equal to 0.
+    pub zeros: f64,
+    /// Share equal to +1.
+    pub plus: f64,
+    /// Share equal to −1.
+    pub minus: f64,
+    /// Smallest scale γ.
+    pub scale_min: f32,
+    /// Largest scale γ.
+    pub scale_max: f32,
+}
+
+/// A ternary matrix `rows × cols` (out × in) in the native packed layout with its scales.
+#[derive(Debug, Clone)]
+pub struct TernaryMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Native packed codes, `[rows, ceil(cols/4)]`.
+    pub packed: Vec<u8>,
+    /// γ: one value (per tensor) or one per output row.
+    pub scales: Vec<f32>,
+}
+
+/// 256-entry table: a packed byte → its four ternary values.
+fn decode_table() -> &'static [[i8; 4]; 256] {
+    static TABLE: std::sync::OnceLock<[[i8; 4]; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [[0i8; 4]; 256];
+        for (b, row) in t.iter_mut().enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = ((b >> (2 * k)) & 3) as i8 - 1;
+            }
+        }
+        t
+    })
+}
+
+impl TernaryMatrix {
+    /// Build from row-major ternary values and scales (1 or `rows` of them).
+    pub fn from_values(values: &[i8], rows: usize, cols: usize, scales: Vec<f32>) -> Self {
+        assert!(
+            scales.len() == 1 || scales.len() == rows,
+            "scales must be per tensor or per row"
+        );
+        TernaryMatrix {
+            rows,
+            cols,
+            packed: pack_native(values, rows, cols),
+            scales,
+        }
+    }
+
+    /// Ternarize a float matrix.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, q: Quantization) -> Self {
+        match q {
+            Quantization::PerTensor => {
+                let (v, g) = ternarize_per_tensor(w);
+                Self::from_values(&v, rows, cols, vec![g])
+            }
+            Quantization::PerChannel { threshold } => {
+                let (v, g) = ternarize_per_channel(w, rows, cols, threshold);
+                Self::from_values(&v, rows, cols, g)
+            }
+        }
+    }
+
+    /// The ternary values, row-major.
+    pub fn values(&self) -> Vec<i8> {
+        let t = decode_table();
+        let rb = native_row_bytes(self.cols);
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            let row = &self.packed[r * rb..(r + 1) * rb];
+            out.extend(row.iter().flat_map(|&b| t[b as usize]).take(self.cols));
+        }
+        out
+    }
+
+    /// γ of output row `r`.
+    #[inline]
+    pub fn scale(&self, r: usize) -> f32 {
+        if self.scales.len() == 1 {
+            self.scales[0]
+        } else {
+            self.scales[r]
+        }
+    }
+
+    /// W = γ·W_t as a row-major f32 buffer.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let v = self.values();
+        v.chunks(self.cols.max(1))
+            .enumerate()
+            .flat_map(|(r, row)| {
+                let g = self.scale(r);
+                row.iter().map(move |&x| x as f32 * g)
+            })
+            .collect()
+    }
+
+    /// Share of zeros / ±1 and the scale range.
+    pub fn stats(&self) -> TernaryStats {
+        let (mut z, mut p, mut m) = (0usize, 0usize, 0usize);
+        for v in self.values() {
+            match v {
+                0 => z += 1,
+                1 => p += 1,
+                _ => m += 1,
+            }
+        }
+        let n = (self.rows * self.cols).max(1) as f64;
+        TernaryStats {
+            zeros: z as f64 / n,
+            plus: p as f64 / n,
+            minus: m as f64 / n,
+            scale_min: self.scales.iter().cloned().fold(f32::INFINITY, f32::min),
+            scale_max: self.scales.iter().cloned().fold(f32::NEG_INFINITY, f32::max),
+        }
+    }
+
+    /// Exact integer product of int8 activations `[tokens, cols]` with W_tᵀ, giving
+    /// `[tokens, rows]` i32 sums. Rows are split across threads; each decodes its packed row
+    /// once and reuses it for every token.
+    pub fn matmul_i8(&self, xq: &[i8], tokens: usize) -> Vec<i32> {
+        assert_eq!(xq.len(), tokens * self.cols, "activation buffer does not match");
+        let t = decode_table();
+        let rb = native_row_bytes(self.cols);
+        let cols = self.cols;
+        // Column-major result per row, transposed afterwards: [rows, tokens].
+        let mut by_row = vec![0i32; self.rows * tokens];
+        let work = |(r, out): (usize, &mut [i32])| {
+            let mut w = vec![0i8; rb * 4];
+            for (j, &b) in self.packed[r * rb..(r + 1) * rb].iter().enumerate() {
+                w[4 * j..4 * j + 4].copy_from_slice(&t[b as usize]);
+            }
+            let w = &w[..cols];
+            for (tok, o) in out.iter_mut().enumerate() {
+                let x = &xq[tok * cols..(tok + 1) * cols];
+                *o = x
+                    .iter()
+                    .zip(w)
+                    .map(|(&a, &b)| a as i32 * b as i32)
+                    .sum();
+            }
+        };
+        if self.rows * cols * tokens >= 1 << 16 {
+            by_row
+                .par_chunks_mut(tokens.max(1))
+                .enumerate()
+                .for_each(work);
+        } else {
+            by_row.chunks_mut(tokens.max(1)).enumerate().for_each(work);
+        }
+        let mut out = vec![0i32; tokens * self.rows];
+        for r in 0..self.rows {
+            for tok in 0..tokens {
+                out[tok * self.rows + r] = by_row[r * tokens + tok];
+            }
+        }
+        out
+    }
+
+    /// BitLinear forward in ternary mode: quantize `x` `[tokens, cols]` per token, integer
+    /// product, rescale by γ/s. Without activation quantization the f32 activations multiply
+    /// the ternary values directly.
+    pub fn forward(&self, x: &[f32], tokens: usize, act_quant: bool) -> Vec<f32> {
+        if act_quant {
+            let (xq, s) = quantize_activations(x, self.cols);
+            let acc = self.matmul_i8(&xq, tokens);
+            acc.chunks(self.rows.max(1))
+                .zip(&s)
+                .flat_map(|(row, &s)| {
+                    row.iter()
+                        .enumerate()
+                        .map(move |(r, &a)| a as f32 * (self.scale(r) / s))
+                })
+                .collect()
+        } else {
+            let w = self.dequantize();
+            let mut out = vec![0f32; tokens * self.rows];
+            for tok in 0..tokens {
+                let xr = &x[tok * self.cols..(tok + 1) * self.cols];
+                for r in 0..self.rows {
+                    let wr = &w[r * self.cols..(r + 1) * self.cols];
+                    out[tok * self.rows + r] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                }
+            }
+            out
+        }
+    }
+
+    /// Bytes of the packed codes plus f32 scales.
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.len() + 4 * self.scales.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ternary_vec(n: usize) -> impl Strategy<Value = Vec<i8>> {
+        proptest::collection::vec(-1i8..=1, n)
+    }
+
+    proptest! {
+        #[test]
+        fn native_pack_roundtrip((rows, cols, v) in (1usize..9, 1usize..23)
+            .prop_flat_map(|(r, c)| (Just(r), Just(c), ternary_vec(r * c)))) {
+            let p = pack_native(&v, rows, cols);
+            prop_assert_eq!(unpack_native(&p, rows, cols).unwrap(), v.clone());
+            prop_assert_eq!(TernaryMatrix::from_values(&v, rows, cols, vec![1.0]).values(), v);
+        }
+
+        #[test]
+        fn hf_pack_roundtrip((rows, cols, v) in (1usize..5, 1usize..17)
+            .prop_flat_map(|(r, c)| (Just(4 * r), Just(c), ternary_vec(4 * r * c)))) {
+            let p = pack_hf(&v, rows, cols);
+            prop_assert_eq!(unpack_hf(&p, rows, cols).unwrap(), v);
+        }
+
+        #[test]
+        fn quantize_dequantize_is_identity((rows, cols, v, g) in (1usize..6, 1usize..20)
+            .prop_flat_map(|(r, c)| (Just(r), Just(c), ternary_vec(r * c), 0.01f32..10.0))) {
+            // quantize(dequantize(q)) == q: per tensor γ' = γ·share_nonzero ≤ γ, so W/γ' keeps
+            // its sign and rounds to ±1 after clamping; zeros stay zero.
+            let m = TernaryMatrix::from_values(&v, rows, cols, vec![g]);
+            let back = TernaryMatrix::quantize(&m.dequantize(), rows, cols, Quantization::PerTensor);
+            prop_assert_eq!(back.values(), v.clone());
+            let back = TernaryMatrix::quantize(&m.dequantize(), rows, cols,
+                Quantization::PerChannel { threshold: 0.5 });
+            prop_assert_eq!(back.values(), v);
+        }
+
+        #[test]
+        fn integer_kernel_matches_dense((rows, cols, tokens, v, x) in (1usize..13, 1usize..37, 1usize..5)
+            .prop_flat_map(|(r, c, t)| (Just(r), Just(c), Just(t), ternary_vec(r * c),
+                proptest::collection::vec(-3.0f32..3.0, t * c)))) {
+            let m = TernaryMatrix::from_values(&v, rows, cols, vec![0.7]);
+            let (xq, s) = quantize_activations(&x, cols);
+            let y = m.forward(&x, tokens, true);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let exact: f64 = (0..cols).map(|c| xq[t * cols + c] as f64 / s[t] as f64
+                        * v[r * cols + c] as f64 * 0.7).sum();
+                    prop_assert!((y[t * rows + r] as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn absmean_hand_computed() {
+        // mean|W| = (0.2+0.4+0.9+0.1+0.0+1.2)/6 = 0.4667; W/γ = 0.43,−0.86,1.93,−0.21,0,2.57
+        let (q, g) = ternarize_per_tensor(&[0.2, -0.4, 0.9, -0.1, 0.0, 1.2]);
+        assert!((g - 2.8 / 6.0).abs() < 1e-6);
+        assert_eq!(q, vec![0, -1, 1, 0, 0, 1]);
+        // An all-zero matrix uses the clamped γ and stays zero.
+        let (q, g) = ternarize_per_tensor(&[0.0; 4]);
+        assert_eq!((q, g), (vec![0; 4], MIN_SCALE));
+    }
+
+    #[test]
+    fn per_channel_threshold_hand_computed() {
+        // row 0: γ=0.5, τγ=0.25 → [1,0,-1]; row 1: γ=2, τγ=1 → [0,1,-1] with τ = 0.5
+        let w = [1.0, 0.2, -0.3, 0.5, 3.0, -2.5];
+        let (q, g) = ternarize_per_channel(&w, 2, 3, 0.5);
+        assert_eq!(q, vec![1, 0, -1, 0, 1, -1]);
+        assert!((g[0] - 0.5).abs() < 1e-6 && (g[1] - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn known_packing_bytes() {
+        // native: row [-1,0,1,1] → codes 0,1,2,2 → 0b10_10_01_00
+        assert_eq!(pack_native(&[-1, 0, 1, 1], 1, 4), vec![0b1010_0100]);
+        // a 5-column row pads with code 1 (value 0)
+        assert_eq!(pack_native(&[1, 1, 1, 1, -1], 1, 5), vec![0xAA, 0b0101_0100]);
+        // hf: rows 0..4 of one column → bits 2i..2i+1 hold row i
+        assert_eq!(pack_hf(&[-1, 0, 1, 0], 4, 1), vec![0b01_10_01_00]);
+        assert!(unpack_hf(&[0xFF], 4, 1).unwrap_err().contains("code 3"));
+        assert!(unpack_native(&[0b1100_0000], 1, 4).unwrap_err().contains("code 3"));
+    }
+
+    #[test]
+    fn activation_quant_rounds_half_to_even() {
+        // max|x| = 127 → s = 1: 2.5 → 2, 3.5 → 4, −0.5 → 0 (torch.round semantics)
+        let (q, s) = quantize_activations(&[2.5, 3.5, -0.5, 127.0], 4);
+        assert_eq!(s, vec![1.0]);
+        assert_eq!(q, vec![2, 4, 0, 127]);
+    }
+}
