@@ -102,7 +102,7 @@ impl ModelConfig {
         pos("num_hidden_layers", self.num_hidden_layers)?;
         pos("num_attention_heads", self.num_attention_heads)?;
         pos("num_key_value_heads", self.kv_heads())?;
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(Error::config(
                 path,
                 "num_key_value_heads",
@@ -113,7 +113,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::config(
                 path,
                 "hidden_size",
@@ -123,28 +123,39 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(path, "head_dim", "must be even for RoPE"));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::config(path, "rms_norm_eps", "must be a positive number"));
+            return Err(Error::config(
+                path,
+                "rms_norm_eps",
+                "must be a positive number",
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::config(path, "rope_theta", "must be a positive number"));
+            return Err(Error::config(
+                path,
+                "rope_theta",
+                "must be a positive number",
+            ));
         }
         Ok(())
     }
 
     /// Parse a config from JSON text; errors name `path` and serde's field/line.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let cfg: ModelConfig = serde_json::from_str(text).map_err(|e| {
-            let msg = e.to_string();
-            let field = msg
-                .split('`')
-                .nth(1)
-                .map(str::to_string)
-                .unwrap_or_else(|| "(json)".into());
-            Error::config(path, field, msg)
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: ModelConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." {
+                // A missing field is reported at the root; serde names it in the message.
+                let msg = e.inner().to_string();
+                msg.split('`').nth(1).unwrap_or("(json)").to_string()
+            } else {
+                field
+            };
+            Error::config(path, field, e.inner().to_string())
         })?;
         cfg.validate(path)?;
         Ok(cfg)
@@ -158,7 +169,11 @@ impl ModelConfig {
         let kv = self.kv_heads() * hd;
         let attn = d * q + 2 * d * kv + q * d;
         let mlp = 3 * d * f;
-        let sub = if self.sub_norms.unwrap_or(true) { q + f } else { 0 };
+        let sub = if self.sub_norms.unwrap_or(true) {
+            q + f
+        } else {
+            0
+        };
         let norms = 2 * d + sub;
         let head = if self.tie_word_embeddings { 0 } else { v * d };
         v * d + self.num_hidden_layers * (attn + mlp + norms) + d + head
@@ -171,7 +186,10 @@ mod tests {
 
     #[test]
     fn fixture_config_parses() {
-        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf-bitnet-tiny/config.json"));
+        let p = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hf-bitnet-tiny/config.json"
+        ));
         let cfg = ModelConfig::from_json(&std::fs::read_to_string(p).unwrap(), p).unwrap();
         assert_eq!(cfg.hidden_act, Activation::Relu2);
         assert_eq!((cfg.kv_heads(), cfg.head_dim()), (2, 16));

@@ -4,7 +4,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod inspect;
 pub mod model;
+pub mod recovery;
+pub mod search;
+pub mod tasks;
 pub mod ternary;
 
 pub use error::{Error, Result};

@@ -270,7 +270,8 @@ impl Model {
                     out_features: m.rows,
                 });
             }
-            let opt = |w: &Option<Vec<f32>>| w.as_ref().map(|w| vec_tensor(w, dt, &dev)).transpose();
+            let opt =
+                |w: &Option<Vec<f32>>| w.as_ref().map(|w| vec_tensor(w, dt, &dev)).transpose();
             blocks.push(Block {
                 input_layernorm: vec_tensor(&layer.input_layernorm, dt, &dev)?,
                 post_attention_layernorm: vec_tensor(&layer.post_attention_layernorm, dt, &dev)?,
@@ -311,7 +312,11 @@ impl Model {
                 "token rows must be non-empty and of equal length".into(),
             ));
         }
-        if let Some(bad) = rows.iter().flatten().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(bad) = rows
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(Error::Input(format!(
                 "token id {bad} is out of range for a vocabulary of {}",
                 self.config.vocab_size
@@ -338,10 +343,11 @@ impl Model {
                 self.config.max_position_embeddings
             )));
         }
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
         let mask = self.causal_mask(t, offset)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.kv[l]);
@@ -358,7 +364,13 @@ impl Model {
         let total = offset + t;
         let m: Vec<f32> = (0..t)
             .flat_map(|i| {
-                (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })
+                (0..total).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
             })
             .collect();
         Ok(Some(
@@ -385,8 +397,12 @@ impl Model {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.rope.apply(&heads(lin(LinearKind::Q).forward(&xn)?, h)?, offset)?; // [B,H,T,hd]
-        let mut k = self.rope.apply(&heads(lin(LinearKind::K).forward(&xn)?, kvh)?, offset)?; // [B,KV,T,hd]
+        let q = self
+            .rope
+            .apply(&heads(lin(LinearKind::Q).forward(&xn)?, h)?, offset)?; // [B,H,T,hd]
+        let mut k = self
+            .rope
+            .apply(&heads(lin(LinearKind::K).forward(&xn)?, kvh)?, offset)?; // [B,KV,T,hd]
         let mut v = heads(lin(LinearKind::V).forward(&xn)?, kvh)?; // [B,KV,T,hd]
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -533,4 +549,40 @@ pub fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// Parse token id rows written as `"1,2,3;4,5,6"` (`;` separates rows, rows of equal length).
+pub fn parse_token_rows(text: &str) -> Result<Vec<Vec<u32>>> {
+    let rows: Vec<Vec<u32>> = text
+        .split(';')
+        .enumerate()
+        .map(|(r, row)| {
+            row.split(',')
+                .enumerate()
+                .map(|(c, tok)| {
+                    tok.trim().parse::<u32>().map_err(|_| {
+                        Error::Input(format!(
+                            "--tokens: row {}, item {}: `{}` is not a token id",
+                            r + 1,
+                            c + 1,
+                            tok.trim()
+                        ))
+                    })
+                })
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    if let Some((r, row)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, row)| row.len() != rows[0].len())
+    {
+        return Err(Error::Input(format!(
+            "--tokens: row {} has {} ids but row 1 has {}; rows must have equal length",
+            r + 1,
+            row.len(),
+            rows[0].len()
+        )));
+    }
+    Ok(rows)
 }

@@ -62,12 +62,15 @@ pub fn ternarize_per_tensor(w: &[f32]) -> (Vec<i8>, f32) {
 /// Per-output-channel ternarization with a zero threshold: γ_o = mean|W[o,:]|,
 /// W_t = sign(W) where |W| ≥ τ·γ_o, else 0. With τ = 0.5 each row matches the per-tensor rule.
 pub fn ternarize_per_channel(w: &[f32], rows: usize, cols: usize, tau: f32) -> (Vec<i8>, Vec<f32>) {
-    assert_eq!(w.len(), rows * cols, "matrix buffer does not match its shape");
+    assert_eq!(
+        w.len(),
+        rows * cols,
+        "matrix buffer does not match its shape"
+    );
     let mut q = vec![0i8; w.len()];
     let mut scales = Vec::with_capacity(rows);
     for (row, qrow) in w.chunks(cols.max(1)).zip(q.chunks_mut(cols.max(1))) {
-        let gamma = ((row.iter().map(|x| x.abs() as f64).sum::<f64>() / cols.max(1) as f64)
-            as f32)
+        let gamma = ((row.iter().map(|x| x.abs() as f64).sum::<f64>() / cols.max(1) as f64) as f32)
             .max(MIN_SCALE);
         for (x, out) in row.iter().zip(qrow.iter_mut()) {
             *out = if x.abs() >= tau * gamma {
@@ -90,7 +93,11 @@ pub fn native_row_bytes(cols: usize) -> usize {
 /// `[rows, ceil(cols/4)]` bytes, weight `4j+k` of a row in bits `2k..2k+1` of byte `j`, code =
 /// value + 1. Rows stay contiguous so the matrix-vector kernel streams one row at a time.
 pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
-    assert_eq!(values.len(), rows * cols, "matrix buffer does not match its shape");
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "matrix buffer does not match its shape"
+    );
     let rb = native_row_bytes(cols);
     let mut out = vec![0u8; rows * rb];
     for r in 0..rows {
@@ -110,11 +117,10 @@ pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
 
 /// Position of the first invalid code (3) in a packed buffer, as (byte index, bit position).
 fn find_code3(packed: &[u8]) -> Option<(usize, usize)> {
-    packed.iter().enumerate().find_map(|(i, &b)| {
-        (0..4)
-            .find(|k| (b >> (2 * k)) & 3 == 3)
-            .map(|k| (i, 2 * k))
-    })
+    packed
+        .iter()
+        .enumerate()
+        .find_map(|(i, &b)| (0..4).find(|k| (b >> (2 * k)) & 3 == 3).map(|k| (i, 2 * k)))
 }
 
 /// Unpack the native layout. Errors with a description if a code 3 occurs.
@@ -150,7 +156,11 @@ pub fn unpack_native(
 /// Pack ternary values into Hugging Face's BitNet layout: uint8 `[rows/4, cols]`, where bits
 /// `2i..2i+1` of packed row `p` hold output row `i·(rows/4) + p` (four concatenated blocks).
 pub fn pack_hf(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
-    assert_eq!(values.len(), rows * cols, "matrix buffer does not match its shape");
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "matrix buffer does not match its shape"
+    );
     assert_eq!(rows % 4, 0, "HF packing needs rows divisible by 4");
     let pr = rows / 4;
     let mut out = vec![0u8; pr * cols];
@@ -167,7 +177,7 @@ pub fn pack_hf(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
 
 /// Unpack Hugging Face's layout (see [`pack_hf`]) into row-major `rows × cols` values.
 pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result<Vec<i8>, String> {
-    if rows % 4 != 0 {
+    if !rows.is_multiple_of(4) {
         return Err(format!("{rows} output rows is not a multiple of 4"));
     }
     let pr = rows / 4;
@@ -335,7 +345,11 @@ impl TernaryMatrix {
             plus: p as f64 / n,
             minus: m as f64 / n,
             scale_min: self.scales.iter().cloned().fold(f32::INFINITY, f32::min),
-            scale_max: self.scales.iter().cloned().fold(f32::NEG_INFINITY, f32::max),
+            scale_max: self
+                .scales
+                .iter()
+                .cloned()
+                .fold(f32::NEG_INFINITY, f32::max),
         }
     }
 
@@ -343,7 +357,11 @@ impl TernaryMatrix {
     /// `[tokens, rows]` i32 sums. Rows are split across threads; each decodes its packed row
     /// once and reuses it for every token.
     pub fn matmul_i8(&self, xq: &[i8], tokens: usize) -> Vec<i32> {
-        assert_eq!(xq.len(), tokens * self.cols, "activation buffer does not match");
+        assert_eq!(
+            xq.len(),
+            tokens * self.cols,
+            "activation buffer does not match"
+        );
         let t = decode_table();
         let rb = native_row_bytes(self.cols);
         let cols = self.cols;
@@ -357,11 +375,7 @@ impl TernaryMatrix {
             let w = &w[..cols];
             for (tok, o) in out.iter_mut().enumerate() {
                 let x = &xq[tok * cols..(tok + 1) * cols];
-                *o = x
-                    .iter()
-                    .zip(w)
-                    .map(|(&a, &b)| a as i32 * b as i32)
-                    .sum();
+                *o = x.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum();
             }
         };
         if self.rows * cols * tokens >= 1 << 16 {
@@ -496,11 +510,16 @@ mod tests {
         // native: row [-1,0,1,1] → codes 0,1,2,2 → 0b10_10_01_00
         assert_eq!(pack_native(&[-1, 0, 1, 1], 1, 4), vec![0b1010_0100]);
         // a 5-column row pads with code 1 (value 0)
-        assert_eq!(pack_native(&[1, 1, 1, 1, -1], 1, 5), vec![0xAA, 0b0101_0100]);
+        assert_eq!(
+            pack_native(&[1, 1, 1, 1, -1], 1, 5),
+            vec![0xAA, 0b0101_0100]
+        );
         // hf: rows 0..4 of one column → bits 2i..2i+1 hold row i
         assert_eq!(pack_hf(&[-1, 0, 1, 0], 4, 1), vec![0b01_10_01_00]);
         assert!(unpack_hf(&[0xFF], 4, 1).unwrap_err().contains("code 3"));
-        assert!(unpack_native(&[0b1100_0000], 1, 4).unwrap_err().contains("code 3"));
+        assert!(unpack_native(&[0b1100_0000], 1, 4)
+            .unwrap_err()
+            .contains("code 3"));
     }
 
     #[test]

@@ -53,7 +53,11 @@ fn compare(mode: WeightMode) -> (f32, f32, f64) {
         .to_vec1()
         .unwrap();
     assert_eq!(ours.len(), r.logits.len());
-    let diffs: Vec<f32> = ours.iter().zip(&r.logits).map(|(a, b)| (a - b).abs()).collect();
+    let diffs: Vec<f32> = ours
+        .iter()
+        .zip(&r.logits)
+        .map(|(a, b)| (a - b).abs())
+        .collect();
     let max = diffs.iter().cloned().fold(0f32, f32::max);
     let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
     let v = 96;

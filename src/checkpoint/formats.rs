@@ -140,8 +140,9 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                     "`online` means float master weights, but the weights are packed uint8",
                 ));
             }
-            let reader =
-                |name: &str, rows: usize, cols: usize| read_hf_packed(&tf, name, rows, cols, divide);
+            let reader = |name: &str, rows: usize, cols: usize| {
+                read_hf_packed(&tf, name, rows, cols, divide)
+            };
             assemble(
                 path,
                 &tf,
@@ -169,10 +170,16 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 }
                 None => {
                     let reader = |name: &str, rows: usize, cols: usize| {
-                        let t = tf.get(name)?;
+                        let wname = format!("{name}.weight");
+                        let t = tf.get(&wname)?;
                         t.expect_shape(&[rows, cols])?;
                         let w = t.to_f32()?;
-                        Ok(TernaryMatrix::quantize(&w, rows, cols, Quantization::PerTensor))
+                        Ok(TernaryMatrix::quantize(
+                            &w,
+                            rows,
+                            cols,
+                            Quantization::PerTensor,
+                        ))
                     };
                     let q = Quantization::PerTensor;
                     assemble(path, &tf, config, SourceFormat::HfFloat, q, reader)?
@@ -213,7 +220,7 @@ fn read_hf_packed(
     let wname = format!("{name}.weight");
     let t = tf.get(&wname)?;
     t.expect_shape(&[rows / 4, cols])?;
-    if rows % 4 != 0 {
+    if !rows.is_multiple_of(4) {
         return Err(t.bad(format!("{rows} output rows cannot be packed 4 per byte")));
     }
     let values = unpack_hf(t.as_u8()?, rows, cols).map_err(|m| t.bad(m))?;
@@ -292,7 +299,11 @@ fn read_dequantized(
             }
             values.push(r as i8);
         }
-        scales.push(if gamma > 0.0 { gamma } else { crate::ternary::MIN_SCALE });
+        scales.push(if gamma > 0.0 {
+            gamma
+        } else {
+            crate::ternary::MIN_SCALE
+        });
     }
     Ok(TernaryMatrix::from_values(&values, rows, cols, scales))
 }
@@ -375,12 +386,16 @@ fn assemble(
                 &format!("{p}.post_attention_layernorm.weight"),
                 &[d],
             )?,
-            attn_sub_norm: read_optional(tf, &format!("{p}.self_attn.attn_sub_norm.weight"), &[
-                q_width,
-            ])?,
-            ffn_sub_norm: read_optional(tf, &format!("{p}.mlp.ffn_sub_norm.weight"), &[
-                config.intermediate_size,
-            ])?,
+            attn_sub_norm: read_optional(
+                tf,
+                &format!("{p}.self_attn.attn_sub_norm.weight"),
+                &[q_width],
+            )?,
+            ffn_sub_norm: read_optional(
+                tf,
+                &format!("{p}.mlp.ffn_sub_norm.weight"),
+                &[config.intermediate_size],
+            )?,
             linears,
         });
     }
@@ -470,7 +485,14 @@ fn load_native(source: &Path, tf: &TensorFiles) -> Result<Checkpoint> {
         check_scales(&s, &scales)?;
         Ok(TernaryMatrix::from_values(&values, rows, cols, scales))
     };
-    assemble(source, tf, config, SourceFormat::Native, quantization, reader)
+    assemble(
+        source,
+        tf,
+        config,
+        SourceFormat::Native,
+        quantization,
+        reader,
+    )
 }
 
 /// The float tensors every output format shares, under HF names.
@@ -481,7 +503,10 @@ fn float_tensors(ck: &Checkpoint) -> BTreeMap<String, OwnedTensor> {
         "model.embed_tokens.weight".into(),
         OwnedTensor::f32(vec![v, d], &ck.embed_tokens),
     );
-    t.insert("model.norm.weight".into(), OwnedTensor::f32(vec![d], &ck.norm));
+    t.insert(
+        "model.norm.weight".into(),
+        OwnedTensor::f32(vec![d], &ck.norm),
+    );
     if let Some(h) = &ck.lm_head {
         t.insert("lm_head.weight".into(), OwnedTensor::f32(vec![v, d], h));
     }
@@ -490,7 +515,10 @@ fn float_tensors(ck: &Checkpoint) -> BTreeMap<String, OwnedTensor> {
         let mut put = |name: String, w: &[f32]| {
             t.insert(name, OwnedTensor::f32(vec![w.len()], w));
         };
-        put(format!("{p}.input_layernorm.weight"), &layer.input_layernorm);
+        put(
+            format!("{p}.input_layernorm.weight"),
+            &layer.input_layernorm,
+        );
         put(
             format!("{p}.post_attention_layernorm.weight"),
             &layer.post_attention_layernorm,

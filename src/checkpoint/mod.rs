@@ -252,3 +252,69 @@ impl Checkpoint {
             .sum()
     }
 }
+
+impl Checkpoint {
+    /// A random model of the given architecture (uniform ternary weights, per-tensor scales in
+    /// [0.5, 1.5], N(0, 0.5²)-ish embeddings, norms near 1) — for benchmarks and tests.
+    pub fn random(config: ModelConfig, seed: u64) -> Checkpoint {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let normal = |n: usize, std: f32, rng: &mut StdRng| -> Vec<f32> {
+            // Sum of 4 uniforms: cheap, bell-shaped, variance 1/3 per unit.
+            (0..n)
+                .map(|_| {
+                    let s: f32 = (0..4).map(|_| rng.gen::<f32>() - 0.5).sum();
+                    s * std * (3.0f32).sqrt()
+                })
+                .collect()
+        };
+        let embed_tokens = normal(v * d, 0.5, &mut rng);
+        let lm_head = (!config.tie_word_embeddings).then(|| normal(v * d, 0.05, &mut rng));
+        let norm_vec = |n: usize, rng: &mut StdRng| -> Vec<f32> {
+            (0..n)
+                .map(|_| 1.0 + 0.1 * (rng.gen::<f32>() - 0.5))
+                .collect()
+        };
+        let norm = norm_vec(d, &mut rng);
+        let q_width = config.num_attention_heads * config.head_dim();
+        let sub = config.sub_norms.unwrap_or(true);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| {
+                let linears = LinearKind::ALL
+                    .iter()
+                    .map(|&k| {
+                        let (rows, cols) = k.shape(&config);
+                        let values: Vec<i8> =
+                            (0..rows * cols).map(|_| rng.gen_range(-1i8..=1)).collect();
+                        let scale = 0.5 + rng.gen::<f32>();
+                        Linear {
+                            matrix: TernaryMatrix::from_values(&values, rows, cols, vec![scale]),
+                            bias: None,
+                        }
+                    })
+                    .collect();
+                Layer {
+                    input_layernorm: norm_vec(d, &mut rng),
+                    post_attention_layernorm: norm_vec(d, &mut rng),
+                    attn_sub_norm: sub.then(|| norm_vec(q_width, &mut rng)),
+                    ffn_sub_norm: sub.then(|| norm_vec(config.intermediate_size, &mut rng)),
+                    linears,
+                }
+            })
+            .collect();
+        let mut config = config;
+        config.sub_norms = Some(sub);
+        Checkpoint {
+            config,
+            quantization: Quantization::PerTensor,
+            format: SourceFormat::Native,
+            source: PathBuf::from("<random>"),
+            bytes_on_disk: 0,
+            embed_tokens,
+            norm,
+            lm_head,
+            layers,
+        }
+    }
+}

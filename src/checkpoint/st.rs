@@ -50,11 +50,10 @@ impl TensorFiles {
             // SAFETY: the map is read-only; a file changed underneath us while loading is
             // outside what any model loader can defend against (same as candle and HF).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (n, meta) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
             for name in meta.tensors().keys() {
                 index.insert(name.clone(), i);
             }
@@ -145,7 +144,10 @@ impl RawTensor<'_> {
 
     /// Whether the element type is a float type we read.
     pub fn is_float(&self) -> bool {
-        matches!(self.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
+        matches!(
+            self.dtype,
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+        )
     }
 
     /// Values as f32 from F32/F16/BF16/F64; errors on other dtypes and on NaN/Inf.
@@ -199,6 +201,11 @@ impl RawTensor<'_> {
         Ok(self.data.iter().map(|&b| b as i8).collect())
     }
 
+    /// An owned copy.
+    pub fn to_owned(&self) -> OwnedTensor {
+        OwnedTensor::raw(self.dtype, self.shape.to_vec(), self.data.to_vec())
+    }
+
     /// A bad-value error about this tensor.
     pub fn bad(&self, msg: impl Into<String>) -> Error {
         Error::bad_value(self.path, self.name, msg)
@@ -213,6 +220,22 @@ pub struct OwnedTensor {
 }
 
 impl OwnedTensor {
+    /// A tensor from raw little-endian bytes.
+    pub fn raw(dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> Self {
+        OwnedTensor { dtype, shape, data }
+    }
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// Mutable raw bytes.
+    pub fn data_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
     /// An f32 tensor.
     pub fn f32(shape: Vec<usize>, v: &[f32]) -> Self {
         OwnedTensor {

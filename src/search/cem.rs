@@ -4,7 +4,8 @@
 //! the bounds, scores the whole batch, and refits μ and σ to the elites (the best samples by
 //! [`Score`]). Transformer²'s few-shot setting: population 32, 6 elites, μ₀ = 1/K, σ₀ = 0.5,
 //! α ∈ [0, 1], 50–100 iterations, ties in accuracy broken by the mean log-likelihood of the
-//! correct answers.
+//! correct answers. One measured deviation from plain CEM: σ is smoothed by default
+//! ([`CemConfig::sigma_smoothing`]), because plain CEM stalls short of the optimum.
 
 use std::cmp::Ordering;
 
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{validate_bounds, SearchError};
 
-/// Settings of one CEM run; defaults are Transformer²'s few-shot ones.
+/// Settings of one CEM run; defaults are Transformer²'s few-shot ones (plus σ smoothing).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CemConfig {
@@ -28,8 +29,15 @@ pub struct CemConfig {
     pub sigma0: f64,
     /// Seed of the `StdRng` driving the sampling.
     pub seed: u64,
-    /// Stop once every σ has fallen below this: further samples would all be (nearly) the
-    /// same point, each costing an evaluation.
+    /// Weight β of the elites' standard deviation in the refit σ ← β·σ_elites + (1 − β)·σ
+    /// (the mean is refitted without smoothing); 1 is plain CEM. Plain CEM with 32 samples and
+    /// 6 elites collapses σ before reaching the optimum: maximising −‖x − c‖² on [0, 1]^5 from
+    /// μ₀ = 0.2, only 2–16 of 40 seeds per optimum c came within 1e-2 of it, while the default
+    /// β = 0.5 brought all 160 runs (4 optima × 40 seeds) within 1.3e-3, in about 730
+    /// evaluations (≈ 23 iterations) with the default `sigma_tolerance`.
+    pub sigma_smoothing: f64,
+    /// Stop once every σ has fallen below this (default 1e-3, α to about three decimals):
+    /// further samples would be nearly the same point, each costing an evaluation.
     pub sigma_tolerance: f64,
 }
 
@@ -41,7 +49,8 @@ impl Default for CemConfig {
             iterations: 100,
             sigma0: 0.5,
             seed: 0,
-            sigma_tolerance: 1e-6,
+            sigma_smoothing: 0.5,
+            sigma_tolerance: 1e-3,
         }
     }
 }
@@ -183,7 +192,9 @@ where
                 .sum::<f64>()
                 / k;
             mean[j] = m;
-            sigma[j] = variance.sqrt();
+            // Smoothed σ (Rubinstein & Kroese 2004, §4.2.1): see `CemConfig::sigma_smoothing`.
+            let beta = config.sigma_smoothing;
+            sigma[j] = beta * variance.sqrt() + (1.0 - beta) * sigma[j];
         }
         let max_sigma = sigma.iter().copied().fold(0.0, f64::max);
         let entry = CemRecord {
@@ -262,6 +273,15 @@ fn validate_config<E>(
         return invalid(
             "sigma0",
             format!("got {}; expected a finite value >= 0", config.sigma0),
+        );
+    }
+    if !(config.sigma_smoothing > 0.0 && config.sigma_smoothing <= 1.0) {
+        return invalid(
+            "sigma_smoothing",
+            format!(
+                "got {}; expected a weight in (0, 1]",
+                config.sigma_smoothing
+            ),
         );
     }
     if !(config.sigma_tolerance.is_finite() && config.sigma_tolerance >= 0.0) {
@@ -349,15 +369,61 @@ mod tests {
         );
         assert!(error < 1e-2, "best {:?}", result.best);
         assert!(max_abs_error(&result.mean, &optimum) < 1e-2);
+        // The default run stops on σ < 1e-3 well before its 100 iterations.
+        assert!(result.converged && result.history.len() < 100);
+        assert!(result.sigma.iter().all(|&s| s < 1e-3));
         assert!(result.best_score.primary <= 0.0);
         assert!((result.best_score.primary + squared_distance(&result.best, &c)).abs() < 1e-15);
     }
 
     #[test]
-    fn tie_breaker_decides_among_equal_primary_scores() {
-        // Primary: 1 inside the disc of radius 0.25 around c1, else 0 (a plateau, like few-shot
-        // accuracy). Secondary: −‖x − c2‖² with c2 outside the disc. Lexicographically the
-        // optimum is the disc's point nearest c2: c1 + 0.25·(c2 − c1)/‖c2 − c1‖ = (0.65, 0.6).
+    fn tie_breaker_finds_the_optimum_inside_a_quantised_plateau() {
+        // Like few-shot accuracy on 10 examples, the primary score moves in steps of 0.1:
+        // −⌊10‖x − c‖²⌋/10 is the same (0) on the whole ball ‖x − c‖² < 0.1 of radius 0.32.
+        // The secondary −‖x − c‖² (a log-likelihood stand-in) breaks the ties; the
+        // lexicographic optimum is c.
+        let c = [0.3, 0.7, 0.25, 0.6, 0.45];
+        let run = |tie_breaker: bool| {
+            cem(
+                &[0.2; 5],
+                &[(0.0, 1.0); 5],
+                &CemConfig::default(),
+                |batch: &[Vec<f64>]| -> Result<_, Infallible> {
+                    Ok(batch
+                        .iter()
+                        .map(|x| {
+                            let d = squared_distance(x, &c);
+                            let primary = -(10.0 * d).floor() / 10.0;
+                            Score::new(primary, if tie_breaker { -d } else { 0.0 })
+                        })
+                        .collect())
+                },
+                |_| {},
+            )
+            .unwrap()
+        };
+        let with = run(true);
+        let without = run(false);
+        let (error_with, error_without) = (
+            max_abs_error(&with.best, &c),
+            max_abs_error(&without.best, &c),
+        );
+        eprintln!(
+            "CEM plateau: max error {error_with:.2e} with tie-breaker, {error_without:.2e} without"
+        );
+        assert_eq!(with.best_score.primary, 0.0);
+        assert!(error_with < 1e-2, "best {:?}", with.best);
+        // Without it the elites are picked arbitrarily among ties and CEM stops short (seeded,
+        // so this is reproducible).
+        assert!(without.best_score.primary <= with.best_score.primary);
+        assert!(error_without > 1e-2);
+    }
+
+    #[test]
+    fn primary_score_outranks_the_tie_breaker() {
+        // Primary: 1 inside the disc of radius 0.25 around c1, else 0. Secondary: −‖x − c2‖²
+        // with c2 outside the disc, pulling samples out of it. The lexicographic optimum is the
+        // disc's point nearest c2: c1 + 0.25·(c2 − c1)/‖c2 − c1‖ = (0.65, 0.6).
         let (c1, c2) = ([0.4, 0.6], [0.9, 0.6]);
         let score = |x: &Vec<f64>| {
             let inside = squared_distance(x, &c1) < 0.25f64.powi(2);
@@ -368,15 +434,12 @@ mod tests {
             &[(0.0, 1.0); 2],
             &CemConfig::default(),
             |batch: &[Vec<f64>]| -> Result<_, Infallible> { Ok(batch.iter().map(score).collect()) },
-            |r| eprintln!("{r:?}"),
+            |_| {},
         )
         .unwrap();
-        assert_eq!(
-            result.best_score.primary, 1.0,
-            "primary score must win over secondary"
-        );
+        assert_eq!(result.best_score.primary, 1.0);
         let error = max_abs_error(&result.best, &[0.65, 0.6]);
-        eprintln!("CEM tie-breaker: max error {error:.2e}");
+        eprintln!("CEM disc boundary: max error {error:.2e}");
         assert!(error < 1e-2, "best {:?}", result.best);
     }
 
@@ -453,9 +516,10 @@ mod tests {
 
     #[test]
     fn stops_when_sigma_collapses() {
-        // A single elite refits σ to 0 after the first iteration.
+        // Plain CEM with a single elite refits σ to 0 after the first iteration.
         let config = CemConfig {
             elites: 1,
+            sigma_smoothing: 1.0,
             ..CemConfig::default()
         };
         let result = cem(

@@ -79,18 +79,21 @@ pub(crate) fn crowding_of(points: &[Vec<f64>], front: &[usize]) -> Vec<f64> {
     }
     let objectives = points[front[0]].len();
     let mut order: Vec<usize> = (0..n).collect();
-    for m in 0..objectives {
-        let value = |k: usize| points[front[k]][m];
-        order.sort_by(|&a, &b| value(a).total_cmp(&value(b)));
+    // One column of objective values per objective, indexed like `front`.
+    let columns: Vec<Vec<f64>> = (0..objectives)
+        .map(|m| front.iter().map(|&i| points[i][m]).collect())
+        .collect();
+    for value in &columns {
+        order.sort_by(|&a, &b| value[a].total_cmp(&value[b]));
         let (first, last) = (order[0], order[n - 1]);
         distance[first] = f64::INFINITY;
         distance[last] = f64::INFINITY;
-        let range = value(last) - value(first);
+        let range = value[last] - value[first];
         if !(range > 0.0 && range.is_finite()) {
             continue;
         }
         for w in order.windows(3) {
-            distance[w[1]] += (value(w[2]) - value(w[0])) / range;
+            distance[w[1]] += (value[w[2]] - value[w[0]]) / range;
         }
     }
     distance
@@ -180,12 +183,13 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
-        for row in (col + 1)..n {
-            let factor = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= factor * a[col][k];
+        let (pivot_row, pivot_b) = (a[col].clone(), b[col]);
+        for (row, rhs) in a[col + 1..].iter_mut().zip(&mut b[col + 1..]) {
+            let factor = row[col] / pivot_row[col];
+            for (x, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= factor * p;
             }
-            b[row] -= factor * b[col];
+            *rhs -= factor * pivot_b;
         }
     }
     let mut x = vec![0.0; n];
@@ -215,43 +219,36 @@ pub struct Budget {
 /// If `objective` or a budget's objective index is not below the points' objective count
 /// (check user-named objectives before calling).
 pub fn best_within(front: &[Vec<f64>], objective: usize, budgets: &[Budget]) -> Option<usize> {
-    let mut best: Option<usize> = None;
-    for (i, p) in front.iter().enumerate() {
+    for p in front {
         assert!(
             objective < p.len() && budgets.iter().all(|b| b.objective < p.len()),
             "best_within: objective index out of range for a point with {} objectives",
             p.len()
         );
-        if !budgets.iter().all(|b| p[b.objective] <= b.max) {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            Some(j) => {
-                let q = &front[j];
-                let key = |v: &Vec<f64>| {
-                    std::iter::once(v[objective])
-                        .chain(
-                            v.iter()
-                                .enumerate()
-                                .filter(|&(k, _)| k != objective)
-                                .map(|(_, x)| *x),
-                        )
-                        .collect::<Vec<f64>>()
-                };
-                let (kp, kq) = (key(p), key(q));
-                kp.iter()
-                    .zip(&kq)
+    }
+    let others = |p: &[f64]| -> Vec<f64> {
+        p.iter()
+            .enumerate()
+            .filter(|&(k, _)| k != objective)
+            .map(|(_, &x)| x)
+            .collect()
+    };
+    front
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| budgets.iter().all(|b| p[b.objective] <= b.max))
+        // `min_by` keeps the first of equal minima: the lowest index.
+        .min_by(|(_, p), (_, q)| {
+            p[objective].total_cmp(&q[objective]).then_with(|| {
+                others(p)
+                    .iter()
+                    .zip(&others(q))
                     .map(|(a, b)| a.total_cmp(b))
                     .find(|o| o.is_ne())
-                    .is_some_and(|o| o.is_lt())
-            }
-        };
-        if better {
-            best = Some(i);
-        }
-    }
-    best
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+        })
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]

@@ -115,16 +115,19 @@ impl Dataset {
             .file_stem()
             .map(|stem| stem.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Editors on Windows may start UTF-8 files with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut items = Vec::new();
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let item = parse_line(line, &name, &verifier).map_err(|problem| TaskError::BadLine {
-                path: path.to_path_buf(),
-                line: index + 1,
-                problem,
-            })?;
+            let item =
+                parse_line(line, &name, &verifier).map_err(|problem| TaskError::BadLine {
+                    path: path.to_path_buf(),
+                    line: index + 1,
+                    problem,
+                })?;
             items.push(item);
         }
         if items.is_empty() {
@@ -231,7 +234,11 @@ mod tests {
     /// The 1-based line and the problem of a `BadLine` error.
     fn bad_line(result: Result<Dataset, TaskError>) -> (usize, LineProblem) {
         match result {
-            Err(TaskError::BadLine { path, line, problem }) => {
+            Err(TaskError::BadLine {
+                path,
+                line,
+                problem,
+            }) => {
                 assert_eq!(path, PathBuf::from("data/arith.jsonl"));
                 (line, problem)
             }
@@ -241,7 +248,8 @@ mod tests {
 
     #[test]
     fn reads_items_skipping_blank_lines() {
-        let text = "\n{\"prompt\": \"6*7=\", \"answer\": \"42\", \"domain\": \"mul\"}\n   \n\
+        let text =
+            "\u{feff}\n{\"prompt\": \"6*7=\", \"answer\": \"42\", \"domain\": \"mul\"}\n   \n\
                     {\"prompt\": \"1+1=\", \"answer\": 2, \"id\": 9}\r\n";
         let data = load(text, Verifier::Numeric { tolerance: 0.0 }).unwrap();
         assert_eq!(data.name, "arith");
@@ -269,35 +277,76 @@ mod tests {
         let good = r#"{"prompt": "a", "answer": "1"}"#;
         let exact = || Verifier::Exact;
         let cases: Vec<(String, Verifier, usize, LineProblem)> = vec![
-            (format!("{good}\n{{\"prompt\": \"b\"\n"), exact(), 2, LineProblem::BadJson(String::new())),
-            (format!("{good}\n\n[1, 2]"), exact(), 3, LineProblem::NotAnObject),
-            (format!("{good}\n{{\"answer\": \"1\"}}"), exact(), 2, LineProblem::MissingField("prompt")),
-            (format!("{{\"prompt\": \"x\"}}\n{good}"), exact(), 1, LineProblem::MissingField("answer")),
-            (format!("{good}\n{{\"prompt\": \"  \", \"answer\": \"1\"}}"), exact(), 2, LineProblem::EmptyField("prompt")),
+            (
+                format!("{good}\n{{\"prompt\": \"b\"\n"),
+                exact(),
+                2,
+                LineProblem::BadJson(String::new()),
+            ),
+            (
+                format!("{good}\n\n[1, 2]"),
+                exact(),
+                3,
+                LineProblem::NotAnObject,
+            ),
+            (
+                format!("{good}\n{{\"answer\": \"1\"}}"),
+                exact(),
+                2,
+                LineProblem::MissingField("prompt"),
+            ),
+            (
+                format!("{{\"prompt\": \"x\"}}\n{good}"),
+                exact(),
+                1,
+                LineProblem::MissingField("answer"),
+            ),
+            (
+                format!("{good}\n{{\"prompt\": \"  \", \"answer\": \"1\"}}"),
+                exact(),
+                2,
+                LineProblem::EmptyField("prompt"),
+            ),
             (
                 format!("{good}\n{{\"prompt\": 5, \"answer\": \"1\"}}"),
                 exact(),
                 2,
-                LineProblem::WrongType { field: "prompt", expected: "a string" },
+                LineProblem::WrongType {
+                    field: "prompt",
+                    expected: "a string",
+                },
             ),
-            (format!("{good}\n{good}\n{{\"prompt\": \"a\\nb\", \"answer\": \"1\"}}"), exact(), 3, LineProblem::Newline("prompt")),
+            (
+                format!("{good}\n{good}\n{{\"prompt\": \"a\\nb\", \"answer\": \"1\"}}"),
+                exact(),
+                3,
+                LineProblem::Newline("prompt"),
+            ),
             (
                 format!("{good}\n{{\"prompt\": \"a\", \"answer\": \"1\", \"domain\": 3}}"),
                 exact(),
                 2,
-                LineProblem::WrongType { field: "domain", expected: "a string" },
+                LineProblem::WrongType {
+                    field: "domain",
+                    expected: "a string",
+                },
             ),
             (
                 format!("{good}\n{{\"prompt\": \"q\", \"answer\": \"seven\"}}"),
                 Verifier::Numeric { tolerance: 0.0 },
                 2,
-                LineProblem::AnswerNotNumeric { answer: "seven".into() },
+                LineProblem::AnswerNotNumeric {
+                    answer: "seven".into(),
+                },
             ),
             (
-                format!("{{\"prompt\": \"q\", \"answer\": \"E\"}}"),
+                r#"{"prompt": "q", "answer": "E"}"#.to_string(),
                 Verifier::Choice(vec!["A".into(), "B".into()]),
                 1,
-                LineProblem::AnswerNotAChoice { answer: "E".into(), options: "A,B".into() },
+                LineProblem::AnswerNotAChoice {
+                    answer: "E".into(),
+                    options: "A,B".into(),
+                },
             ),
         ];
         for (text, verifier, line, problem) in cases {
@@ -313,16 +362,28 @@ mod tests {
 
     #[test]
     fn error_message_names_file_line_and_field() {
-        let err = load("{\"prompt\": \"a\", \"answer\": \"1\"}\n{\"answer\": \"1\"}", Verifier::Exact)
-            .unwrap_err();
-        assert_eq!(err.to_string(), "data/arith.jsonl:2: missing field `prompt`");
+        let err = load(
+            "{\"prompt\": \"a\", \"answer\": \"1\"}\n{\"answer\": \"1\"}",
+            Verifier::Exact,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "data/arith.jsonl:2: missing field `prompt`"
+        );
     }
 
     #[test]
     fn empty_files_and_bad_verifiers_are_errors() {
-        assert!(matches!(load("\n  \n", Verifier::Exact), Err(TaskError::EmptyDataset { .. })));
         assert!(matches!(
-            load("{\"prompt\": \"a\", \"answer\": \"1\"}", Verifier::Numeric { tolerance: -1.0 }),
+            load("\n  \n", Verifier::Exact),
+            Err(TaskError::EmptyDataset { .. })
+        ));
+        assert!(matches!(
+            load(
+                "{\"prompt\": \"a\", \"answer\": \"1\"}",
+                Verifier::Numeric { tolerance: -1.0 }
+            ),
             Err(TaskError::BadVerifier { .. })
         ));
     }
@@ -338,7 +399,10 @@ mod tests {
         assert_eq!(data.items[0].domain, "quiz");
         std::fs::remove_dir_all(&dir).unwrap();
         let err = Dataset::load_jsonl(&path, Verifier::Exact).unwrap_err();
-        assert!(matches!(&err, TaskError::Io { path: p, .. } if *p == path), "{err}");
+        assert!(
+            matches!(&err, TaskError::Io { path: p, .. } if *p == path),
+            "{err}"
+        );
         assert!(err.to_string().contains("quiz.jsonl"), "{err}");
     }
 
@@ -350,7 +414,10 @@ mod tests {
         let data = load(&text, Verifier::Numeric { tolerance: 0.0 }).unwrap();
         let sizes: Vec<usize> = Split::ALL.iter().map(|&s| data.split(s).len()).collect();
         assert_eq!(sizes.iter().sum::<usize>(), 500);
-        assert!(sizes[0] > 350 && sizes[1] > 20 && sizes[2] > 20, "{sizes:?}");
+        assert!(
+            sizes[0] > 350 && sizes[1] > 20 && sizes[2] > 20,
+            "{sizes:?}"
+        );
         for item in data.split(Split::Test) {
             assert_eq!(Split::of("arith", &item.prompt), Split::Test);
         }
@@ -358,7 +425,8 @@ mod tests {
 
     #[test]
     fn generated_datasets_use_the_domain_verifier() {
-        let data = Dataset::generated(Domain::Brackets, Split::Train, 10, 0, Difficulty::MAX).unwrap();
+        let data =
+            Dataset::generated(Domain::Brackets, Split::Train, 10, 0, Difficulty::MAX).unwrap();
         assert_eq!(data.name, "brackets");
         assert_eq!(data.verifier, Domain::Brackets.verifier());
         assert_eq!(data.split(Split::Train).len(), 10);

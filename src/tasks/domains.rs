@@ -21,9 +21,9 @@ use super::{Item, TaskError, Verifier};
 /// How hard generated items are: 1 (easiest) to 5 (hardest).
 ///
 /// The level sets sizes, e.g. the number of digits of an operand, the length of a string or
-/// the number of statements of a program; each domain documents what it controls. Easy levels
-/// have few distinct prompts (level 1 `add` has 100), which limits how many items of one split
-/// [`super::sample`] can find.
+/// the number of statements of a program; each domain documents what it controls. Every
+/// domain has at least a few hundred distinct prompts at level 1 (`parity` has the fewest,
+/// 448), which limits how many items of one split [`super::sample`] can find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "u32", into = "u32")]
 pub struct Difficulty(u32);
@@ -82,27 +82,28 @@ impl fmt::Display for Difficulty {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Domain {
-    /// Addition of non-negative integers, `12+345=` → `357`. Level: digits of the longer
-    /// operand (the other has 1 to that many).
+    /// Addition of non-negative integers, `12+345=` → `357`. Level L: the longer operand has
+    /// L+1 digits, the other 1 to L+1.
     Add,
     /// Subtraction, possibly negative, `12-345=` → `-333`. Level as for `add`.
     Sub,
-    /// Multiplication, `12*34=` → `408`. Level 1..5: 1×1, 2×1, 2×2, 3×2, 3×3 digits.
+    /// Multiplication, `12*34=` → `408`. Levels 1 to 5: 2×1, 2×2, 3×2, 3×3, 4×3 digits.
     Mul,
-    /// Which number is larger, `123 vs 45?` → `>` (or `<`, `=`). Level: digits; from level 2
-    /// a third of the pairs differ in a single digit.
+    /// Which number is larger, `123 vs 45?` → `>` (or `<`, `=`). Level L: L+1 digits as for
+    /// `add`; a fifth of the pairs are equal and three tenths differ in a single digit.
     Compare,
-    /// The next integer, `next 199=` → `200`. Level L: up to L+1 digits, half of them ending
+    /// The next integer, `next 199=` → `200`. Level L: up to L+2 digits, half of them ending
     /// in a run of 9s so that the carry matters.
     Successor,
     /// Unit conversion with an integer result, `3 km in m?` → `3000`. Units of length
-    /// (mm, cm, m, km), mass (mg, g, kg) and time (s, min, h, day). Level: digits of the
-    /// value; levels 1-2 convert to the next smaller unit, 3 to any smaller unit, 4-5 also up
-    /// (`5000 m in km?` → `5`).
+    /// (mm, cm, m, km), mass (mg, g, kg) and time (s, min, h, day). Level L: values of up to
+    /// L+1 digits; levels 1-2 convert to the next smaller unit, 3 to any smaller unit, 4-5
+    /// also upwards (`5000 m in km?` → `5`).
     Convert,
     /// Evaluate a straight-line program, `a=3;b=a+2;b?` → `5`. Level L: L+1 statements over
-    /// up to 4 variables; `x+N`, `x-N` at level 1, `x+y`, `x-y` from 2, re-assignment and
-    /// querying any variable from 3, `x*N` from 4. Usual precedence, no unary minus.
+    /// up to 4 variables, the first a constant 0-99; `x+N`, `x-N` at level 1, `x+y`, `x-y`
+    /// from 2, re-assignment and querying any variable from 3, `x*N` from 4. Usual
+    /// precedence, no unary minus.
     Program,
     /// Reverse a lowercase string, `rev abc=` → `cba`. Level L: L+1 to 2L+2 letters.
     Reverse,
@@ -110,15 +111,15 @@ pub enum Domain {
     Copy,
     /// Sort digits ascending, `sort 3142=` → `1234`. Lengths as for `reverse`.
     Sort,
-    /// Count a letter, `count a in banana?` → `3`. Level L: L+2 to 2L+2 letters drawn from the
-    /// first L+2 letters of the alphabet.
+    /// Count a letter, `count a in banana?` → `3`. Level L: L+3 to 2L+3 letters drawn from
+    /// the first L+2 letters of the alphabet.
     Count,
-    /// Whether brackets are balanced, `bal ([)]?` → `no` (or `yes`). Level L: 2 to 2L+2
-    /// brackets; `()` only below level 3, `()` and `[]` from 3. Half the strings are balanced
-    /// before a random corruption is (maybe) applied.
+    /// Whether `()[]` brackets are balanced, `bal ([)]?` → `no` (or `yes`). Level L: 1 to
+    /// L+2 pairs; half the strings get one corruption (a flipped, retyped or swapped bracket)
+    /// that keeps the length, so counting is not enough.
     Brackets,
-    /// Parity of the number of 1 bits, `par 1011?` → `odd` (or `even`). Level L: L+2 to 2L+3
-    /// bits.
+    /// Parity of the number of 1 bits, `par 1011?` → `odd` (or `even`). Level L: L+5 to
+    /// 2L+6 bits.
     Parity,
 }
 
@@ -219,7 +220,8 @@ impl Domain {
     /// How this domain's answers are checked: numeric (tolerance 0) for numbers, a choice for
     /// `compare`, `brackets` and `parity`, exact for strings.
     pub fn verifier(self) -> Verifier {
-        let choice = |options: &[&str]| Verifier::Choice(options.iter().map(|o| o.to_string()).collect());
+        let choice =
+            |options: &[&str]| Verifier::Choice(options.iter().map(|o| o.to_string()).collect());
         match self {
             Domain::Add
             | Domain::Sub
@@ -323,7 +325,10 @@ mod tests {
                 for _ in 0..3000 {
                     let item = domain.generate(&mut rng, difficulty);
                     let printable = |s: &str| s.bytes().all(|b| (b' '..=b'~').contains(&b));
-                    assert!(printable(&item.prompt) && printable(&item.answer), "{item:?}");
+                    assert!(
+                        printable(&item.prompt) && printable(&item.answer),
+                        "{item:?}"
+                    );
                     assert!(
                         item.prompt.ends_with('=') || item.prompt.ends_with('?'),
                         "{item:?}"
@@ -367,7 +372,10 @@ mod tests {
                         .collect();
                     for option in &options {
                         let share = answers.iter().filter(|a| *a == option).count();
-                        assert!(share >= 30, "{domain} level {difficulty}: `{option}` {share}/300");
+                        assert!(
+                            share >= 30,
+                            "{domain} level {difficulty}: `{option}` {share}/300"
+                        );
                     }
                 }
             }
@@ -395,7 +403,11 @@ mod tests {
         assert_eq!(Difficulty::new(3).unwrap().level(), 3);
         assert!(matches!(
             Difficulty::new(0),
-            Err(TaskError::BadDifficulty { level: 0, min: 1, max: 5 })
+            Err(TaskError::BadDifficulty {
+                level: 0,
+                min: 1,
+                max: 5
+            })
         ));
         assert!(Difficulty::new(6).is_err());
         assert_eq!(Difficulty::all().count(), 5);
@@ -440,7 +452,11 @@ mod tests {
             (Domain::Parity, "par 1021?", None),
         ];
         for (domain, prompt, answer) in cases {
-            assert_eq!(domain.solve(prompt).as_deref(), *answer, "{domain}: {prompt}");
+            assert_eq!(
+                domain.solve(prompt).as_deref(),
+                *answer,
+                "{domain}: {prompt}"
+            );
         }
     }
 }

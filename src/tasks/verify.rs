@@ -44,10 +44,12 @@ impl Verifier {
         let candidate = candidate.trim();
         match self {
             Verifier::Exact => expected == candidate,
-            Verifier::Numeric { tolerance } => match (parse_number(expected), parse_number(candidate)) {
-                (Some(e), Some(c)) => e.distance(c) <= *tolerance,
-                _ => false,
-            },
+            Verifier::Numeric { tolerance } => {
+                match (parse_number(expected), parse_number(candidate)) {
+                    (Some(e), Some(c)) => e.distance(c) <= *tolerance,
+                    _ => false,
+                }
+            }
             Verifier::Choice(_) => expected.eq_ignore_ascii_case(candidate),
         }
     }

@@ -44,7 +44,7 @@ fn binary(prompt: &str, operator: char, end: char) -> Option<(u64, u64)> {
 }
 
 pub(super) fn generate_add<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
-    let (a, b) = operands(rng, level);
+    let (a, b) = operands(rng, level + 1);
     (format!("{a}+{b}="), (a + b).to_string())
 }
 
@@ -54,8 +54,11 @@ pub(super) fn solve_add(prompt: &str) -> Option<String> {
 }
 
 pub(super) fn generate_sub<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
-    let (a, b) = operands(rng, level);
-    (format!("{a}-{b}="), (a as i64 - b as i64).to_string())
+    let (a, b) = operands(rng, level + 1);
+    (
+        format!("{a}-{b}="),
+        (i128::from(a) - i128::from(b)).to_string(),
+    )
 }
 
 pub(super) fn solve_sub(prompt: &str) -> Option<String> {
@@ -64,13 +67,13 @@ pub(super) fn solve_sub(prompt: &str) -> Option<String> {
 }
 
 pub(super) fn generate_mul<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
-    // Products grow twice as fast as sums: cap at 3×3 digits so the answer stays ≤ 6 chars.
+    // Products grow twice as fast as sums: cap at 4×3 digits so the answer stays ≤ 7 chars.
     let (long, short) = match level {
-        1 => (1, 1),
-        2 => (2, 1),
-        3 => (2, 2),
-        4 => (3, 2),
-        _ => (3, 3),
+        1 => (2, 1),
+        2 => (2, 2),
+        3 => (3, 2),
+        4 => (3, 3),
+        _ => (4, 3),
     };
     let a = exact_digits(rng, long);
     let b = exact_digits(rng, short);
@@ -114,16 +117,17 @@ fn change_one_digit<R: Rng + ?Sized>(rng: &mut R, number: u64, digits: u32) -> u
 
 pub(super) fn generate_compare<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
     // Without forcing them, equal and near-equal pairs would be rare and `=` never learned.
+    let digits = level + 1;
     let (a, b) = match rng.gen_range(0..10) {
         0 | 1 => {
-            let a = exact_digits(rng, level);
+            let a = exact_digits(rng, digits);
             (a, a)
         }
-        2..=4 if level >= 2 => {
-            let a = exact_digits(rng, level);
-            (a, change_one_digit(rng, a, level))
+        2..=4 => {
+            let a = exact_digits(rng, digits);
+            (a, change_one_digit(rng, a, digits))
         }
-        _ => operands(rng, level),
+        _ => operands(rng, digits),
     };
     (format!("{a} vs {b}?"), comparison_symbol(a, b).to_string())
 }
@@ -134,7 +138,7 @@ pub(super) fn solve_compare(prompt: &str) -> Option<String> {
 }
 
 pub(super) fn generate_successor<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
-    let digits = rng.gen_range(1..=level + 1);
+    let digits = rng.gen_range(1..=level + 2);
     let mut n = exact_digits(rng, digits);
     if rng.gen_bool(0.5) {
         // End in a run of 9s so the answer needs a carry chain.
@@ -159,21 +163,51 @@ struct Unit {
 /// Units per dimension, smallest first. Names are unique across dimensions.
 const DIMENSIONS: [&[Unit]; 3] = [
     &[
-        Unit { name: "mm", size: 1 },
-        Unit { name: "cm", size: 10 },
-        Unit { name: "m", size: 1_000 },
-        Unit { name: "km", size: 1_000_000 },
+        Unit {
+            name: "mm",
+            size: 1,
+        },
+        Unit {
+            name: "cm",
+            size: 10,
+        },
+        Unit {
+            name: "m",
+            size: 1_000,
+        },
+        Unit {
+            name: "km",
+            size: 1_000_000,
+        },
     ],
     &[
-        Unit { name: "mg", size: 1 },
-        Unit { name: "g", size: 1_000 },
-        Unit { name: "kg", size: 1_000_000 },
+        Unit {
+            name: "mg",
+            size: 1,
+        },
+        Unit {
+            name: "g",
+            size: 1_000,
+        },
+        Unit {
+            name: "kg",
+            size: 1_000_000,
+        },
     ],
     &[
         Unit { name: "s", size: 1 },
-        Unit { name: "min", size: 60 },
-        Unit { name: "h", size: 3_600 },
-        Unit { name: "day", size: 86_400 },
+        Unit {
+            name: "min",
+            size: 60,
+        },
+        Unit {
+            name: "h",
+            size: 3_600,
+        },
+        Unit {
+            name: "day",
+            size: 86_400,
+        },
     ],
 ];
 
@@ -194,9 +228,12 @@ pub(super) fn generate_convert<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (Str
         let digits = rng.gen_range(1..=level - 2);
         let k = exact_digits(rng, digits);
         let value = k * ratio;
-        (format!("{value} {} in {}?", small.name, big.name), k.to_string())
+        (
+            format!("{value} {} in {}?", small.name, big.name),
+            k.to_string(),
+        )
     } else {
-        let digits = rng.gen_range(1..=level);
+        let digits = rng.gen_range(1..=level + 1);
         let value = exact_digits(rng, digits);
         (
             format!("{value} {} in {}?", big.name, small.name),
@@ -206,12 +243,15 @@ pub(super) fn generate_convert<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (Str
 }
 
 fn find_unit(name: &str) -> Option<(usize, &'static Unit)> {
-    DIMENSIONS.iter().enumerate().find_map(|(dimension, units)| {
-        units
-            .iter()
-            .find(|unit| unit.name == name)
-            .map(|unit| (dimension, unit))
-    })
+    DIMENSIONS
+        .iter()
+        .enumerate()
+        .find_map(|(dimension, units)| {
+            units
+                .iter()
+                .find(|unit| unit.name == name)
+                .map(|unit| (dimension, unit))
+        })
 }
 
 pub(super) fn solve_convert(prompt: &str) -> Option<String> {
@@ -267,7 +307,10 @@ mod tests {
         assert_eq!(parse_unsigned(" 3"), None);
         assert_eq!(parse_unsigned(""), None);
         assert_eq!(parse_unsigned("1234567890123456789"), None);
-        assert_eq!(solve_add("999999999999999999+999999999999999999="), Some("1999999999999999998".into()));
+        assert_eq!(
+            solve_add("999999999999999999+999999999999999999="),
+            Some("1999999999999999998".into())
+        );
         assert_eq!(solve_mul("999999999999999999*999999999999999999="), None);
         assert_eq!(solve_successor("next 12"), None);
     }
@@ -279,7 +322,11 @@ mod tests {
         assert_eq!(solve_convert("86400 s in day?").as_deref(), Some("1"));
         assert_eq!(solve_convert("1 km in cm?").as_deref(), Some("100000"));
         assert_eq!(solve_convert("2 kg in mg?").as_deref(), Some("2000000"));
-        assert_eq!(solve_convert("90 min in h?"), None, "1.5 h is not an integer");
+        assert_eq!(
+            solve_convert("90 min in h?"),
+            None,
+            "1.5 h is not an integer"
+        );
         assert_eq!(solve_convert("3 m in m?").as_deref(), Some("3"));
     }
 }

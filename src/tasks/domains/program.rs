@@ -23,7 +23,8 @@ pub(super) fn generate<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, Str
     let statements = level as usize + 1;
     let max_variables = statements.min(NAMES.len());
     // values[i] is the current value of NAMES[i]; variables are introduced in name order.
-    let first = rng.gen_range(0..=9i64);
+    // Two-digit starting values give level 1 about 1800 distinct programs instead of 180.
+    let first = rng.gen_range(0..=99i64);
     let mut values = vec![first];
     let mut text = format!("{}={first};", NAMES[0]);
     let mut last = 0;
@@ -45,17 +46,19 @@ pub(super) fn generate<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, Str
                 let n = rng.gen_range(1..=9);
                 (format!("{}+{n}", NAMES[x]), values[x] + n)
             }
-            1 => {
-                let n = rng.gen_range(1..=9);
-                (format!("{}-{n}", NAMES[x]), values[x] - n)
-            }
             2 => {
                 let y = rng.gen_range(0..values.len());
                 (format!("{}+{}", NAMES[x], NAMES[y]), values[x] + values[y])
             }
-            3 => {
-                let y = rng.gen_range(0..values.len());
+            // `x-x` is always 0 and would flood the answers with zeros, so `x-y` needs a
+            // second variable; without one it falls back to `x-N` below.
+            3 if values.len() >= 2 => {
+                let y = (x + rng.gen_range(1..values.len())) % values.len();
                 (format!("{}-{}", NAMES[x], NAMES[y]), values[x] - values[y])
+            }
+            1 | 3 => {
+                let n = rng.gen_range(1..=9);
+                (format!("{}-{n}", NAMES[x]), values[x] - n)
             }
             _ => {
                 let n = rng.gen_range(2..=3);
@@ -67,7 +70,10 @@ pub(super) fn generate<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, Str
         } else {
             values[target] = value;
         }
-        text.push_str(&format!("{}={expression};", NAMES[target]));
+        text.push(NAMES[target]);
+        text.push('=');
+        text.push_str(&expression);
+        text.push(';');
         last = target;
     }
     // Asking for an earlier variable forces the model to track every assignment, not just

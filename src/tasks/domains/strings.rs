@@ -66,7 +66,7 @@ pub(super) fn generate_count<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (Strin
     // A small alphabet keeps counts well above zero; it grows with the level to add
     // distractors.
     let alphabet = &LETTERS[..level as usize + 2];
-    let len = rng.gen_range(level as usize + 2..=2 * level as usize + 2);
+    let len = rng.gen_range(level as usize + 3..=2 * level as usize + 3);
     let text = random_string(rng, alphabet, len);
     let target = char::from(alphabet[rng.gen_range(0..alphabet.len())]);
     let count = text.chars().filter(|&c| c == target).count();
@@ -102,13 +102,11 @@ fn balanced(text: &str) -> Option<bool> {
 }
 
 pub(super) fn generate_brackets<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
-    let kinds: &[(u8, u8)] = if level >= 3 {
-        &[(b'(', b')'), (b'[', b']')]
-    } else {
-        &[(b'(', b')')]
-    };
+    // Two kinds at every level: with `()` alone, level 1 would have about 20 distinct prompts,
+    // too few to fill a test split.
+    let kinds: &[(u8, u8)] = &[(b'(', b')'), (b'[', b']')];
     // A random balanced string: open while pairs remain (coin flip unless forced), else close.
-    let pairs = rng.gen_range(1..=level as usize + 1);
+    let pairs = rng.gen_range(1..=level as usize + 2);
     let mut text = Vec::with_capacity(2 * pairs);
     let mut closers = Vec::with_capacity(pairs);
     let mut opens_left = pairs;
@@ -126,7 +124,7 @@ pub(super) fn generate_brackets<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (St
     // Half the strings get one corruption; same length, so counting brackets is not enough.
     if rng.gen_bool(0.5) {
         let i = rng.gen_range(0..text.len());
-        match rng.gen_range(0..if level >= 3 { 3 } else { 2 }) {
+        match rng.gen_range(0..3) {
             0 => {
                 text[i] = match text[i] {
                     b'(' => b')',
@@ -165,7 +163,7 @@ pub(super) fn solve_brackets(prompt: &str) -> Option<String> {
 }
 
 pub(super) fn generate_parity<R: Rng + ?Sized>(rng: &mut R, level: u32) -> (String, String) {
-    let len = rng.gen_range(level as usize + 2..=2 * level as usize + 3);
+    let len = rng.gen_range(level as usize + 5..=2 * level as usize + 6);
     let bits = random_string(rng, b"01", len);
     let ones = bits.bytes().filter(|&b| b == b'1').count();
     let answer = if ones % 2 == 0 { "even" } else { "odd" };

@@ -1,0 +1,251 @@
+//! Bad input gets a clear error naming the file and tensor or field — never a panic.
+
+mod common;
+use bitsvf::checkpoint::st::OwnedTensor;
+use common::*;
+use safetensors::Dtype;
+
+fn variant(
+    name: &str,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, OwnedTensor>, &mut serde_json::Value),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    let mut t = fixture_tensors();
+    let mut c = fixture_config();
+    edit(&mut t, &mut c);
+    write_model(&dir, &t, &c);
+    (tmp, dir)
+}
+
+fn assert_names(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "error `{msg}` should mention `{p}`");
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_t, dir) = variant("trunc", |_, _| {});
+    let f = dir.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_error(&dir);
+    assert_names(&e, &["model.safetensors", "truncated or corrupt"]);
+}
+
+#[test]
+fn corrupt_header() {
+    let (_t, dir) = variant("corrupt", |_, _| {});
+    let f = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    for b in &mut bytes[8..40] {
+        *b = b'#';
+    }
+    std::fs::write(&f, &bytes).unwrap();
+    assert_names(
+        &load_error(&dir),
+        &["model.safetensors", "not a valid safetensors"],
+    );
+    // A file too short to hold even the header length.
+    std::fs::write(&f, b"abc").unwrap();
+    assert_names(&load_error(&dir), &["model.safetensors"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let (_t, dir) = variant("missing", |t, _| {
+        t.remove("model.layers.1.mlp.up_proj.weight_scale");
+    });
+    assert_names(
+        &load_error(&dir),
+        &[
+            "model.safetensors",
+            "missing tensor",
+            "model.layers.1.mlp.up_proj.weight_scale",
+        ],
+    );
+    let (_t, dir) = variant("missing-norm", |t, _| {
+        t.remove("model.layers.0.mlp.ffn_sub_norm.weight");
+    });
+    assert_names(
+        &load_error(&dir),
+        &["model.layers.0.mlp.ffn_sub_norm.weight"],
+    );
+}
+
+#[test]
+fn wrong_shape() {
+    let (_t, dir) = variant("shape", |t, _| {
+        let e = t.get_mut("model.layers.0.self_attn.k_proj.weight").unwrap();
+        *e = OwnedTensor::raw(Dtype::U8, vec![4, 64], e.data_mut()[..256].to_vec());
+    });
+    assert_names(
+        &load_error(&dir),
+        &[
+            "model.safetensors",
+            "model.layers.0.self_attn.k_proj.weight",
+            "[4, 64]",
+            "[8, 64]",
+        ],
+    );
+}
+
+#[test]
+fn wrong_dtype() {
+    let (_t, dir) = variant("dtype", |t, _| {
+        let e = t.get_mut("model.norm.weight").unwrap();
+        *e = OwnedTensor::raw(Dtype::I16, vec![64], e.data_mut().clone());
+    });
+    assert_names(
+        &load_error(&dir),
+        &["model.safetensors", "model.norm.weight", "I16"],
+    );
+    let (_t, dir) = variant("dtype-packed", |t, _| {
+        let e = t.get_mut("model.layers.0.self_attn.q_proj.weight").unwrap();
+        *e = OwnedTensor::raw(Dtype::I32, vec![16, 16], e.data_mut()[..1024].to_vec());
+    });
+    assert_names(
+        &load_error(&dir),
+        &["model.layers.0.self_attn.q_proj.weight", "I32"],
+    );
+}
+
+#[test]
+fn packed_code_three() {
+    let (_t, dir) = variant("code3", |t, _| {
+        t.get_mut("model.layers.1.mlp.gate_proj.weight")
+            .unwrap()
+            .data_mut()[70] = 0xFF;
+    });
+    assert_names(
+        &load_error(&dir),
+        &[
+            "model.safetensors",
+            "model.layers.1.mlp.gate_proj.weight",
+            "code 3",
+            "packed row 1, column 6",
+        ],
+    );
+}
+
+#[test]
+fn non_finite_scale() {
+    for (bits, what) in [(0x7FC0u16, "NaN"), (0x7F80u16, "inf")] {
+        let (_t, dir) = variant("nan", |t, _| {
+            let e = t
+                .get_mut("model.layers.0.self_attn.o_proj.weight_scale")
+                .unwrap();
+            *e.data_mut() = bits.to_le_bytes().to_vec();
+        });
+        assert_names(
+            &load_error(&dir),
+            &[
+                "model.safetensors",
+                "model.layers.0.self_attn.o_proj.weight_scale",
+                "non-finite",
+                what,
+            ],
+        );
+    }
+    let (_t, dir) = variant("zero-scale", |t, _| {
+        let e = t
+            .get_mut("model.layers.0.self_attn.o_proj.weight_scale")
+            .unwrap();
+        *e.data_mut() = 0u16.to_le_bytes().to_vec();
+    });
+    assert_names(
+        &load_error(&dir),
+        &["o_proj.weight_scale", "must be finite and > 0"],
+    );
+}
+
+#[test]
+fn config_weights_disagreement() {
+    let (_t, dir) = variant("hidden", |_, c| c["hidden_size"] = 32.into());
+    assert_names(
+        &load_error(&dir),
+        &["model.embed_tokens.weight", "[96, 32]", "[96, 64]"],
+    );
+    let (_t, dir) = variant("layers", |_, c| c["num_hidden_layers"] = 1.into());
+    assert_names(
+        &load_error(&dir),
+        &["config.json", "num_hidden_layers", "model.layers.1."],
+    );
+    let (_t, dir) = variant("more-layers", |_, c| c["num_hidden_layers"] = 3.into());
+    assert_names(&load_error(&dir), &["missing tensor", "model.layers.2."]);
+    let (_t, dir) = variant("class", |_, c| {
+        c["quantization_config"]["linear_class"] = "fancylinear".into()
+    });
+    assert_names(
+        &load_error(&dir),
+        &["config.json", "linear_class", "fancylinear"],
+    );
+    let (_t, dir) = variant("noquant", |_, c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    assert_names(
+        &load_error(&dir),
+        &["config.json", "quantization_config", "uint8"],
+    );
+    let (_t, dir) = variant("badjson", |_, c| c["vocab_size"] = "many".into());
+    assert_names(&load_error(&dir), &["config.json", "vocab_size"]);
+}
+
+#[test]
+fn unknown_format() {
+    let (_t, dir) = variant("unknown", |t, _| {
+        let q: Vec<String> = t.keys().filter(|k| k.contains("q_proj")).cloned().collect();
+        for k in q {
+            let v = t.remove(&k).unwrap();
+            t.insert(k.replace("q_proj", "query"), v);
+        }
+    });
+    assert_names(&load_error(&dir), &["unknown model format", "q_proj"]);
+    let tmp = tempfile::tempdir().unwrap();
+    assert_names(
+        &load_error(tmp.path()),
+        &["unknown model format", "found 0"],
+    );
+    // A safetensors file with no config beside it and no bitsvf metadata.
+    let f = tmp.path().join("x.safetensors");
+    std::fs::copy(fixture().join("model.safetensors"), &f).unwrap();
+    assert_names(&load_error(&f), &["unknown model format", "config.json"]);
+    assert_names(
+        &load_error(&tmp.path().join("nope")),
+        &["nope", "no such file"],
+    );
+}
+
+#[test]
+fn phase4_non_ternary_value() {
+    use bitsvf::checkpoint::linear_name;
+    let (_t, dir) = variant("phase4", |t, _| {
+        let ck = bitsvf::checkpoint::load(&fixture()).unwrap();
+        for (name, _, lin) in ck.linears() {
+            t.remove(&format!("{name}.weight"));
+            t.remove(&format!("{name}.weight_scale"));
+            let m = &lin.matrix;
+            let mut v = m.values();
+            if name == linear_name(1, bitsvf::checkpoint::LinearKind::V) {
+                v[5] = 2;
+            }
+            t.insert(
+                format!("{name}.quantized_weight"),
+                OwnedTensor::i8(vec![m.rows, m.cols], &v),
+            );
+            t.insert(
+                format!("{name}.scale_factor"),
+                OwnedTensor::f16(vec![m.rows], &vec![m.scales[0]; m.rows]),
+            );
+        }
+    });
+    assert_names(
+        &load_error(&dir),
+        &[
+            "model.layers.1.self_attn.v_proj.quantized_weight",
+            "value 2 at row 0, column 5",
+            "not ternary",
+        ],
+    );
+}

@@ -1,0 +1,128 @@
+//! The `bitsvf` binary end to end.
+
+mod common;
+use bitsvf::checkpoint::st::TensorFiles;
+use common::*;
+use std::process::Command;
+
+fn bitsvf(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn logits_command_reproduces_transformers() {
+    let reference = TensorFiles::open(&[fixture().join("reference_logits.safetensors")]).unwrap();
+    let ids: Vec<i64> = reference
+        .get("input_ids")
+        .unwrap()
+        .data
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let rows: Vec<String> = ids
+        .chunks(16)
+        .map(|r| {
+            r.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let o = bitsvf(&[
+        "logits",
+        fixture().to_str().unwrap(),
+        "--tokens",
+        &rows.join(";"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = TensorFiles::open(&[out]).unwrap();
+    let l = ours.get("logits").unwrap();
+    assert_eq!(l.shape, &[2, 16, 96]);
+    let (a, b) = (
+        l.to_f32().unwrap(),
+        reference.get("logits").unwrap().to_f32().unwrap(),
+    );
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+    assert!(mean < 1e-3, "mean |Δ| {mean}");
+    for (x, y) in a.chunks(96).zip(b.chunks(96)) {
+        assert_eq!(bitsvf::model::argmax(x), bitsvf::model::argmax(y));
+    }
+}
+
+#[test]
+fn inspect_json_reports_the_fixture() {
+    let o = bitsvf(&["inspect", fixture().to_str().unwrap(), "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "hf-packed (autobitlinear)");
+    // 2 layers × (64·64·2 + 32·64·2 + 128·64·3) ternary weights
+    assert_eq!(
+        v["ternary_parameters"],
+        2 * (2 * 4096 + 2 * 2048 + 3 * 8192)
+    );
+    assert_eq!(v["matrices"].as_array().unwrap().len(), 14);
+    assert_eq!(v["matrices"][4]["shape"], serde_json::json!([128, 64]));
+    let zeros = v["ternary"]["zeros"].as_f64().unwrap();
+    assert!(
+        zeros > 0.3 && zeros < 0.37,
+        "uniform random ternary: about a third zeros"
+    );
+}
+
+#[test]
+fn dequantize_verify_writes_a_verified_float_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("f32");
+    let o = bitsvf(&[
+        "dequantize",
+        fixture().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--verify",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["all_exact"], true);
+    assert_eq!(v["act_quant_kept"]["argmax_agreement"], 1.0);
+    assert!(v["act_quant_kept"]["mean_kl"].as_f64().unwrap() < 1e-6);
+    assert!(v["act_quant_dropped"]["mean_kl"].as_f64().unwrap() > 0.0);
+    assert!(out.join("model.safetensors").is_file() && out.join("config.json").is_file());
+    // Its float weights re-load, as the same model.
+    let o = bitsvf(&["inspect", out.to_str().unwrap(), "--json"]);
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let h = bitsvf(&["inspect", fixture().to_str().unwrap(), "--json"]);
+    let h: serde_json::Value = serde_json::from_slice(&h.stdout).unwrap();
+    assert_eq!(w["content_hash"], h["content_hash"]);
+}
+
+#[test]
+fn bad_tokens_are_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("l.safetensors");
+    for (tokens, want) in [
+        ("1,2;3", "equal length"),
+        ("1,x", "`x` is not a token id"),
+        ("1,999", "out of range"),
+    ] {
+        let o = bitsvf(&[
+            "logits",
+            fixture().to_str().unwrap(),
+            "--tokens",
+            tokens,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want) && !e.contains("panicked"), "{e}");
+        assert!(!out.exists());
+    }
+}
