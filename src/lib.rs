@@ -4,11 +4,15 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod inspect;
 pub mod model;
+pub mod optim;
+pub mod pretrain;
 pub mod recovery;
 pub mod search;
 pub mod tasks;
 pub mod ternary;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

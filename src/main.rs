@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use bitsvf::checkpoint::{self, st};
 use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
-use bitsvf::{inspect, recovery};
+use bitsvf::tasks::{Domain, Split};
+use bitsvf::tokenizer::ByteTokenizer;
+use bitsvf::{eval, inspect, pretrain, recovery};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -28,20 +30,26 @@ enum Mode {
     Dense,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Test,
+    Validation,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show a model's format, architecture, sizes and ternary statistics.
     Inspect {
-        /// Model file or directory (any supported format).
-        model: PathBuf,
+        /// Model file or directory (any supported format); default: the embedded model.
+        model: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Run a forward pass on token ids and write the logits (f32 [rows, T, vocab]).
     Logits {
-        /// Model file or directory.
-        model: PathBuf,
+        /// Model file or directory; default: the embedded model.
+        model: Option<PathBuf>,
         /// Token id rows, e.g. "1,2,3;4,5,6".
         #[arg(long)]
         tokens: String,
@@ -57,8 +65,8 @@ enum Command {
     },
     /// Write the dequantized f32 model (W = γ·W_t) and optionally verify the recovery.
     Dequantize {
-        /// Model file or directory.
-        model: PathBuf,
+        /// Model file or directory; default: the embedded model.
+        model: Option<PathBuf>,
         /// Output directory (model.safetensors + config.json).
         #[arg(long)]
         out: PathBuf,
@@ -81,10 +89,60 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train the default model from scratch (quantization-aware, on the task suite).
+    Pretrain {
+        /// Output native model file.
+        #[arg(long, default_value = "models/default.safetensors")]
+        out: PathBuf,
+        /// Optimizer steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Sequences per step.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Peak learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Seed of init and data.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Model width (d); FFN is 2.5·d.
+        #[arg(long)]
+        hidden: Option<usize>,
+        /// Decoder layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Continue an interrupted run from its saved state.
+        #[arg(long)]
+        resume: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Greedy accuracy per domain on a held-out split.
+    Eval {
+        /// Model file or directory; default: the embedded model.
+        model: Option<PathBuf>,
+        /// Comma-separated domains (default: all).
+        #[arg(long, value_delimiter = ',')]
+        domains: Option<Vec<String>>,
+        /// Items per domain (spread over difficulty levels 1–5).
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        /// Seed of the item draw.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Held-out split.
+        #[arg(long, value_enum, default_value = "test")]
+        split: SplitArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert any supported model to the bitsvf native format (one safetensors file).
     Convert {
-        /// Model file or directory.
-        model: PathBuf,
+        /// Model file or directory; default: the embedded model.
+        model: Option<PathBuf>,
         /// Output .safetensors file.
         #[arg(long)]
         out: PathBuf,
@@ -110,7 +168,7 @@ fn run() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Inspect { model, json } => {
-            let ck = checkpoint::load(&model)?;
+            let ck = checkpoint::load_or_default(model.as_deref())?;
             let report = inspect::inspect(&ck);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -126,7 +184,7 @@ fn run() -> Result<()> {
             no_act_quant,
         } => {
             let rows = parse_token_rows(&tokens)?;
-            let ck = checkpoint::load(&model)?;
+            let ck = checkpoint::load_or_default(model.as_deref())?;
             let options = ModelOptions {
                 mode: match mode {
                     Mode::Ternary => WeightMode::Ternary,
@@ -163,7 +221,7 @@ fn run() -> Result<()> {
             force,
             json,
         } => {
-            let ck = checkpoint::load(&model)?;
+            let ck = checkpoint::load_or_default(model.as_deref())?;
             let report = if verify {
                 let len = probe_len.min(ck.config.max_position_embeddings);
                 let probe = recovery::random_probe(ck.config.vocab_size, probe_rows, len, seed);
@@ -184,8 +242,108 @@ fn run() -> Result<()> {
                 .with_context(|| format!("writing the dequantized model to {}", out.display()))?;
             eprintln!("wrote dequantized f32 model to {}", out.display());
         }
+        Command::Pretrain {
+            out,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            hidden,
+            layers,
+            resume,
+            json,
+        } => {
+            let mut cfg = pretrain::PretrainConfig::default();
+            if let Some(v) = steps {
+                cfg.steps = v;
+            }
+            if let Some(v) = batch_size {
+                cfg.batch_size = v;
+            }
+            if let Some(v) = lr {
+                cfg.lr = v;
+            }
+            if let Some(v) = seed {
+                cfg.seed = v;
+            }
+            if let Some(d) = hidden {
+                cfg.arch.hidden_size = d;
+                cfg.arch.intermediate_size = (d * 5 / 2).div_ceil(4) * 4;
+            }
+            if let Some(l) = layers {
+                cfg.arch.num_hidden_layers = l;
+            }
+            if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let bar = indicatif::ProgressBar::new(cfg.steps as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
+                )?,
+            );
+            let summary = pretrain::pretrain(&cfg, &out, resume, |step, loss, lr| {
+                bar.set_position(step as u64);
+                bar.set_message(format!("loss {loss:.3} lr {lr:.2e}"));
+                true
+            })?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "trained {} steps in {:.0} s: final loss {:.3}, validation accuracy {:.1}%; wrote {}",
+                    summary.steps,
+                    summary.seconds,
+                    summary.final_loss,
+                    100.0 * summary.val_accuracy,
+                    out.display()
+                );
+            }
+        }
+        Command::Eval {
+            model,
+            domains,
+            n,
+            seed,
+            split,
+            json,
+        } => {
+            let ck = checkpoint::load_or_default(model.as_deref())?;
+            let domains: Vec<Domain> = match domains {
+                Some(names) => names
+                    .iter()
+                    .map(|n| Domain::by_name(n.trim()))
+                    .collect::<std::result::Result<_, _>>()?,
+                None => Domain::ALL.to_vec(),
+            };
+            let net = Model::new(&ck, ModelOptions::default())?;
+            let split = match split {
+                SplitArg::Test => Split::Test,
+                SplitArg::Validation => Split::Validation,
+            };
+            let bar = indicatif::ProgressBar::new((n * domains.len()) as u64);
+            let report = eval::evaluate(
+                &net,
+                &ByteTokenizer,
+                &model_name(model.as_deref()),
+                &eval::EvalSpec {
+                    domains,
+                    n,
+                    seed,
+                    split,
+                },
+                |k| bar.inc(k as u64),
+            )?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+        }
         Command::Convert { model, out } => {
-            let ck = checkpoint::load(&model)?;
+            let ck = checkpoint::load_or_default(model.as_deref())?;
             checkpoint::save_native(&ck, &out)?;
             eprintln!(
                 "wrote {} ({} → native, {} bytes)",
@@ -196,4 +354,12 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How a model argument is named in reports.
+fn model_name(model: Option<&std::path::Path>) -> String {
+    model.map_or_else(
+        || checkpoint::DEFAULT_MODEL_NAME.to_string(),
+        |p| p.display().to_string(),
+    )
 }

@@ -71,6 +71,35 @@ pub enum LinearWeight {
     Ternary(Arc<TernaryMatrix>),
     /// W transposed, `[in, out]`, f32/f64.
     Dense(Tensor),
+    /// Quantization-aware training: float master weights `[out, in]` (a variable) that the
+    /// forward pass ternarizes per tensor with the straight-through estimator.
+    Qat(Tensor),
+}
+
+/// Ternarize float master weights in the forward pass with the straight-through estimator:
+/// value γ·clamp(round(W/γ), −1, 1) with γ = mean|W|, gradient the identity (BitNet b1.58).
+pub fn ternarize_ste(w: &Tensor) -> Result<Tensor> {
+    let wd = w.detach();
+    let gamma = wd
+        .abs()?
+        .mean_all()?
+        .maximum(crate::ternary::MIN_SCALE as f64)?;
+    let wq = wd
+        .broadcast_div(&gamma)?
+        .round()?
+        .clamp(-1.0, 1.0)?
+        .broadcast_mul(&gamma)?;
+    Ok((w + (wq - wd)?)?)
+}
+
+/// `x` `[.., in]` times `wt` `[in, out]` as one 2-D matmul (cheaper than a broadcast matmul,
+/// forward and backward).
+fn matmul_2d(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let cols = *dims.last().expect("feature dim");
+    let y = x.reshape(((), cols))?.matmul(wt)?;
+    *dims.last_mut().expect("feature dim") = wt.dim(1)?;
+    Ok(y.reshape(dims)?)
 }
 
 /// A BitNet linear layer: y = quant(x) · Wᵀ (+ b).
@@ -104,7 +133,15 @@ impl BitLinear {
                 } else {
                     x.clone()
                 };
-                x.broadcast_matmul(wt)?
+                matmul_2d(&x, wt)?
+            }
+            LinearWeight::Qat(w) => {
+                let x = if self.act_quant {
+                    fake_quant_ste(x)?
+                } else {
+                    x.clone()
+                };
+                matmul_2d(&x, &ternarize_ste(w)?.t()?)?
             }
         };
         match &self.bias {
@@ -329,7 +366,7 @@ impl Model {
     /// Logits `[B, T, vocab]` for ids `[B, T]`, continuing from `cache` when given.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let h = self.hidden_states(ids, cache)?;
-        Ok(h.broadcast_matmul(&self.lm_head_t)?)
+        matmul_2d(&h, &self.lm_head_t)
     }
 
     /// Final-normed hidden states `[B, T, d]`.
@@ -585,4 +622,338 @@ pub fn parse_token_rows(text: &str) -> Result<Vec<Vec<u32>>> {
         )));
     }
     Ok(rows)
+}
+
+/// A named trainable parameter (HF tensor name).
+pub type NamedVar = (String, candle_core::Var);
+
+impl Model {
+    /// A freshly initialised model for quantization-aware training: every tensor is a
+    /// variable; linears hold float master weights ternarized in the forward pass
+    /// ([`LinearWeight::Qat`]). Init: N(0, 0.02²)-like linears scaled by 1/√(2·layers) on the
+    /// residual outputs (GPT-2), unit-variance embeddings, unit norms.
+    pub fn trainable(
+        config: ModelConfig,
+        act_quant: bool,
+        seed: u64,
+    ) -> Result<(Model, Vec<NamedVar>)> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut vars: Vec<NamedVar> = Vec::new();
+        let mut randn = |shape: (usize, usize),
+                         std: f32,
+                         name: String,
+                         vars: &mut Vec<NamedVar>|
+         -> Result<Tensor> {
+            let n = shape.0 * shape.1;
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    // Box–Muller: a proper Gaussian init.
+                    let (u1, u2): (f32, f32) = (rng.gen::<f32>().max(1e-7), rng.gen());
+                    std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                })
+                .collect();
+            let var = Var::from_vec(v, shape, &dev)?;
+            let t = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(t)
+        };
+        let ones = |n: usize, name: String, vars: &mut Vec<NamedVar>| -> Result<Tensor> {
+            let var = Var::from_vec(vec![1f32; n], n, &dev)?;
+            let t = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(t)
+        };
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let embed = randn((v, d), 1.0, "model.embed_tokens.weight".into(), &mut vars)?;
+        let resid_std = 0.02 / (2.0 * config.num_hidden_layers as f32).sqrt();
+        let q_width = config.num_attention_heads * config.head_dim();
+        let mut blocks = Vec::new();
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut linears = Vec::new();
+            for kind in LinearKind::ALL {
+                let (rows, cols) = kind.shape(&config);
+                let std = if matches!(kind, LinearKind::O | LinearKind::Down) {
+                    resid_std
+                } else {
+                    0.02
+                };
+                let w = randn(
+                    (rows, cols),
+                    std,
+                    format!("{}.weight", crate::checkpoint::linear_name(l, kind)),
+                    &mut vars,
+                )?;
+                linears.push(BitLinear {
+                    weight: LinearWeight::Qat(w),
+                    bias: None,
+                    act_quant,
+                    out_features: rows,
+                });
+            }
+            let sub = config.sub_norms.unwrap_or(true);
+            blocks.push(Block {
+                input_layernorm: ones(d, format!("{p}.input_layernorm.weight"), &mut vars)?,
+                post_attention_layernorm: ones(
+                    d,
+                    format!("{p}.post_attention_layernorm.weight"),
+                    &mut vars,
+                )?,
+                attn_sub_norm: if sub {
+                    Some(ones(
+                        q_width,
+                        format!("{p}.self_attn.attn_sub_norm.weight"),
+                        &mut vars,
+                    )?)
+                } else {
+                    None
+                },
+                ffn_sub_norm: if sub {
+                    Some(ones(
+                        config.intermediate_size,
+                        format!("{p}.mlp.ffn_sub_norm.weight"),
+                        &mut vars,
+                    )?)
+                } else {
+                    None
+                },
+                linears,
+            });
+        }
+        let norm = ones(d, "model.norm.weight".into(), &mut vars)?;
+        let lm_head = randn((v, d), 0.02, "lm_head.weight".into(), &mut vars)?;
+        let mut config = config;
+        config.sub_norms = Some(config.sub_norms.unwrap_or(true));
+        let options = ModelOptions {
+            mode: WeightMode::Dense,
+            act_quant,
+            dtype: DType::F32,
+        };
+        Ok((
+            Model {
+                rope: Rope::new(&config, DType::F32, &dev)?,
+                lm_head_t: lm_head.t()?,
+                config,
+                options,
+                embed,
+                blocks,
+                norm,
+                device: dev,
+            },
+            vars,
+        ))
+    }
+
+    /// Freeze the current weights into a ternary checkpoint (per-tensor absmean, the same rule
+    /// the QAT forward pass uses).
+    pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        use crate::checkpoint::{Layer, Linear, SourceFormat};
+        use crate::ternary::Quantization;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let mut layers = Vec::new();
+        for b in &self.blocks {
+            let mut linears = Vec::new();
+            for lin in &b.linears {
+                let matrix = match &lin.weight {
+                    LinearWeight::Ternary(m) => (**m).clone(),
+                    LinearWeight::Dense(wt) => {
+                        let (cols, rows) = wt.dims2()?;
+                        TernaryMatrix::quantize(
+                            &flat(&wt.t()?)?,
+                            rows,
+                            cols,
+                            Quantization::PerTensor,
+                        )
+                    }
+                    LinearWeight::Qat(w) => {
+                        let (rows, cols) = w.dims2()?;
+                        TernaryMatrix::quantize(&flat(w)?, rows, cols, Quantization::PerTensor)
+                    }
+                };
+                let bias = lin.bias.as_ref().map(flat).transpose()?;
+                linears.push(Linear { matrix, bias });
+            }
+            layers.push(Layer {
+                input_layernorm: flat(&b.input_layernorm)?,
+                post_attention_layernorm: flat(&b.post_attention_layernorm)?,
+                attn_sub_norm: b.attn_sub_norm.as_ref().map(flat).transpose()?,
+                ffn_sub_norm: b.ffn_sub_norm.as_ref().map(flat).transpose()?,
+                linears,
+            });
+        }
+        let embed_tokens = flat(&self.embed)?;
+        let lm_head = flat(&self.lm_head_t.t()?)?;
+        let tied = self.config.tie_word_embeddings;
+        Ok(Checkpoint {
+            config: self.config.clone(),
+            quantization: Quantization::PerTensor,
+            format: SourceFormat::Native,
+            source: std::path::PathBuf::from("<trained>"),
+            bytes_on_disk: 0,
+            embed_tokens,
+            norm: flat(&self.norm)?,
+            lm_head: (!tied).then_some(lm_head),
+            layers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+
+    fn small() -> Checkpoint {
+        let mut cfg = crate::pretrain::default_arch();
+        cfg.hidden_size = 32;
+        cfg.intermediate_size = 64;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = Some(2);
+        cfg.max_position_embeddings = 32;
+        Checkpoint::random(cfg, 3)
+    }
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.squeeze(0).unwrap().to_vec2().unwrap()
+    }
+
+    #[test]
+    fn kv_cache_matches_full_forward() {
+        let ck = small();
+        for mode in [WeightMode::Ternary, WeightMode::Dense] {
+            let m = Model::new(
+                &ck,
+                ModelOptions {
+                    mode,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let ids: Vec<u32> = vec![5, 17, 99, 3, 64, 8, 120];
+            let full = rows(
+                &m.forward(&m.ids_tensor(std::slice::from_ref(&ids)).unwrap(), None)
+                    .unwrap(),
+            );
+            let mut cache = m.new_cache();
+            let mut inc = rows(
+                &m.forward(
+                    &m.ids_tensor(&[ids[..4].to_vec()]).unwrap(),
+                    Some(&mut cache),
+                )
+                .unwrap(),
+            );
+            for &t in &ids[4..] {
+                inc.extend(rows(
+                    &m.forward(&m.ids_tensor(&[vec![t]]).unwrap(), Some(&mut cache))
+                        .unwrap(),
+                ));
+            }
+            assert_eq!(cache.len(), ids.len());
+            for (a, b) in full.iter().flatten().zip(inc.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{mode:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_generation_matches_recomputed_argmax() {
+        let ck = small();
+        let m = Model::new(&ck, ModelOptions::default()).unwrap();
+        let prompt = vec![2u32, 40, 41];
+        let out = m
+            .generate(
+                &prompt,
+                &GenerateOptions {
+                    max_new_tokens: 6,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut seq = prompt.clone();
+        for &tok in &out {
+            let l = rows(
+                &m.forward(&m.ids_tensor(&[seq.clone()]).unwrap(), None)
+                    .unwrap(),
+            );
+            assert_eq!(argmax(l.last().unwrap()) as u32, tok);
+            seq.push(tok);
+        }
+        // Stops after a stop token, which is included.
+        let stop = out[1];
+        let o2 = m
+            .generate(
+                &prompt,
+                &GenerateOptions {
+                    max_new_tokens: 6,
+                    stop: vec![stop],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(*o2.last().unwrap(), stop);
+        assert!(o2.len() <= 2);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_distribution() {
+        let ck = small();
+        let m = Model::new(&ck, ModelOptions::default()).unwrap();
+        let o = |seed| {
+            m.generate(
+                &[2, 7],
+                &GenerateOptions {
+                    max_new_tokens: 8,
+                    temperature: 1.0,
+                    top_p: 0.9,
+                    seed,
+                    stop: vec![],
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(o(1), o(1));
+        // p = (1/4, 3/4) from logits (0, ln 3): frequencies over 20000 draws within 1.5%.
+        let mut rng = StdRng::seed_from_u64(0);
+        let logits = [0.0f32, 3f32.ln()];
+        let ones = (0..20000)
+            .filter(|_| sample(&logits, 1.0, 1.0, &mut rng) == 1)
+            .count();
+        assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.015, "{ones}");
+        // top-p below the largest mass keeps only the argmax; temperature 0 is greedy.
+        assert!((0..100).all(|_| sample(&logits, 1.0, 0.5, &mut rng) == 1));
+        assert_eq!(sample(&[0.3, 0.9, 0.1], 0.0, 1.0, &mut rng), 1);
+    }
+
+    #[test]
+    fn rms_norm_and_softmax_match_hand_values() {
+        let dev = Device::Cpu;
+        // x = [3, 4]: mean square 12.5 → x/√12.5
+        let x = Tensor::new(&[[3f32, 4.0]], &dev).unwrap();
+        let y: Vec<Vec<f32>> = rms_norm(&x, &Tensor::new(&[1f32, 2.0], &dev).unwrap(), 0.0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let r = 12.5f32.sqrt();
+        assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
+        let s: Vec<Vec<f32>> = softmax(&Tensor::new(&[[0f32, 3f32.ln()]], &dev).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!((s[0][0] - 0.25).abs() < 1e-6 && (s[0][1] - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn token_rows_parse() {
+        assert_eq!(
+            parse_token_rows("1, 2;3,4").unwrap(),
+            vec![vec![1, 2], vec![3, 4]]
+        );
+        assert!(parse_token_rows("1,2;3").is_err());
+        assert!(parse_token_rows("1,-2").is_err());
+    }
 }

@@ -126,3 +126,41 @@ fn bad_tokens_are_a_clear_error() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn default_model_is_embedded_and_eval_is_deterministic() {
+    let o = bitsvf(&["inspect", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "bitsvf native");
+    assert_eq!(v["config"]["vocab_size"], 128);
+    assert!(v["bytes_on_disk"].as_u64().unwrap() <= 5_000_000);
+    let run = || {
+        let o = bitsvf(&[
+            "eval",
+            "--domains",
+            "add,compare,copy",
+            "--n",
+            "10",
+            "--seed",
+            "3",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b);
+    assert_eq!(a["model"], "<default model>");
+    for d in ["add", "compare", "copy"] {
+        assert_eq!(a["domains"][d]["n"], 10);
+        let acc = a["domains"][d]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+    let o = bitsvf(&["eval", "--domains", "add,nope"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("nope") && e.contains("add"),
+        "{e}"
+    );
+}

@@ -66,6 +66,29 @@ fn locate(path: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
     })
 }
 
+/// The default model, compiled into the binary: a BitNet b1.58 model trained from scratch
+/// by `bitsvf pretrain` (see README), in the native format.
+static DEFAULT_MODEL: &[u8] = include_bytes!("../../models/default.safetensors");
+
+/// The name the embedded default model goes by in reports and errors.
+pub const DEFAULT_MODEL_NAME: &str = "<default model>";
+
+/// Load the embedded default model.
+pub fn load_default() -> Result<Checkpoint> {
+    let tf = TensorFiles::from_static(DEFAULT_MODEL_NAME, DEFAULT_MODEL)?;
+    let mut ck = load_native(Path::new(DEFAULT_MODEL_NAME), &tf)?;
+    ck.bytes_on_disk = DEFAULT_MODEL.len() as u64;
+    Ok(ck)
+}
+
+/// Load `path`, or the embedded default model when `path` is None.
+pub fn load_or_default(path: Option<&Path>) -> Result<Checkpoint> {
+    match path {
+        Some(p) => load(p),
+        None => load_default(),
+    }
+}
+
 /// Load a model from any supported format, detected from the files.
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let (files, config_path) = locate(path)?;

@@ -12,7 +12,9 @@
 mod formats;
 pub mod st;
 
-pub use formats::{load, save_dequantized, save_native};
+pub use formats::{
+    load, load_default, load_or_default, save_dequantized, save_native, DEFAULT_MODEL_NAME,
+};
 
 use crate::config::ModelConfig;
 use crate::ternary::{Quantization, TernaryMatrix};

@@ -8,9 +8,25 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+/// The bytes of one file: memory-mapped, or compiled into the binary.
+enum Backing {
+    Mmap(Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Static(b) => b,
+        }
+    }
+}
+
 struct StFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Backing,
     data_start: usize,
     meta: Metadata,
 }
@@ -50,21 +66,22 @@ impl TensorFiles {
             // SAFETY: the map is read-only; a file changed underneath us while loading is
             // outside what any model loader can defend against (same as candle and HF).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-                path: path.clone(),
-                msg: e.to_string(),
-            })?;
-            for name in meta.tensors().keys() {
+            files.push(StFile::parse(path.clone(), Backing::Mmap(mmap))?);
+            for name in files[i].meta.tensors().keys() {
                 index.insert(name.clone(), i);
             }
-            files.push(StFile {
-                path: path.clone(),
-                mmap,
-                data_start: 8 + n,
-                meta,
-            });
         }
         Ok(TensorFiles { files, index })
+    }
+
+    /// A safetensors image compiled into the binary; `name` stands for its path in messages.
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
+        let f = StFile::parse(PathBuf::from(name), Backing::Static(bytes))?;
+        let index = f.meta.tensors().keys().map(|n| (n.clone(), 0)).collect();
+        Ok(TensorFiles {
+            files: vec![f],
+            index,
+        })
     }
 
     /// A metadata string of the first file's header (`__metadata__`).
@@ -115,6 +132,21 @@ impl TensorFiles {
             dtype: info.dtype,
             shape: &info.shape,
             data: &f.mmap[f.data_start + a..f.data_start + b],
+        })
+    }
+}
+
+impl StFile {
+    fn parse(path: PathBuf, mmap: Backing) -> Result<Self> {
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        Ok(StFile {
+            path,
+            mmap,
+            data_start: 8 + n,
+            meta,
         })
     }
 }

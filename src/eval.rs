@@ -1,0 +1,163 @@
+//! Greedy accuracy per domain on held-out splits (`bitsvf eval`).
+
+use crate::error::{Error, Result};
+use crate::model::{GenerateOptions, Model};
+use crate::tasks::{
+    answer_from_completion, sample, Difficulty, Domain, Item, Split, MAX_ANSWER_CHARS,
+};
+use crate::tokenizer::Tokenizer;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Accuracy on one domain.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainScore {
+    /// Share of items whose greedy answer verifies.
+    pub accuracy: f64,
+    /// Items evaluated.
+    pub n: usize,
+}
+
+/// The result of an evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Model identifier (path or "default").
+    pub model: String,
+    /// Split evaluated.
+    pub split: Split,
+    /// Seed of the item draw.
+    pub seed: u64,
+    /// Per-domain scores, by name.
+    pub domains: BTreeMap<String, DomainScore>,
+}
+
+impl EvalReport {
+    /// Unweighted mean accuracy over domains.
+    pub fn mean_accuracy(&self) -> f64 {
+        let n = self.domains.len().max(1) as f64;
+        self.domains.values().map(|d| d.accuracy).sum::<f64>() / n
+    }
+
+    /// A text table.
+    pub fn to_text(&self) -> String {
+        let mut s = format!("{:<12} {:>9} {:>6}\n", "domain", "accuracy", "n");
+        for (name, d) in &self.domains {
+            s.push_str(&format!(
+                "{name:<12} {:>8.1}% {:>6}\n",
+                100.0 * d.accuracy,
+                d.n
+            ));
+        }
+        s.push_str(&format!(
+            "{:<12} {:>8.1}%\n",
+            "mean",
+            100.0 * self.mean_accuracy()
+        ));
+        s
+    }
+}
+
+/// The evaluation items of `domain`: `n` items of `split`, spread evenly over difficulty levels
+/// 1..=5 (item i has level 1 + i mod 5), seeded.
+pub fn eval_items(domain: Domain, split: Split, n: usize, seed: u64) -> Result<Vec<Item>> {
+    let levels: Vec<Difficulty> = Difficulty::all().collect();
+    let mut per_level: Vec<std::vec::IntoIter<Item>> = Vec::new();
+    for (i, &d) in levels.iter().enumerate() {
+        let count = n / levels.len() + usize::from(i < n % levels.len());
+        let items =
+            sample(domain, split, count, seed, d).map_err(|e| Error::Input(e.to_string()))?;
+        per_level.push(items.into_iter());
+    }
+    let mut out = Vec::with_capacity(n);
+    'outer: loop {
+        for it in per_level.iter_mut() {
+            if out.len() == n {
+                break 'outer;
+            }
+            if let Some(x) = it.next() {
+                out.push(x);
+            }
+        }
+        if per_level.iter().all(|it| it.len() == 0) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Encode a prompt as the model sees it: BOS (if any) + prompt.
+pub fn prompt_ids(tok: &dyn Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = tok.bos().into_iter().collect();
+    ids.extend(tok.encode(prompt)?);
+    Ok(ids)
+}
+
+/// The model's greedy answer to `prompt` (cut at the terminator).
+pub fn answer(model: &Model, tok: &dyn Tokenizer, prompt: &str) -> Result<String> {
+    let ids = prompt_ids(tok, prompt)?;
+    let out = model.generate(
+        &ids,
+        &GenerateOptions {
+            max_new_tokens: MAX_ANSWER_CHARS + 2,
+            stop: vec![tok.eos()],
+            ..Default::default()
+        },
+    )?;
+    Ok(answer_from_completion(&tok.decode(&out)).to_string())
+}
+
+/// Whether the model answers `item` correctly (greedy).
+pub fn is_correct(model: &Model, tok: &dyn Tokenizer, domain: Domain, item: &Item) -> Result<bool> {
+    Ok(domain.verify(&item.answer, &answer(model, tok, &item.prompt)?))
+}
+
+/// Which items an evaluation draws.
+#[derive(Debug, Clone)]
+pub struct EvalSpec {
+    /// Domains to score.
+    pub domains: Vec<Domain>,
+    /// Items per domain.
+    pub n: usize,
+    /// Seed of the draw.
+    pub seed: u64,
+    /// Held-out split.
+    pub split: Split,
+}
+
+/// Greedy accuracy of `model` on `spec.n` held-out items of each domain.
+pub fn evaluate(
+    model: &Model,
+    tok: &dyn Tokenizer,
+    name: &str,
+    spec: &EvalSpec,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport> {
+    let EvalSpec {
+        domains,
+        n,
+        seed,
+        split,
+    } = spec.clone();
+    let mut out = BTreeMap::new();
+    for d in domains {
+        let items = eval_items(d, split, n, seed)?;
+        let mut correct = 0;
+        for item in &items {
+            correct += usize::from(is_correct(model, tok, d, item)?);
+            progress(1);
+        }
+        out.insert(
+            d.name().to_string(),
+            DomainScore {
+                accuracy: correct as f64 / items.len().max(1) as f64,
+                n: items.len(),
+            },
+        );
+    }
+    Ok(EvalReport {
+        model: name.to_string(),
+        split,
+        seed,
+        domains: out,
+    })
+}
