@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::model::{GenerateOptions, Model};
 use crate::tasks::{
-    answer_from_completion, sample, Difficulty, Domain, Item, Split, MAX_ANSWER_CHARS,
+    answer_from_completion, sample, Dataset, Difficulty, Domain, Item, Split, MAX_ANSWER_CHARS,
 };
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -99,16 +99,65 @@ pub fn answer(model: &Model, tok: &dyn Tokenizer, prompt: &str) -> Result<String
         &ids,
         &GenerateOptions {
             max_new_tokens: MAX_ANSWER_CHARS + 2,
-            stop: vec![tok.eos()],
+            stop: tok.stop_ids(),
             ..Default::default()
         },
     )?;
     Ok(answer_from_completion(&tok.decode(&out)).to_string())
 }
 
-/// Whether the model answers `item` correctly (greedy).
-pub fn is_correct(model: &Model, tok: &dyn Tokenizer, domain: Domain, item: &Item) -> Result<bool> {
-    Ok(domain.verify(&item.answer, &answer(model, tok, &item.prompt)?))
+/// Share of `items` the model answers correctly (greedy), by `verify(reference, answer)`.
+pub fn score_items(
+    model: &Model,
+    tok: &dyn Tokenizer,
+    items: &[&Item],
+    verify: impl Fn(&str, &str) -> bool,
+    mut progress: impl FnMut(usize),
+) -> Result<DomainScore> {
+    let mut correct = 0;
+    for item in items {
+        correct += usize::from(verify(&item.answer, &answer(model, tok, &item.prompt)?));
+        progress(1);
+    }
+    Ok(DomainScore {
+        accuracy: correct as f64 / items.len().max(1) as f64,
+        n: items.len(),
+    })
+}
+
+/// Greedy accuracy on a user dataset's held-out `split` (at most `n` items, in file order),
+/// checked by the dataset's verifier.
+pub fn evaluate_dataset(
+    model: &Model,
+    tok: &dyn Tokenizer,
+    name: &str,
+    data: &Dataset,
+    n: usize,
+    split: Split,
+    progress: impl FnMut(usize),
+) -> Result<EvalReport> {
+    let items: Vec<&Item> = data.split(split).into_iter().take(n).collect();
+    if items.is_empty() {
+        return Err(Error::Input(format!(
+            "dataset `{}` has no items in the {split} split ({} items in all; splits are \
+             80/10/10 by a hash of the prompt)",
+            data.name,
+            data.items.len()
+        )));
+    }
+    let score = score_items(
+        model,
+        tok,
+        &items,
+        |e, c| data.verifier.verify(e, c),
+        progress,
+    )?;
+    Ok(EvalReport {
+        model: name.to_string(),
+        split,
+        seed: 0,
+        domains: BTreeMap::from([(data.name.clone(), score)]),
+    })
 }
 
 /// Which items an evaluation draws.
@@ -141,18 +190,9 @@ pub fn evaluate(
     let mut out = BTreeMap::new();
     for d in domains {
         let items = eval_items(d, split, n, seed)?;
-        let mut correct = 0;
-        for item in &items {
-            correct += usize::from(is_correct(model, tok, d, item)?);
-            progress(1);
-        }
-        out.insert(
-            d.name().to_string(),
-            DomainScore {
-                accuracy: correct as f64 / items.len().max(1) as f64,
-                n: items.len(),
-            },
-        );
+        let refs: Vec<&Item> = items.iter().collect();
+        let score = score_items(model, tok, &refs, |e, c| d.verify(e, c), &mut progress)?;
+        out.insert(d.name().to_string(), score);
     }
     Ok(EvalReport {
         model: name.to_string(),

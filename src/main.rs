@@ -3,9 +3,8 @@
 use anyhow::{Context, Result};
 use bitsvf::checkpoint::{self, st};
 use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
-use bitsvf::tasks::{Domain, Split};
-use bitsvf::tokenizer::ByteTokenizer;
-use bitsvf::{eval, inspect, pretrain, recovery};
+use bitsvf::tasks::{Dataset, Domain, Split};
+use bitsvf::{eval, inspect, pretrain, recovery, tokenizer};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -135,6 +134,12 @@ enum Command {
         /// Held-out split.
         #[arg(long, value_enum, default_value = "test")]
         split: SplitArg,
+        /// Evaluate a user JSONL dataset ({"prompt", "answer", "domain"} per line) instead.
+        #[arg(long, conflicts_with = "domains")]
+        data: Option<PathBuf>,
+        /// Verifier of --data: exact, numeric[:TOL], choice:A,B or regex:PATTERN.
+        #[arg(long, default_value = "exact", requires = "data")]
+        verifier: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -307,6 +312,8 @@ fn run() -> Result<()> {
             n,
             seed,
             split,
+            data,
+            verifier,
             json,
         } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;
@@ -317,24 +324,38 @@ fn run() -> Result<()> {
                     .collect::<std::result::Result<_, _>>()?,
                 None => Domain::ALL.to_vec(),
             };
+            let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
             let net = Model::new(&ck, ModelOptions::default())?;
             let split = match split {
                 SplitArg::Test => Split::Test,
                 SplitArg::Validation => Split::Validation,
             };
             let bar = indicatif::ProgressBar::new((n * domains.len()) as u64);
-            let report = eval::evaluate(
-                &net,
-                &ByteTokenizer,
-                &model_name(model.as_deref()),
-                &eval::EvalSpec {
-                    domains,
+            let report = if let Some(path) = data {
+                let dataset = Dataset::load_jsonl(&path, verifier.parse()?)?;
+                eval::evaluate_dataset(
+                    &net,
+                    tok.as_ref(),
+                    &model_name(model.as_deref()),
+                    &dataset,
                     n,
-                    seed,
                     split,
-                },
-                |k| bar.inc(k as u64),
-            )?;
+                    |k| bar.inc(k as u64),
+                )?
+            } else {
+                eval::evaluate(
+                    &net,
+                    tok.as_ref(),
+                    &model_name(model.as_deref()),
+                    &eval::EvalSpec {
+                        domains,
+                        n,
+                        seed,
+                        split,
+                    },
+                    |k| bar.inc(k as u64),
+                )?
+            };
             bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

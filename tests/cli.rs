@@ -164,3 +164,40 @@ fn default_model_is_embedded_and_eval_is_deterministic() {
         "{e}"
     );
 }
+
+#[test]
+fn eval_on_user_jsonl_and_its_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("sums.jsonl");
+    let mut text = String::new();
+    for i in 0..60 {
+        text.push_str(&format!(
+            "{{\"prompt\": \"{i}+1=\", \"answer\": \"{}\"}}\n",
+            i + 1
+        ));
+    }
+    std::fs::write(&f, &text).unwrap();
+    let o = bitsvf(&[
+        "eval",
+        "--data",
+        f.to_str().unwrap(),
+        "--verifier",
+        "numeric",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let n = v["domains"]["sums"]["n"].as_u64().unwrap();
+    assert!(
+        n > 0 && n < 20,
+        "about a tenth of 60 items are in the test split: {n}"
+    );
+    text.push_str("{\"prompt\": \"1+1=\"}\n");
+    std::fs::write(&f, &text).unwrap();
+    let o = bitsvf(&["eval", "--data", f.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("sums.jsonl:61") && e.contains("answer"),
+        "{e}"
+    );
+}

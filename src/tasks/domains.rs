@@ -275,7 +275,7 @@ mod tests {
                 (value + 1).to_string()
             }
             Verifier::Choice(options) => options.into_iter().find(|o| o != answer).unwrap(),
-            Verifier::Exact => {
+            Verifier::Exact | Verifier::Regex(_) => {
                 let mut chars: Vec<char> = answer.chars().collect();
                 chars[0] = if chars[0] == 'x' { 'y' } else { 'x' };
                 chars.into_iter().collect()

@@ -35,6 +35,16 @@ pub enum Verifier {
     /// The options list every valid answer; a dataset whose reference answer is not one of them
     /// is rejected when loaded.
     Choice(Vec<String>),
+    /// A regular expression the whole trimmed candidate must match; `{answer}` in the pattern
+    /// stands for the reference answer, escaped (e.g. `(?i){answer}\.?` accepts `"46."` for
+    /// `46`). Written `regex:PATTERN`.
+    Regex(String),
+}
+
+/// Compile a [`Verifier::Regex`] pattern for `expected`, anchored at both ends.
+fn compile_regex(pattern: &str, expected: &str) -> Result<regex::Regex, regex::Error> {
+    let p = pattern.replace("{answer}", &regex::escape(expected));
+    regex::Regex::new(&format!("^(?:{p})$"))
 }
 
 impl Verifier {
@@ -51,6 +61,9 @@ impl Verifier {
                 }
             }
             Verifier::Choice(_) => expected.eq_ignore_ascii_case(candidate),
+            Verifier::Regex(pattern) => {
+                compile_regex(pattern, expected).is_ok_and(|re| re.is_match(candidate))
+            }
         }
     }
 
@@ -63,6 +76,9 @@ impl Verifier {
         };
         match self {
             Verifier::Exact => Ok(()),
+            Verifier::Regex(pattern) => compile_regex(pattern, "0")
+                .map(|_| ())
+                .map_err(|e| bad(&format!("not a valid regular expression: {e}"))),
             Verifier::Numeric { tolerance } => {
                 if tolerance.is_finite() && *tolerance >= 0.0 {
                     Ok(())
@@ -96,7 +112,7 @@ impl Verifier {
     /// Checks that a reference answer can ever be accepted by this verifier.
     pub(super) fn check_reference(&self, answer: &str) -> Result<(), LineProblem> {
         match self {
-            Verifier::Exact => Ok(()),
+            Verifier::Exact | Verifier::Regex(_) => Ok(()),
             Verifier::Numeric { .. } => match parse_number(answer.trim()) {
                 Some(_) => Ok(()),
                 None => Err(LineProblem::AnswerNotNumeric {
@@ -127,6 +143,7 @@ impl fmt::Display for Verifier {
             Verifier::Exact => write!(f, "exact"),
             Verifier::Numeric { tolerance } => write!(f, "numeric:{tolerance}"),
             Verifier::Choice(options) => write!(f, "choice:{}", options.join(",")),
+            Verifier::Regex(pattern) => write!(f, "regex:{pattern}"),
         }
     }
 }
@@ -156,16 +173,20 @@ impl FromStr for Verifier {
             ("choice", Some(options)) => {
                 Verifier::Choice(options.split(',').map(|o| o.trim().to_string()).collect())
             }
+            ("regex", Some(pattern)) => Verifier::Regex(pattern.to_string()),
+            ("regex", None) => return Err(bad("give the pattern, e.g. `regex:(?i){answer}`")),
             ("exact", Some(_)) => return Err(bad("`exact` takes no argument")),
             ("choice", None) => return Err(bad("list the options, e.g. `choice:yes,no`")),
             _ => {
                 return Err(bad(
-                    "expected `exact`, `numeric`, `numeric:TOLERANCE` or `choice:A,B,...`",
+                    "expected `exact`, `numeric`, `numeric:TOLERANCE`, `choice:A,B,...` or \
+                     `regex:PATTERN`",
                 ))
             }
         };
         verifier.validate().map_err(|_| match &verifier {
             Verifier::Numeric { .. } => bad("the tolerance must be a finite number >= 0"),
+            Verifier::Regex(_) => bad("not a valid regular expression"),
             _ => bad("options must be non-empty and distinct, e.g. `choice:yes,no`"),
         })?;
         Ok(verifier)
@@ -316,5 +337,27 @@ mod tests {
             choice.check_reference("C"),
             Err(LineProblem::AnswerNotAChoice { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod regex_tests {
+    use super::*;
+
+    #[test]
+    fn regex_verifier_matches_whole_answers() {
+        let v: Verifier = "regex:(?i){answer}\\.?".parse().unwrap();
+        assert!(v.verify("46", "46."));
+        assert!(
+            v.verify("a+b", "A+B"),
+            "the answer is escaped, case-insensitive by flag"
+        );
+        assert!(!v.verify("46", "146"), "anchored at both ends");
+        assert!(!v.verify("46", "46.."));
+        let yes: Verifier = "regex:y(es)?".parse().unwrap();
+        assert!(yes.verify("ignored", "yes") && yes.verify("x", "y") && !yes.verify("x", "no"));
+        let e = "regex:(".parse::<Verifier>().unwrap_err().to_string();
+        assert!(e.contains("regular expression"), "{e}");
+        assert_eq!(v.to_string().parse::<Verifier>().unwrap(), v);
     }
 }
