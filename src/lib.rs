@@ -11,6 +11,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod recovery;
 pub mod search;
+pub mod svf;
 pub mod tasks;
 pub mod ternary;
 pub mod tokenizer;

@@ -74,6 +74,8 @@ pub enum LinearWeight {
     /// Quantization-aware training: float master weights `[out, in]` (a variable) that the
     /// forward pass ternarizes per tensor with the straight-through estimator.
     Qat(Tensor),
+    /// SVF: W' = U diag(s(z)) Vᵀ applied in factored form (differentiable in z).
+    Svf(crate::svf::SvfWeight),
 }
 
 /// Ternarize float master weights in the forward pass with the straight-through estimator:
@@ -94,7 +96,7 @@ pub fn ternarize_ste(w: &Tensor) -> Result<Tensor> {
 
 /// `x` `[.., in]` times `wt` `[in, out]` as one 2-D matmul (cheaper than a broadcast matmul,
 /// forward and backward).
-fn matmul_2d(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+pub fn matmul_2d(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let cols = *dims.last().expect("feature dim");
     let y = x.reshape(((), cols))?.matmul(wt)?;
@@ -142,6 +144,14 @@ impl BitLinear {
                     x.clone()
                 };
                 matmul_2d(&x, &ternarize_ste(w)?.t()?)?
+            }
+            LinearWeight::Svf(svf) => {
+                let x = if self.act_quant {
+                    fake_quant_ste(x)?
+                } else {
+                    x.clone()
+                };
+                svf.forward(&x)?
             }
         };
         match &self.bias {
@@ -772,6 +782,12 @@ impl Model {
                     LinearWeight::Qat(w) => {
                         let (rows, cols) = w.dims2()?;
                         TernaryMatrix::quantize(&flat(w)?, rows, cols, Quantization::PerTensor)
+                    }
+                    LinearWeight::Svf(svf) => {
+                        // Re-quantization of the adapted W' (DESIGN.md §5).
+                        let (rows, cols) = (svf.u_t.dim(1)?, svf.v.dim(0)?);
+                        let w = svf.adapted_weight()?;
+                        TernaryMatrix::quantize(&w, rows, cols, Quantization::PerTensor)
                     }
                 };
                 let bias = lin.bias.as_ref().map(flat).transpose()?;
