@@ -5,15 +5,18 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod expert;
 pub mod inspect;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
 pub mod recovery;
 pub mod search;
+pub mod svd;
 pub mod svf;
 pub mod tasks;
 pub mod ternary;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use bitsvf::checkpoint::{self, st};
 use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
 use bitsvf::tasks::{Dataset, Domain, Split};
-use bitsvf::{eval, inspect, pretrain, recovery, tokenizer};
+use bitsvf::{eval, expert, inspect, pretrain, recovery, svd, svf, tokenizer, train};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -33,6 +33,18 @@ enum Mode {
 enum SplitArg {
     Test,
     Validation,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    Reinforce,
+    Sft,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ParamArg {
+    Paper,
+    Official,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +146,12 @@ enum Command {
         /// Held-out split.
         #[arg(long, value_enum, default_value = "test")]
         split: SplitArg,
+        /// Apply this SVF expert before evaluating.
+        #[arg(long)]
+        expert: Option<PathBuf>,
+        /// SVD cache directory for --expert.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
         /// Evaluate a user JSONL dataset ({"prompt", "answer", "domain"} per line) instead.
         #[arg(long, conflicts_with = "domains")]
         data: Option<PathBuf>,
@@ -141,6 +159,54 @@ enum Command {
         #[arg(long, default_value = "exact", requires = "data")]
         verifier: String,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train one SVF expert (REINFORCE with verifier rewards + KL, or SFT) on a domain or a
+    /// JSONL dataset.
+    Train {
+        /// Base model; default: the embedded model.
+        model: Option<PathBuf>,
+        /// Built-in domain to specialise on.
+        #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+        domain: Option<String>,
+        /// User JSONL dataset instead of a domain.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Verifier of --data.
+        #[arg(long, default_value = "exact")]
+        verifier: String,
+        /// Output expert file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Objective.
+        #[arg(long, value_enum, default_value = "reinforce")]
+        objective: ObjectiveArg,
+        /// z parameterization.
+        #[arg(long, value_enum, default_value = "paper")]
+        parameterization: ParamArg,
+        /// Target matrices: mlp, attn or all.
+        #[arg(long, default_value = "mlp")]
+        targets: String,
+        /// Most optimizer steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// KL coefficient λ.
+        #[arg(long)]
+        kl_coeff: Option<f64>,
+        /// Learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Continue an interrupted run.
+        #[arg(long)]
+        resume: bool,
+        /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -314,6 +380,8 @@ fn run() -> Result<()> {
             split,
             data,
             verifier,
+            expert: expert_path,
+            cache_dir,
             json,
         } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;
@@ -325,7 +393,20 @@ fn run() -> Result<()> {
                 None => Domain::ALL.to_vec(),
             };
             let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
-            let net = Model::new(&ck, ModelOptions::default())?;
+            let net = match &expert_path {
+                Some(p) => {
+                    let e = expert::Expert::load(p)?;
+                    e.check_base(&ck, p)?;
+                    let cache =
+                        svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+                    let options = ModelOptions {
+                        mode: WeightMode::Dense,
+                        ..Default::default()
+                    };
+                    expert::expert_model(&ck, &e, &cache, options)?
+                }
+                None => Model::new(&ck, ModelOptions::default())?,
+            };
             let split = match split {
                 SplitArg::Test => Split::Test,
                 SplitArg::Validation => Split::Validation,
@@ -361,6 +442,92 @@ fn run() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.to_text());
+            }
+        }
+        Command::Train {
+            model,
+            domain,
+            data,
+            verifier,
+            out,
+            objective,
+            parameterization,
+            targets,
+            steps,
+            kl_coeff,
+            lr,
+            seed,
+            cache_dir,
+            resume,
+            json,
+        } => {
+            let ck = checkpoint::load_or_default(model.as_deref())?;
+            let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
+            let train_data = match (domain, data) {
+                (Some(d), _) => train::TrainData::Domain(Domain::by_name(&d)?),
+                (None, Some(p)) => {
+                    train::TrainData::Dataset(Dataset::load_jsonl(&p, verifier.parse()?)?)
+                }
+                (None, None) => anyhow::bail!("give --domain or --data"),
+            };
+            let mut cfg = train::TrainConfig {
+                objective: match objective {
+                    ObjectiveArg::Reinforce => train::Objective::Reinforce,
+                    ObjectiveArg::Sft => train::Objective::Sft,
+                },
+                parameterization: match parameterization {
+                    ParamArg::Paper => svf::Parameterization::Paper,
+                    ParamArg::Official => svf::Parameterization::Official,
+                },
+                targets: targets.parse()?,
+                seed,
+                ..Default::default()
+            };
+            if let Some(v) = steps {
+                cfg.steps = v;
+            }
+            if let Some(v) = kl_coeff {
+                cfg.kl_coeff = v;
+            }
+            if let Some(v) = lr {
+                cfg.lr = v;
+            }
+            let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+            let factors = expert::factors(&ck, cfg.targets, &cache)?;
+            let bar = indicatif::ProgressBar::new(cfg.steps as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
+                )?,
+            );
+            let summary = train::train_expert(
+                &ck,
+                &factors,
+                tok.as_ref(),
+                &train_data,
+                &cfg,
+                &out,
+                resume,
+                |step, s| {
+                    bar.set_position(step as u64);
+                    bar.set_message(format!("reward {:+.2} kl {:.3}", s.reward, s.kl));
+                    true
+                },
+            )?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "expert `{}`: validation accuracy {:.1}% → {:.1}% (best at step {} of {}{}) in {:.0} s; wrote {}",
+                    summary.expert,
+                    100.0 * summary.base_val_accuracy,
+                    100.0 * summary.best_val_accuracy,
+                    summary.best_step,
+                    summary.steps,
+                    if summary.early_stopped { ", early stop" } else { "" },
+                    summary.seconds,
+                    out.display()
+                );
             }
         }
         Command::Convert { model, out } => {

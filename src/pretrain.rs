@@ -136,9 +136,16 @@ pub fn batch_from_pairs(pairs: &[(Vec<u32>, Vec<u32>)], dev: &Device) -> Result<
 /// Mean cross-entropy over the masked positions. Composable ops only (gradients flow).
 pub fn masked_cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let v = logits.dim(candle_core::D::Minus1)?;
-    let lp = log_softmax(&logits.reshape(((), v))?)?;
+    masked_nll(&log_softmax(&logits.reshape(((), v))?)?, batch)
+}
+
+/// Mean negative log-likelihood of the targets over the masked positions, from log-probs
+/// `[B·T, vocab]`.
+pub fn masked_nll(lp: &Tensor, batch: &Batch) -> Result<Tensor> {
     let picked = lp.gather(&batch.target.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let nll = (picked * &batch.mask)?.sum_all()?.neg()?;
+    let nll = (picked * batch.mask.to_dtype(lp.dtype())?)?
+        .sum_all()?
+        .neg()?;
     Ok((nll / batch.supervised.max(1) as f64)?)
 }
 

@@ -12,6 +12,7 @@
 use crate::checkpoint::LinearKind;
 use crate::error::{Error, Result};
 use crate::model::matmul_2d;
+use crate::svd::Svd;
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -142,19 +143,22 @@ pub struct SvfWeight {
 }
 
 impl SvfWeight {
-    /// Factors from row-major U `[out, r]`, σ `[r]`, V `[in, r]`.
+    /// The factors of `svd` (W = U diag(σ) Vᵀ) scaled by `z`.
     pub fn new(
-        u: &[f32],
-        sigma: &[f32],
-        v: &[f32],
-        rows: usize,
-        cols: usize,
+        svd: &Svd,
         z: Tensor,
         param: Parameterization,
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let r = sigma.len();
+        let Svd {
+            rows,
+            cols,
+            u,
+            sigma,
+            v,
+        } = svd;
+        let (rows, cols, r) = (*rows, *cols, sigma.len());
         if u.len() != rows * r || v.len() != cols * r || z.dims() != [r] {
             return Err(Error::Input(format!(
                 "SVF factors do not fit a {rows}×{cols} matrix of rank {r} (z has shape {:?})",
@@ -252,18 +256,14 @@ mod tests {
         let u = [c, -s, s, c];
         let v = [1.0f32, 0.0, 0.0, 1.0];
         let z = Tensor::new(&[2.0f32, 0.5], &dev).unwrap();
-        let w = SvfWeight::new(
-            &u,
-            &[3.0, 1.0],
-            &v,
-            2,
-            2,
-            z,
-            Parameterization::Paper,
-            DType::F32,
-            &dev,
-        )
-        .unwrap();
+        let svd = Svd {
+            rows: 2,
+            cols: 2,
+            u: u.to_vec(),
+            sigma: vec![3.0, 1.0],
+            v: v.to_vec(),
+        };
+        let w = SvfWeight::new(&svd, z, Parameterization::Paper, DType::F32, &dev).unwrap();
         // s = [6, 0.5]; W' = [[c·6, −s·0.5], [s·6, c·0.5]]
         let want = [c * 6.0, -s * 0.5, s * 6.0, c * 0.5];
         let got = w.adapted_weight().unwrap();

@@ -1,0 +1,704 @@
+//! Stage 2: training one SVF expert (DESIGN.md §3) — REINFORCE with verifier rewards ±1 and a
+//! KL(π_ref‖π) penalty against the unadapted model, or next-token SFT on the reference answers.
+//!
+//! Per step: draw prompts from the training split, sample completions from the current expert
+//! (temperature 1), reward +1 when the verifier accepts and −1 otherwise, and minimise
+//! −mean((r − b)·Σ_t log π(y_t)) + λ·mean_t KL(π_ref(·|y<t) ‖ π(·|y<t)) over z only. Validation
+//! accuracy (greedy) every `eval_every` steps keeps the best z; training stops early after
+//! `patience` evaluations without improvement.
+
+use crate::checkpoint::st::{write_safetensors, TensorFiles};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::eval::{prompt_ids, score_items};
+use crate::expert::{init_vars, svf_model, Expert, ExpertMeta};
+use crate::model::{log_softmax, GenerateOptions, Model, ModelOptions, NamedVar};
+use crate::optim::{Adam, AdamConfig};
+use crate::pretrain::{batch_from_pairs, masked_nll, Batch};
+use crate::svd::Svd;
+use crate::svf::{Parameterization, Targets};
+use crate::tasks::{
+    answer_from_completion, Dataset, Difficulty, Domain, Item, Split, MAX_ANSWER_CHARS,
+};
+use crate::tokenizer::Tokenizer;
+use candle_core::{DType, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Policy gradient with verifier rewards and a KL penalty.
+    Reinforce,
+    /// Next-token cross-entropy on the reference answers.
+    Sft,
+}
+
+/// Settings of one expert's training. Defaults work on the default model without tuning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    /// Objective.
+    pub objective: Objective,
+    /// z parameterization.
+    pub parameterization: Parameterization,
+    /// Target matrices.
+    pub targets: Targets,
+    /// Most optimizer steps.
+    pub steps: usize,
+    /// Prompts per step.
+    pub batch_prompts: usize,
+    /// Sampled completions per prompt (REINFORCE).
+    pub samples: usize,
+    /// Adam learning rate (official: 2e-3).
+    pub lr: f64,
+    /// Global grad-norm clip (official: 1e-3).
+    pub max_grad_norm: Option<f64>,
+    /// AdamW weight decay (0 = Adam).
+    pub weight_decay: f64,
+    /// KL coefficient λ.
+    pub kl_coeff: f64,
+    /// Subtract the per-prompt mean reward.
+    pub baseline: bool,
+    /// Grokfast EMA gradient filter (α, λ); None = off.
+    pub grokfast: Option<(f64, f64)>,
+    /// Sampling temperature for REINFORCE rollouts.
+    pub temperature: f64,
+    /// Validate every this many steps (an "epoch").
+    pub eval_every: usize,
+    /// Validation items.
+    pub val_n: usize,
+    /// Stop after this many validations without improvement.
+    pub patience: usize,
+    /// Seed of init, data and sampling.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            objective: Objective::Reinforce,
+            parameterization: Parameterization::Paper,
+            targets: Targets::Mlp,
+            steps: 200,
+            batch_prompts: 16,
+            samples: 4,
+            lr: 2e-3,
+            max_grad_norm: Some(1e-3),
+            weight_decay: 0.0,
+            kl_coeff: 0.1,
+            baseline: true,
+            grokfast: None,
+            temperature: 1.0,
+            eval_every: 20,
+            val_n: 60,
+            patience: 4,
+            seed: 0,
+        }
+    }
+}
+
+/// Where training items come from.
+pub enum TrainData {
+    /// A built-in domain (generated, levels 1–5 uniform).
+    Domain(Domain),
+    /// A user dataset (its train/validation splits).
+    Dataset(Dataset),
+}
+
+impl TrainData {
+    /// Name used for the expert and its metrics.
+    pub fn name(&self) -> String {
+        match self {
+            TrainData::Domain(d) => d.name().to_string(),
+            TrainData::Dataset(d) => d.name.clone(),
+        }
+    }
+
+    fn verify(&self, expected: &str, candidate: &str) -> bool {
+        match self {
+            TrainData::Domain(d) => d.verify(expected, candidate),
+            TrainData::Dataset(d) => d.verifier.verify(expected, candidate),
+        }
+    }
+
+    fn draw(&self, rng: &mut StdRng, n: usize) -> Result<Vec<Item>> {
+        match self {
+            TrainData::Domain(d) => {
+                let mut out = Vec::with_capacity(n);
+                while out.len() < n {
+                    let level = Difficulty::new(rng.gen_range(1..=5))
+                        .map_err(|e| Error::Input(e.to_string()))?;
+                    let item = d.generate(rng, level);
+                    if Split::of(d.name(), &item.prompt) == Split::Train {
+                        out.push(item);
+                    }
+                }
+                Ok(out)
+            }
+            TrainData::Dataset(d) => {
+                let train = d.split(Split::Train);
+                if train.is_empty() {
+                    return Err(Error::Input(format!(
+                        "dataset `{}` has no training items",
+                        d.name
+                    )));
+                }
+                Ok((0..n)
+                    .map(|_| train[rng.gen_range(0..train.len())].clone())
+                    .collect())
+            }
+        }
+    }
+
+    fn validation(&self, n: usize, seed: u64) -> Result<Vec<Item>> {
+        match self {
+            TrainData::Domain(d) => crate::eval::eval_items(*d, Split::Validation, n, seed),
+            TrainData::Dataset(d) => Ok(d
+                .split(Split::Validation)
+                .into_iter()
+                .take(n)
+                .cloned()
+                .collect()),
+        }
+    }
+}
+
+/// What a training run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// Expert name.
+    pub expert: String,
+    /// Steps run.
+    pub steps: usize,
+    /// Validation accuracy of the unadapted model.
+    pub base_val_accuracy: f64,
+    /// Best validation accuracy (the saved checkpoint).
+    pub best_val_accuracy: f64,
+    /// Step of the best checkpoint.
+    pub best_step: usize,
+    /// Stopped by patience.
+    pub early_stopped: bool,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Per-step statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// Mean reward (REINFORCE) or 0.
+    pub reward: f64,
+    /// Mean KL(π_ref‖π) per supervised position.
+    pub kl: f64,
+    /// Loss value.
+    pub loss: f64,
+}
+
+/// Mean KL(ref ‖ cur) over the masked positions; `ref_lp` is constant.
+fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let p = ref_lp.exp()?;
+    let kl = (p * (ref_lp - cur_lp)?)?.sum(D::Minus1)?; // [N]
+    let mask = batch.mask.to_dtype(kl.dtype())?;
+    Ok(((kl * mask)?.sum_all()? / batch.supervised.max(1) as f64)?)
+}
+
+fn flat_log_probs(model: &Model, batch: &Batch) -> Result<Tensor> {
+    let logits = model.forward(&batch.input, None)?;
+    let v = logits.dim(D::Minus1)?;
+    log_softmax(&logits.reshape(((), v))?)
+}
+
+/// The REINFORCE loss for one batch of rollouts (see module docs); also returns statistics.
+pub fn reinforce_loss(
+    model: &Model,
+    reference: &Model,
+    batch: &Batch,
+    advantages: &[f32],
+    seq_len: usize,
+    kl_coeff: f64,
+) -> Result<(Tensor, f64)> {
+    let lp = flat_log_probs(model, batch)?; // [N·T, V]
+    let picked = lp.gather(&batch.target.unsqueeze(1)?, 1)?.squeeze(1)?; // [N·T]
+    let per_pos = (picked * batch.mask.to_dtype(lp.dtype())?)?;
+    let n = advantages.len();
+    let seq_lp = per_pos.reshape((n, seq_len))?.sum(1)?; // [N]
+    let adv = Tensor::from_slice(advantages, n, lp.device())?.to_dtype(lp.dtype())?;
+    let pg = ((seq_lp * adv)?.sum_all()? / n as f64)?.neg()?;
+    let ref_lp = flat_log_probs(reference, batch)?.detach();
+    let kl = masked_kl(&ref_lp, &lp, batch)?;
+    let kl_v = kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(((pg + (kl * kl_coeff)?)?, kl_v))
+}
+
+/// Group-baselined advantages: r − mean of its prompt's samples (or r itself).
+pub fn advantages(rewards: &[f32], samples: usize, baseline: bool) -> Vec<f32> {
+    rewards
+        .chunks(samples)
+        .flat_map(|g| {
+            let b = if baseline {
+                g.iter().sum::<f32>() / g.len() as f32
+            } else {
+                0.0
+            };
+            g.iter().map(move |r| r - b)
+        })
+        .collect()
+}
+
+fn frozen(vars: &[NamedVar]) -> BTreeMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
+fn z_values(vars: &[NamedVar]) -> Result<BTreeMap<String, Vec<f32>>> {
+    vars.iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F32)?.to_vec1()?)))
+        .collect()
+}
+
+/// Train one expert on `data`; writes it to `out` (and resumable state beside it).
+#[allow(clippy::too_many_arguments)]
+pub fn train_expert(
+    ck: &Checkpoint,
+    factors: &BTreeMap<String, Svd>,
+    tok: &dyn Tokenizer,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    mut on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
+    let start = std::time::Instant::now();
+    let name = data.name();
+    let options = ModelOptions {
+        mode: crate::model::WeightMode::Dense,
+        act_quant: true,
+        dtype: DType::F32,
+    };
+    let reference = Model::new(ck, options)?;
+    let vars = init_vars(factors, cfg.parameterization, options, cfg.seed)?;
+    let z_tensors: BTreeMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let model = svf_model(ck, options, factors, &z_tensors, cfg.parameterization)?;
+    let mut opt = Adam::new(
+        vars.clone(),
+        AdamConfig {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: cfg.max_grad_norm,
+            ..Default::default()
+        },
+    )?;
+    let val = data.validation(cfg.val_n, cfg.seed)?;
+    let val_refs: Vec<&Item> = val.iter().collect();
+    let verify = |e: &str, c: &str| data.verify(e, c);
+    let validate = |vars: &[NamedVar]| -> Result<f64> {
+        let m = svf_model(ck, options, factors, &frozen(vars), cfg.parameterization)?;
+        Ok(score_items(&m, tok, &val_refs, verify, |_| {})?.accuracy)
+    };
+    let base_val = score_items(&reference, tok, &val_refs, verify, |_| {})?.accuracy;
+
+    let sp = out.with_extension("train-state.safetensors");
+    let mut first = 0;
+    let mut best = (validate(&vars)?, 0usize, z_values(&vars)?);
+    let mut since_best = 0;
+    if resume && sp.is_file() {
+        let tf = TensorFiles::open(std::slice::from_ref(&sp))?;
+        let saved: TrainConfig =
+            serde_json::from_str(tf.metadata("train_config").unwrap_or("null"))
+                .map_err(|e| Error::config(&sp, "train_config", e.to_string()))?;
+        if &saved != cfg {
+            return Err(Error::config(
+                &sp,
+                "train_config",
+                "the saved run used different settings; rerun without --resume",
+            ));
+        }
+        let meta = |k: &str| -> Result<String> {
+            tf.metadata(k)
+                .map(str::to_string)
+                .ok_or_else(|| Error::config(&sp, k, "missing"))
+        };
+        first = meta("step")?
+            .parse()
+            .map_err(|_| Error::config(&sp, "step", "not a number"))?;
+        opt.load_state(&tf, first)?;
+        since_best = meta("since_best")?
+            .parse()
+            .map_err(|_| Error::config(&sp, "since_best", "not a number"))?;
+        let best_acc: f64 = meta("best_val_accuracy")?
+            .parse()
+            .map_err(|_| Error::config(&sp, "best_val_accuracy", "not a number"))?;
+        let best_step: usize = meta("best_step")?
+            .parse()
+            .map_err(|_| Error::config(&sp, "best_step", "not a number"))?;
+        let mut bz = BTreeMap::new();
+        for (n, _) in &vars {
+            bz.insert(n.clone(), tf.get(&format!("{n}.best"))?.to_f32()?);
+        }
+        best = (best_acc, best_step, bz);
+    }
+    let mp = out.with_extension("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&mp)
+        .map_err(|e| Error::io(&mp, e))?;
+    let key = |k: &str| format!("stage2/expert_{name}/{k}");
+    let mut grok: Option<Vec<Tensor>> = None;
+    let mut early = false;
+    let mut step = first;
+    while step < cfg.steps {
+        let mut rng =
+            StdRng::seed_from_u64(cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let items = data.draw(&mut rng, cfg.batch_prompts)?;
+        let mut stats = StepStats::default();
+        let loss = match cfg.objective {
+            Objective::Sft => {
+                let pairs = items
+                    .iter()
+                    .map(|it| {
+                        let mut a = tok.encode(&it.answer)?;
+                        a.push(tok.eos());
+                        Ok((prompt_ids(tok, &it.prompt)?, a))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let batch = batch_from_pairs(&pairs, model.device())?;
+                let lp = flat_log_probs(&model, &batch)?;
+                let loss = masked_nll(&lp, &batch)?;
+                let ref_lp = flat_log_probs(&reference, &batch)?.detach();
+                stats.kl = masked_kl(&ref_lp, &lp, &batch)?.to_scalar::<f32>()? as f64;
+                loss
+            }
+            Objective::Reinforce => {
+                let sampler =
+                    svf_model(ck, options, factors, &frozen(&vars), cfg.parameterization)?;
+                let mut pairs = Vec::new();
+                let mut rewards = Vec::new();
+                for it in &items {
+                    let p = prompt_ids(tok, &it.prompt)?;
+                    for _ in 0..cfg.samples {
+                        let out = sampler.generate(
+                            &p,
+                            &GenerateOptions {
+                                max_new_tokens: MAX_ANSWER_CHARS + 2,
+                                temperature: cfg.temperature,
+                                top_p: 1.0,
+                                seed: rng.gen(),
+                                stop: tok.stop_ids(),
+                            },
+                        )?;
+                        let text = tok.decode(&out);
+                        let ok = data.verify(&it.answer, answer_from_completion(&text));
+                        rewards.push(if ok { 1.0f32 } else { -1.0 });
+                        pairs.push((p.clone(), out));
+                    }
+                }
+                stats.reward =
+                    rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len() as f64;
+                let batch = batch_from_pairs(&pairs, model.device())?;
+                let seq_len = batch.input.dim(1)?;
+                let adv = advantages(&rewards, cfg.samples, cfg.baseline);
+                let (loss, kl) =
+                    reinforce_loss(&model, &reference, &batch, &adv, seq_len, cfg.kl_coeff)?;
+                stats.kl = kl;
+                loss
+            }
+        };
+        stats.loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut grads = loss.backward()?;
+        if let Some((alpha, lamb)) = cfg.grokfast {
+            // Grokfast-EMA: g ← g + λ·EMA_α(g), the slow component amplified.
+            let mut ema = grok.take().unwrap_or_default();
+            for (i, (_, var)) in vars.iter().enumerate() {
+                if let Some(g) = grads.get(var.as_tensor()).cloned() {
+                    let e = match ema.get(i) {
+                        Some(prev) => ((prev * alpha)? + (&g * (1.0 - alpha))?)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(var.as_tensor(), (&g + (&e * lamb)?)?);
+                    if ema.len() <= i {
+                        ema.push(e);
+                    } else {
+                        ema[i] = e;
+                    }
+                }
+            }
+            grok = Some(ema);
+        }
+        opt.step(&grads)?;
+        step += 1;
+        let zs = z_values(&vars)?;
+        let all: Vec<f32> = zs.values().flatten().copied().collect();
+        let mean = all.iter().map(|&x| x as f64).sum::<f64>() / all.len().max(1) as f64;
+        let std = (all.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>()
+            / all.len().max(1) as f64)
+            .sqrt();
+        let mut record = serde_json::json!({"step": step});
+        record[key("reward")] = stats.reward.into();
+        record[key("kl")] = stats.kl.into();
+        record[key("loss")] = stats.loss.into();
+        record[key("z_mean")] = mean.into();
+        record[key("z_std")] = std.into();
+        if step % cfg.eval_every == 0 || step == cfg.steps {
+            let acc = validate(&vars)?;
+            record[key("val_accuracy")] = acc.into();
+            if acc > best.0 {
+                best = (acc, step, zs);
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+            save_state(&opt, cfg, step, &best, since_best, &sp)?;
+            if since_best >= cfg.patience {
+                early = true;
+            }
+        }
+        writeln!(metrics, "{record}").map_err(|e| Error::io(&mp, e))?;
+        if !on_step(step, &stats) {
+            return Ok(TrainSummary {
+                expert: name,
+                steps: step,
+                base_val_accuracy: base_val,
+                best_val_accuracy: best.0,
+                best_step: best.1,
+                early_stopped: false,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        if early {
+            break;
+        }
+    }
+    let expert = Expert {
+        meta: ExpertMeta {
+            name: name.clone(),
+            base_hash: ck.content_hash(),
+            parameterization: cfg.parameterization,
+            targets: cfg.targets,
+            domains: vec![name.clone()],
+            val_accuracy: best.0,
+            training: serde_json::to_value(cfg).expect("json"),
+        },
+        z: best.2.clone(),
+    };
+    expert.save(out)?;
+    Ok(TrainSummary {
+        expert: name,
+        steps: step,
+        base_val_accuracy: base_val,
+        best_val_accuracy: best.0,
+        best_step: best.1,
+        early_stopped: early,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn save_state(
+    opt: &Adam,
+    cfg: &TrainConfig,
+    step: usize,
+    best: &(f64, usize, BTreeMap<String, Vec<f32>>),
+    since_best: usize,
+    path: &Path,
+) -> Result<()> {
+    let mut t = opt.state()?;
+    for (n, z) in &best.2 {
+        t.insert(
+            format!("{n}.best"),
+            crate::checkpoint::st::OwnedTensor::f32(vec![z.len()], z),
+        );
+    }
+    let meta = HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("since_best".to_string(), since_best.to_string()),
+        ("best_val_accuracy".to_string(), best.0.to_string()),
+        ("best_step".to_string(), best.1.to_string()),
+        (
+            "train_config".to_string(),
+            serde_json::to_string(cfg).expect("json"),
+        ),
+    ]);
+    write_safetensors(path, &t, Some(meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expert::target_matrices;
+    use crate::svd::thin_svd;
+
+    fn tiny() -> Checkpoint {
+        let mut cfg = crate::pretrain::default_arch();
+        cfg.hidden_size = 16;
+        cfg.intermediate_size = 24;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 2;
+        cfg.num_key_value_heads = Some(1);
+        cfg.max_position_embeddings = 16;
+        Checkpoint::random(cfg, 11)
+    }
+
+    fn all_factors(ck: &Checkpoint) -> BTreeMap<String, Svd> {
+        target_matrices(ck, Targets::All)
+            .into_iter()
+            .map(|(n, w, r, c)| (n, thin_svd(&w, r, c)))
+            .collect()
+    }
+
+    fn batch() -> Batch {
+        let pairs = vec![
+            (vec![2u32, 49, 43, 50, 61], vec![51u32, 10]),
+            (vec![2u32, 114, 101, 118], vec![99u32, 98, 97, 10]),
+        ];
+        batch_from_pairs(&pairs, &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// Loss as a function of the z variables, for one objective.
+    fn loss_of(
+        ck: &Checkpoint,
+        f: &BTreeMap<String, Svd>,
+        vars: &[NamedVar],
+        param: Parameterization,
+        objective: Objective,
+    ) -> Tensor {
+        let options = ModelOptions {
+            mode: crate::model::WeightMode::Dense,
+            act_quant: false,
+            dtype: DType::F64,
+        };
+        let z: BTreeMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let model = svf_model(ck, options, f, &z, param).unwrap();
+        let b = batch();
+        match objective {
+            Objective::Sft => masked_nll(&flat_log_probs(&model, &b).unwrap(), &b).unwrap(),
+            Objective::Reinforce => {
+                let reference = Model::new(ck, options).unwrap();
+                let seq = b.input.dim(1).unwrap();
+                reinforce_loss(&model, &reference, &b, &[0.75, -0.5], seq, 0.3)
+                    .unwrap()
+                    .0
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        // f64, activation quantization off (the STE is not differentiable): ∂loss/∂z from
+        // autograd vs central differences, both parameterizations and both objectives.
+        let ck = tiny();
+        let f = all_factors(&ck);
+        let options = ModelOptions {
+            mode: crate::model::WeightMode::Dense,
+            act_quant: false,
+            dtype: DType::F64,
+        };
+        for param in [Parameterization::Paper, Parameterization::Official] {
+            for objective in [Objective::Sft, Objective::Reinforce] {
+                let vars = init_vars(&f, param, options, 5).unwrap();
+                // Move away from z = 1 so every term of the official rescale is exercised.
+                for (i, (_, v)) in vars.iter().enumerate() {
+                    let n = v.dims()[0];
+                    let z: Vec<f64> = v
+                        .as_tensor()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                        .iter()
+                        .enumerate()
+                        .map(|(j, x)| x + 0.05 * (((i * 7 + j * 3) % 11) as f64 / 11.0 - 0.5))
+                        .collect();
+                    v.set(&Tensor::from_vec(z, n, &candle_core::Device::Cpu).unwrap())
+                        .unwrap();
+                }
+                let loss = loss_of(&ck, &f, &vars, param, objective);
+                let grads = loss.backward().unwrap();
+                let mut checked = 0;
+                for (vi, (name, var)) in vars.iter().enumerate() {
+                    let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+                    let z0: Vec<f64> = var.as_tensor().to_vec1().unwrap();
+                    for j in [0, z0.len() / 2, z0.len() - 1] {
+                        let eps = 1e-5;
+                        let at = |d: f64| {
+                            let mut z = z0.clone();
+                            z[j] += d;
+                            var.set(
+                                &Tensor::from_vec(z, z0.len(), &candle_core::Device::Cpu).unwrap(),
+                            )
+                            .unwrap();
+                            let l = loss_of(&ck, &f, &vars, param, objective)
+                                .to_scalar::<f64>()
+                                .unwrap();
+                            var.set(
+                                &Tensor::from_vec(z0.clone(), z0.len(), &candle_core::Device::Cpu)
+                                    .unwrap(),
+                            )
+                            .unwrap();
+                            l
+                        };
+                        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                        let tol = 1e-6 + 1e-5 * fd.abs().max(g[j].abs());
+                        assert!((fd - g[j]).abs() < tol, "{param:?} {objective:?} {name}[{j}] (var {vi}): fd {fd:e} vs autograd {:e}", g[j]);
+                        checked += 1;
+                    }
+                }
+                assert_eq!(checked, 3 * 14);
+            }
+        }
+    }
+
+    #[test]
+    fn every_z_receives_a_nonzero_gradient() {
+        // With BitNet's int8 activations (STE) and f32, as in training.
+        let ck = tiny();
+        let f = all_factors(&ck);
+        let options = ModelOptions {
+            mode: crate::model::WeightMode::Dense,
+            act_quant: true,
+            dtype: DType::F32,
+        };
+        for param in [Parameterization::Paper, Parameterization::Official] {
+            let vars = init_vars(&f, param, options, 1).unwrap();
+            let z: BTreeMap<String, Tensor> = vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            let model = svf_model(&ck, options, &f, &z, param).unwrap();
+            let reference = Model::new(&ck, options).unwrap();
+            let b = batch();
+            let seq = b.input.dim(1).unwrap();
+            let (loss, _) = reinforce_loss(&model, &reference, &b, &[1.0, -1.0], seq, 0.1).unwrap();
+            let grads = loss.backward().unwrap();
+            for (name, var) in &vars {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "{param:?} {name}: zero gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn advantages_use_the_group_mean() {
+        assert_eq!(
+            advantages(&[1.0, -1.0, 1.0, 1.0], 2, true),
+            vec![1.0, -1.0, 0.0, 0.0]
+        );
+        assert_eq!(advantages(&[1.0, -1.0], 2, false), vec![1.0, -1.0]);
+    }
+}
