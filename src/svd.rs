@@ -18,21 +18,21 @@
 //! singular values are repeated (exactly degenerate), the vectors of that subspace are not
 //! unique and no rule can make them so; `U diag(σ) Vᵀ` still is.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
-use std::io::Write;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::mpsc;
 use std::time::Instant;
 
+use crate::checkpoint::st::OwnedTensor;
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::svd::ComputeSvdVectors;
 use faer::{Accum, Mat, Par};
 use rayon::prelude::*;
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, SafeTensors};
 
 /// Two entries of a column of `U` whose magnitudes agree to this relative tolerance count as
 /// tied for the sign rule, and the first one wins. Exact ties are common in small ternary
@@ -364,40 +364,6 @@ pub struct SvdCache {
     dir: PathBuf,
 }
 
-/// One tensor of the cache file, owned so that entries already on disk can be carried into
-/// the rewritten file.
-#[derive(Debug, Clone, PartialEq)]
-struct OwnedTensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl OwnedTensor {
-    fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
-        OwnedTensor {
-            dtype: Dtype::F32,
-            shape,
-            data: values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
-    }
-}
-
-impl View for &OwnedTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 /// The cache file's contents: tensors and per-matrix metadata (without `format`).
 #[derive(Debug, Default, PartialEq)]
 struct CacheFile {
@@ -656,11 +622,8 @@ fn parse_cache_file(bytes: &[u8]) -> Result<CacheFile, String> {
     let tensors = tensors
         .iter()
         .map(|(name, view)| {
-            let tensor = OwnedTensor {
-                dtype: view.dtype(),
-                shape: view.shape().to_vec(),
-                data: view.data().to_vec(),
-            };
+            let tensor =
+                OwnedTensor::raw(view.dtype(), view.shape().to_vec(), view.data().to_vec());
             (name.to_string(), tensor)
         })
         .collect();
@@ -715,23 +678,23 @@ fn cached_svd(
     let mut values = Vec::with_capacity(3);
     for ((key, shape), tensor) in parts.iter().zip(found) {
         let tensor = tensor.ok_or_else(|| format!("tensor `{key}` is missing"))?;
-        if tensor.dtype != Dtype::F32 {
+        if tensor.dtype() != Dtype::F32 {
             return Err(format!(
                 "tensor `{key}` is {:?}, expected F32",
-                tensor.dtype
+                tensor.dtype()
             ));
         }
-        if &tensor.shape != shape {
+        if tensor.shape() != &shape[..] {
             return Err(format!(
                 "tensor `{key}` has shape {:?}, expected {shape:?}",
-                tensor.shape
+                tensor.shape()
             ));
         }
-        if tensor.data.len() != shape.iter().product::<usize>() * 4 {
-            return Err(format!("tensor `{key}` has {} bytes", tensor.data.len()));
+        if tensor.bytes().len() != shape.iter().product::<usize>() * 4 {
+            return Err(format!("tensor `{key}` has {} bytes", tensor.bytes().len()));
         }
         let decoded: Vec<f32> = tensor
-            .data
+            .bytes()
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
@@ -811,35 +774,11 @@ fn write_cache_file(path: &Path, file: &CacheFile) -> Result<(), SvdError> {
     write_atomic(path, &bytes)
 }
 
-/// Writes a temporary sibling and renames it over `path`, so that readers (and a crash) see
-/// either the old file or the new one, never a prefix.
+/// [`crate::checkpoint::st::write_atomic`] with this module's error type.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SvdError> {
-    // pid + counter: distinct for concurrent writers in this process and in others.
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "svd".into());
-    let tmp = path.with_file_name(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(source) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(SvdError::Io { path: tmp, source });
-    }
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        SvdError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+    crate::checkpoint::st::write_atomic(path, bytes).map_err(|e| SvdError::Serialize {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
     })
 }
 

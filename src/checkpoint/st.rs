@@ -245,6 +245,7 @@ impl RawTensor<'_> {
 }
 
 /// An owned tensor to write.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OwnedTensor {
     dtype: Dtype,
     shape: Vec<usize>,
@@ -263,6 +264,10 @@ impl OwnedTensor {
     /// Shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+    /// Raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
     }
     /// Mutable raw bytes.
     pub fn data_mut(&mut self) -> &mut Vec<u8> {
@@ -339,19 +344,32 @@ impl safetensors::View for &OwnedTensor {
     }
 }
 
-/// A temporary sibling path for atomic writes of `path`.
+/// A temporary sibling path for atomic writes of `path`, distinct per process and per call
+/// (so concurrent writers never share one).
 pub fn temp_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{k}", std::process::id()))
 }
 
-/// Write bytes to `path` atomically (temporary sibling, then rename).
+/// Write bytes to `path` atomically: a synced temporary sibling renamed over it, so readers
+/// (and a crash) see the old file or the new one, never a prefix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = temp_sibling(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
