@@ -7,12 +7,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying I/O error.
-        source: std::io::Error,
+        /// The underlying I/O error (shown in the message, so not chained as a source).
+        error: std::io::Error,
     },
     /// A safetensors file is truncated or its header is corrupt.
     #[error("{path}: not a valid safetensors file ({msg}); is it truncated or corrupt?")]
@@ -98,10 +98,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Wrap an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 

@@ -274,6 +274,9 @@ pub fn train_expert(
 ) -> Result<TrainSummary> {
     let start = std::time::Instant::now();
     let name = data.name();
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let options = ModelOptions {
         mode: crate::model::WeightMode::Dense,
         act_quant: true,
