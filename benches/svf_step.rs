@@ -1,0 +1,87 @@
+//! One SVF training step at the reference shape of `../shared/reference/torch_svf_step.py`
+//! (d 512, 8 layers, 8 heads, SiLU-gated FFN 1536, vocab 32000, batch 4 × 128, z on all 56
+//! linears): forward alone and forward + backward to every z. Run it beside the PyTorch script
+//! on the same machine and compare the times as a ratio:
+//!   cargo bench --bench svf_step
+//!   python ../shared/reference/torch_svf_step.py
+
+use bitsvf::checkpoint::Checkpoint;
+use bitsvf::config::{Activation, ModelConfig};
+use bitsvf::expert::{init_vars, svf_model, target_matrices};
+use bitsvf::model::{ModelOptions, WeightMode};
+use bitsvf::pretrain::{batch_from_pairs, masked_cross_entropy};
+use bitsvf::svd::thin_svd;
+use bitsvf::svf::{Parameterization, Targets};
+use candle_core::{DType, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::collections::BTreeMap;
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 32000,
+        hidden_size: 512,
+        intermediate_size: 1536,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: None,
+        head_dim: None,
+        hidden_act: Activation::Silu,
+        max_position_embeddings: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: false,
+        bos_token_id: None,
+        eos_token_id: None,
+        sub_norms: Some(false),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let ck = Checkpoint::random(config(), 0);
+    let factors: BTreeMap<_, _> = target_matrices(&ck, Targets::All)
+        .into_iter()
+        .map(|(n, w, r, col)| (n, thin_svd(&w, r, col)))
+        .collect();
+    let options = ModelOptions {
+        mode: WeightMode::Dense,
+        act_quant: false,
+        dtype: DType::F32,
+    };
+    let vars = init_vars(&factors, Parameterization::Paper, options, 0).unwrap();
+    let z: BTreeMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let model = svf_model(&ck, options, &factors, &z, Parameterization::Paper).unwrap();
+    // Same tokens as the PyTorch script: (i·7919 + 13) mod vocab, every next token scored.
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = (0..4)
+        .map(|b| {
+            let row: Vec<u32> = (0..128)
+                .map(|t| (((b * 128 + t) * 7919 + 13) % 32000) as u32)
+                .collect();
+            (row[..1].to_vec(), row[1..].to_vec())
+        })
+        .collect();
+    let batch = batch_from_pairs(&rows, model.device()).unwrap();
+    let mut g = c.benchmark_group("svf_step_d512_l8_b4x128");
+    g.sample_size(10);
+    g.bench_function("forward", |b| {
+        b.iter(|| {
+            let l =
+                masked_cross_entropy(&model.forward(&batch.input, None).unwrap(), &batch).unwrap();
+            l.detach().to_scalar::<f32>().unwrap()
+        })
+    });
+    g.bench_function("forward_backward", |b| {
+        b.iter(|| {
+            let l =
+                masked_cross_entropy(&model.forward(&batch.input, None).unwrap(), &batch).unwrap();
+            let grads = l.backward().unwrap();
+            assert!(grads.get(vars[0].1.as_tensor()).is_some());
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
