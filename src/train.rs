@@ -544,7 +544,7 @@ mod tests {
         cfg.num_hidden_layers = 2;
         cfg.num_attention_heads = 2;
         cfg.num_key_value_heads = Some(1);
-        cfg.max_position_embeddings = 16;
+        cfg.max_position_embeddings = 64;
         Checkpoint::random(cfg, 11)
     }
 
@@ -694,6 +694,70 @@ mod tests {
                 assert!(n > 0.0, "{param:?} {name}: zero gradient");
             }
         }
+    }
+
+    #[test]
+    fn resume_continues_exactly() {
+        // The z vectors and Adam moments after 4 steps equal those of a run interrupted after
+        // step 3 (state saved at step 2) and resumed.
+        let ck = tiny();
+        let targets: BTreeMap<String, Svd> = target_matrices(&ck, Targets::Mlp)
+            .into_iter()
+            .map(|(n, w, r, c)| (n, thin_svd(&w, r, c)))
+            .collect();
+        let cfg = TrainConfig {
+            steps: 4,
+            batch_prompts: 2,
+            samples: 2,
+            eval_every: 2,
+            val_n: 2,
+            patience: 10,
+            ..Default::default()
+        };
+        let data = TrainData::Domain(Domain::Copy);
+        let tok = crate::tokenizer::ByteTokenizer;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            tmp.path().join("a.safetensors"),
+            tmp.path().join("b.safetensors"),
+        );
+        train_expert(&ck, &targets, &tok, &data, &cfg, &a, false, |_, _| true).unwrap();
+        let s = train_expert(&ck, &targets, &tok, &data, &cfg, &b, false, |step, _| {
+            step < 3
+        })
+        .unwrap();
+        assert_eq!(s.steps, 3);
+        assert!(!b.exists());
+        train_expert(&ck, &targets, &tok, &data, &cfg, &b, true, |_, _| true).unwrap();
+        let state = |p: &Path| {
+            let tf = TensorFiles::open(&[p.with_extension("train-state.safetensors")]).unwrap();
+            let mut names: Vec<String> = tf.names().map(str::to_string).collect();
+            names.sort();
+            names
+                .iter()
+                .map(|n| (n.clone(), tf.get(n).unwrap().to_f32().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let (sa, sb) = (state(&a), state(&b));
+        assert_eq!(
+            sa.len(),
+            3 * 3 * 2 + 3 * 2,
+            "z, m, v and best z for 6 matrices"
+        );
+        assert_eq!(sa, sb);
+        // The run moved z away from its initial value.
+        let z = &sa
+            .iter()
+            .find(|(n, _)| n.ends_with("mlp.up_proj"))
+            .unwrap()
+            .1;
+        assert!(z.iter().any(|&x| (x - 1.0).abs() > 1e-6));
+        // An expert file was written and loads onto its base model only.
+        let e = Expert::load(&a).unwrap();
+        e.check_base(&ck, &a).unwrap();
+        let other = Checkpoint::random(ck.config.clone(), 99);
+        let msg = e.check_base(&other, &a).unwrap_err().to_string();
+        assert!(msg.contains("trained on base model"), "{msg}");
     }
 
     #[test]
