@@ -48,13 +48,13 @@ fn locate(path: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
         files.dedup();
         return Ok((files.iter().map(|f| path.join(f)).collect(), config));
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+    let found: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     if found.len() == 1 {
-        return Ok((found.pop().expect("one file"), config)).map(|(f, c)| (vec![f], c));
+        return Ok((found, config));
     }
     Err(Error::UnknownFormat {
         path: path.to_path_buf(),
