@@ -94,6 +94,66 @@ pub fn ternarize_ste(w: &Tensor) -> Result<Tensor> {
     Ok((w + (wq - wd)?)?)
 }
 
+/// x · W for a constant W `[in, out]`: a custom op whose backward returns only ∂L/∂x.
+/// candle's own matmul backward always computes the weight gradient too (an extra matmul per
+/// layer, the largest being the output head), which SVF training never needs.
+struct ConstMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for ConstMatmul {
+    fn name(&self) -> &'static str {
+        "const-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("const-matmul needs a contiguous input".into()))?;
+        let dims = layout.shape().dims();
+        let x = match storage {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
+            _ => return Err(candle_core::Error::Msg("const-matmul supports f32 and f64".into())),
+        };
+        let y = x.matmul(&self.w)?;
+        let shape = y.shape().clone();
+        let out = match y.dtype() {
+            DType::F64 => CpuStorage::F64(y.flatten_all()?.to_vec1()?),
+            _ => CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w.t()?)?))
+    }
+}
+
+/// `x` `[.., in]` times `wt` `[in, out]`, skipping the weight gradient when `wt` is a
+/// constant (see [`ConstMatmul`]); a `wt` that tracks gradients takes the ordinary path.
+pub fn matmul_const(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    if wt.track_op() {
+        return matmul_2d(x, wt);
+    }
+    let mut dims = x.dims().to_vec();
+    let cols = *dims.last().expect("feature dim");
+    let x2 = x.reshape(((), cols))?.contiguous()?;
+    let y = x2.apply_op1(ConstMatmul { w: wt.clone() })?;
+    *dims.last_mut().expect("feature dim") = wt.dim(1)?;
+    Ok(y.reshape(dims)?)
+}
+
 /// `x` `[.., in]` times `wt` `[in, out]` as one 2-D matmul (cheaper than a broadcast matmul,
 /// forward and backward).
 pub fn matmul_2d(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
@@ -135,7 +195,7 @@ impl BitLinear {
                 } else {
                     x.clone()
                 };
-                matmul_2d(&x, wt)?
+                matmul_const(&x, wt)?
             }
             LinearWeight::Qat(w) => {
                 let x = if self.act_quant {
@@ -376,7 +436,7 @@ impl Model {
     /// Logits `[B, T, vocab]` for ids `[B, T]`, continuing from `cache` when given.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let h = self.hidden_states(ids, cache)?;
-        matmul_2d(&h, &self.lm_head_t)
+        matmul_const(&h, &self.lm_head_t)
     }
 
     /// Final-normed hidden states `[B, T, d]`.

@@ -11,7 +11,7 @@
 
 use crate::checkpoint::LinearKind;
 use crate::error::{Error, Result};
-use crate::model::matmul_2d;
+use crate::model::matmul_const;
 use crate::svd::Svd;
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -194,9 +194,9 @@ impl SvfWeight {
 
     /// y = ((x V) ⊙ s) Uᵀ for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = matmul_2d(x, &self.v)?; // [.., r]
+        let h = matmul_const(x, &self.v)?; // [.., r]
         let h = h.broadcast_mul(&self.scale()?)?;
-        matmul_2d(&h, &self.u_t)
+        matmul_const(&h, &self.u_t)
     }
 
     /// W' = U diag(s) Vᵀ, row-major `[out, in]` f32.
