@@ -112,14 +112,18 @@ impl candle_core::CustomOp1 for ConstMatmul {
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("const-matmul needs a contiguous input".into()))?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("const-matmul needs a contiguous input".into())
+        })?;
         let dims = layout.shape().dims();
         let x = match storage {
             CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
             CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
-            _ => return Err(candle_core::Error::Msg("const-matmul supports f32 and f64".into())),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "const-matmul supports f32 and f64".into(),
+                ))
+            }
         };
         let y = x.matmul(&self.w)?;
         let shape = y.shape().clone();
