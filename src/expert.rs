@@ -157,6 +157,20 @@ pub fn svf_model(
     Ok(model)
 }
 
+/// Replace the z of every SVF linear of `model` named in `z` (the factors stay).
+pub fn set_z(model: &mut Model, z: &BTreeMap<String, Tensor>) {
+    for (l, block) in model.blocks.iter_mut().enumerate() {
+        for kind in LinearKind::ALL {
+            if let (LinearWeight::Svf(w), Some(zt)) = (
+                &mut block.linears[kind as usize].weight,
+                z.get(&linear_name(l, kind)),
+            ) {
+                w.z = zt.clone();
+            }
+        }
+    }
+}
+
 /// Fresh z variables for every factored matrix (z₀ per the parameterization), seeded.
 pub fn init_vars(
     factors: &BTreeMap<String, Svd>,

@@ -193,29 +193,19 @@ impl BitLinear {
                 *dims.last_mut().expect("feature dim") = m.rows;
                 Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?
             }
-            LinearWeight::Dense(wt) => {
+            float => {
+                // Float paths fake-quantize with the STE (the ternary kernel quantizes itself).
                 let x = if self.act_quant {
                     fake_quant_ste(x)?
                 } else {
                     x.clone()
                 };
-                matmul_const(&x, wt)?
-            }
-            LinearWeight::Qat(w) => {
-                let x = if self.act_quant {
-                    fake_quant_ste(x)?
-                } else {
-                    x.clone()
-                };
-                matmul_2d(&x, &ternarize_ste(w)?.t()?)?
-            }
-            LinearWeight::Svf(svf) => {
-                let x = if self.act_quant {
-                    fake_quant_ste(x)?
-                } else {
-                    x.clone()
-                };
-                svf.forward(&x)?
+                match float {
+                    LinearWeight::Dense(wt) => matmul_const(&x, wt)?,
+                    LinearWeight::Qat(w) => matmul_2d(&x, &ternarize_ste(w)?.t()?)?,
+                    LinearWeight::Svf(svf) => svf.forward(&x)?,
+                    LinearWeight::Ternary(_) => unreachable!("handled above"),
+                }
             }
         };
         match &self.bias {

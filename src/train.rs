@@ -11,7 +11,7 @@ use crate::checkpoint::st::{write_safetensors, TensorFiles};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::eval::{prompt_ids, score_items};
-use crate::expert::{init_vars, svf_model, Expert, ExpertMeta};
+use crate::expert::{init_vars, set_z, svf_model, Expert, ExpertMeta};
 use crate::model::{log_softmax, GenerateOptions, Model, ModelOptions, NamedVar};
 use crate::optim::{Adam, AdamConfig};
 use crate::pretrain::{batch_from_pairs, masked_nll, Batch};
@@ -301,15 +301,22 @@ pub fn train_expert(
     let val = data.validation(cfg.val_n, cfg.seed)?;
     let val_refs: Vec<&Item> = val.iter().collect();
     let verify = |e: &str, c: &str| data.verify(e, c);
-    let validate = |vars: &[NamedVar]| -> Result<f64> {
-        let m = svf_model(ck, options, factors, &frozen(vars), cfg.parameterization)?;
-        Ok(score_items(&m, tok, &val_refs, verify, |_| {})?.accuracy)
+    // One copy of the model with constant z serves sampling and validation; only its z
+    // vectors are refreshed from the variables before each use.
+    let mut frozen_model = svf_model(ck, options, factors, &frozen(&vars), cfg.parameterization)?;
+    let validate = |m: &mut Model, vars: &[NamedVar]| -> Result<f64> {
+        set_z(m, &frozen(vars));
+        Ok(score_items(m, tok, &val_refs, verify, |_| {})?.accuracy)
     };
     let base_val = score_items(&reference, tok, &val_refs, verify, |_| {})?.accuracy;
 
     let sp = out.with_extension("train-state.safetensors");
     let mut first = 0;
-    let mut best = (validate(&vars)?, 0usize, z_values(&vars)?);
+    let mut best = (
+        validate(&mut frozen_model, &vars)?,
+        0usize,
+        z_values(&vars)?,
+    );
     let mut since_best = 0;
     if resume && sp.is_file() {
         let tf = TensorFiles::open(std::slice::from_ref(&sp))?;
@@ -380,8 +387,8 @@ pub fn train_expert(
                 loss
             }
             Objective::Reinforce => {
-                let sampler =
-                    svf_model(ck, options, factors, &frozen(&vars), cfg.parameterization)?;
+                set_z(&mut frozen_model, &frozen(&vars));
+                let sampler = &frozen_model;
                 let mut pairs = Vec::new();
                 let mut rewards = Vec::new();
                 for it in &items {
@@ -450,7 +457,7 @@ pub fn train_expert(
         record[key("z_mean")] = mean.into();
         record[key("z_std")] = std.into();
         if step % cfg.eval_every == 0 || step == cfg.steps {
-            let acc = validate(&vars)?;
+            let acc = validate(&mut frozen_model, &vars)?;
             record[key("val_accuracy")] = acc.into();
             if acc > best.0 {
                 best = (acc, step, zs);
