@@ -58,14 +58,27 @@ impl EvalReport {
 }
 
 /// The evaluation items of `domain`: `n` items of `split`, spread evenly over difficulty levels
-/// 1..=5 (item i has level 1 + i mod 5), seeded.
+/// 1..=5 and interleaved, seeded. An easy level whose split holds fewer distinct prompts than
+/// its share gives all it has, and the shortfall moves to the harder levels (larger spaces).
 pub fn eval_items(domain: Domain, split: Split, n: usize, seed: u64) -> Result<Vec<Item>> {
     let levels: Vec<Difficulty> = Difficulty::all().collect();
     let mut per_level: Vec<std::vec::IntoIter<Item>> = Vec::new();
+    let mut carry = 0;
     for (i, &d) in levels.iter().enumerate() {
-        let count = n / levels.len() + usize::from(i < n % levels.len());
-        let items =
-            sample(domain, split, count, seed, d).map_err(|e| Error::Input(e.to_string()))?;
+        let count = n / levels.len() + usize::from(i < n % levels.len()) + carry;
+        // The same seeded stream, cut at what exists (the draw budget shrinks with the
+        // request, so a second cut can find a few fewer).
+        let mut want = count;
+        let items = loop {
+            match sample(domain, split, want, seed, d) {
+                Ok(items) => break items,
+                Err(crate::tasks::TaskError::Exhausted { found, .. }) if i + 1 < levels.len() => {
+                    want = found;
+                }
+                Err(e) => return Err(Error::Input(e.to_string())),
+            }
+        };
+        carry = count - items.len();
         per_level.push(items.into_iter());
     }
     let mut out = Vec::with_capacity(n);

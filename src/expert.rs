@@ -119,13 +119,23 @@ pub fn factors(
     ck: &Checkpoint,
     targets: Targets,
     cache: &SvdCache,
-) -> Result<BTreeMap<String, Svd>> {
+) -> Result<(BTreeMap<String, Svd>, crate::svd::CacheStats)> {
     let mats = target_matrices(ck, targets);
-    let (out, _stats) = cache
+    let (out, stats) = cache
         .get_or_compute(&ck.content_hash(), &mats, |_, _| {})
         .map_err(|e| Error::Input(format!("SVD cache: {e}")))?;
-    Ok(out.into_iter().collect())
+    // Factors are stored in f32: a faithful decomposition reconstructs W to ~1e-7.
+    if stats.max_relative_error > MAX_SVD_ERROR {
+        return Err(Error::Check(format!(
+            "SVD reconstruction error {:.2e} exceeds {MAX_SVD_ERROR:.0e} (‖W − UΣVᵀ‖/‖W‖)",
+            stats.max_relative_error
+        )));
+    }
+    Ok((out.into_iter().collect(), stats))
 }
+
+/// Largest accepted `‖W − UΣVᵀ‖_F / ‖W‖_F` of a target matrix.
+pub const MAX_SVD_ERROR: f64 = 1e-4;
 
 /// A model whose target linears run in SVF form with the given z tensors (variables while
 /// training, constants otherwise). Non-target linears stay dense (dequantized).
@@ -213,7 +223,7 @@ pub fn expert_model(
     cache: &SvdCache,
     options: ModelOptions,
 ) -> Result<Model> {
-    let f = factors(ck, expert.meta.targets, cache)?;
+    let (f, _) = factors(ck, expert.meta.targets, cache)?;
     for (name, z) in &expert.z {
         let Some(svd) = f.get(name) else {
             return Err(Error::Input(format!(

@@ -180,7 +180,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Objective.
-        #[arg(long, value_enum, default_value = "reinforce")]
+        #[arg(long, value_enum, default_value = "sft")]
         objective: ObjectiveArg,
         /// z parameterization.
         #[arg(long, value_enum, default_value = "paper")]
@@ -197,6 +197,27 @@ enum Command {
         /// Learning rate.
         #[arg(long)]
         lr: Option<f64>,
+        /// Keep the learning rate constant (default: cosine decay to 10%).
+        #[arg(long)]
+        constant_lr: bool,
+        /// REINFORCE without the per-prompt mean-reward baseline.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Prompts per optimizer step.
+        #[arg(long)]
+        batch_prompts: Option<usize>,
+        /// Sampled completions per prompt (REINFORCE).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Validate every this many steps.
+        #[arg(long)]
+        eval_every: Option<usize>,
+        /// Validation items.
+        #[arg(long)]
+        val_n: Option<usize>,
+        /// Stop after this many validations without improvement.
+        #[arg(long)]
+        patience: Option<usize>,
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -218,6 +239,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// The progress bar of a training loop of `steps` optimizer steps.
+fn step_bar(steps: usize) -> Result<indicatif::ProgressBar> {
+    Ok(indicatif::ProgressBar::new(steps as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
+        )?,
+    ))
 }
 
 fn main() -> std::process::ExitCode {
@@ -348,11 +378,7 @@ fn run() -> Result<()> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            let bar = indicatif::ProgressBar::new(cfg.steps as u64).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
-                )?,
-            );
+            let bar = step_bar(cfg.steps)?;
             let summary = pretrain::pretrain(&cfg, &out, resume, |step, loss, lr| {
                 bar.set_position(step as u64);
                 bar.set_message(format!("loss {loss:.3} lr {lr:.2e}"));
@@ -456,6 +482,13 @@ fn run() -> Result<()> {
             steps,
             kl_coeff,
             lr,
+            constant_lr,
+            no_baseline,
+            batch_prompts,
+            samples,
+            eval_every,
+            val_n,
+            patience,
             seed,
             cache_dir,
             resume,
@@ -470,18 +503,20 @@ fn run() -> Result<()> {
                 }
                 (None, None) => anyhow::bail!("give --domain or --data"),
             };
+            let objective = match objective {
+                ObjectiveArg::Reinforce => train::Objective::Reinforce,
+                ObjectiveArg::Sft => train::Objective::Sft,
+            };
             let mut cfg = train::TrainConfig {
-                objective: match objective {
-                    ObjectiveArg::Reinforce => train::Objective::Reinforce,
-                    ObjectiveArg::Sft => train::Objective::Sft,
-                },
                 parameterization: match parameterization {
                     ParamArg::Paper => svf::Parameterization::Paper,
                     ParamArg::Official => svf::Parameterization::Official,
                 },
                 targets: targets.parse()?,
+                cosine: !constant_lr,
+                baseline: !no_baseline,
                 seed,
-                ..Default::default()
+                ..train::TrainConfig::for_objective(objective)
             };
             if let Some(v) = steps {
                 cfg.steps = v;
@@ -489,16 +524,34 @@ fn run() -> Result<()> {
             if let Some(v) = kl_coeff {
                 cfg.kl_coeff = v;
             }
+            for (slot, v) in [
+                (&mut cfg.batch_prompts, batch_prompts),
+                (&mut cfg.samples, samples),
+                (&mut cfg.eval_every, eval_every),
+                (&mut cfg.val_n, val_n),
+                (&mut cfg.patience, patience),
+            ] {
+                if let Some(v) = v {
+                    anyhow::ensure!(v > 0, "train options must be positive");
+                    *slot = v;
+                }
+            }
             if let Some(v) = lr {
                 cfg.lr = v;
             }
             let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
-            let factors = expert::factors(&ck, cfg.targets, &cache)?;
-            let bar = indicatif::ProgressBar::new(cfg.steps as u64).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
-                )?,
-            );
+            let (factors, svd_stats) = expert::factors(&ck, cfg.targets, &cache)?;
+            if !json {
+                println!(
+                    "SVD of {} matrices: {} from the cache, {} computed in {:.1} s; largest ‖W − UΣVᵀ‖/‖W‖ = {:.1e}",
+                    factors.len(),
+                    svd_stats.hits,
+                    svd_stats.computed,
+                    svd_stats.seconds,
+                    svd_stats.max_relative_error
+                );
+            }
+            let bar = step_bar(cfg.steps)?;
             let summary = train::train_expert(
                 &ck,
                 &factors,
@@ -515,7 +568,15 @@ fn run() -> Result<()> {
             )?;
             bar.finish_and_clear();
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                let mut v = serde_json::to_value(&summary)?;
+                v["svd"] = serde_json::json!({
+                    "matrices": factors.len(),
+                    "cache_hits": svd_stats.hits,
+                    "computed": svd_stats.computed,
+                    "seconds": svd_stats.seconds,
+                    "max_relative_error": svd_stats.max_relative_error,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
                     "expert `{}`: validation accuracy {:.1}% → {:.1}% (best at step {} of {}{}) in {:.0} s; wrote {}",

@@ -166,6 +166,88 @@ impl Adam {
     }
 }
 
+/// The resumable state a training loop keeps beside its output `out`
+/// (`out.train-state.safetensors`): the optimizer's moments, the step reached, the settings the
+/// run used (under `config_key`, JSON) and any loop-specific metadata and tensors.
+pub struct ResumeState {
+    /// The state file.
+    pub path: std::path::PathBuf,
+    files: crate::checkpoint::st::TensorFiles,
+    /// The step the saved run had reached.
+    pub step: usize,
+}
+
+impl ResumeState {
+    /// Where the state of a run writing `out` lives.
+    pub fn path_for(out: &std::path::Path) -> std::path::PathBuf {
+        out.with_extension("train-state.safetensors")
+    }
+
+    /// Opens the state of a run writing `out`, if any, refusing one saved with other settings.
+    pub fn open<C>(out: &std::path::Path, config_key: &str, config: &C) -> Result<Option<Self>>
+    where
+        C: serde::de::DeserializeOwned + PartialEq,
+    {
+        let path = Self::path_for(out);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let files = crate::checkpoint::st::TensorFiles::open(std::slice::from_ref(&path))?;
+        let saved: C = serde_json::from_str(files.metadata(config_key).unwrap_or("null"))
+            .map_err(|e| Error::config(&path, config_key, e.to_string()))?;
+        if &saved != config {
+            return Err(Error::config(
+                &path,
+                config_key,
+                "the saved run used different settings; rerun without --resume to start afresh",
+            ));
+        }
+        let mut state = ResumeState {
+            path,
+            files,
+            step: 0,
+        };
+        state.step = state.get("step")?;
+        Ok(Some(state))
+    }
+
+    /// A metadata value, parsed.
+    pub fn get<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
+        self.files
+            .metadata(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::config(&self.path, key, "missing or not a number"))
+    }
+
+    /// The stored tensors (optimizer moments and the loop's own).
+    pub fn files(&self) -> &crate::checkpoint::st::TensorFiles {
+        &self.files
+    }
+
+    /// Writes (atomically) the state of a run writing `out` after `step` steps.
+    pub fn save<C: serde::Serialize>(
+        out: &std::path::Path,
+        opt: &Adam,
+        step: usize,
+        (config_key, config): (&str, &C),
+        meta: &[(&str, String)],
+        tensors: BTreeMap<String, OwnedTensor>,
+    ) -> Result<()> {
+        let mut all = opt.state()?;
+        all.extend(tensors);
+        let mut m: std::collections::HashMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        m.insert("step".into(), step.to_string());
+        m.insert(
+            config_key.into(),
+            serde_json::to_string(config).expect("settings serialize"),
+        );
+        crate::checkpoint::st::write_safetensors(&Self::path_for(out), &all, Some(m))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

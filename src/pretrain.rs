@@ -5,19 +5,18 @@
 //! Each step's batch is drawn from an RNG seeded by (seed, step), and the optimizer state is
 //! saved with the weights, so an interrupted run resumed with `--resume` continues exactly.
 
-use crate::checkpoint::st::{write_safetensors, TensorFiles};
 use crate::checkpoint::{save_native, Checkpoint};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalSpec};
 use crate::model::{log_softmax, Model, ModelOptions, WeightMode};
-use crate::optim::{Adam, AdamConfig};
+use crate::optim::{Adam, AdamConfig, ResumeState};
 use crate::tasks::{Difficulty, Domain, Split};
 use crate::tokenizer::{ByteTokenizer, Tokenizer, BYTE_VOCAB};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -190,11 +189,6 @@ pub fn lr_at(cfg: &PretrainConfig, step: usize) -> f64 {
     min + 0.5 * (cfg.lr - min) * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
 }
 
-/// Paths a run writes next to its output `out`.
-fn state_path(out: &Path) -> PathBuf {
-    out.with_extension("train-state.safetensors")
-}
-
 /// Metrics file of a run writing `out`.
 pub fn metrics_path(out: &Path) -> PathBuf {
     out.with_extension("metrics.jsonl")
@@ -239,25 +233,12 @@ pub fn pretrain(
             ..Default::default()
         },
     )?;
-    let sp = state_path(out);
     let mut first = 0;
-    if resume && sp.is_file() {
-        let tf = TensorFiles::open(std::slice::from_ref(&sp))?;
-        let saved: PretrainConfig =
-            serde_json::from_str(tf.metadata("pretrain_config").unwrap_or("null"))
-                .map_err(|e| Error::config(&sp, "pretrain_config", e.to_string()))?;
-        if &saved != cfg {
-            return Err(Error::config(
-                &sp,
-                "pretrain_config",
-                "the saved run used different settings; rerun without --resume to start afresh",
-            ));
+    if resume {
+        if let Some(state) = ResumeState::open(out, "pretrain_config", cfg)? {
+            first = state.step;
+            opt.load_state(state.files(), first)?;
         }
-        first = tf
-            .metadata("step")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::config(&sp, "step", "missing or not a number"))?;
-        opt.load_state(&tf, first)?;
     }
     let mp = metrics_path(out);
     let mut metrics = std::fs::OpenOptions::new()
@@ -309,7 +290,14 @@ pub fn pretrain(
             for (name, d) in &report.domains {
                 record[format!("pretrain/val_accuracy/{name}")] = d.accuracy.into();
             }
-            save_state(&opt, cfg, step + 1, &sp)?;
+            ResumeState::save(
+                out,
+                &opt,
+                step + 1,
+                ("pretrain_config", cfg),
+                &[],
+                BTreeMap::new(),
+            )?;
         }
         writeln!(metrics, "{record}").map_err(|e| Error::io(&mp, e))?;
         if !keep_going {
@@ -333,17 +321,6 @@ pub fn pretrain(
         val_accuracy,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-fn save_state(opt: &Adam, cfg: &PretrainConfig, step: usize, path: &Path) -> Result<()> {
-    let meta = HashMap::from([
-        ("step".to_string(), step.to_string()),
-        (
-            "pretrain_config".to_string(),
-            serde_json::to_string(cfg).expect("config serializes"),
-        ),
-    ]);
-    write_safetensors(path, &opt.state()?, Some(meta))
 }
 
 #[cfg(test)]
