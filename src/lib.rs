@@ -8,6 +8,7 @@ pub mod eval;
 pub mod expert;
 pub mod inspect;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod pretrain;
 pub mod recovery;

@@ -4,15 +4,17 @@
 //!
 //! Two weight modes share one interface ([`WeightMode`]): *ternary* runs the packed 2-bit
 //! weights through the exact integer kernel of [`crate::ternary`]; *dense* holds W = γ·W_t in
-//! f32 and uses only composable candle ops, so gradients flow through it (candle's fused
-//! `rms_norm`, `softmax_last_dim`, `rope*` and `sdpa` kernels silently drop gradients and are
-//! deliberately not used here).
+//! f32 and is differentiable. Norms, RoPE, attention and the FFN activation are the fused ops
+//! of [`crate::ops`], each with its own backward pass (candle's fused `rms_norm`,
+//! `softmax_last_dim`, `rope*` and `sdpa` kernels silently drop gradients and are deliberately
+//! not used here).
 
 use crate::checkpoint::{Checkpoint, LinearKind};
-use crate::config::{Activation, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::ternary::{quantize_activations, TernaryMatrix};
-use candle_core::{DType, Device, Tensor, D};
+use crate::ops;
+use crate::ternary::TernaryMatrix;
+use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;
 
@@ -50,18 +52,7 @@ impl Default for ModelOptions {
 /// Fake-quantize activations `[.., in]` per token, with the straight-through estimator: the
 /// forward value is x_q/s, the gradient is the identity (BitNet training, DESIGN.md §2).
 pub fn fake_quant_ste(x: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let cols = *dims.last().expect("activations have a feature dim");
-    let flat: Vec<f32> = x.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let (q, s) = quantize_activations(&flat, cols);
-    let deq: Vec<f32> = q
-        .chunks(cols)
-        .zip(&s)
-        .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 / s))
-        .collect();
-    let deq = Tensor::from_vec(deq, dims, x.device())?.to_dtype(x.dtype())?;
-    // x + (q(x) − x) with the bracket detached: value q(x), gradient 1.
-    Ok((x + (deq - x.detach())?)?)
+    ops::fake_quant_ste(x)
 }
 
 /// Weights of one BitLinear.
@@ -94,78 +85,16 @@ pub fn ternarize_ste(w: &Tensor) -> Result<Tensor> {
     Ok((w + (wq - wd)?)?)
 }
 
-/// x · W for a constant W `[in, out]`: a custom op whose backward returns only ∂L/∂x.
-/// candle's own matmul backward always computes the weight gradient too (an extra matmul per
-/// layer, the largest being the output head), which SVF training never needs.
-struct ConstMatmul {
-    w: Tensor,
-}
-
-impl candle_core::CustomOp1 for ConstMatmul {
-    fn name(&self) -> &'static str {
-        "const-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("const-matmul needs a contiguous input".into())
-        })?;
-        let dims = layout.shape().dims();
-        let x = match storage {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "const-matmul supports f32 and f64".into(),
-                ))
-            }
-        };
-        let y = x.matmul(&self.w)?;
-        let shape = y.shape().clone();
-        let out = match y.dtype() {
-            DType::F64 => CpuStorage::F64(y.flatten_all()?.to_vec1()?),
-            _ => CpuStorage::F32(y.flatten_all()?.to_vec1()?),
-        };
-        Ok((out, shape))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w.t()?)?))
-    }
-}
-
 /// `x` `[.., in]` times `wt` `[in, out]`, skipping the weight gradient when `wt` is a
-/// constant (see [`ConstMatmul`]); a `wt` that tracks gradients takes the ordinary path.
+/// constant ([`ops::matmul_const`]); a `wt` that tracks gradients takes the ordinary path.
 pub fn matmul_const(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    if wt.track_op() {
-        return matmul_2d(x, wt);
-    }
-    let mut dims = x.dims().to_vec();
-    let cols = *dims.last().expect("feature dim");
-    let x2 = x.reshape(((), cols))?.contiguous()?;
-    let y = x2.apply_op1(ConstMatmul { w: wt.clone() })?;
-    *dims.last_mut().expect("feature dim") = wt.dim(1)?;
-    Ok(y.reshape(dims)?)
+    ops::matmul_const(x, wt)
 }
 
 /// `x` `[.., in]` times `wt` `[in, out]` as one 2-D matmul (cheaper than a broadcast matmul,
 /// forward and backward).
 pub fn matmul_2d(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    let cols = *dims.last().expect("feature dim");
-    let y = x.reshape(((), cols))?.matmul(wt)?;
-    *dims.last_mut().expect("feature dim") = wt.dim(1)?;
-    Ok(y.reshape(dims)?)
+    ops::composable::matmul_2d(x, wt)
 }
 
 /// A BitNet linear layer: y = quant(x) · Wᵀ (+ b).
@@ -215,26 +144,19 @@ impl BitLinear {
     }
 }
 
-/// RMSNorm from composable ops (differentiable): x · rsqrt(mean(x²) + ε) · w.
+/// RMSNorm over the last dim: x · rsqrt(mean(x²) + ε) · w ([`ops::rms_norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let x = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(x.broadcast_mul(weight)?)
+    ops::rms_norm(x, weight, eps)
 }
 
-/// Softmax over the last dim from composable ops (the max is a constant shift, detached).
+/// Softmax over the last dim ([`ops::softmax`]).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    ops::softmax(x)
 }
 
-/// Log-softmax over the last dim from composable ops.
+/// Log-softmax over the last dim ([`ops::log_softmax`]).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&m)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
+    ops::log_softmax(x)
 }
 
 /// Rotate-half RoPE tables `cos`, `sin` of shape `[max_pos, head_dim]` (HF convention).
@@ -268,20 +190,9 @@ impl Rope {
             sin: Tensor::from_vec(sin, (n, hd), dev)?.to_dtype(dtype)?,
         })
     }
-
-    /// Apply to `x` `[B, H, T, hd]` at positions `offset..offset+T`.
-    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, t, hd) = x.dims4()?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
-    }
 }
 
-/// Per-layer key/value cache for incremental decoding.
+/// Per-layer key/value cache for incremental decoding: k (before RoPE) and v, `[B, S, KV·hd]`.
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
     kv: Vec<Option<(Tensor, Tensor)>>,
@@ -293,7 +204,7 @@ impl Cache {
         self.kv
             .first()
             .and_then(|e| e.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+            .map_or(0, |(k, _)| k.dims()[1])
     }
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
@@ -449,87 +360,38 @@ impl Model {
             t,
             self.config.hidden_size,
         ))?;
-        let mask = self.causal_mask(t, offset)?;
         for (l, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.kv[l]);
-            x = self.block_forward(block, &x, offset, mask.as_ref(), slot)?;
+            x = self.block_forward(block, &x, slot)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
-    }
-
-    /// Additive mask `[T, offset+T]`: 0 where key ≤ query position, −∞ after.
-    fn causal_mask(&self, t: usize, offset: usize) -> Result<Option<Tensor>> {
-        if t == 1 {
-            return Ok(None);
-        }
-        let total = offset + t;
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j > offset + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Ok(Some(
-            Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.options.dtype)?,
-        ))
     }
 
     fn block_forward(
         &self,
         block: &Block,
         x: &Tensor,
-        offset: usize,
-        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let eps = cfg.rms_norm_eps;
-        let (b, t, _) = x.dims3()?;
-        let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let (h, kvh) = (cfg.num_attention_heads, cfg.kv_heads());
         let lin = |k: LinearKind| &block.linears[k as usize];
 
-        // Attention: o_proj(attn_sub_norm(softmax(q kᵀ/√hd + mask) v)).
+        // Attention: o_proj(attn_sub_norm(softmax(rope(q) rope(k)ᵀ/√hd + mask) v)), one fused op
+        // in the token-major layout of the projections (no head transposes).
         let xn = rms_norm(x, &block.input_layernorm, eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = self
-            .rope
-            .apply(&heads(lin(LinearKind::Q).forward(&xn)?, h)?, offset)?; // [B,H,T,hd]
-        let mut k = self
-            .rope
-            .apply(&heads(lin(LinearKind::K).forward(&xn)?, kvh)?, offset)?; // [B,KV,T,hd]
-        let mut v = heads(lin(LinearKind::V).forward(&xn)?, kvh)?; // [B,KV,T,hd]
+        let q = lin(LinearKind::Q).forward(&xn)?; // [B,T,H·hd]
+        let mut k = lin(LinearKind::K).forward(&xn)?; // [B,T,KV·hd]
+        let mut v = lin(LinearKind::V).forward(&xn)?; // [B,T,KV·hd]
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let rep = h / kvh;
-        let repeat = |y: &Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(y.clone());
-            }
-            let (b, n, s, hd) = y.dims4()?;
-            Ok(y.unsqueeze(2)?
-                .expand((b, n, rep, s, hd))?
-                .reshape((b, n * rep, s, hd))?)
-        };
-        let (k, v) = (repeat(&k)?, repeat(&v)?); // [B,H,S,hd]
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [B,H,T,S]
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let att = softmax(&scores)?.matmul(&v.contiguous()?)?; // [B,H,T,hd]
-        let mut att = att.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let mut att = ops::causal_attention(&q, &k, &v, h, kvh, &self.rope.cos, &self.rope.sin)?;
         if let Some(w) = &block.attn_sub_norm {
             att = rms_norm(&att, w, eps)?;
         }
@@ -537,12 +399,11 @@ impl Model {
 
         // FFN: down(ffn_sub_norm(act(gate(x)) · up(x))).
         let xn = rms_norm(&x, &block.post_attention_layernorm, eps)?;
-        let g = lin(LinearKind::Gate).forward(&xn)?;
-        let g = match cfg.hidden_act {
-            Activation::Relu2 => g.relu()?.sqr()?,
-            Activation::Silu => g.silu()?,
-        };
-        let mut f = (g * lin(LinearKind::Up).forward(&xn)?)?;
+        let mut f = ops::gated_activation(
+            &lin(LinearKind::Gate).forward(&xn)?,
+            &lin(LinearKind::Up).forward(&xn)?,
+            cfg.hidden_act,
+        )?;
         if let Some(w) = &block.ffn_sub_norm {
             f = rms_norm(&f, w, eps)?;
         }

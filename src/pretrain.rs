@@ -9,7 +9,7 @@ use crate::checkpoint::{save_native, Checkpoint};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalSpec};
-use crate::model::{log_softmax, Model, ModelOptions, WeightMode};
+use crate::model::{Model, ModelOptions, WeightMode};
 use crate::optim::{Adam, AdamConfig, ResumeState};
 use crate::tasks::{Difficulty, Domain, Split};
 use crate::tokenizer::{ByteTokenizer, Tokenizer, BYTE_VOCAB};
@@ -134,8 +134,12 @@ pub fn batch_from_pairs(pairs: &[(Vec<u32>, Vec<u32>)], dev: &Device) -> Result<
 
 /// Mean cross-entropy over the masked positions. Composable ops only (gradients flow).
 pub fn masked_cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
-    let v = logits.dim(candle_core::D::Minus1)?;
-    masked_nll(&log_softmax(&logits.reshape(((), v))?)?, batch)
+    // Fused: log-softmax at the targets without the [B·T, vocab] log-prob tensor.
+    let picked = crate::ops::target_log_probs(logits, &batch.target)?;
+    let nll = (picked * batch.mask.to_dtype(logits.dtype())?)?
+        .sum_all()?
+        .neg()?;
+    Ok((nll / batch.supervised.max(1) as f64)?)
 }
 
 /// Mean negative log-likelihood of the targets over the masked positions, from log-probs

@@ -11,7 +11,6 @@
 
 use crate::checkpoint::LinearKind;
 use crate::error::{Error, Result};
-use crate::model::matmul_const;
 use crate::svd::Svd;
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -194,9 +193,7 @@ impl SvfWeight {
 
     /// y = ((x V) ⊙ s) Uᵀ for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = matmul_const(x, &self.v)?; // [.., r]
-        let h = h.broadcast_mul(&self.scale()?)?;
-        matmul_const(&h, &self.u_t)
+        crate::ops::svf_linear(x, &self.v, &self.scale()?, &self.u_t)
     }
 
     /// W' = U diag(s) Vᵀ, row-major `[out, in]` f32.
