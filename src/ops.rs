@@ -728,6 +728,18 @@ pub fn svf_linear(x: &Tensor, v: &Tensor, s: &Tensor, u_t: &Tensor) -> Result<Te
     Ok(x.contiguous()?.apply_op2(&s.contiguous()?, op)?)
 }
 
+/// Multiplies every row of the row-major `m` (rows of `s.len()`) by `s` element-wise.
+fn scale_columns<T: Real>(m: &mut [T], s: &[T]) {
+    let r = s.len();
+    m.par_chunks_mut(r.max(1))
+        .with_min_len(task_rows(r))
+        .for_each(|row| {
+            for (a, &b) in row.iter_mut().zip(s) {
+                *a *= b;
+            }
+        });
+}
+
 struct SvfLinear {
     /// V `[in, r]`.
     v: Tensor,
@@ -759,11 +771,7 @@ impl CustomOp2 for SvfLinear {
             let s = input::<T>(ss, sl, self.name())?;
             let h = matmul((m, r, k), x, false, v.get()?, false);
             let mut g = h.clone();
-            g.par_chunks_mut(r.max(1)).with_min_len(task_rows(r)).for_each(|row| {
-                for (a, &b) in row.iter_mut().zip(s) {
-                    *a *= b;
-                }
-            });
+            scale_columns(&mut g, s);
             let y = matmul((m, n, r), &g, false, u_t.get()?, false);
             if self.keep_h {
                 *self.h.lock().expect("svf-linear state") = Some(T::into_storage(h));
@@ -805,11 +813,7 @@ impl CustomOp2 for SvfLinear {
             });
             let dx = if x.track_op() {
                 // dx = (dg ⊙ s) · Vᵀ
-                dg.par_chunks_mut(r.max(1)).with_min_len(task_rows(r)).for_each(|row| {
-                    for (a, &b) in row.iter_mut().zip(sc) {
-                        *a *= b;
-                    }
-                });
+                scale_columns(&mut dg, sc);
                 let dx = matmul((m, k, r), &dg, false, v.get()?, true);
                 Some(tensor(dx, x.shape().clone())?)
             } else {

@@ -166,6 +166,12 @@ impl Adam {
     }
 }
 
+/// Half-cosine decay from `peak` at progress 0 to `min_ratio`·`peak` at progress ≥ 1.
+pub fn cosine_lr(peak: f64, min_ratio: f64, progress: f64) -> f64 {
+    let min = peak * min_ratio;
+    min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+}
+
 /// The resumable state a training loop keeps beside its output `out`
 /// (`out.train-state.safetensors`): the optimizer's moments, the step reached, the settings the
 /// run used (under `config_key`, JSON) and any loop-specific metadata and tensors.

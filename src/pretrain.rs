@@ -135,18 +135,21 @@ pub fn batch_from_pairs(pairs: &[(Vec<u32>, Vec<u32>)], dev: &Device) -> Result<
 /// Mean cross-entropy over the masked positions. Composable ops only (gradients flow).
 pub fn masked_cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     // Fused: log-softmax at the targets without the [B·T, vocab] log-prob tensor.
-    let picked = crate::ops::target_log_probs(logits, &batch.target)?;
-    let nll = (picked * batch.mask.to_dtype(logits.dtype())?)?
-        .sum_all()?
-        .neg()?;
-    Ok((nll / batch.supervised.max(1) as f64)?)
+    masked_mean_nll(&crate::ops::target_log_probs(logits, &batch.target)?, batch)
 }
 
 /// Mean negative log-likelihood of the targets over the masked positions, from log-probs
 /// `[B·T, vocab]`.
 pub fn masked_nll(lp: &Tensor, batch: &Batch) -> Result<Tensor> {
-    let picked = lp.gather(&batch.target.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let nll = (picked * batch.mask.to_dtype(lp.dtype())?)?
+    masked_mean_nll(
+        &lp.gather(&batch.target.unsqueeze(1)?, 1)?.squeeze(1)?,
+        batch,
+    )
+}
+
+/// −mean of the target log-probs `picked` `[B·T]` over the masked positions.
+fn masked_mean_nll(picked: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let nll = (picked * batch.mask.to_dtype(picked.dtype())?)?
         .sum_all()?
         .neg()?;
     Ok((nll / batch.supervised.max(1) as f64)?)
@@ -189,8 +192,7 @@ pub fn lr_at(cfg: &PretrainConfig, step: usize) -> f64 {
         return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
     }
     let p = (step - cfg.warmup) as f64 / (cfg.steps - cfg.warmup).max(1) as f64;
-    let min = cfg.lr * cfg.min_lr_ratio;
-    min + 0.5 * (cfg.lr - min) * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+    crate::optim::cosine_lr(cfg.lr, cfg.min_lr_ratio, p)
 }
 
 /// Metrics file of a run writing `out`.

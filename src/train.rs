@@ -292,8 +292,7 @@ pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
     if !cfg.cosine {
         return cfg.lr;
     }
-    let p = (step as f64 / cfg.steps.max(1) as f64).min(1.0);
-    cfg.lr * (0.1 + 0.45 * (1.0 + (std::f64::consts::PI * p).cos()))
+    crate::optim::cosine_lr(cfg.lr, 0.1, step as f64 / cfg.steps.max(1) as f64)
 }
 
 /// Train one expert on `data`; writes it to `out` (and resumable state beside it).
