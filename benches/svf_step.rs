@@ -50,7 +50,11 @@ fn bench(c: &mut Criterion) {
         act_quant: false,
         dtype: DType::F32,
     };
-    let vars = init_vars(&factors, Parameterization::Paper, options, 0).unwrap();
+    let lengths: BTreeMap<String, usize> = factors
+        .iter()
+        .map(|(n, f)| (n.clone(), f.sigma.len()))
+        .collect();
+    let vars = init_vars(&lengths, Parameterization::Paper, options, 0).unwrap();
     let z: BTreeMap<String, Tensor> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))

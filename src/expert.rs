@@ -10,7 +10,7 @@ use crate::checkpoint::{linear_name, Checkpoint, LinearKind};
 use crate::error::{Error, Result};
 use crate::model::{LinearWeight, Model, ModelOptions, NamedVar, WeightMode};
 use crate::svd::{Svd, SvdCache};
-use crate::svf::{init_z, Parameterization, SvfWeight, Targets};
+use crate::svf::{init_z, Parameterization, ScaleWeight, SvfWeight, Targets};
 use candle_core::{Tensor, Var};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -137,8 +137,36 @@ pub fn factors(
 /// Largest accepted `‖W − UΣVᵀ‖_F / ‖W‖_F` of a target matrix.
 pub const MAX_SVD_ERROR: f64 = 1e-4;
 
-/// A model whose target linears run in SVF form with the given z tensors (variables while
-/// training, constants otherwise). Non-target linears stay dense (dequantized).
+/// The length of z for every target matrix of `ck` under `param` (`rank`: the low-rank width
+/// k). Parameterizations on singular directions need the target's factors in `factors`.
+pub fn z_lengths(
+    ck: &Checkpoint,
+    targets: Targets,
+    param: Parameterization,
+    factors: &BTreeMap<String, Svd>,
+    rank: usize,
+) -> Result<BTreeMap<String, usize>> {
+    ck.linears()
+        .filter(|(_, k, _)| targets.includes(*k))
+        .map(|(name, _, l)| {
+            let (rows, cols) = (l.matrix.rows, l.matrix.cols);
+            let r = if param.uses_svd() {
+                factors
+                    .get(&name)
+                    .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))?
+                    .sigma
+                    .len()
+            } else {
+                rows.min(cols)
+            };
+            Ok((name, param.z_len(rows, r, rank)))
+        })
+        .collect()
+}
+
+/// A model whose target linears carry the given z tensors (variables while training,
+/// constants otherwise) under `param`: in SVF form (paper, official), as the base plus a
+/// low-rank delta, or as scaled rows (alpha). Other linears stay dense (dequantized).
 pub fn svf_model(
     ck: &Checkpoint,
     options: ModelOptions,
@@ -157,44 +185,65 @@ pub fn svf_model(
     for (l, block) in model.blocks.iter_mut().enumerate() {
         for kind in LinearKind::ALL {
             let name = linear_name(l, kind);
-            let (Some(f), Some(zt)) = (factors.get(&name), z.get(&name)) else {
+            let Some(zt) = z.get(&name) else {
                 continue;
             };
-            let w = SvfWeight::new(f, zt.clone(), param, options.dtype, &dev)?;
-            block.linears[kind as usize].weight = LinearWeight::Svf(w);
+            let slot = &mut block.linears[kind as usize].weight;
+            let LinearWeight::Dense(wt) = slot else {
+                return Err(Error::Input(format!("`{name}` is not a dense linear")));
+            };
+            let svd = || {
+                factors
+                    .get(&name)
+                    .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))
+            };
+            *slot = match param {
+                Parameterization::Paper | Parameterization::Official => LinearWeight::Svf(
+                    SvfWeight::new(svd()?, zt.clone(), param, options.dtype, &dev)?,
+                ),
+                Parameterization::LowRank => LinearWeight::Svf(SvfWeight::low_rank(
+                    svd()?,
+                    zt.clone(),
+                    wt.clone(),
+                    options.dtype,
+                    &dev,
+                )?),
+                Parameterization::AlphaLayer | Parameterization::AlphaChannel => {
+                    LinearWeight::Scaled(ScaleWeight::new(wt.clone(), zt.clone())?)
+                }
+            };
         }
     }
     Ok(model)
 }
 
-/// Replace the z of every SVF linear of `model` named in `z` (the factors stay).
+/// Replace the z of every adapted linear of `model` named in `z` (the factors stay).
 pub fn set_z(model: &mut Model, z: &BTreeMap<String, Tensor>) {
     for (l, block) in model.blocks.iter_mut().enumerate() {
         for kind in LinearKind::ALL {
-            if let (LinearWeight::Svf(w), Some(zt)) = (
-                &mut block.linears[kind as usize].weight,
+            if let (Some(slot), Some(zt)) = (
+                block.linears[kind as usize].weight.z_mut(),
                 z.get(&linear_name(l, kind)),
             ) {
-                w.z = zt.clone();
+                *slot = zt.clone();
             }
         }
     }
 }
 
-/// Fresh z variables for every factored matrix (z₀ per the parameterization), seeded.
+/// Fresh z variables of the given lengths (z₀ per the parameterization), seeded.
 pub fn init_vars(
-    factors: &BTreeMap<String, Svd>,
+    lengths: &BTreeMap<String, usize>,
     param: Parameterization,
     options: ModelOptions,
     seed: u64,
 ) -> Result<Vec<NamedVar>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    factors
+    lengths
         .iter()
-        .map(|(name, f)| {
-            let z = init_z(param, f.sigma.len(), &mut rng);
-            let t = Tensor::from_vec(z, f.sigma.len(), &candle_core::Device::Cpu)?
-                .to_dtype(options.dtype)?;
+        .map(|(name, &n)| {
+            let z = init_z(param, n, &mut rng);
+            let t = Tensor::from_vec(z, n, &candle_core::Device::Cpu)?.to_dtype(options.dtype)?;
             Ok((name.clone(), Var::from_tensor(&t)?))
         })
         .collect()
@@ -223,28 +272,129 @@ pub fn expert_model(
     cache: &SvdCache,
     options: ModelOptions,
 ) -> Result<Model> {
-    let (f, _) = factors(ck, expert.meta.targets, cache)?;
+    let param = expert.meta.parameterization;
+    let f = if param.uses_svd() {
+        factors(ck, expert.meta.targets, cache)?.0
+    } else {
+        BTreeMap::new()
+    };
+    // Low-rank experts carry their own width k; the others must match the matrix exactly.
+    let k = expert.z.values().map(Vec::len).max().unwrap_or(0);
+    let want = z_lengths(ck, expert.meta.targets, param, &f, k)?;
     for (name, z) in &expert.z {
-        let Some(svd) = f.get(name) else {
+        let Some(&n) = want.get(name) else {
             return Err(Error::Input(format!(
                 "expert `{}` has a z for `{name}`, which is not a {:?} target of this model",
                 expert.meta.name, expert.meta.targets
             )));
         };
-        if svd.sigma.len() != z.len() {
+        if z.len() != n {
             return Err(Error::Input(format!(
-                "expert `{}`: z of `{name}` has {} entries, the matrix has rank {}",
+                "expert `{}`: z of `{name}` has {} entries, a {} expert of this model needs {n}",
                 expert.meta.name,
                 z.len(),
-                svd.sigma.len()
+                param.name()
             )));
         }
     }
-    svf_model(
-        ck,
-        options,
-        &f,
-        &z_tensors(&expert.z, options)?,
-        expert.meta.parameterization,
-    )
+    svf_model(ck, options, &f, &z_tensors(&expert.z, options)?, param)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn tiny() -> Checkpoint {
+        let mut cfg = crate::pretrain::default_arch();
+        cfg.hidden_size = 16;
+        cfg.intermediate_size = 24;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 2;
+        cfg.num_key_value_heads = Some(1);
+        cfg.max_position_embeddings = 64;
+        Checkpoint::random(cfg, 3)
+    }
+
+    const OPTIONS: ModelOptions = ModelOptions {
+        mode: WeightMode::Dense,
+        act_quant: true,
+        dtype: DType::F32,
+    };
+
+    #[test]
+    fn alpha_experts_fold_into_the_ternary_scales_exactly() {
+        // Option 2's deployed form: W_t unchanged, γ multiplied by z (per matrix or per row).
+        let ck = tiny();
+        for param in [Parameterization::AlphaLayer, Parameterization::AlphaChannel] {
+            let lengths = z_lengths(&ck, Targets::Mlp, param, &BTreeMap::new(), 0).unwrap();
+            let z: BTreeMap<String, Vec<f32>> = lengths
+                .iter()
+                .map(|(n, &len)| (n.clone(), (0..len).map(|i| 0.5 + 0.1 * i as f32).collect()))
+                .collect();
+            let model = svf_model(
+                &ck,
+                OPTIONS,
+                &BTreeMap::new(),
+                &z_tensors(&z, OPTIONS).unwrap(),
+                param,
+            )
+            .unwrap();
+            let out = model.to_checkpoint().unwrap();
+            for ((name, _, before), (_, _, after)) in ck.linears().zip(out.linears()) {
+                assert_eq!(before.matrix.values(), after.matrix.values(), "{name}");
+                for r in 0..before.matrix.rows {
+                    let zr = z
+                        .get(&name)
+                        .map_or(1.0, |z| z[if z.len() == 1 { 0 } else { r }]);
+                    let want = before.matrix.scale(r) * zr;
+                    let got = after.matrix.scale(r);
+                    assert!(
+                        (got - want).abs() < 1e-6 * want,
+                        "{name} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn expert_of_the_wrong_shape_is_a_clear_error() {
+        let ck = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().to_path_buf());
+        let lengths = z_lengths(
+            &ck,
+            Targets::Mlp,
+            Parameterization::AlphaChannel,
+            &BTreeMap::new(),
+            0,
+        )
+        .unwrap();
+        let mut z: BTreeMap<String, Vec<f32>> = lengths
+            .iter()
+            .map(|(n, &len)| (n.clone(), vec![1.0; len]))
+            .collect();
+        let first = z.keys().next().unwrap().clone();
+        z.get_mut(&first).unwrap().push(1.0);
+        let expert = Expert {
+            meta: ExpertMeta {
+                name: "x".into(),
+                base_hash: ck.content_hash(),
+                parameterization: Parameterization::AlphaChannel,
+                targets: Targets::Mlp,
+                domains: vec![],
+                val_accuracy: 0.0,
+                training: serde_json::Value::Null,
+            },
+            z,
+        };
+        let err = expert_model(&ck, &expert, &cache, OPTIONS)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&first) && err.contains("alpha-channel"),
+            "{err}"
+        );
+    }
 }

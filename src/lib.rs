@@ -12,6 +12,7 @@ pub mod ops;
 pub mod optim;
 pub mod pretrain;
 pub mod recovery;
+pub mod requant;
 pub mod search;
 pub mod svd;
 pub mod svf;

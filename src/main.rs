@@ -43,8 +43,16 @@ enum ObjectiveArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ParamArg {
+    /// W' = U diag(σ⊙z) Vᵀ, z₀ = 1 (the paper).
     Paper,
+    /// Sigmoid scales with the Σσ-preserving rescale (the official code).
     Official,
+    /// W' = z·W, one z per matrix (BitNet-aware, Option 2).
+    AlphaLayer,
+    /// W' = diag(z)·W, one z per output channel (BitNet-aware, Option 2).
+    AlphaChannel,
+    /// W + SVF delta on the top-k singular directions (hybrid, Option 3; k = --rank).
+    LowRank,
 }
 
 #[derive(Subcommand)]
@@ -185,6 +193,9 @@ enum Command {
         /// z parameterization.
         #[arg(long, value_enum, default_value = "paper")]
         parameterization: ParamArg,
+        /// Width k of the low-rank parameterization (top-k singular directions).
+        #[arg(long, default_value_t = train::DEFAULT_RANK)]
+        rank: usize,
         /// Target matrices: mlp, attn or all.
         #[arg(long, default_value = "mlp")]
         targets: String,
@@ -505,6 +516,7 @@ fn run() -> Result<()> {
             out,
             objective,
             parameterization,
+            rank,
             targets,
             steps,
             kl_coeff,
@@ -538,7 +550,11 @@ fn run() -> Result<()> {
                 parameterization: match parameterization {
                     ParamArg::Paper => svf::Parameterization::Paper,
                     ParamArg::Official => svf::Parameterization::Official,
+                    ParamArg::AlphaLayer => svf::Parameterization::AlphaLayer,
+                    ParamArg::AlphaChannel => svf::Parameterization::AlphaChannel,
+                    ParamArg::LowRank => svf::Parameterization::LowRank,
                 },
+                rank,
                 targets: targets.parse()?,
                 cosine: !constant_lr,
                 baseline: !no_baseline,
@@ -567,8 +583,13 @@ fn run() -> Result<()> {
                 cfg.lr = v;
             }
             let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
-            let (factors, svd_stats) = expert::factors(&ck, cfg.targets, &cache)?;
-            if !json {
+            anyhow::ensure!(rank > 0, "--rank must be positive");
+            let (factors, svd_stats) = if cfg.parameterization.uses_svd() {
+                expert::factors(&ck, cfg.targets, &cache)?
+            } else {
+                Default::default()
+            };
+            if !json && cfg.parameterization.uses_svd() {
                 println!(
                     "SVD of {} matrices: {} from the cache, {} computed in {:.1} s; largest ‖W − UΣVᵀ‖/‖W‖ = {:.1e}",
                     factors.len(),

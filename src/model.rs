@@ -67,6 +67,19 @@ pub enum LinearWeight {
     Qat(Tensor),
     /// SVF: W' = U diag(s(z)) Vᵀ applied in factored form (differentiable in z).
     Svf(crate::svf::SvfWeight),
+    /// BitNet-aware SVF: W' = diag(z)·W with one z per matrix or per output channel.
+    Scaled(crate::svf::ScaleWeight),
+}
+
+impl LinearWeight {
+    /// The z of an adapted linear (SVF or scaled), if any.
+    pub fn z_mut(&mut self) -> Option<&mut Tensor> {
+        match self {
+            LinearWeight::Svf(w) => Some(&mut w.z),
+            LinearWeight::Scaled(w) => Some(&mut w.z),
+            _ => None,
+        }
+    }
 }
 
 /// Ternarize float master weights in the forward pass with the straight-through estimator:
@@ -133,6 +146,7 @@ impl BitLinear {
                     LinearWeight::Dense(wt) => matmul_const(&x, wt)?,
                     LinearWeight::Qat(w) => matmul_2d(&x, &ternarize_ste(w)?.t()?)?,
                     LinearWeight::Svf(svf) => svf.forward(&x)?,
+                    LinearWeight::Scaled(w) => w.forward(&x)?,
                     LinearWeight::Ternary(_) => unreachable!("handled above"),
                 }
             }
@@ -675,6 +689,7 @@ impl Model {
     /// the QAT forward pass uses).
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
         use crate::checkpoint::{Layer, Linear, SourceFormat};
+        use crate::requant::requantize;
         use crate::ternary::Quantization;
         let flat = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
@@ -687,12 +702,7 @@ impl Model {
                     LinearWeight::Ternary(m) => (**m).clone(),
                     LinearWeight::Dense(wt) => {
                         let (cols, rows) = wt.dims2()?;
-                        TernaryMatrix::quantize(
-                            &flat(&wt.t()?)?,
-                            rows,
-                            cols,
-                            Quantization::PerTensor,
-                        )
+                        requantize(&flat(&wt.t()?)?, rows, cols, false)
                     }
                     LinearWeight::Qat(w) => {
                         let (rows, cols) = w.dims2()?;
@@ -701,8 +711,12 @@ impl Model {
                     LinearWeight::Svf(svf) => {
                         // Re-quantization of the adapted W' (DESIGN.md §5).
                         let (rows, cols) = (svf.u_t.dim(1)?, svf.v.dim(0)?);
-                        let w = svf.adapted_weight()?;
-                        TernaryMatrix::quantize(&w, rows, cols, Quantization::PerTensor)
+                        requantize(&svf.adapted_weight()?, rows, cols, false)
+                    }
+                    LinearWeight::Scaled(w) => {
+                        // diag(z)·γ·W_t is ternary with per-channel scales γ·z: exact.
+                        let (cols, rows) = w.wt.dims2()?;
+                        requantize(&w.adapted_weight()?, rows, cols, w.z.dims1()? > 1)
                     }
                 };
                 let bias = lin.bias.as_ref().map(flat).transpose()?;
@@ -719,9 +733,18 @@ impl Model {
         let embed_tokens = flat(&self.embed)?;
         let lm_head = flat(&self.lm_head_t.t()?)?;
         let tied = self.config.tie_word_embeddings;
+        // Per-row scales (alpha-channel experts folded in) are recorded as per-channel.
+        let per_row = layers
+            .iter()
+            .flat_map(|l| &l.linears)
+            .any(|l| l.matrix.scales.len() > 1);
         Ok(Checkpoint {
             config: self.config.clone(),
-            quantization: Quantization::PerTensor,
+            quantization: if per_row {
+                Quantization::PerChannel { threshold: 0.5 }
+            } else {
+                Quantization::PerTensor
+            },
             format: SourceFormat::Native,
             source: std::path::PathBuf::from("<trained>"),
             bytes_on_disk: 0,

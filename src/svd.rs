@@ -136,7 +136,7 @@ pub struct Svd {
 }
 
 /// What a call to [`SvdCache::get_or_compute`] did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CacheStats {
     /// Matrices read from the cache file.
     pub hits: usize,

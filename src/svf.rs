@@ -8,6 +8,14 @@
 //!
 //! Mixtures combine the *applied* scales, s' = Σ α_k s_k, and are expressed as a paper-form
 //! z' = s'/σ, so a one-hot α reproduces that expert exactly under either parameterization.
+//!
+//! Two further families of the seed's integration options (DESIGN.md §5) train through the same
+//! machinery, each with z₀ = 1 and mixtures z' = Σ α_k z_k:
+//! - *BitNet-aware* (Option 2): z scales the rows of W = γ·W_t without any SVD — one value per
+//!   matrix (`alpha_layer`, W' = z·W) or one per output channel (`alpha_channel`,
+//!   W' = diag(z)·W). Both fold into the ternary scale after the integer matmul.
+//! - *Hybrid low-rank* (Option 3): only the top-k singular directions carry z and the base stays
+//!   as it is: y = x·Wᵀ + ((x V_k) ⊙ σ_k⊙(z − 1)) U_kᵀ, so W' = W + U_k diag(σ_k⊙(z−1)) V_kᵀ.
 
 use crate::checkpoint::LinearKind;
 use crate::error::{Error, Result};
@@ -24,6 +32,66 @@ pub enum Parameterization {
     Paper,
     /// s = (Σσ / Σ(σ⊙m))·σ⊙m with m = sigmoid(z)·max_mult (max_mult = 1).
     Official,
+    /// W' = z·W, one z per matrix (the seed's Option 2).
+    AlphaLayer,
+    /// W' = diag(z)·W, one z per output channel (Option 2, per channel).
+    AlphaChannel,
+    /// W' = W + U_k diag(σ_k⊙(z−1)) V_kᵀ on the top-k directions (Option 3).
+    LowRank,
+}
+
+impl Parameterization {
+    /// Every parameterization, in the order reports list them.
+    pub const ALL: [Parameterization; 5] = [
+        Parameterization::Paper,
+        Parameterization::Official,
+        Parameterization::AlphaLayer,
+        Parameterization::AlphaChannel,
+        Parameterization::LowRank,
+    ];
+
+    /// Whether z acts on singular directions (and so needs the SVD of each target).
+    pub fn uses_svd(self) -> bool {
+        !matches!(
+            self,
+            Parameterization::AlphaLayer | Parameterization::AlphaChannel
+        )
+    }
+
+    /// Length of z for an `rows × cols` matrix of rank `r`; `k` is the low-rank width.
+    pub fn z_len(self, rows: usize, r: usize, k: usize) -> usize {
+        match self {
+            Parameterization::Paper | Parameterization::Official => r,
+            Parameterization::AlphaLayer => 1,
+            Parameterization::AlphaChannel => rows,
+            Parameterization::LowRank => k.min(r),
+        }
+    }
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Parameterization::Paper => "paper",
+            Parameterization::Official => "official",
+            Parameterization::AlphaLayer => "alpha-layer",
+            Parameterization::AlphaChannel => "alpha-channel",
+            Parameterization::LowRank => "low-rank",
+        }
+    }
+}
+
+impl std::str::FromStr for Parameterization {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Parameterization::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "parameterization `{s}`: expected paper, official, alpha-layer, alpha-channel or low-rank"
+                ))
+            })
+    }
 }
 
 /// The official code's `max_mult`.
@@ -69,7 +137,6 @@ impl std::str::FromStr for Targets {
 /// Initial z of length `r`.
 pub fn init_z(param: Parameterization, r: usize, rng: &mut impl Rng) -> Vec<f32> {
     match param {
-        Parameterization::Paper => vec![1.0; r],
         Parameterization::Official => (0..r)
             .map(|_| {
                 let (u1, u2): (f32, f32) = (rng.gen::<f32>().max(1e-7), rng.gen());
@@ -77,13 +144,19 @@ pub fn init_z(param: Parameterization, r: usize, rng: &mut impl Rng) -> Vec<f32>
                 0.1 + 0.01 * n
             })
             .collect(),
+        _ => vec![1.0; r],
     }
 }
 
-/// The applied scale s (see module docs) as plain numbers, in f64.
+/// The applied scale s (see module docs) as plain numbers, in f64. For the parameterizations
+/// without singular directions (alpha) the scale is z itself; for low-rank it is σ_k⊙z on the
+/// first `z.len()` directions.
 pub fn applied_scale(param: Parameterization, sigma: &[f32], z: &[f32]) -> Vec<f64> {
     match param {
-        Parameterization::Paper => sigma
+        Parameterization::AlphaLayer | Parameterization::AlphaChannel => {
+            z.iter().map(|&z| z as f64).collect()
+        }
+        Parameterization::Paper | Parameterization::LowRank => sigma
             .iter()
             .zip(z)
             .map(|(&s, &z)| s as f64 * z as f64)
@@ -102,10 +175,23 @@ pub fn applied_scale(param: Parameterization, sigma: &[f32], z: &[f32]) -> Vec<f
     }
 }
 
-/// Paper-form z' whose applied scale is Σ_k α_k s_k (s_k = the applied scale of expert k).
-/// Directions with σ = 0 carry nothing and get z' = 1.
+/// The z' whose applied scale is Σ_k α_k s_k (s_k = the applied scale of expert k): in paper form
+/// for the paper and official parameterizations (directions with σ = 0 carry nothing and get
+/// z' = 1), and Σ_k α_k z_k in the expert's own form for the others.
 pub fn mix(param: Parameterization, sigma: &[f32], experts: &[&[f32]], alpha: &[f64]) -> Vec<f32> {
     assert_eq!(experts.len(), alpha.len(), "one α per expert");
+    if !matches!(param, Parameterization::Paper | Parameterization::Official) {
+        let n = experts.first().map_or(0, |z| z.len());
+        return (0..n)
+            .map(|i| {
+                experts
+                    .iter()
+                    .zip(alpha)
+                    .map(|(z, a)| a * z[i] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+    }
     let mut s = vec![0f64; sigma.len()];
     for (z, &a) in experts.iter().zip(alpha) {
         for (acc, x) in s.iter_mut().zip(applied_scale(param, sigma, z)) {
@@ -127,26 +213,69 @@ pub fn mix(param: Parameterization, sigma: &[f32], experts: &[&[f32]], alpha: &[
 /// A linear layer in SVF form: the factors of W and the z that scales them.
 #[derive(Debug, Clone)]
 pub struct SvfWeight {
-    /// V, `[in, r]`.
+    /// V, `[in, r]` (`[in, k]` for low-rank).
     pub v: Tensor,
-    /// Uᵀ, `[r, out]`.
+    /// Uᵀ, `[r, out]` (`[k, out]` for low-rank).
     pub u_t: Tensor,
-    /// σ, `[r]`.
+    /// σ, `[r]` (`[k]` for low-rank).
     pub sigma: Tensor,
     /// Σσ (for the official rescale).
     pub sigma_sum: f64,
     /// How z is applied.
     pub param: Parameterization,
-    /// z, `[r]` — a variable while training.
+    /// z, `[r]` or `[k]` — a variable while training.
     pub z: Tensor,
+    /// Low-rank only: the unchanged base Wᵀ `[in, out]` the delta is added to.
+    pub base: Option<Tensor>,
 }
 
 impl SvfWeight {
-    /// The factors of `svd` (W = U diag(σ) Vᵀ) scaled by `z`.
+    /// The factors of `svd` (W = U diag(σ) Vᵀ) scaled by `z` (paper or official form).
     pub fn new(
         svd: &Svd,
         z: Tensor,
         param: Parameterization,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        if !matches!(param, Parameterization::Paper | Parameterization::Official) {
+            return Err(Error::Input(format!(
+                "{} is not a full-rank SVF parameterization",
+                param.name()
+            )));
+        }
+        Self::from_factors(svd, svd.sigma.len(), z, param, None, dtype, dev)
+    }
+
+    /// The hybrid low-rank form: `base_t` (Wᵀ, `[in, out]`) plus the SVF delta on the top
+    /// `z.len()` singular directions of `svd`.
+    pub fn low_rank(
+        svd: &Svd,
+        z: Tensor,
+        base_t: Tensor,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let k = z.dims1()?;
+        if k == 0 || k > svd.sigma.len() || base_t.dims() != [svd.cols, svd.rows] {
+            return Err(Error::Input(format!(
+                "low-rank SVF: z of length {k} and base {:?} do not fit a {}×{} matrix of rank {}",
+                base_t.dims(),
+                svd.rows,
+                svd.cols,
+                svd.sigma.len()
+            )));
+        }
+        let base = base_t.to_dtype(dtype)?;
+        Self::from_factors(svd, k, z, Parameterization::LowRank, Some(base), dtype, dev)
+    }
+
+    fn from_factors(
+        svd: &Svd,
+        k: usize,
+        z: Tensor,
+        param: Parameterization,
+        base: Option<Tensor>,
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
@@ -158,29 +287,39 @@ impl SvfWeight {
             v,
         } = svd;
         let (rows, cols, r) = (*rows, *cols, sigma.len());
-        if u.len() != rows * r || v.len() != cols * r || z.dims() != [r] {
+        if u.len() != rows * r || v.len() != cols * r || z.dims() != [k] {
             return Err(Error::Input(format!(
                 "SVF factors do not fit a {rows}×{cols} matrix of rank {r} (z has shape {:?})",
                 z.dims()
             )));
         }
+        // The first k columns of the row-major U `[rows, r]` and V `[cols, r]`.
+        let first = |m: &[f32], n: usize| -> Vec<f32> {
+            m.chunks(r)
+                .take(n)
+                .flat_map(|row| &row[..k])
+                .copied()
+                .collect()
+        };
+        let sigma = &sigma[..k];
         Ok(SvfWeight {
-            v: Tensor::from_slice(v, (cols, r), dev)?.to_dtype(dtype)?,
-            u_t: Tensor::from_slice(u, (rows, r), dev)?
+            v: Tensor::from_vec(first(v, cols), (cols, k), dev)?.to_dtype(dtype)?,
+            u_t: Tensor::from_vec(first(u, rows), (rows, k), dev)?
                 .to_dtype(dtype)?
                 .t()?
                 .contiguous()?,
-            sigma: Tensor::from_slice(sigma, r, dev)?.to_dtype(dtype)?,
+            sigma: Tensor::from_slice(sigma, k, dev)?.to_dtype(dtype)?,
             sigma_sum: sigma.iter().map(|&s| s as f64).sum(),
             param,
             z,
+            base,
         })
     }
 
-    /// The applied scale s `[r]` as a differentiable function of z.
+    /// The applied scale s `[r]` as a differentiable function of z (for low-rank, the scale of
+    /// the delta: σ_k⊙(z − 1)).
     pub fn scale(&self) -> Result<Tensor> {
         match self.param {
-            Parameterization::Paper => Ok((&self.sigma * &self.z)?),
             Parameterization::Official => {
                 // sigmoid from composable ops so the gradient reaches z.
                 let m = ((self.z.neg()?.exp()? + 1.0)?.recip()? * OFFICIAL_MAX_MULT)?;
@@ -188,21 +327,65 @@ impl SvfWeight {
                 let denom = sm.sum_all()?;
                 Ok(sm.broadcast_mul(&(denom.recip()? * self.sigma_sum)?)?)
             }
+            Parameterization::LowRank => Ok((&self.sigma * (&self.z - 1.0)?)?),
+            _ => Ok((&self.sigma * &self.z)?),
         }
     }
 
-    /// y = ((x V) ⊙ s) Uᵀ for `x` `[.., in]`.
+    /// y = ((x V) ⊙ s) Uᵀ (+ x·Wᵀ for low-rank) for `x` `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::svf_linear(x, &self.v, &self.scale()?, &self.u_t)
+        let delta = crate::ops::svf_linear(x, &self.v, &self.scale()?, &self.u_t)?;
+        match &self.base {
+            Some(wt) => Ok((crate::ops::matmul_const(x, wt)? + delta)?),
+            None => Ok(delta),
+        }
     }
 
-    /// W' = U diag(s) Vᵀ, row-major `[out, in]` f32.
+    /// W' = U diag(s) Vᵀ (+ W for low-rank), row-major `[out, in]` f32.
     pub fn adapted_weight(&self) -> Result<Vec<f32>> {
-        let w = self
+        let mut w = self
             .u_t
             .t()?
             .broadcast_mul(&self.scale()?)?
             .matmul(&self.v.t()?)?;
+        if let Some(b) = &self.base {
+            w = (w + b.t()?)?;
+        }
+        Ok(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+}
+
+/// A linear layer whose rows W = γ·W_t are scaled by z (BitNet-aware SVF, Option 2): one z
+/// for the whole matrix or one per output channel.
+#[derive(Debug, Clone)]
+pub struct ScaleWeight {
+    /// Wᵀ, `[in, out]`.
+    pub wt: Tensor,
+    /// z, `[1]` or `[out]` — a variable while training.
+    pub z: Tensor,
+}
+
+impl ScaleWeight {
+    /// Scale `wt` (Wᵀ, `[in, out]`) by `z` (`[1]` or `[out]`).
+    pub fn new(wt: Tensor, z: Tensor) -> Result<Self> {
+        let out = wt.dim(1)?;
+        let n = z.dims1()?;
+        if n != 1 && n != out {
+            return Err(Error::Input(format!(
+                "scale vector of length {n} fits neither one matrix nor its {out} output channels"
+            )));
+        }
+        Ok(ScaleWeight { wt, z })
+    }
+
+    /// y = (x·Wᵀ) ⊙ z for `x` `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::ops::matmul_const(x, &self.wt)?.broadcast_mul(&self.z)?)
+    }
+
+    /// W' = diag(z)·W, row-major `[out, in]` f32.
+    pub fn adapted_weight(&self) -> Result<Vec<f32>> {
+        let w = self.wt.t()?.broadcast_mul(&self.z.unsqueeze(1)?)?;
         Ok(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 }
@@ -282,5 +465,121 @@ mod tests {
         let p = init_z(Parameterization::Official, 1000, &mut rng);
         let mean = p.iter().sum::<f32>() / 1000.0;
         assert!((mean - 0.1).abs() < 0.002, "{mean}");
+    }
+
+    fn random_svd(rows: usize, cols: usize) -> (Vec<f32>, Svd) {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 23) as f32 / 11.0 - 1.0) * 0.3)
+            .collect();
+        let svd = crate::svd::thin_svd(&w, rows, cols);
+        (w, svd)
+    }
+
+    fn dense_t(w: &[f32], rows: usize, cols: usize) -> Tensor {
+        Tensor::from_slice(w, (rows, cols), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    #[test]
+    fn low_rank_at_full_width_equals_the_paper_form_and_starts_at_the_base() {
+        let (rows, cols) = (6, 5);
+        let (w, svd) = random_svd(rows, cols);
+        let dev = Device::Cpu;
+        let z: Vec<f32> = (0..5).map(|i| 1.0 + 0.1 * i as f32 - 0.2).collect();
+        let zt = Tensor::from_slice(&z, 5, &dev).unwrap();
+        let paper = SvfWeight::new(&svd, zt.clone(), Parameterization::Paper, DType::F32, &dev)
+            .unwrap()
+            .adapted_weight()
+            .unwrap();
+        let full = SvfWeight::low_rank(&svd, zt, dense_t(&w, rows, cols), DType::F32, &dev)
+            .unwrap()
+            .adapted_weight()
+            .unwrap();
+        for (a, b) in paper.iter().zip(&full) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // k = 2 with z = 1: exactly the base, and only the top-2 directions move otherwise.
+        let ones = Tensor::ones(2, DType::F32, &dev).unwrap();
+        let lr =
+            SvfWeight::low_rank(&svd, ones, dense_t(&w, rows, cols), DType::F32, &dev).unwrap();
+        assert_eq!(lr.adapted_weight().unwrap(), w);
+        let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0, 1.5], (1, 5), &dev).unwrap();
+        let y: Vec<f32> = lr
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (r, yr) in y.iter().enumerate() {
+            let want: f32 = (0..5)
+                .map(|c| w[r * 5 + c] * [0.5, -1.0, 2.0, 0.0, 1.5][c])
+                .sum();
+            assert!((yr - want).abs() < 1e-5);
+        }
+        // Too wide a k is an error, not a panic.
+        let z6 = Tensor::ones(6, DType::F32, &dev).unwrap();
+        assert!(SvfWeight::low_rank(&svd, z6, dense_t(&w, rows, cols), DType::F32, &dev).is_err());
+    }
+
+    #[test]
+    fn alpha_scales_whole_matrices_or_output_channels() {
+        let (rows, cols) = (3, 4);
+        let w: Vec<f32> = (0..12).map(|i| [0.2, 0.0, -0.2][i % 3]).collect();
+        let dev = Device::Cpu;
+        let x = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5], (1, 4), &dev).unwrap();
+        for z in [vec![1.5f32], vec![0.5, 2.0, -1.0]] {
+            let s = ScaleWeight::new(
+                dense_t(&w, rows, cols),
+                Tensor::from_slice(&z, z.len(), &dev).unwrap(),
+            )
+            .unwrap();
+            let wp = s.adapted_weight().unwrap();
+            let y: Vec<f32> = s
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for r in 0..rows {
+                let zr = z[if z.len() == 1 { 0 } else { r }];
+                for c in 0..cols {
+                    assert!((wp[r * cols + c] - zr * w[r * cols + c]).abs() < 1e-7);
+                }
+                let want: f32 = (0..cols)
+                    .map(|c| wp[r * cols + c] * [1.0, 2.0, -1.0, 0.5][c])
+                    .sum();
+                assert!((y[r] - want).abs() < 1e-6);
+            }
+        }
+        let bad = Tensor::ones(2, DType::F32, &dev).unwrap();
+        assert!(ScaleWeight::new(dense_t(&w, rows, cols), bad).is_err());
+    }
+
+    #[test]
+    fn mixtures_of_scale_experts_are_linear_in_z() {
+        let (a, b) = ([0.9f32, 1.2], [1.5f32, 0.4]);
+        for param in [
+            Parameterization::AlphaLayer,
+            Parameterization::AlphaChannel,
+            Parameterization::LowRank,
+        ] {
+            assert_eq!(mix(param, &[3.0, 2.0], &[&a, &b], &[0.0, 1.0]), b.to_vec());
+            let m = mix(param, &[3.0, 2.0], &[&a, &b], &[0.25, 0.75]);
+            assert!((m[0] - (0.25 * 0.9 + 0.75 * 1.5)).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn parameterization_names_round_trip() {
+        for p in Parameterization::ALL {
+            assert_eq!(p.name().parse::<Parameterization>().unwrap(), p);
+        }
+        assert!("alpha".parse::<Parameterization>().is_err());
     }
 }

@@ -11,7 +11,7 @@ use crate::checkpoint::st::OwnedTensor;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::eval::{prompt_ids, score_items};
-use crate::expert::{init_vars, set_z, svf_model, Expert, ExpertMeta};
+use crate::expert::{init_vars, set_z, svf_model, z_lengths, Expert, ExpertMeta};
 use crate::model::{log_softmax, GenerateOptions, Model, ModelOptions, NamedVar};
 use crate::optim::{Adam, AdamConfig, ResumeState};
 use crate::pretrain::{batch_from_pairs, masked_nll, Batch};
@@ -47,6 +47,9 @@ pub struct TrainConfig {
     pub parameterization: Parameterization,
     /// Target matrices.
     pub targets: Targets,
+    /// Width k of the low-rank parameterization (top-k singular directions).
+    #[serde(default = "default_rank")]
+    pub rank: usize,
     /// Most optimizer steps.
     pub steps: usize,
     /// Prompts per step.
@@ -81,6 +84,13 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// The low-rank width k when none is given.
+pub const DEFAULT_RANK: usize = 64;
+
+fn default_rank() -> usize {
+    DEFAULT_RANK
+}
+
 impl Default for TrainConfig {
     /// The SFT recipe: on the default model it is the objective that gains (README, "SVF
     /// experts"), and one expert trains in a few minutes.
@@ -98,6 +108,7 @@ impl TrainConfig {
             objective,
             parameterization: Parameterization::Paper,
             targets: Targets::Mlp,
+            rank: DEFAULT_RANK,
             steps: 200,
             batch_prompts: 16,
             samples: 4,
@@ -318,7 +329,8 @@ pub fn train_expert(
         dtype: DType::F32,
     };
     let reference = Model::new(ck, options)?;
-    let vars = init_vars(factors, cfg.parameterization, options, cfg.seed)?;
+    let lengths = z_lengths(ck, cfg.targets, cfg.parameterization, factors, cfg.rank)?;
+    let vars = init_vars(&lengths, cfg.parameterization, options, cfg.seed)?;
     let z_tensors: BTreeMap<String, Tensor> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
@@ -611,7 +623,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         // f64, activation quantization off (the STE is not differentiable): ∂loss/∂z from
-        // autograd vs central differences, both parameterizations and both objectives.
+        // autograd vs central differences, every parameterization and both objectives.
         let ck = tiny();
         let f = all_factors(&ck);
         let options = ModelOptions {
@@ -619,9 +631,10 @@ mod tests {
             act_quant: false,
             dtype: DType::F64,
         };
-        for param in [Parameterization::Paper, Parameterization::Official] {
+        for param in Parameterization::ALL {
             for objective in [Objective::Sft, Objective::Reinforce] {
-                let vars = init_vars(&f, param, options, 5).unwrap();
+                let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
+                let vars = init_vars(&lengths, param, options, 5).unwrap();
                 // Move away from z = 1 so every term of the official rescale is exercised.
                 for (i, (_, v)) in vars.iter().enumerate() {
                     let n = v.dims()[0];
@@ -682,8 +695,9 @@ mod tests {
             act_quant: true,
             dtype: DType::F32,
         };
-        for param in [Parameterization::Paper, Parameterization::Official] {
-            let vars = init_vars(&f, param, options, 1).unwrap();
+        for param in Parameterization::ALL {
+            let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
+            let vars = init_vars(&lengths, param, options, 1).unwrap();
             let z: BTreeMap<String, Tensor> = vars
                 .iter()
                 .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
