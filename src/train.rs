@@ -101,7 +101,7 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Measured defaults per objective (README, "SVF experts"). SFT: 64 prompts per step,
-    /// lr 1e-2 with cosine decay, 500 steps, patience 6. REINFORCE: the official recipe (16 prompts × 4
+    /// lr 1e-2 with cosine decay, 500 steps, patience 10. REINFORCE: the official recipe (16 prompts × 4
     /// samples, lr 2e-3, clip 1e-3, λ = 0.1), 200 steps. Both validate on 300 items.
     pub fn for_objective(objective: Objective) -> Self {
         let common = TrainConfig {
@@ -132,7 +132,7 @@ impl TrainConfig {
                 batch_prompts: 64,
                 lr: 1e-2,
                 eval_every: 25,
-                patience: 6,
+                patience: 10,
                 ..common
             },
         }
