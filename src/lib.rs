@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod eval;
 pub mod expert;

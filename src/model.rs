@@ -69,6 +69,10 @@ pub enum LinearWeight {
     Svf(crate::svf::SvfWeight),
     /// BitNet-aware SVF: W' = diag(z)·W with one z per matrix or per output channel.
     Scaled(crate::svf::ScaleWeight),
+    /// Hybrid runtime expert (Option 3): the packed ternary base through the integer kernel
+    /// plus a low-rank SVF delta (a [`crate::svf::SvfWeight`] of the low-rank form without
+    /// its base) on the same quantized activations.
+    Hybrid(Arc<TernaryMatrix>, crate::svf::SvfWeight),
 }
 
 impl LinearWeight {
@@ -77,6 +81,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Svf(w) => Some(&mut w.z),
             LinearWeight::Scaled(w) => Some(&mut w.z),
+            LinearWeight::Hybrid(_, w) => Some(&mut w.z),
             _ => None,
         }
     }
@@ -126,30 +131,29 @@ pub struct BitLinear {
 impl BitLinear {
     /// Forward `x` `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ternary = |m: &TernaryMatrix| -> Result<Tensor> {
+            let mut dims = x.dims().to_vec();
+            let tokens = x.elem_count() / m.cols;
+            let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let y = m.forward(&flat, tokens, self.act_quant);
+            *dims.last_mut().expect("feature dim") = m.rows;
+            Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
+        };
+        // Float paths fake-quantize with the STE (the ternary kernel quantizes itself).
+        let quantized = || {
+            if self.act_quant {
+                fake_quant_ste(x)
+            } else {
+                Ok(x.clone())
+            }
+        };
         let y = match &self.weight {
-            LinearWeight::Ternary(m) => {
-                let mut dims = x.dims().to_vec();
-                let tokens = x.elem_count() / m.cols;
-                let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let y = m.forward(&flat, tokens, self.act_quant);
-                *dims.last_mut().expect("feature dim") = m.rows;
-                Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?
-            }
-            float => {
-                // Float paths fake-quantize with the STE (the ternary kernel quantizes itself).
-                let x = if self.act_quant {
-                    fake_quant_ste(x)?
-                } else {
-                    x.clone()
-                };
-                match float {
-                    LinearWeight::Dense(wt) => matmul_const(&x, wt)?,
-                    LinearWeight::Qat(w) => matmul_2d(&x, &ternarize_ste(w)?.t()?)?,
-                    LinearWeight::Svf(svf) => svf.forward(&x)?,
-                    LinearWeight::Scaled(w) => w.forward(&x)?,
-                    LinearWeight::Ternary(_) => unreachable!("handled above"),
-                }
-            }
+            LinearWeight::Ternary(m) => ternary(m)?,
+            LinearWeight::Hybrid(m, delta) => (ternary(m)? + delta.forward(&quantized()?)?)?,
+            LinearWeight::Dense(wt) => matmul_const(&quantized()?, wt)?,
+            LinearWeight::Qat(w) => matmul_2d(&quantized()?, &ternarize_ste(w)?.t()?)?,
+            LinearWeight::Svf(svf) => svf.forward(&quantized()?)?,
+            LinearWeight::Scaled(w) => w.forward(&quantized()?)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -712,6 +716,14 @@ impl Model {
                         // Re-quantization of the adapted W' (DESIGN.md §5).
                         let (rows, cols) = (svf.u_t.dim(1)?, svf.v.dim(0)?);
                         requantize(&svf.adapted_weight()?, rows, cols, false)
+                    }
+                    LinearWeight::Hybrid(m, delta) => {
+                        // W + the low-rank delta, re-quantized.
+                        let w: Vec<f32> = (delta.adapted_weight()?.iter())
+                            .zip(m.dequantize())
+                            .map(|(d, b)| d + b)
+                            .collect();
+                        requantize(&w, m.rows, m.cols, false)
                     }
                     LinearWeight::Scaled(w) => {
                         // diag(z)·γ·W_t is ternary with per-channel scales γ·z: exact.

@@ -256,18 +256,32 @@ impl SvfWeight {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let k = z.dims1()?;
-        if k == 0 || k > svd.sigma.len() || base_t.dims() != [svd.cols, svd.rows] {
+        if base_t.dims() != [svd.cols, svd.rows] {
             return Err(Error::Input(format!(
-                "low-rank SVF: z of length {k} and base {:?} do not fit a {}×{} matrix of rank {}",
+                "low-rank SVF: base {:?} does not fit a {}×{} matrix",
                 base_t.dims(),
+                svd.rows,
+                svd.cols
+            )));
+        }
+        let mut w = Self::low_rank_delta(svd, z, dtype, dev)?;
+        w.base = Some(base_t.to_dtype(dtype)?);
+        Ok(w)
+    }
+
+    /// The low-rank delta alone, U_k diag(σ_k⊙(z−1)) V_kᵀ (the hybrid runtime adds it to the
+    /// packed base).
+    pub fn low_rank_delta(svd: &Svd, z: Tensor, dtype: DType, dev: &Device) -> Result<Self> {
+        let k = z.dims1()?;
+        if k == 0 || k > svd.sigma.len() {
+            return Err(Error::Input(format!(
+                "low-rank SVF: z of length {k} does not fit a {}×{} matrix of rank {}",
                 svd.rows,
                 svd.cols,
                 svd.sigma.len()
             )));
         }
-        let base = base_t.to_dtype(dtype)?;
-        Self::from_factors(svd, k, z, Parameterization::LowRank, Some(base), dtype, dev)
+        Self::from_factors(svd, k, z, Parameterization::LowRank, None, dtype, dev)
     }
 
     fn from_factors(

@@ -1,0 +1,572 @@
+//! The seed's integration options as deployed (DESIGN.md §5), each holding a set of experts
+//! resident so a server can switch between them:
+//!
+//! | option | base as deployed | an expert is | switching does |
+//! |---|---|---|---|
+//! | dequantize (Option 1) | f32 W + the targets' SVD factors | z per target (paper SVF) | W' = U diag(σ⊙z) Vᵀ per target |
+//! | alpha-layer (Option 2) | packed W_t, γ | one z per target | γ' = γ·z |
+//! | alpha-channel (Option 2) | packed W_t, γ | z per output channel | γ'_r = γ·z_r |
+//! | hybrid-lowrank (Option 3) | packed W_t + U_k, σ_k, V_k in f16 | z_k per target | swap the diagonal |
+//! | requantize (Phase 8) | packed non-targets | packed ternary W' per target | swap packed matrices |
+//!
+//! Ternary options run the model's ternary mode (the integer kernel); the hybrid delta runs on
+//! the same quantized activations. [`Deployment::bytes`] counts what has to be resident.
+
+use crate::checkpoint::{linear_name, Checkpoint, LinearKind};
+use crate::error::{Error, Result};
+use crate::expert::{expert_model, factors, Expert};
+use crate::model::{LinearWeight, Model, ModelOptions, WeightMode};
+use crate::svd::{Svd, SvdCache};
+use crate::svf::{Parameterization, SvfWeight};
+use crate::ternary::TernaryMatrix;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// One of the integration options compared by `bitsvf compare-options`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployOption {
+    /// Option 1: dequantized f32 base, full SVF.
+    Dequantize,
+    /// Option 2: z scales each ternary matrix.
+    AlphaLayer,
+    /// Option 2: z scales each output channel's ternary scale.
+    AlphaChannel,
+    /// Option 3: packed base plus a runtime low-rank SVF delta.
+    HybridLowRank,
+    /// Full SVF experts re-quantized to ternary (the Phase 8 form).
+    Requantize,
+}
+
+impl DeployOption {
+    /// Every option, in report order.
+    pub const ALL: [DeployOption; 5] = [
+        DeployOption::Dequantize,
+        DeployOption::AlphaLayer,
+        DeployOption::AlphaChannel,
+        DeployOption::HybridLowRank,
+        DeployOption::Requantize,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeployOption::Dequantize => "dequantize",
+            DeployOption::AlphaLayer => "alpha-layer",
+            DeployOption::AlphaChannel => "alpha-channel",
+            DeployOption::HybridLowRank => "hybrid-lowrank",
+            DeployOption::Requantize => "requantize",
+        }
+    }
+
+    /// The parameterization its experts are trained with.
+    pub fn parameterization(self) -> Parameterization {
+        match self {
+            DeployOption::Dequantize | DeployOption::Requantize => Parameterization::Paper,
+            DeployOption::AlphaLayer => Parameterization::AlphaLayer,
+            DeployOption::AlphaChannel => Parameterization::AlphaChannel,
+            DeployOption::HybridLowRank => Parameterization::LowRank,
+        }
+    }
+
+    fn mode(self) -> WeightMode {
+        match self {
+            DeployOption::Dequantize => WeightMode::Dense,
+            _ => WeightMode::Ternary,
+        }
+    }
+}
+
+impl std::str::FromStr for DeployOption {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        DeployOption::ALL
+            .into_iter()
+            .find(|o| o.name() == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "option `{s}`: expected dequantize, alpha-layer, alpha-channel, \
+                     hybrid-lowrank or requantize"
+                ))
+            })
+    }
+}
+
+/// What one target linear keeps resident to switch experts.
+enum Resident {
+    /// Dequantize: the factors (an SVF weight whose z is replaced per expert).
+    Factors(SvfWeight),
+    /// Alpha: the unscaled γ of the matrix (one or per row).
+    Scales(Vec<f32>),
+    /// Hybrid: nothing beyond the delta already in the model.
+    Delta,
+    /// Requantize: the packed W' of every expert.
+    Packed(Vec<Arc<TernaryMatrix>>),
+}
+
+struct Target {
+    layer: usize,
+    kind: LinearKind,
+    name: String,
+    resident: Resident,
+}
+
+/// A model deployed under one option with its experts resident.
+pub struct Deployment {
+    /// The option.
+    pub option: DeployOption,
+    /// The model as it runs, with the last applied expert (expert 0 after [`Deployment::new`]).
+    pub model: Model,
+    experts: Vec<Expert>,
+    targets: Vec<Target>,
+    float_bytes: usize,
+}
+
+/// Model options for deployed models: f32 with BitNet's int8 activations.
+const OPTIONS: ModelOptions = ModelOptions {
+    mode: WeightMode::Ternary,
+    act_quant: true,
+    dtype: DType::F32,
+};
+
+/// Round to f16 and back: the hybrid factors are stored in half precision.
+fn half_rounded(svd: &Svd) -> Svd {
+    let h =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    Svd {
+        rows: svd.rows,
+        cols: svd.cols,
+        u: h(&svd.u),
+        sigma: h(&svd.sigma),
+        v: h(&svd.v),
+    }
+}
+
+impl Deployment {
+    /// Deploy `ck` under `option` with `experts` resident (all trained for this option's
+    /// parameterization on this model, with the same targets).
+    pub fn new(
+        ck: &Checkpoint,
+        option: DeployOption,
+        experts: Vec<Expert>,
+        cache: &SvdCache,
+    ) -> Result<Self> {
+        let param = option.parameterization();
+        let first = experts
+            .first()
+            .ok_or_else(|| Error::Input("a deployment needs at least one expert".into()))?;
+        let targets_kind = first.meta.targets;
+        for e in &experts {
+            if e.meta.parameterization != param || e.meta.targets != targets_kind {
+                return Err(Error::Input(format!(
+                    "expert `{}` is a {} expert on {:?}; option {} needs {} experts on {:?}",
+                    e.meta.name,
+                    e.meta.parameterization.name(),
+                    e.meta.targets,
+                    option.name(),
+                    param.name(),
+                    targets_kind
+                )));
+            }
+            if e.meta.base_hash != ck.content_hash() {
+                return Err(Error::Input(format!(
+                    "expert `{}` was trained on another base model",
+                    e.meta.name
+                )));
+            }
+        }
+        let options = ModelOptions {
+            mode: option.mode(),
+            ..OPTIONS
+        };
+        let mut model = Model::new(ck, options)?;
+        let f = if param.uses_svd() {
+            factors(ck, targets_kind, cache)?.0
+        } else {
+            Default::default()
+        };
+        // Requantize: every expert's W' re-quantized once, up front.
+        let mut requantized: Vec<Checkpoint> = Vec::new();
+        if option == DeployOption::Requantize {
+            for e in &experts {
+                let dense = ModelOptions {
+                    mode: WeightMode::Dense,
+                    ..OPTIONS
+                };
+                requantized.push(expert_model(ck, e, cache, dense)?.to_checkpoint()?);
+            }
+        }
+        let dev = Device::Cpu;
+        let mut targets = Vec::new();
+        for (name, kind, lin) in ck.linears() {
+            if !targets_kind.includes(kind) {
+                continue;
+            }
+            let layer = (0..ck.layers.len())
+                .find(|&l| linear_name(l, kind) == name)
+                .expect("linear names follow linear_name");
+            let z_len = first.z.get(&name).map(Vec::len).ok_or_else(|| {
+                Error::Input(format!(
+                    "expert `{}` has no z for `{name}`",
+                    first.meta.name
+                ))
+            })?;
+            let svd = || {
+                f.get(&name)
+                    .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))
+            };
+            let ones = Tensor::ones(z_len, DType::F32, &dev)?;
+            let resident = match option {
+                DeployOption::Dequantize => Resident::Factors(SvfWeight::new(
+                    svd()?,
+                    ones,
+                    Parameterization::Paper,
+                    DType::F32,
+                    &dev,
+                )?),
+                DeployOption::AlphaLayer | DeployOption::AlphaChannel => {
+                    Resident::Scales(lin.matrix.scales.clone())
+                }
+                DeployOption::HybridLowRank => {
+                    let delta =
+                        SvfWeight::low_rank_delta(&half_rounded(svd()?), ones, DType::F32, &dev)?;
+                    model.blocks[layer].linears[kind as usize].weight =
+                        LinearWeight::Hybrid(Arc::new(lin.matrix.clone()), delta);
+                    Resident::Delta
+                }
+                DeployOption::Requantize => Resident::Packed(
+                    requantized
+                        .iter()
+                        .map(|c| Arc::new(c.layers[layer].linear(kind).matrix.clone()))
+                        .collect(),
+                ),
+            };
+            targets.push(Target {
+                layer,
+                kind,
+                name,
+                resident,
+            });
+        }
+        let mut d = Deployment {
+            option,
+            model,
+            experts,
+            targets,
+            float_bytes: float_bytes(ck),
+        };
+        d.apply(0)?;
+        Ok(d)
+    }
+
+    /// The resident experts.
+    pub fn experts(&self) -> &[Expert] {
+        &self.experts
+    }
+
+    /// Switch the model to expert `i`.
+    pub fn apply(&mut self, i: usize) -> Result<()> {
+        let expert = self
+            .experts
+            .get(i)
+            .ok_or_else(|| Error::Input(format!("no expert {i} in this deployment")))?;
+        for t in &mut self.targets {
+            let z = expert.z.get(&t.name).ok_or_else(|| {
+                Error::Input(format!(
+                    "expert `{}` has no z for `{}`",
+                    expert.meta.name, t.name
+                ))
+            })?;
+            let slot = &mut self.model.blocks[t.layer].linears[t.kind as usize].weight;
+            match (&mut t.resident, slot) {
+                (Resident::Factors(svf), slot) => {
+                    svf.z = Tensor::from_slice(z, z.len(), &Device::Cpu)?;
+                    let (rows, cols) = (svf.u_t.dim(1)?, svf.v.dim(0)?);
+                    let wt = Tensor::from_vec(svf.adapted_weight()?, (rows, cols), &Device::Cpu)?
+                        .t()?
+                        .contiguous()?;
+                    *slot = LinearWeight::Dense(wt);
+                }
+                (Resident::Scales(base), LinearWeight::Ternary(m)) => {
+                    let rows = m.rows;
+                    let scales: Vec<f32> = if z.len() == 1 && base.len() == 1 {
+                        vec![base[0] * z[0]]
+                    } else {
+                        (0..rows)
+                            .map(|r| {
+                                base[if base.len() == 1 { 0 } else { r }]
+                                    * z[if z.len() == 1 { 0 } else { r }]
+                            })
+                            .collect()
+                    };
+                    // The deployment owns the matrix: scales change in place, codes stay.
+                    Arc::make_mut(m).scales = scales;
+                }
+                (Resident::Delta, LinearWeight::Hybrid(_, delta)) => {
+                    delta.z = Tensor::from_slice(z, z.len(), &Device::Cpu)?;
+                }
+                (Resident::Packed(per_expert), slot) => {
+                    *slot = LinearWeight::Ternary(per_expert[i].clone());
+                }
+                _ => unreachable!("targets are built to match their linears"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes resident for the base and all experts, as deployed.
+    pub fn bytes(&self) -> usize {
+        let is_target =
+            |l: usize, k: LinearKind| self.targets.iter().any(|t| t.layer == l && t.kind == k);
+        let mut total = self.float_bytes;
+        for (l, b) in self.model.blocks.iter().enumerate() {
+            for (kind, lin) in LinearKind::ALL.into_iter().zip(&b.linears) {
+                total += lin.bias.as_ref().map_or(0, |b| 4 * b.elem_count());
+                if self.option == DeployOption::Requantize && is_target(l, kind) {
+                    continue; // counted with the experts' packed matrices below
+                }
+                total += match &lin.weight {
+                    LinearWeight::Dense(wt) => 4 * wt.elem_count(),
+                    LinearWeight::Ternary(m) | LinearWeight::Hybrid(m, _) => m.packed_bytes(),
+                    _ => 0,
+                };
+            }
+        }
+        for t in &self.targets {
+            total += match &t.resident {
+                Resident::Factors(svf) => {
+                    4 * (svf.u_t.elem_count() + svf.v.elem_count() + svf.sigma.elem_count())
+                }
+                Resident::Scales(s) => 4 * s.len(),
+                Resident::Delta => {
+                    let LinearWeight::Hybrid(_, d) =
+                        &self.model.blocks[t.layer].linears[t.kind as usize].weight
+                    else {
+                        unreachable!("hybrid targets hold a delta")
+                    };
+                    HALF * (d.u_t.elem_count() + d.v.elem_count() + d.sigma.elem_count())
+                }
+                Resident::Packed(p) => p.iter().map(|m| m.packed_bytes()).sum(),
+            };
+        }
+        // Requantized experts are their packed matrices; the others add their z vectors.
+        if self.option != DeployOption::Requantize {
+            total += (self.experts.iter())
+                .map(|e| 4 * e.z.values().map(Vec::len).sum::<usize>())
+                .sum::<usize>();
+        }
+        total
+    }
+}
+
+/// Bytes per element of the hybrid factors (f16).
+const HALF: usize = 2;
+
+/// Bytes of the f32 tensors that are not ternary linears (embeddings, lm_head, norms).
+fn float_bytes(ck: &Checkpoint) -> usize {
+    let lm_head = if ck.config.tie_word_embeddings {
+        0
+    } else {
+        ck.lm_head().len()
+    };
+    let norms: usize = ck
+        .layers
+        .iter()
+        .map(|l| {
+            l.input_layernorm.len()
+                + l.post_attention_layernorm.len()
+                + l.attn_sub_norm.as_ref().map_or(0, Vec::len)
+                + l.ffn_sub_norm.as_ref().map_or(0, Vec::len)
+        })
+        .sum();
+    4 * (ck.embed_tokens.len() + lm_head + ck.norm.len() + norms)
+}
+
+/// Bytes of `ck` with every weight in f32 (the reference the deployed forms are compared to).
+pub fn f32_bytes(ck: &Checkpoint) -> usize {
+    let linear: usize = ck
+        .linears()
+        .map(|(_, _, l)| l.matrix.rows * l.matrix.cols + l.bias.as_ref().map_or(0, Vec::len))
+        .sum();
+    4 * linear + float_bytes(ck)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expert::{z_lengths, ExpertMeta};
+    use crate::svf::Targets;
+    use std::collections::BTreeMap;
+
+    fn tiny() -> Checkpoint {
+        let mut cfg = crate::pretrain::default_arch();
+        cfg.hidden_size = 32;
+        cfg.intermediate_size = 48;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 2;
+        cfg.num_key_value_heads = Some(1);
+        cfg.max_position_embeddings = 64;
+        Checkpoint::random(cfg, 7)
+    }
+
+    /// A made-up expert: z = 1 + a seeded wiggle (k = 8 for low-rank).
+    fn expert(ck: &Checkpoint, cache: &SvdCache, param: Parameterization, seed: usize) -> Expert {
+        let f = if param.uses_svd() {
+            factors(ck, Targets::Mlp, cache).unwrap().0
+        } else {
+            BTreeMap::new()
+        };
+        let z = z_lengths(ck, Targets::Mlp, param, &f, 8)
+            .unwrap()
+            .into_iter()
+            .map(|(n, len)| {
+                let z = (0..len)
+                    .map(|i| 1.0 + 0.3 * (((i * 13 + seed * 7) % 17) as f32 / 17.0 - 0.4))
+                    .collect();
+                (n, z)
+            })
+            .collect();
+        Expert {
+            meta: ExpertMeta {
+                name: format!("e{seed}"),
+                base_hash: ck.content_hash(),
+                parameterization: param,
+                targets: Targets::Mlp,
+                domains: vec![],
+                val_accuracy: 0.0,
+                training: serde_json::Value::Null,
+            },
+            z,
+        }
+    }
+
+    fn logits(m: &Model) -> Vec<f32> {
+        let ids = m.ids_tensor(&[vec![1, 5, 9, 3, 7, 2]]).unwrap();
+        m.forward(&ids, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn each_option_runs_its_expert_as_trained() {
+        // The deployed forward equals the training-time model of the same expert: exactly up
+        // to float order for the dense and folded forms, up to f16 factors for the hybrid.
+        let ck = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().to_path_buf());
+        let dense = ModelOptions {
+            mode: WeightMode::Dense,
+            ..OPTIONS
+        };
+        for (option, tol) in [
+            (DeployOption::Dequantize, 1e-3),
+            (DeployOption::AlphaLayer, 1e-3),
+            (DeployOption::AlphaChannel, 1e-3),
+            (DeployOption::HybridLowRank, 2e-2),
+        ] {
+            let param = option.parameterization();
+            let experts = vec![expert(&ck, &cache, param, 1), expert(&ck, &cache, param, 2)];
+            let mut d = Deployment::new(&ck, option, experts.clone(), &cache).unwrap();
+            for i in [0, 1, 0] {
+                d.apply(i).unwrap();
+                let want = logits(&expert_model(&ck, &experts[i], &cache, dense).unwrap());
+                let got = logits(&d.model);
+                let diff = max_diff(&got, &want);
+                assert!(diff < tol, "{} expert {i}: {diff}", option.name());
+            }
+            // Switching really changes the model.
+            let a = logits(&d.model);
+            d.apply(1).unwrap();
+            assert!(max_diff(&a, &logits(&d.model)) > 1e-3, "{}", option.name());
+        }
+    }
+
+    #[test]
+    fn requantize_runs_the_ternarized_adapted_weights() {
+        let ck = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().to_path_buf());
+        let experts: Vec<Expert> = (1..=2)
+            .map(|s| expert(&ck, &cache, Parameterization::Paper, s))
+            .collect();
+        let mut d =
+            Deployment::new(&ck, DeployOption::Requantize, experts.clone(), &cache).unwrap();
+        let dense = ModelOptions {
+            mode: WeightMode::Dense,
+            ..OPTIONS
+        };
+        for i in [1, 0] {
+            d.apply(i).unwrap();
+            let q = expert_model(&ck, &experts[i], &cache, dense)
+                .unwrap()
+                .to_checkpoint()
+                .unwrap();
+            let want = logits(&Model::new(&q, OPTIONS).unwrap());
+            assert_eq!(logits(&d.model), want);
+        }
+    }
+
+    #[test]
+    fn bytes_count_what_each_option_keeps() {
+        let ck = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().to_path_buf());
+        let packed: usize = ck.linears().map(|(_, _, l)| l.matrix.packed_bytes()).sum();
+        let floats = float_bytes(&ck);
+        let mlp: Vec<(usize, usize)> = ck
+            .linears()
+            .filter(|(_, k, _)| k.is_mlp())
+            .map(|(_, _, l)| (l.matrix.rows, l.matrix.cols))
+            .collect();
+        let bytes = |option: DeployOption| {
+            let param = option.parameterization();
+            let e = vec![expert(&ck, &cache, param, 1), expert(&ck, &cache, param, 2)];
+            Deployment::new(&ck, option, e, &cache).unwrap().bytes()
+        };
+        // Two experts of one z per matrix, plus the unscaled γ per matrix.
+        assert_eq!(
+            bytes(DeployOption::AlphaLayer),
+            packed + floats + 4 * mlp.len() + 2 * 4 * mlp.len()
+        );
+        let rows: usize = mlp.iter().map(|(r, _)| r).sum();
+        // The running matrices carry per-row scales γ·z_r instead of one γ.
+        assert_eq!(
+            bytes(DeployOption::AlphaChannel),
+            packed + 4 * (rows - mlp.len()) + floats + 4 * mlp.len() + 2 * 4 * rows
+        );
+        let k = 8;
+        let factors: usize = mlp.iter().map(|(r, c)| 2 * (r + c + 1) * k).sum();
+        assert_eq!(
+            bytes(DeployOption::HybridLowRank),
+            packed + floats + factors + 2 * 4 * k * mlp.len()
+        );
+        assert_eq!(
+            f32_bytes(&ck),
+            4 * ck
+                .linears()
+                .map(|(_, _, l)| l.matrix.rows * l.matrix.cols)
+                .sum::<usize>()
+                + floats
+        );
+        assert!(bytes(DeployOption::Dequantize) > f32_bytes(&ck));
+        // Requantize: the non-targets once, the targets once per expert (same packed size).
+        let mlp_packed: usize = ck
+            .linears()
+            .filter(|(_, k, _)| k.is_mlp())
+            .map(|(_, _, l)| l.matrix.packed_bytes())
+            .sum();
+        assert_eq!(
+            bytes(DeployOption::Requantize),
+            packed + floats + mlp_packed
+        );
+    }
+}
