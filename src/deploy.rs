@@ -362,7 +362,7 @@ impl Deployment {
 const HALF: usize = 2;
 
 /// Bytes of the f32 tensors that are not ternary linears (embeddings, lm_head, norms).
-fn float_bytes(ck: &Checkpoint) -> usize {
+pub fn float_bytes(ck: &Checkpoint) -> usize {
     let lm_head = if ck.config.tie_word_embeddings {
         0
     } else {

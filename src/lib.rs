@@ -2,6 +2,7 @@
 //! Value Fine-tuning. See README.md and DESIGN.md for the pipeline.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod deploy;
 pub mod error;

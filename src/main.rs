@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use bitsvf::checkpoint::{self, st};
 use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
 use bitsvf::tasks::{Dataset, Domain, Split};
-use bitsvf::{eval, expert, inspect, pretrain, recovery, svd, svf, tokenizer, train};
+use bitsvf::{compare, eval, expert, inspect, pretrain, recovery, svd, svf, tokenizer, train};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -239,6 +239,39 @@ enum Command {
         #[arg(long)]
         resume: bool,
         /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the seed's integration options side by side: dequantize, alpha-layer,
+    /// alpha-channel, hybrid-lowrank and requantize — accuracy of one expert per domain on its
+    /// own held-out domain, resident bytes, decode tokens/s and the cost to switch experts.
+    CompareOptions {
+        /// Base model; default: the embedded model.
+        model: Option<PathBuf>,
+        /// Comma-separated domains, one expert each.
+        #[arg(long, default_value = "count,sort,compare")]
+        domains: String,
+        /// Held-out test items per domain.
+        #[arg(long)]
+        n: Option<usize>,
+        /// Directory of experts `<parameterization>_<domain>.safetensors`; missing ones are
+        /// trained there with the default settings (default: compare-options/experts, or
+        /// compare-options/experts-quick with --quick).
+        #[arg(long)]
+        experts: Option<PathBuf>,
+        /// Small and fast: the first domain only, 40 items, 20 training steps.
+        #[arg(long)]
+        quick: bool,
+        /// Training steps per expert (default: the trainer's default, 20 with --quick).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Width k of the hybrid low-rank experts.
+        #[arg(long, default_value_t = train::DEFAULT_RANK)]
+        rank: usize,
+        /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Print `{"options": [{"name", "accuracy", "bytes", "tokens_per_s", …}]}`.
         #[arg(long)]
         json: bool,
     },
@@ -506,6 +539,79 @@ fn run() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.to_text());
+            }
+        }
+        Command::CompareOptions {
+            model,
+            domains,
+            n,
+            experts,
+            quick,
+            steps,
+            rank,
+            cache_dir,
+            json,
+        } => {
+            anyhow::ensure!(rank > 0, "--rank must be positive");
+            let ck = checkpoint::load_or_default(model.as_deref())?;
+            let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
+            let mut domains = domains
+                .split(',')
+                .map(|d| Domain::by_name(d.trim()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            anyhow::ensure!(!domains.is_empty(), "--domains is empty");
+            let mut train = train::TrainConfig {
+                rank,
+                ..train::TrainConfig::default()
+            };
+            if quick {
+                domains.truncate(1);
+                train.steps = 20;
+                train.batch_prompts = 16;
+                train.eval_every = 10;
+                train.val_n = 20;
+            }
+            if let Some(s) = steps {
+                anyhow::ensure!(s > 0, "--steps must be positive");
+                train.steps = s;
+            }
+            let cfg = compare::CompareConfig {
+                domains,
+                n: n.unwrap_or(if quick { 40 } else { 500 }),
+                train,
+                experts_dir: experts.unwrap_or_else(|| {
+                    PathBuf::from(if quick {
+                        "compare-options/experts-quick"
+                    } else {
+                        "compare-options/experts"
+                    })
+                }),
+                decode_tokens: if quick { 32 } else { 96 },
+                decode_runs: if quick { 3 } else { 7 },
+                seed: 0,
+            };
+            let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+            let bar = step_bar(cfg.train.steps)?;
+            let report = compare::compare_options(&ck, tok.as_ref(), &cfg, &cache, |e| match e {
+                compare::Event::Training(param, domain, step, steps) => {
+                    bar.set_length(steps as u64);
+                    bar.set_position(step as u64);
+                    bar.set_message(format!("training {param} expert for {domain}"));
+                }
+                compare::Event::Evaluating(what) => {
+                    bar.set_message(format!("evaluating {what}"));
+                }
+            })?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.markdown());
+                println!(
+                    "f32 model: {:.2} MB; experts in {}",
+                    report.f32_bytes as f64 / 1e6,
+                    cfg.experts_dir.display()
+                );
             }
         }
         Command::Train {

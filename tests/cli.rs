@@ -201,3 +201,81 @@ fn eval_on_user_jsonl_and_its_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn compare_options_measures_every_option_and_reuses_its_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let experts = tmp.path().join("experts");
+    let run = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args([
+                "compare-options",
+                "--quick",
+                "--steps",
+                "3",
+                "--n",
+                "8",
+                "--rank",
+                "16",
+                "--json",
+                "--experts",
+                experts.to_str().unwrap(),
+            ])
+            .env("BITSVF_CACHE", tmp.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let v = run();
+    let options = v["options"].as_array().unwrap();
+    let names: Vec<&str> = options
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dequantize",
+            "alpha-layer",
+            "alpha-channel",
+            "hybrid-lowrank",
+            "requantize"
+        ]
+    );
+    let f32_bytes = v["f32_bytes"].as_f64().unwrap();
+    for o in options {
+        let acc = o["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{o}");
+        assert!(o["bytes"].as_f64().unwrap() > 0.0 && o["tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    // The ternary forms stay far below f32; the hybrid under a quarter of it.
+    assert!(options[3]["bytes"].as_f64().unwrap() < f32_bytes / 4.0);
+    assert!(options[1]["bytes"].as_f64().unwrap() < f32_bytes / 8.0);
+    // One expert per parameterization (requantize reuses the paper expert), reused on rerun.
+    let mut files: Vec<_> = std::fs::read_dir(&experts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with("_count.safetensors"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "alpha-channel_count.safetensors",
+            "alpha-layer_count.safetensors",
+            "low-rank_count.safetensors",
+            "paper_count.safetensors"
+        ]
+    );
+    let stamp = |n: &str| {
+        std::fs::metadata(experts.join(n))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = stamp("paper_count.safetensors");
+    let again = run();
+    assert_eq!(stamp("paper_count.safetensors"), before);
+    assert_eq!(again["options"][0]["accuracy"], v["options"][0]["accuracy"]);
+}
