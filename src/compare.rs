@@ -72,6 +72,9 @@ pub struct CompareReport {
     pub f32_bytes: usize,
     /// One entry per option, in [`DeployOption::ALL`] order.
     pub options: Vec<OptionResult>,
+    /// Share of the full-SVF experts' gain over the base that survives re-quantization, per
+    /// domain: (requantize − base) / (dequantize − base); absent where there is no gain.
+    pub requantize_gain_kept: BTreeMap<String, f64>,
 }
 
 /// Progress events, for the command's progress bar.
@@ -248,10 +251,24 @@ pub fn compare_options(
             experts: paths,
         });
     }
+    let by_name = |n: &str| {
+        options
+            .iter()
+            .find(|o| o.name == n)
+            .expect("every option runs")
+    };
+    let (deq, req) = (by_name("dequantize"), by_name("requantize"));
+    let requantize_gain_kept = (base.per_domain.iter())
+        .filter_map(|(d, &b)| {
+            let gain = deq.per_domain[d] - b;
+            (gain > 0.0).then(|| (d.clone(), (req.per_domain[d] - b) / gain))
+        })
+        .collect();
     Ok(CompareReport {
         base,
         f32_bytes: f32b,
         options,
+        requantize_gain_kept,
     })
 }
 
@@ -283,6 +300,16 @@ impl CompareReport {
                 } else {
                     format!("{:.3} ms", r.switch_ms)
                 }
+            );
+        }
+        if !self.requantize_gain_kept.is_empty() {
+            s += &format!(
+                "\nGain of the full-SVF experts kept after re-quantization: {}\n",
+                self.requantize_gain_kept
+                    .iter()
+                    .map(|(d, k)| format!("{d} {:.0}%", 100.0 * k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         s
