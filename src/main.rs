@@ -321,8 +321,15 @@ fn use_huge_pages() {
 fn use_huge_pages() {}
 
 fn main() -> std::process::ExitCode {
-    use_huge_pages();
-    match run() {
+    let cli = Cli::parse();
+    // Only the training commands allocate enough per step to gain from huge pages.
+    if matches!(
+        cli.command,
+        Command::Train { .. } | Command::Pretrain { .. } | Command::CompareOptions { .. }
+    ) {
+        use_huge_pages();
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -331,14 +338,14 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run() -> Result<()> {
+fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Inspect { model, json } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;
             let report = inspect::inspect(&ck);

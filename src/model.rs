@@ -12,7 +12,7 @@
 use crate::checkpoint::{Checkpoint, LinearKind};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::ops;
+use crate::ops::{self, fake_quant_ste, matmul_const, rms_norm};
 use crate::ternary::TernaryMatrix;
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -47,12 +47,6 @@ impl Default for ModelOptions {
             dtype: DType::F32,
         }
     }
-}
-
-/// Fake-quantize activations `[.., in]` per token, with the straight-through estimator: the
-/// forward value is x_q/s, the gradient is the identity (BitNet training, DESIGN.md §2).
-pub fn fake_quant_ste(x: &Tensor) -> Result<Tensor> {
-    ops::fake_quant_ste(x)
 }
 
 /// Weights of one BitLinear.
@@ -103,18 +97,6 @@ pub fn ternarize_ste(w: &Tensor) -> Result<Tensor> {
     Ok((w + (wq - wd)?)?)
 }
 
-/// `x` `[.., in]` times `wt` `[in, out]`, skipping the weight gradient when `wt` is a
-/// constant ([`ops::matmul_const`]); a `wt` that tracks gradients takes the ordinary path.
-pub fn matmul_const(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    ops::matmul_const(x, wt)
-}
-
-/// `x` `[.., in]` times `wt` `[in, out]` as one 2-D matmul (cheaper than a broadcast matmul,
-/// forward and backward).
-pub fn matmul_2d(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    ops::composable::matmul_2d(x, wt)
-}
-
 /// A BitNet linear layer: y = quant(x) · Wᵀ (+ b).
 #[derive(Debug, Clone)]
 pub struct BitLinear {
@@ -151,7 +133,9 @@ impl BitLinear {
             LinearWeight::Ternary(m) => ternary(m)?,
             LinearWeight::Hybrid(m, delta) => (ternary(m)? + delta.forward(&quantized()?)?)?,
             LinearWeight::Dense(wt) => matmul_const(&quantized()?, wt)?,
-            LinearWeight::Qat(w) => matmul_2d(&quantized()?, &ternarize_ste(w)?.t()?)?,
+            LinearWeight::Qat(w) => {
+                ops::composable::matmul_2d(&quantized()?, &ternarize_ste(w)?.t()?)?
+            }
             LinearWeight::Svf(svf) => svf.forward(&quantized()?)?,
             LinearWeight::Scaled(w) => w.forward(&quantized()?)?,
         };
@@ -160,21 +144,6 @@ impl BitLinear {
             None => Ok(y),
         }
     }
-}
-
-/// RMSNorm over the last dim: x · rsqrt(mean(x²) + ε) · w ([`ops::rms_norm`]).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    ops::rms_norm(x, weight, eps)
-}
-
-/// Softmax over the last dim ([`ops::softmax`]).
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    ops::softmax(x)
-}
-
-/// Log-softmax over the last dim ([`ops::log_softmax`]).
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    ops::log_softmax(x)
 }
 
 /// Rotate-half RoPE tables `cos`, `sin` of shape `[max_pos, head_dim]` (HF convention).
@@ -906,7 +875,7 @@ mod tests {
             .unwrap();
         let r = 12.5f32.sqrt();
         assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
-        let s: Vec<Vec<f32>> = softmax(&Tensor::new(&[[0f32, 3f32.ln()]], &dev).unwrap())
+        let s: Vec<Vec<f32>> = ops::softmax(&Tensor::new(&[[0f32, 3f32.ln()]], &dev).unwrap())
             .unwrap()
             .to_vec2()
             .unwrap();
