@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::deploy::{f32_bytes, float_bytes, DeployOption, Deployment};
 use crate::error::Result;
 use crate::eval::{eval_items, prompt_ids, score_items};
-use crate::expert::{factors, Expert};
+use crate::expert::{expert_model, factors, mixture, Expert};
 use crate::model::{GenerateOptions, Model, ModelOptions, WeightMode};
 use crate::svd::SvdCache;
 use crate::tasks::{Domain, Item, Split};
@@ -75,6 +75,20 @@ pub struct CompareReport {
     /// Share of the full-SVF experts' gain over the base that survives re-quantization, per
     /// domain: (requantize − base) / (dequantize − base); absent where there is no gain.
     pub requantize_gain_kept: BTreeMap<String, f64>,
+    /// The equal-weight mixture of the full-SVF experts, before and after re-quantization
+    /// (with two or more domains).
+    pub mixture: Option<MixtureResult>,
+}
+
+/// A mixture of the full-SVF experts, dequantized and re-quantized.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixtureResult {
+    /// Mixture weights, in domain order.
+    pub alpha: Vec<f64>,
+    /// Accuracy per domain with the f32 adapted weights.
+    pub dequantized: BTreeMap<String, f64>,
+    /// Accuracy per domain with W' ternarized again.
+    pub requantized: BTreeMap<String, f64>,
 }
 
 /// Progress events, for the command's progress bar.
@@ -213,6 +227,7 @@ pub fn compare_options(
     };
 
     let mut options = Vec::new();
+    let mut paper_experts = Vec::new();
     for option in DeployOption::ALL {
         let mut experts = Vec::new();
         let mut paths = Vec::new();
@@ -222,6 +237,9 @@ pub fn compare_options(
             paths.push(p);
         }
         progress(Event::Evaluating(option.name()));
+        if option == DeployOption::Dequantize {
+            paper_experts = experts.clone();
+        }
         let t = Instant::now();
         let mut dep = Deployment::new(ck, option, experts, cache)?;
         let prepare_s = t.elapsed().as_secs_f64();
@@ -251,6 +269,44 @@ pub fn compare_options(
             experts: paths,
         });
     }
+    let mixture = if paper_experts.len() >= 2 {
+        progress(Event::Evaluating("mixture"));
+        let e = paper_experts.len();
+        let alpha = vec![1.0 / e as f64; e];
+        let refs: Vec<&Expert> = paper_experts.iter().collect();
+        let f = factors(ck, paper_experts[0].meta.targets, cache)?.0;
+        let mix = mixture(&refs, &alpha, &f)?;
+        let dense = expert_model(
+            ck,
+            &mix,
+            cache,
+            ModelOptions {
+                mode: WeightMode::Dense,
+                act_quant: true,
+                dtype: DType::F32,
+            },
+        )?;
+        let requantized = Model::new(
+            &dense.to_checkpoint()?,
+            ModelOptions {
+                mode: WeightMode::Ternary,
+                act_quant: true,
+                dtype: DType::F32,
+            },
+        )?;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (d, it) in cfg.domains.iter().zip(&items) {
+            a.push(accuracy(&dense, tok, it, *d)?);
+            b.push(accuracy(&requantized, tok, it, *d)?);
+        }
+        Some(MixtureResult {
+            alpha,
+            dequantized: names(&|i| a[i]),
+            requantized: names(&|i| b[i]),
+        })
+    } else {
+        None
+    };
     let by_name = |n: &str| {
         options
             .iter()
@@ -269,6 +325,7 @@ pub fn compare_options(
         f32_bytes: f32b,
         options,
         requantize_gain_kept,
+        mixture,
     })
 }
 
@@ -300,6 +357,22 @@ impl CompareReport {
                 } else {
                     format!("{:.3} ms", r.switch_ms)
                 }
+            );
+        }
+        if let Some(m) = &self.mixture {
+            let row = |acc: &BTreeMap<String, f64>| {
+                acc.values()
+                    .map(|a| format!("{:.1}", 100.0 * a))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            s += &format!(
+                "\n| equal mixture of the full-SVF experts (α = {:.3} each) | {} |\n|---|{}\n| dequantized | {} |\n| re-quantized | {} |\n",
+                m.alpha[0],
+                domains.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(" | "),
+                "---|".repeat(domains.len()),
+                row(&m.dequantized),
+                row(&m.requantized)
             );
         }
         if !self.requantize_gain_kept.is_empty() {

@@ -300,6 +300,78 @@ pub fn expert_model(
     svf_model(ck, options, &f, &z_tensors(&expert.z, options)?, param)
 }
 
+/// The mixture Σ_k α_k of experts of one parameterization and target set, as one expert
+/// ([`crate::svf::mix`]): paper-form z' for the SVD parameterizations (`factors` gives σ),
+/// Σ α_k z_k for the others. A one-hot α reproduces that expert exactly.
+pub fn mixture(
+    experts: &[&Expert],
+    alpha: &[f64],
+    factors: &BTreeMap<String, Svd>,
+) -> Result<Expert> {
+    let first = experts
+        .first()
+        .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?;
+    if alpha.len() != experts.len() {
+        return Err(Error::Input(format!(
+            "{} mixture weights for {} experts",
+            alpha.len(),
+            experts.len()
+        )));
+    }
+    let param = first.meta.parameterization;
+    for e in experts {
+        if e.meta.parameterization != param
+            || e.meta.targets != first.meta.targets
+            || e.meta.base_hash != first.meta.base_hash
+            || e.z.keys().ne(first.z.keys())
+        {
+            return Err(Error::Input(format!(
+                "experts `{}` and `{}` differ in parameterization, targets or base model and cannot be mixed",
+                first.meta.name, e.meta.name
+            )));
+        }
+    }
+    let mut z = BTreeMap::new();
+    for name in first.z.keys() {
+        let zs: Vec<&[f32]> = experts.iter().map(|e| e.z[name].as_slice()).collect();
+        let sigma: &[f32] = match factors.get(name) {
+            Some(f) => &f.sigma,
+            None if param.uses_svd() => {
+                return Err(Error::Input(format!("no SVD factors for `{name}`")))
+            }
+            None => &[],
+        };
+        z.insert(name.clone(), crate::svf::mix(param, sigma, &zs, alpha));
+    }
+    let out_param = if param.uses_svd() && param != Parameterization::LowRank {
+        Parameterization::Paper
+    } else {
+        param
+    };
+    Ok(Expert {
+        meta: ExpertMeta {
+            name: format!(
+                "mixture({})",
+                experts
+                    .iter()
+                    .zip(alpha)
+                    .map(|(e, a)| format!("{}:{a:.3}", e.meta.name))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            parameterization: out_param,
+            domains: experts
+                .iter()
+                .flat_map(|e| e.meta.domains.clone())
+                .collect(),
+            val_accuracy: f64::NAN,
+            training: serde_json::json!({ "mixture": alpha }),
+            ..first.meta.clone()
+        },
+        z,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,5 +468,73 @@ mod tests {
             err.contains(&first) && err.contains("alpha-channel"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_hot_mixture_model_is_the_expert_model() {
+        let ck = tiny();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().to_path_buf());
+        let f = factors(&ck, Targets::Mlp, &cache).unwrap().0;
+        for param in [Parameterization::Official, Parameterization::AlphaChannel] {
+            let lengths = z_lengths(&ck, Targets::Mlp, param, &f, 0).unwrap();
+            let make = |k: f32| Expert {
+                meta: ExpertMeta {
+                    name: format!("e{k}"),
+                    base_hash: ck.content_hash(),
+                    parameterization: param,
+                    targets: Targets::Mlp,
+                    domains: vec![],
+                    val_accuracy: 0.0,
+                    training: serde_json::Value::Null,
+                },
+                z: lengths
+                    .iter()
+                    .map(|(n, &len)| {
+                        (
+                            n.clone(),
+                            (0..len).map(|i| 0.5 + k * (i % 5) as f32).collect(),
+                        )
+                    })
+                    .collect(),
+            };
+            let (a, b) = (make(0.1), make(0.2));
+            let m = mixture(&[&a, &b], &[0.0, 1.0], &f).unwrap();
+            let ids =
+                candle_core::Tensor::new(&[[1u32, 4, 2, 7]], &candle_core::Device::Cpu).unwrap();
+            let run = |e: &Expert| -> Vec<f32> {
+                let model = expert_model(&ck, e, &cache, OPTIONS).unwrap();
+                model
+                    .forward(&ids, None)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (want, got) = (run(&b), run(&m));
+            let diff = want
+                .iter()
+                .zip(&got)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "{param:?}: {diff}");
+        }
+        let a = Expert {
+            meta: ExpertMeta {
+                name: "a".into(),
+                base_hash: ck.content_hash(),
+                parameterization: Parameterization::Paper,
+                targets: Targets::Mlp,
+                domains: vec![],
+                val_accuracy: 0.0,
+                training: serde_json::Value::Null,
+            },
+            z: BTreeMap::new(),
+        };
+        let mut b = a.clone();
+        b.meta.parameterization = Parameterization::AlphaLayer;
+        assert!(mixture(&[&a, &b], &[0.5, 0.5], &f).is_err());
+        assert!(mixture(&[&a], &[0.5, 0.5], &f).is_err());
     }
 }
