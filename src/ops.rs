@@ -589,6 +589,31 @@ fn input<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [T
     }
 }
 
+/// State an op's forward pass leaves for its backward pass.
+struct Saved<S>(Mutex<Option<S>>);
+
+impl<S> Saved<S> {
+    fn empty() -> Self {
+        Saved(Mutex::new(None))
+    }
+
+    fn put(&self, state: S) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<S>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The state in a [`Saved::lock`] guard, or an error naming `op` if no forward pass saved it.
+fn required<'a, S>(guard: &'a Option<S>, op: &str) -> CResult<&'a S> {
+    match guard.as_ref() {
+        Some(s) => Ok(s),
+        None => bail!("{op}: backward without a saved forward pass"),
+    }
+}
+
 /// State an op saved in its forward pass, in the dtype of its arguments.
 fn saved_slice<T: Real>(c: &CpuStorage) -> &[T] {
     T::slice(c).expect("an op's saved state has the dtype of its arguments")
@@ -723,7 +748,7 @@ pub fn svf_linear(x: &Tensor, v: &Tensor, s: &Tensor, u_t: &Tensor) -> Result<Te
         v: v.contiguous()?,
         u_t: u_t.contiguous()?,
         keep_h: x.track_op() || s.track_op(),
-        h: Mutex::new(None),
+        h: Saved::empty(),
     };
     Ok(x.contiguous()?.apply_op2(&s.contiguous()?, op)?)
 }
@@ -748,7 +773,7 @@ struct SvfLinear {
     /// Whether a backward pass may follow (then h is kept).
     keep_h: bool,
     /// h = x·V `[rows, r]` from the forward pass.
-    h: Mutex<Option<CpuStorage>>,
+    h: Saved<CpuStorage>,
 }
 
 impl CustomOp2 for SvfLinear {
@@ -774,7 +799,7 @@ impl CustomOp2 for SvfLinear {
             scale_columns(&mut g, s);
             let y = matmul((m, n, r), &g, false, u_t.get()?, false);
             if self.keep_h {
-                *self.h.lock().expect("svf-linear state") = Some(T::into_storage(h));
+                self.h.put(T::into_storage(h));
             }
             Ok((T::into_storage(y), with_last(xl.shape(), n)))
         })
@@ -792,10 +817,8 @@ impl CustomOp2 for SvfLinear {
         let (dy, s_c) = (dy.contiguous()?, s.contiguous()?);
         let (dyv, sv) = (CpuView::of(&dy)?, CpuView::of(&s_c)?);
         let (v, u_t) = (CpuView::of(&self.v)?, CpuView::of(&self.u_t)?);
-        let saved = self.h.lock().expect("svf-linear state");
-        let Some(h) = saved.as_ref() else {
-            bail!("svf-linear: backward without a saved forward pass")
-        };
+        let saved = self.h.lock();
+        let h = required(&saved, self.name())?;
         with_real!(x.dtype(), self.name(), T => {
             let h = saved_slice::<T>(h);
             let sc = sv.get::<T>()?;
@@ -842,7 +865,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let op = RmsNorm {
         eps,
-        inv_rms: Mutex::new(None),
+        inv_rms: Saved::empty(),
     };
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
 }
@@ -850,7 +873,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 struct RmsNorm {
     eps: f64,
     /// rsqrt(mean(x²) + ε) per row, from the forward pass.
-    inv_rms: Mutex<Option<CpuStorage>>,
+    inv_rms: Saved<CpuStorage>,
 }
 
 impl CustomOp2 for RmsNorm {
@@ -886,7 +909,7 @@ impl CustomOp2 for RmsNorm {
                         }
                     });
             }
-            *self.inv_rms.lock().expect("rms-norm state") = Some(T::into_storage(inv_rms));
+            self.inv_rms.put(T::into_storage(inv_rms));
             Ok((T::into_storage(y), xl.shape().clone()))
         })
     }
@@ -901,10 +924,8 @@ impl CustomOp2 for RmsNorm {
         let (m, d) = rows_cols(x.shape())?;
         let dy = dy.contiguous()?;
         let (xv, wv, dyv) = (CpuView::of(x)?, CpuView::of(w)?, CpuView::of(&dy)?);
-        let saved = self.inv_rms.lock().expect("rms-norm state");
-        let Some(inv_rms) = saved.as_ref() else {
-            bail!("rms-norm: backward without a saved forward pass")
-        };
+        let saved = self.inv_rms.lock();
+        let inv_rms = required(&saved, self.name())?;
         if d == 0 {
             return Ok((None, None));
         }
@@ -1132,14 +1153,14 @@ pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         return composable::target_log_probs(logits, targets);
     }
     let op = TargetLogProbs {
-        lse: Mutex::new(None),
+        lse: Saved::empty(),
     };
     Ok(logits.contiguous()?.apply_op2(&targets.contiguous()?, op)?)
 }
 
 struct TargetLogProbs {
     /// ln Σ e^logits of each row, from the forward pass.
-    lse: Mutex<Option<CpuStorage>>,
+    lse: Saved<CpuStorage>,
 }
 
 /// The target ids of a `target_log_probs` call, checked against the vocabulary size.
@@ -1175,7 +1196,7 @@ impl CustomOp2 for TargetLogProbs {
                 .zip(x.par_chunks(v))
                 .for_each(|(l, x)| *l = log_sum_exp(x));
             let picked: Vec<T> = (0..m).map(|r| x[r * v + ids[r] as usize] - lse[r]).collect();
-            *self.lse.lock().expect("target-log-probs state") = Some(T::into_storage(lse));
+            self.lse.put(T::into_storage(lse));
             Ok((T::into_storage(picked), Shape::from(m)))
         })
     }
@@ -1195,10 +1216,8 @@ impl CustomOp2 for TargetLogProbs {
             bail!("target-log-probs: targets are not on the CPU")
         };
         let ids = target_ids(ts, tl, v)?;
-        let saved = self.lse.lock().expect("target-log-probs state");
-        let Some(lse) = saved.as_ref() else {
-            bail!("target-log-probs: backward without a saved forward pass")
-        };
+        let saved = self.lse.lock();
+        let lse = required(&saved, self.name())?;
         with_real!(x.dtype(), self.name(), T => {
             let (xs, dys, lse) = (xv.get::<T>()?, dyv.get::<T>()?, saved_slice::<T>(lse));
             let mut dx = vec![T::ZERO; m * v];
@@ -1316,7 +1335,7 @@ pub fn causal_attention(
         cos: cos.narrow(0, 0, s)?.contiguous()?,
         sin: sin.narrow(0, 0, s)?.contiguous()?,
         keep: q.track_op() || k.track_op() || v.track_op(),
-        saved: Mutex::new(None),
+        saved: Saved::empty(),
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
@@ -1331,7 +1350,7 @@ struct Attention {
     sin: Tensor,
     /// Whether a backward pass may follow (then `saved` is filled).
     keep: bool,
-    saved: Mutex<Option<AttentionSaved>>,
+    saved: Saved<AttentionSaved>,
 }
 
 /// What the backward pass reuses from the forward pass.
@@ -1594,7 +1613,7 @@ impl CustomOp3 for Attention {
             let k = self.rope(input::<T>(ks, kl, self.name())?, d, s, false)?;
             let (out, probs) = self.forward(&q, &k, input::<T>(vs, vl, self.name())?, d);
             if self.keep {
-                *self.saved.lock().expect("attention state") = Some(AttentionSaved {
+                self.saved.put(AttentionSaved {
                     q: T::into_storage(q),
                     k: T::into_storage(k),
                     probs: T::into_storage(probs),
@@ -1616,10 +1635,8 @@ impl CustomOp3 for Attention {
         let (t, s) = (d.1, d.2);
         let dout = dout.contiguous()?;
         let (vv, dv) = (CpuView::of(v)?, CpuView::of(&dout)?);
-        let saved = self.saved.lock().expect("attention state");
-        let Some(saved) = saved.as_ref() else {
-            bail!("causal-attention: backward without a saved forward pass")
-        };
+        let guard = self.saved.lock();
+        let saved = required(&guard, self.name())?;
         with_real!(q.dtype(), self.name(), T => {
             let (gq, gk, gv) = self.backward(
                 (saved_slice(&saved.q), saved_slice(&saved.k), vv.get::<T>()?),
