@@ -32,10 +32,15 @@ pub struct ExpertMeta {
     pub targets: Targets,
     /// Domain(s) it was trained on.
     pub domains: Vec<String>,
-    /// Best validation accuracy during training.
+    /// Best validation accuracy during training (NaN, written as null, for a mixture).
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_accuracy: f64,
     /// The training settings, as JSON.
     pub training: serde_json::Value,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// An expert: z per target matrix plus its metadata.

@@ -275,6 +275,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mix experts of one parameterization into one expert file: z' = Σ α_k z_k on the applied
+    /// singular-value scales (a one-hot α reproduces that expert exactly).
+    Mix {
+        /// Expert files.
+        #[arg(required = true)]
+        experts: Vec<PathBuf>,
+        /// Comma-separated mixture weights, one per expert.
+        #[arg(long, value_delimiter = ',', required = true)]
+        alpha: Vec<f64>,
+        /// Base model the experts were trained on; default: the embedded model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output expert file.
+        #[arg(long)]
+        out: PathBuf,
+        /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
     /// Convert any supported model to the bitsvf native format (one safetensors file).
     Convert {
         /// Model file or directory; default: the embedded model.
@@ -547,6 +566,38 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", report.to_text());
             }
+        }
+        Command::Mix {
+            experts,
+            alpha,
+            model,
+            out,
+            cache_dir,
+        } => {
+            anyhow::ensure!(
+                alpha.iter().all(|a| a.is_finite()),
+                "--alpha: weights must be finite numbers"
+            );
+            let ck = checkpoint::load_or_default(model.as_deref())?;
+            let loaded = experts
+                .iter()
+                .map(|p| {
+                    let e = expert::Expert::load(p)?;
+                    e.check_base(&ck, p)?;
+                    Ok(e)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let first = &loaded[0].meta;
+            let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+            let factors = if first.parameterization.uses_svd() {
+                expert::factors(&ck, first.targets, &cache)?.0
+            } else {
+                Default::default()
+            };
+            let refs: Vec<&expert::Expert> = loaded.iter().collect();
+            let mixed = expert::mixture(&refs, &alpha, &factors)?;
+            mixed.save(&out)?;
+            println!("wrote {} ({})", out.display(), mixed.meta.name);
         }
         Command::CompareOptions {
             model,

@@ -278,4 +278,60 @@ fn compare_options_measures_every_option_and_reuses_its_experts() {
     let again = run();
     assert_eq!(stamp("paper_count.safetensors"), before);
     assert_eq!(again["options"][0]["accuracy"], v["options"][0]["accuracy"]);
+
+    // `mix`: a one-hot mixture evaluates exactly like its expert; mixing across
+    // parameterizations is refused with the experts named.
+    let cache = tmp.path().join("cache");
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args(args)
+            .env("BITSVF_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let (paper, alpha) = (
+        experts.join("paper_count.safetensors"),
+        experts.join("alpha-layer_count.safetensors"),
+    );
+    let mixed = tmp.path().join("mixed.safetensors");
+    let o = cli(&[
+        "mix",
+        paper.to_str().unwrap(),
+        paper.to_str().unwrap(),
+        "--alpha",
+        "0,1",
+        "--out",
+        mixed.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let eval = |e: &std::path::Path| {
+        let o = cli(&[
+            "eval",
+            "--domains",
+            "count",
+            "--n",
+            "12",
+            "--json",
+            "--expert",
+            e.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["domains"].clone()
+    };
+    assert_eq!(eval(&mixed), eval(&paper));
+    let o = cli(&[
+        "mix",
+        paper.to_str().unwrap(),
+        alpha.to_str().unwrap(),
+        "--alpha",
+        "0.5,0.5",
+        "--out",
+        tmp.path().join("bad.safetensors").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cannot be mixed"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bad.safetensors").exists());
 }
