@@ -73,8 +73,9 @@ pub struct CompareReport {
     /// One entry per option, in [`DeployOption::ALL`] order.
     pub options: Vec<OptionResult>,
     /// Share of the full-SVF experts' gain over the base that survives re-quantization, per
-    /// domain: (requantize − base) / (dequantize − base); absent where there is no gain.
-    pub requantize_gain_kept: BTreeMap<String, f64>,
+    /// re-quantizing option and domain: (requantized − base) / (dequantize − base); absent
+    /// where there is no gain.
+    pub requantize_gain_kept: BTreeMap<String, BTreeMap<String, f64>>,
     /// The equal-weight mixture of the full-SVF experts, before and after re-quantization
     /// (with two or more domains).
     pub mixture: Option<MixtureResult>,
@@ -87,8 +88,10 @@ pub struct MixtureResult {
     pub alpha: Vec<f64>,
     /// Accuracy per domain with the f32 adapted weights.
     pub dequantized: BTreeMap<String, f64>,
-    /// Accuracy per domain with W' ternarized again.
+    /// Accuracy per domain with W' ternarized again, one scale per matrix.
     pub requantized: BTreeMap<String, f64>,
+    /// The same with one scale per output channel.
+    pub requantized_channel: BTreeMap<String, f64>,
 }
 
 /// Progress events, for the command's progress bar.
@@ -286,23 +289,28 @@ pub fn compare_options(
                 dtype: DType::F32,
             },
         )?;
-        let requantized = Model::new(
-            &dense.to_checkpoint()?,
-            ModelOptions {
-                mode: WeightMode::Ternary,
-                act_quant: true,
-                dtype: DType::F32,
-            },
-        )?;
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let ternary = |per_channel: bool| {
+            Model::new(
+                &dense.requantized_checkpoint(per_channel)?,
+                ModelOptions {
+                    mode: WeightMode::Ternary,
+                    act_quant: true,
+                    dtype: DType::F32,
+                },
+            )
+        };
+        let (requantized, requantized_channel) = (ternary(false)?, ternary(true)?);
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
         for (d, it) in cfg.domains.iter().zip(&items) {
             a.push(accuracy(&dense, tok, it, *d)?);
             b.push(accuracy(&requantized, tok, it, *d)?);
+            c.push(accuracy(&requantized_channel, tok, it, *d)?);
         }
         Some(MixtureResult {
             alpha,
             dequantized: names(&|i| a[i]),
             requantized: names(&|i| b[i]),
+            requantized_channel: names(&|i| c[i]),
         })
     } else {
         None
@@ -313,11 +321,18 @@ pub fn compare_options(
             .find(|o| o.name == n)
             .expect("every option runs")
     };
-    let (deq, req) = (by_name("dequantize"), by_name("requantize"));
-    let requantize_gain_kept = (base.per_domain.iter())
-        .filter_map(|(d, &b)| {
-            let gain = deq.per_domain[d] - b;
-            (gain > 0.0).then(|| (d.clone(), (req.per_domain[d] - b) / gain))
+    let deq = by_name("dequantize");
+    let requantize_gain_kept = ["requantize", "requantize-channel"]
+        .into_iter()
+        .map(|n| {
+            let req = by_name(n);
+            let kept = (base.per_domain.iter())
+                .filter_map(|(d, &b)| {
+                    let gain = deq.per_domain[d] - b;
+                    (gain > 0.0).then(|| (d.clone(), (req.per_domain[d] - b) / gain))
+                })
+                .collect();
+            (n.to_string(), kept)
         })
         .collect();
     Ok(CompareReport {
@@ -367,19 +382,22 @@ impl CompareReport {
                     .join(" | ")
             };
             s += &format!(
-                "\n| equal mixture of the full-SVF experts (α = {:.3} each) | {} |\n|---|{}\n| dequantized | {} |\n| re-quantized | {} |\n",
+                "\n| equal mixture of the full-SVF experts (α = {:.3} each) | {} |\n|---|{}\n| dequantized | {} |\n| re-quantized, per matrix | {} |\n| re-quantized, per channel | {} |\n",
                 m.alpha[0],
                 domains.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(" | "),
                 "---|".repeat(domains.len()),
                 row(&m.dequantized),
-                row(&m.requantized)
+                row(&m.requantized),
+                row(&m.requantized_channel)
             );
         }
-        if !self.requantize_gain_kept.is_empty() {
+        for (option, kept) in &self.requantize_gain_kept {
+            if kept.is_empty() {
+                continue;
+            }
             s += &format!(
-                "\nGain of the full-SVF experts kept after re-quantization: {}\n",
-                self.requantize_gain_kept
-                    .iter()
+                "\nGain of the full-SVF experts kept by {option}: {}\n",
+                kept.iter()
                     .map(|(d, k)| format!("{d} {:.0}%", 100.0 * k))
                     .collect::<Vec<_>>()
                     .join(", ")

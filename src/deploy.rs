@@ -8,6 +8,7 @@
 //! | alpha-channel (Option 2) | packed W_t, γ | z per output channel | γ'_r = γ·z_r |
 //! | hybrid-lowrank (Option 3) | packed W_t + U_k, σ_k, V_k in f16 | z_k per target | swap the diagonal |
 //! | requantize (Phase 8) | packed non-targets | packed ternary W' per target | swap packed matrices |
+//! | requantize-channel | packed non-targets | packed W' with per-row scales | swap packed matrices |
 //!
 //! Ternary options run the model's ternary mode (the integer kernel); the hybrid delta runs on
 //! the same quantized activations. [`Deployment::bytes`] counts what has to be resident.
@@ -16,6 +17,7 @@ use crate::checkpoint::{linear_name, Checkpoint, LinearKind};
 use crate::error::{Error, Result};
 use crate::expert::{expert_model, factors, Expert};
 use crate::model::{LinearWeight, Model, ModelOptions, WeightMode};
+use crate::requant::requantize;
 use crate::svd::{Svd, SvdCache};
 use crate::svf::{Parameterization, SvfWeight};
 use crate::ternary::TernaryMatrix;
@@ -33,18 +35,21 @@ pub enum DeployOption {
     AlphaChannel,
     /// Option 3: packed base plus a runtime low-rank SVF delta.
     HybridLowRank,
-    /// Full SVF experts re-quantized to ternary (the Phase 8 form).
+    /// Full SVF experts re-quantized to ternary with one scale per matrix (the Phase 8 form).
     Requantize,
+    /// The same with one scale per output channel.
+    RequantizeChannel,
 }
 
 impl DeployOption {
     /// Every option, in report order.
-    pub const ALL: [DeployOption; 5] = [
+    pub const ALL: [DeployOption; 6] = [
         DeployOption::Dequantize,
         DeployOption::AlphaLayer,
         DeployOption::AlphaChannel,
         DeployOption::HybridLowRank,
         DeployOption::Requantize,
+        DeployOption::RequantizeChannel,
     ];
 
     /// The name used on the command line and in reports.
@@ -55,17 +60,27 @@ impl DeployOption {
             DeployOption::AlphaChannel => "alpha-channel",
             DeployOption::HybridLowRank => "hybrid-lowrank",
             DeployOption::Requantize => "requantize",
+            DeployOption::RequantizeChannel => "requantize-channel",
         }
     }
 
     /// The parameterization its experts are trained with.
     pub fn parameterization(self) -> Parameterization {
         match self {
-            DeployOption::Dequantize | DeployOption::Requantize => Parameterization::Paper,
+            DeployOption::Dequantize
+            | DeployOption::Requantize
+            | DeployOption::RequantizeChannel => Parameterization::Paper,
             DeployOption::AlphaLayer => Parameterization::AlphaLayer,
             DeployOption::AlphaChannel => Parameterization::AlphaChannel,
             DeployOption::HybridLowRank => Parameterization::LowRank,
         }
+    }
+
+    fn requantizes(self) -> bool {
+        matches!(
+            self,
+            DeployOption::Requantize | DeployOption::RequantizeChannel
+        )
     }
 
     fn mode(self) -> WeightMode {
@@ -85,7 +100,7 @@ impl std::str::FromStr for DeployOption {
             .ok_or_else(|| {
                 Error::Input(format!(
                     "option `{s}`: expected dequantize, alpha-layer, alpha-channel, \
-                     hybrid-lowrank or requantize"
+                     hybrid-lowrank, requantize or requantize-channel"
                 ))
             })
     }
@@ -184,15 +199,15 @@ impl Deployment {
         } else {
             Default::default()
         };
-        // Requantize: every expert's W' re-quantized once, up front.
-        let mut requantized: Vec<Checkpoint> = Vec::new();
-        if option == DeployOption::Requantize {
+        // Requantize: every expert's model in SVF form, whose W' is ternarized below.
+        let mut adapted: Vec<Model> = Vec::new();
+        if option.requantizes() {
+            let dense = ModelOptions {
+                mode: WeightMode::Dense,
+                ..OPTIONS
+            };
             for e in &experts {
-                let dense = ModelOptions {
-                    mode: WeightMode::Dense,
-                    ..OPTIONS
-                };
-                requantized.push(expert_model(ck, e, cache, dense)?.to_checkpoint()?);
+                adapted.push(expert_model(ck, e, cache, dense)?);
             }
         }
         let dev = Device::Cpu;
@@ -233,12 +248,20 @@ impl Deployment {
                         LinearWeight::Hybrid(Arc::new(lin.matrix.clone()), delta);
                     Resident::Delta
                 }
-                DeployOption::Requantize => Resident::Packed(
-                    requantized
-                        .iter()
-                        .map(|c| Arc::new(c.layers[layer].linear(kind).matrix.clone()))
-                        .collect(),
-                ),
+                DeployOption::Requantize | DeployOption::RequantizeChannel => {
+                    let per_channel = option == DeployOption::RequantizeChannel;
+                    let mut packed = Vec::new();
+                    for m in &adapted {
+                        let LinearWeight::Svf(svf) = &m.blocks[layer].linears[kind as usize].weight
+                        else {
+                            return Err(Error::Input(format!("`{name}` is not an SVF linear")));
+                        };
+                        let (rows, cols) = (lin.matrix.rows, lin.matrix.cols);
+                        let w = svf.adapted_weight()?;
+                        packed.push(Arc::new(requantize(&w, rows, cols, per_channel)));
+                    }
+                    Resident::Packed(packed)
+                }
             };
             targets.push(Target {
                 layer,
@@ -321,7 +344,7 @@ impl Deployment {
         for (l, b) in self.model.blocks.iter().enumerate() {
             for (kind, lin) in LinearKind::ALL.into_iter().zip(&b.linears) {
                 total += lin.bias.as_ref().map_or(0, |b| 4 * b.elem_count());
-                if self.option == DeployOption::Requantize && is_target(l, kind) {
+                if self.option.requantizes() && is_target(l, kind) {
                     continue; // counted with the experts' packed matrices below
                 }
                 total += match &lin.weight {
@@ -349,7 +372,7 @@ impl Deployment {
             };
         }
         // Requantized experts are their packed matrices; the others add their z vectors.
-        if self.option != DeployOption::Requantize {
+        if !self.option.requantizes() {
             total += (self.experts.iter())
                 .map(|e| 4 * e.z.values().map(Vec::len).sum::<usize>())
                 .sum::<usize>();
@@ -498,20 +521,43 @@ mod tests {
         let experts: Vec<Expert> = (1..=2)
             .map(|s| expert(&ck, &cache, Parameterization::Paper, s))
             .collect();
-        let mut d =
-            Deployment::new(&ck, DeployOption::Requantize, experts.clone(), &cache).unwrap();
         let dense = ModelOptions {
             mode: WeightMode::Dense,
             ..OPTIONS
         };
+        let mut d =
+            Deployment::new(&ck, DeployOption::Requantize, experts.clone(), &cache).unwrap();
+        let mut dc = Deployment::new(
+            &ck,
+            DeployOption::RequantizeChannel,
+            experts.clone(),
+            &cache,
+        )
+        .unwrap();
         for i in [1, 0] {
             d.apply(i).unwrap();
-            let q = expert_model(&ck, &experts[i], &cache, dense)
-                .unwrap()
-                .to_checkpoint()
-                .unwrap();
-            let want = logits(&Model::new(&q, OPTIONS).unwrap());
-            assert_eq!(logits(&d.model), want);
+            dc.apply(i).unwrap();
+            let adapted = expert_model(&ck, &experts[i], &cache, dense).unwrap();
+            // Per matrix: what `to_checkpoint` hands to the next stage.
+            let q = adapted.to_checkpoint().unwrap();
+            assert_eq!(logits(&d.model), logits(&Model::new(&q, OPTIONS).unwrap()));
+            // Per channel: every MLP target ternarized row by row.
+            let mut qc = ck.clone();
+            for (l, layer) in qc.layers.iter_mut().enumerate() {
+                for kind in [LinearKind::Gate, LinearKind::Up, LinearKind::Down] {
+                    let LinearWeight::Svf(svf) = &adapted.blocks[l].linears[kind as usize].weight
+                    else {
+                        panic!("MLP targets are SVF linears")
+                    };
+                    let m = &mut layer.linears[kind as usize].matrix;
+                    *m = requantize(&svf.adapted_weight().unwrap(), m.rows, m.cols, true);
+                    assert_eq!(m.scales.len(), m.rows);
+                }
+            }
+            assert_eq!(
+                logits(&dc.model),
+                logits(&Model::new(&qc, OPTIONS).unwrap())
+            );
         }
     }
 

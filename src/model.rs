@@ -658,9 +658,16 @@ impl Model {
         ))
     }
 
-    /// Freeze the current weights into a ternary checkpoint (per-tensor absmean, the same rule
-    /// the QAT forward pass uses).
+    /// Freeze the current weights into a ternary checkpoint: QAT master weights by the
+    /// per-tensor absmean rule their forward pass uses; dense, SVF and hybrid weights
+    /// re-quantized ([`crate::requant`]) with one scale per matrix.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        self.requantized_checkpoint(false)
+    }
+
+    /// [`Model::to_checkpoint`], with one scale per output channel for the re-quantized SVF
+    /// and hybrid weights when `per_channel`.
+    pub fn requantized_checkpoint(&self, per_channel: bool) -> Result<Checkpoint> {
         use crate::checkpoint::{Layer, Linear, SourceFormat};
         use crate::requant::requantize;
         use crate::ternary::Quantization;
@@ -684,7 +691,7 @@ impl Model {
                     LinearWeight::Svf(svf) => {
                         // Re-quantization of the adapted W' (DESIGN.md §5).
                         let (rows, cols) = (svf.u_t.dim(1)?, svf.v.dim(0)?);
-                        requantize(&svf.adapted_weight()?, rows, cols, false)
+                        requantize(&svf.adapted_weight()?, rows, cols, per_channel)
                     }
                     LinearWeight::Hybrid(m, delta) => {
                         // W + the low-rank delta, re-quantized.
@@ -692,7 +699,7 @@ impl Model {
                             .zip(m.dequantize())
                             .map(|(d, b)| d + b)
                             .collect();
-                        requantize(&w, m.rows, m.cols, false)
+                        requantize(&w, m.rows, m.cols, per_channel)
                     }
                     LinearWeight::Scaled(w) => {
                         // diag(z)·γ·W_t is ternary with per-channel scales γ·z: exact.
