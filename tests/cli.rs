@@ -240,7 +240,8 @@ fn compare_options_measures_every_option_and_reuses_its_experts() {
             "alpha-layer",
             "alpha-channel",
             "hybrid-lowrank",
-            "requantize"
+            "requantize",
+            "requantize-channel"
         ]
     );
     let f32_bytes = v["f32_bytes"].as_f64().unwrap();
