@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod deploy;
+pub mod discover;
 pub mod error;
 pub mod eval;
 pub mod expert;

@@ -4,7 +4,9 @@ use anyhow::{Context, Result};
 use bitsvf::checkpoint::{self, st};
 use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
 use bitsvf::tasks::{Dataset, Domain, Split};
-use bitsvf::{compare, eval, expert, inspect, pretrain, recovery, svd, svf, tokenizer, train};
+use bitsvf::{
+    compare, discover, eval, expert, inspect, pretrain, recovery, svd, svf, tokenizer, train,
+};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -272,6 +274,27 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
         /// Print `{"options": [{"name", "accuracy", "bytes", "tokens_per_s", …}]}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stage 1: measure the base model on every domain (validation split) and the direction of
+    /// each domain's SVF gradient, and decide how many experts to train and on what.
+    Discover {
+        /// Base model; default: the embedded model.
+        model: Option<PathBuf>,
+        /// Validation items per domain for the capability report.
+        #[arg(long, default_value_t = 200)]
+        n: usize,
+        /// Training items per domain for the gradient direction.
+        #[arg(long, default_value_t = 64)]
+        grad_items: usize,
+        /// Merge domains whose gradient directions have at least this average cosine.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f64,
+        /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -565,6 +588,79 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.to_text());
+            }
+        }
+        Command::Discover {
+            model,
+            n,
+            grad_items,
+            threshold,
+            cache_dir,
+            json,
+        } => {
+            anyhow::ensure!(
+                n > 0 && grad_items > 0,
+                "--n and --grad-items must be positive"
+            );
+            let ck = checkpoint::load_or_default(model.as_deref())?;
+            let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
+            let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+            let (factors, _) = expert::factors(&ck, svf::Targets::Mlp, &cache)?;
+            let base = Model::new(&ck, ModelOptions::default())?;
+            let domains = Domain::ALL;
+            let bar = step_bar(domains.len())?;
+            let (mut names, mut acc, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, d) in domains.iter().enumerate() {
+                bar.set_message(format!("measuring {}", d.name()));
+                let spec = eval::EvalSpec {
+                    domains: vec![*d],
+                    n,
+                    seed: 0,
+                    split: Split::Validation,
+                };
+                let r = eval::evaluate(&base, tok.as_ref(), "base", &spec, |_| {})?;
+                names.push(d.name().to_string());
+                acc.push(r.domains[d.name()].accuracy);
+                dirs.push(discover::gradient_direction(
+                    &ck,
+                    &factors,
+                    tok.as_ref(),
+                    &train::TrainData::Domain(*d),
+                    grad_items,
+                    0,
+                )?);
+                bar.set_position(i as u64 + 1);
+            }
+            bar.finish_and_clear();
+            let sim = discover::cosine_matrix(&dirs);
+            let rule = discover::GroupRule {
+                threshold,
+                ..Default::default()
+            };
+            let g = discover::group(&names, &acc, &sim, rule);
+            if json {
+                let v = serde_json::json!({
+                    "accuracy": names.iter().zip(&acc).map(|(n, a)| (n.clone(), *a)).collect::<BTreeMap<_, _>>(),
+                    "similarity": {"domains": names, "cosine": sim},
+                    "rule": rule,
+                    "experts": g.groups,
+                    "reason": g.reason,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<12} {:>9}   gradient cosine with the other domains",
+                    "domain", "accuracy"
+                );
+                for (i, name) in names.iter().enumerate() {
+                    let row: Vec<String> = sim[i].iter().map(|c| format!("{c:+.2}")).collect();
+                    println!("{name:<12} {:>8.1}%   {}", 100.0 * acc[i], row.join(" "));
+                }
+                println!("\n{} experts:", g.groups.len());
+                for group in &g.groups {
+                    println!("  {}", group.join(" + "));
+                }
+                println!("{}", g.reason);
             }
         }
         Command::Mix {

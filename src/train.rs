@@ -164,7 +164,8 @@ impl TrainData {
         }
     }
 
-    fn draw(&self, rng: &mut StdRng, n: usize) -> Result<Vec<Item>> {
+    /// `n` training items (levels 1–5 uniform for a domain; uniform over a dataset's train split).
+    pub fn draw(&self, rng: &mut StdRng, n: usize) -> Result<Vec<Item>> {
         match self {
             TrainData::Domain(d) => {
                 let mut out = Vec::with_capacity(n);
@@ -244,7 +245,20 @@ fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tensor> 
     Ok(((kl * mask)?.sum_all()? / batch.supervised.max(1) as f64)?)
 }
 
-fn flat_log_probs(model: &Model, batch: &Batch) -> Result<Tensor> {
+/// (prompt, answer + EOS) token pairs of `items`, the SFT targets.
+pub fn sft_pairs(tok: &dyn Tokenizer, items: &[Item]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    items
+        .iter()
+        .map(|it| {
+            let mut a = tok.encode(&it.answer)?;
+            a.push(tok.eos());
+            Ok((prompt_ids(tok, &it.prompt)?, a))
+        })
+        .collect()
+}
+
+/// Log-probabilities `[B·T, vocab]` of `model` on `batch`.
+pub fn flat_log_probs(model: &Model, batch: &Batch) -> Result<Tensor> {
     let logits = model.forward(&batch.input, None)?;
     let v = logits.dim(D::Minus1)?;
     log_softmax(&logits.reshape(((), v))?)
@@ -398,15 +412,7 @@ pub fn train_expert(
         let mut stats = StepStats::default();
         let loss = match cfg.objective {
             Objective::Sft => {
-                let pairs = items
-                    .iter()
-                    .map(|it| {
-                        let mut a = tok.encode(&it.answer)?;
-                        a.push(tok.eos());
-                        Ok((prompt_ids(tok, &it.prompt)?, a))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let batch = batch_from_pairs(&pairs, model.device())?;
+                let batch = batch_from_pairs(&sft_pairs(tok, &items)?, model.device())?;
                 let lp = flat_log_probs(&model, &batch)?;
                 let loss = masked_nll(&lp, &batch)?;
                 let ref_lp = flat_log_probs(&reference, &batch)?.detach();

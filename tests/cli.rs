@@ -336,3 +336,24 @@ fn compare_options_measures_every_option_and_reuses_its_experts() {
     );
     assert!(!tmp.path().join("bad.safetensors").exists());
 }
+
+#[test]
+fn discover_reports_capability_directions_and_a_grouping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args(["discover", "--n", "5", "--grad-items", "4", "--json"])
+        .env("BITSVF_CACHE", tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["accuracy"].as_object().unwrap().len(), 13);
+    let cos = v["similarity"]["cosine"].as_array().unwrap();
+    assert_eq!(cos.len(), 13);
+    for (i, row) in cos.iter().enumerate() {
+        assert!((row[i].as_f64().unwrap() - 1.0).abs() < 1e-6);
+    }
+    let n = v["experts"].as_array().unwrap().len();
+    assert!((3..=10).contains(&n), "{n} experts");
+    assert!(v["reason"].as_str().unwrap().contains(&format!("N = {n}")));
+}
