@@ -10,12 +10,12 @@
 
 use bitsvf::checkpoint::Checkpoint;
 use bitsvf::config::{Activation, ModelConfig};
-use bitsvf::expert::{init_vars, svf_model, target_matrices};
+use bitsvf::expert::{init_vars, svf_model, target_matrices, var_tensors};
 use bitsvf::model::{ModelOptions, WeightMode};
 use bitsvf::pretrain::{batch_from_pairs, masked_cross_entropy};
 use bitsvf::svd::thin_svd;
 use bitsvf::svf::{Parameterization, Targets};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::collections::BTreeMap;
 
@@ -55,10 +55,7 @@ fn bench(c: &mut Criterion) {
         .map(|(n, f)| (n.clone(), f.sigma.len()))
         .collect();
     let vars = init_vars(&lengths, Parameterization::Paper, options, 0).unwrap();
-    let z: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let z = var_tensors(&vars);
     let model = svf_model(&ck, options, &factors, &z, Parameterization::Paper).unwrap();
     // Same tokens as the PyTorch script: (i·7919 + 13) mod vocab, every next token scored.
     let rows: Vec<(Vec<u32>, Vec<u32>)> = (0..4)

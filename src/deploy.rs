@@ -421,14 +421,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn tiny() -> Checkpoint {
-        let mut cfg = crate::pretrain::default_arch();
-        cfg.hidden_size = 32;
-        cfg.intermediate_size = 48;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 2;
-        cfg.num_key_value_heads = Some(1);
-        cfg.max_position_embeddings = 64;
-        Checkpoint::random(cfg, 7)
+        Checkpoint::tiny(32, 48, 7)
     }
 
     /// A made-up expert: z = 1 + a seeded wiggle (k = 8 for low-rank).

@@ -14,7 +14,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::expert::{init_vars, svf_model};
+use crate::expert::{init_vars, svf_model, var_tensors};
 use crate::model::{ModelOptions, WeightMode};
 use crate::pretrain::{batch_from_pairs, masked_nll};
 use crate::svd::Svd;
@@ -52,10 +52,7 @@ pub fn gradient_direction(
         .map(|(name, f)| (name.clone(), f.sigma.len()))
         .collect();
     let vars = init_vars(&lengths, Parameterization::Paper, options, seed)?;
-    let z = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let z = var_tensors(&vars);
     let model = svf_model(ck, options, factors, &z, Parameterization::Paper)?;
     let items = data.draw(&mut StdRng::seed_from_u64(seed), n)?;
     let batch = batch_from_pairs(&sft_pairs(tok, &items)?, model.device())?;
@@ -282,14 +279,7 @@ mod tests {
 
     #[test]
     fn gradient_directions_are_seeded_and_cover_every_z() {
-        let mut cfg = crate::pretrain::default_arch();
-        cfg.hidden_size = 16;
-        cfg.intermediate_size = 24;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 2;
-        cfg.num_key_value_heads = Some(1);
-        cfg.max_position_embeddings = 64;
-        let ck = Checkpoint::random(cfg, 5);
+        let ck = Checkpoint::tiny(16, 24, 5);
         let tok = crate::tokenizer::for_model(None, &ck.config).unwrap();
         let f: BTreeMap<String, Svd> =
             crate::expert::target_matrices(&ck, crate::svf::Targets::Mlp)

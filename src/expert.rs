@@ -254,6 +254,13 @@ pub fn init_vars(
         .collect()
 }
 
+/// The z variables as tensors that track gradients (the z map of [`svf_model`] in training).
+pub fn var_tensors(vars: &[NamedVar]) -> BTreeMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
 /// Constant z tensors from plain vectors.
 pub fn z_tensors(
     z: &BTreeMap<String, Vec<f32>>,
@@ -383,14 +390,7 @@ mod tests {
     use candle_core::DType;
 
     fn tiny() -> Checkpoint {
-        let mut cfg = crate::pretrain::default_arch();
-        cfg.hidden_size = 16;
-        cfg.intermediate_size = 24;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 2;
-        cfg.num_key_value_heads = Some(1);
-        cfg.max_position_embeddings = 64;
-        Checkpoint::random(cfg, 3)
+        Checkpoint::tiny(16, 24, 3)
     }
 
     const OPTIONS: ModelOptions = ModelOptions {

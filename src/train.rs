@@ -11,7 +11,7 @@ use crate::checkpoint::st::OwnedTensor;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::eval::{prompt_ids, score_items};
-use crate::expert::{init_vars, set_z, svf_model, z_lengths, Expert, ExpertMeta};
+use crate::expert::{init_vars, set_z, svf_model, var_tensors, z_lengths, Expert, ExpertMeta};
 use crate::model::{GenerateOptions, Model, ModelOptions, NamedVar};
 use crate::ops::log_softmax;
 use crate::optim::{Adam, AdamConfig, ResumeState};
@@ -346,10 +346,7 @@ pub fn train_expert(
     let reference = Model::new(ck, options)?;
     let lengths = z_lengths(ck, cfg.targets, cfg.parameterization, factors, cfg.rank)?;
     let vars = init_vars(&lengths, cfg.parameterization, options, cfg.seed)?;
-    let z_tensors: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let z_tensors = var_tensors(&vars);
     let model = svf_model(ck, options, factors, &z_tensors, cfg.parameterization)?;
     let mut opt = Adam::new(
         vars.clone(),
@@ -571,14 +568,7 @@ mod tests {
     use crate::svd::thin_svd;
 
     fn tiny() -> Checkpoint {
-        let mut cfg = crate::pretrain::default_arch();
-        cfg.hidden_size = 16;
-        cfg.intermediate_size = 24;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 2;
-        cfg.num_key_value_heads = Some(1);
-        cfg.max_position_embeddings = 64;
-        Checkpoint::random(cfg, 11)
+        Checkpoint::tiny(16, 24, 11)
     }
 
     fn all_factors(ck: &Checkpoint) -> BTreeMap<String, Svd> {
@@ -609,10 +599,7 @@ mod tests {
             act_quant: false,
             dtype: DType::F64,
         };
-        let z: BTreeMap<String, Tensor> = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+        let z = var_tensors(vars);
         let model = svf_model(ck, options, f, &z, param).unwrap();
         let b = batch();
         match objective {
@@ -705,10 +692,7 @@ mod tests {
         for param in Parameterization::ALL {
             let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
             let vars = init_vars(&lengths, param, options, 1).unwrap();
-            let z: BTreeMap<String, Tensor> = vars
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect();
+            let z = var_tensors(&vars);
             let model = svf_model(&ck, options, &f, &z, param).unwrap();
             let reference = Model::new(&ck, options).unwrap();
             let b = batch();

@@ -255,6 +255,22 @@ impl Checkpoint {
     }
 }
 
+#[cfg(test)]
+impl Checkpoint {
+    /// A random 2-layer model (2 heads / 1 kv head, 64 positions) of width `hidden` and FFN
+    /// `ffn`, for unit tests.
+    pub(crate) fn tiny(hidden: usize, ffn: usize, seed: u64) -> Checkpoint {
+        let mut cfg = crate::pretrain::default_arch();
+        cfg.hidden_size = hidden;
+        cfg.intermediate_size = ffn;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 2;
+        cfg.num_key_value_heads = Some(1);
+        cfg.max_position_embeddings = 64;
+        Checkpoint::random(cfg, seed)
+    }
+}
+
 impl Checkpoint {
     /// A random model of the given architecture (uniform ternary weights, per-tensor scales in
     /// [0.5, 1.5], N(0, 0.5²)-ish embeddings, norms near 1) — for benchmarks and tests.
