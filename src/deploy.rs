@@ -112,8 +112,9 @@ enum Resident {
     Factors(SvfWeight),
     /// Alpha: the unscaled γ of the matrix (one or per row).
     Scales(Vec<f32>),
-    /// Hybrid: nothing beyond the delta already in the model.
-    Delta,
+    /// Hybrid: nothing beyond the delta already in the model (its U_k, σ_k, V_k hold
+    /// `factor_elems` numbers, stored in f16).
+    Delta { factor_elems: usize },
     /// Requantize: the packed W' of every expert.
     Packed(Vec<Arc<TernaryMatrix>>),
 }
@@ -212,13 +213,15 @@ impl Deployment {
         }
         let dev = Device::Cpu;
         let mut targets = Vec::new();
-        for (name, kind, lin) in ck.linears() {
+        let linears = ck.layers.iter().enumerate().flat_map(|(l, layer)| {
+            LinearKind::ALL
+                .into_iter()
+                .map(move |k| (l, k, linear_name(l, k), layer.linear(k)))
+        });
+        for (layer, kind, name, lin) in linears {
             if !targets_kind.includes(kind) {
                 continue;
             }
-            let layer = (0..ck.layers.len())
-                .find(|&l| linear_name(l, kind) == name)
-                .expect("linear names follow linear_name");
             let z_len = first.z.get(&name).map(Vec::len).ok_or_else(|| {
                 Error::Input(format!(
                     "expert `{}` has no z for `{name}`",
@@ -244,9 +247,11 @@ impl Deployment {
                 DeployOption::HybridLowRank => {
                     let delta =
                         SvfWeight::low_rank_delta(&half_rounded(svd()?), ones, DType::F32, &dev)?;
+                    let factor_elems =
+                        delta.u_t.elem_count() + delta.v.elem_count() + delta.sigma.elem_count();
                     model.blocks[layer].linears[kind as usize].weight =
                         LinearWeight::Hybrid(Arc::new(lin.matrix.clone()), delta);
-                    Resident::Delta
+                    Resident::Delta { factor_elems }
                 }
                 DeployOption::Requantize | DeployOption::RequantizeChannel => {
                     let per_channel = option == DeployOption::RequantizeChannel;
@@ -324,7 +329,7 @@ impl Deployment {
                     // The deployment owns the matrix: scales change in place, codes stay.
                     Arc::make_mut(m).scales = scales;
                 }
-                (Resident::Delta, LinearWeight::Hybrid(_, delta)) => {
+                (Resident::Delta { .. }, LinearWeight::Hybrid(_, delta)) => {
                     delta.z = Tensor::from_slice(z, z.len(), &Device::Cpu)?;
                 }
                 (Resident::Packed(per_expert), slot) => {
@@ -360,14 +365,7 @@ impl Deployment {
                     4 * (svf.u_t.elem_count() + svf.v.elem_count() + svf.sigma.elem_count())
                 }
                 Resident::Scales(s) => 4 * s.len(),
-                Resident::Delta => {
-                    let LinearWeight::Hybrid(_, d) =
-                        &self.model.blocks[t.layer].linears[t.kind as usize].weight
-                    else {
-                        unreachable!("hybrid targets hold a delta")
-                    };
-                    HALF * (d.u_t.elem_count() + d.v.elem_count() + d.sigma.elem_count())
-                }
+                Resident::Delta { factor_elems } => HALF * factor_elems,
                 Resident::Packed(p) => p.iter().map(|m| m.packed_bytes()).sum(),
             };
         }
