@@ -15,7 +15,6 @@ use crate::svd::SvdCache;
 use crate::tasks::{Domain, Item, Split};
 use crate::tokenizer::Tokenizer;
 use crate::train::{train_expert, TrainConfig, TrainData};
-use candle_core::DType;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -200,14 +199,8 @@ pub fn compare_options(
     let mean = |m: &BTreeMap<String, f64>| m.values().sum::<f64>() / m.len().max(1) as f64;
 
     progress(Event::Evaluating("base"));
-    let base_model = Model::new(
-        ck,
-        ModelOptions {
-            mode: WeightMode::Ternary,
-            act_quant: true,
-            dtype: DType::F32,
-        },
-    )?;
+    // Deployed models run BitNet's int8 activations in f32 (ModelOptions' default).
+    let base_model = Model::new(ck, ModelOptions::default())?;
     let mut base_acc = Vec::new();
     for (d, it) in cfg.domains.iter().zip(&items) {
         base_acc.push(accuracy(&base_model, tok, it, *d)?);
@@ -285,18 +278,13 @@ pub fn compare_options(
             cache,
             ModelOptions {
                 mode: WeightMode::Dense,
-                act_quant: true,
-                dtype: DType::F32,
+                ..Default::default()
             },
         )?;
         let ternary = |per_channel: bool| {
             Model::new(
                 &dense.requantized_checkpoint(per_channel)?,
-                ModelOptions {
-                    mode: WeightMode::Ternary,
-                    act_quant: true,
-                    dtype: DType::F32,
-                },
+                ModelOptions::default(),
             )
         };
         let (requantized, requantized_channel) = (ternary(false)?, ternary(true)?);

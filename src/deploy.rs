@@ -137,13 +137,6 @@ pub struct Deployment {
     float_bytes: usize,
 }
 
-/// Model options for deployed models: f32 with BitNet's int8 activations.
-const OPTIONS: ModelOptions = ModelOptions {
-    mode: WeightMode::Ternary,
-    act_quant: true,
-    dtype: DType::F32,
-};
-
 /// Round to f16 and back: the hybrid factors are stored in half precision.
 fn half_rounded(svd: &Svd) -> Svd {
     let h =
@@ -190,9 +183,10 @@ impl Deployment {
                 )));
             }
         }
+        // f32 with BitNet's int8 activations (ModelOptions' default), in the option's mode.
         let options = ModelOptions {
             mode: option.mode(),
-            ..OPTIONS
+            ..Default::default()
         };
         let mut model = Model::new(ck, options)?;
         let f = if param.uses_svd() {
@@ -205,7 +199,7 @@ impl Deployment {
         if option.requantizes() {
             let dense = ModelOptions {
                 mode: WeightMode::Dense,
-                ..OPTIONS
+                ..Default::default()
             };
             for e in &experts {
                 adapted.push(expert_model(ck, e, cache, dense)?);
@@ -479,7 +473,7 @@ mod tests {
         let cache = SvdCache::new(dir.path().to_path_buf());
         let dense = ModelOptions {
             mode: WeightMode::Dense,
-            ..OPTIONS
+            ..Default::default()
         };
         for (option, tol) in [
             (DeployOption::Dequantize, 1e-3),
@@ -514,7 +508,7 @@ mod tests {
             .collect();
         let dense = ModelOptions {
             mode: WeightMode::Dense,
-            ..OPTIONS
+            ..Default::default()
         };
         let mut d =
             Deployment::new(&ck, DeployOption::Requantize, experts.clone(), &cache).unwrap();
@@ -531,7 +525,10 @@ mod tests {
             let adapted = expert_model(&ck, &experts[i], &cache, dense).unwrap();
             // Per matrix: what `to_checkpoint` hands to the next stage.
             let q = adapted.to_checkpoint().unwrap();
-            assert_eq!(logits(&d.model), logits(&Model::new(&q, OPTIONS).unwrap()));
+            assert_eq!(
+                logits(&d.model),
+                logits(&Model::new(&q, ModelOptions::default()).unwrap())
+            );
             // Per channel: every MLP target ternarized row by row.
             let mut qc = ck.clone();
             for (l, layer) in qc.layers.iter_mut().enumerate() {
@@ -547,7 +544,7 @@ mod tests {
             }
             assert_eq!(
                 logits(&dc.model),
-                logits(&Model::new(&qc, OPTIONS).unwrap())
+                logits(&Model::new(&qc, ModelOptions::default()).unwrap())
             );
         }
     }
