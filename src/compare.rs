@@ -6,7 +6,7 @@
 //! directory, so an interrupted or repeated comparison reuses what is done.
 
 use crate::checkpoint::Checkpoint;
-use crate::deploy::{f32_bytes, float_bytes, DeployOption, Deployment};
+use crate::deploy::{f32_bytes, packed_bytes, DeployOption, Deployment};
 use crate::error::Result;
 use crate::eval::{eval_items, prompt_ids, score_items};
 use crate::expert::{expert_model, factors, mixture, Expert};
@@ -206,10 +206,7 @@ pub fn compare_options(
         base_acc.push(accuracy(&base_model, tok, it, *d)?);
     }
     let per_domain = names(&|i| base_acc[i]);
-    let base_bytes = float_bytes(ck)
-        + ck.linears()
-            .map(|(_, _, l)| l.matrix.packed_bytes() + 4 * l.bias.as_ref().map_or(0, Vec::len))
-            .sum::<usize>();
+    let base_bytes = packed_bytes(ck);
     let base = OptionResult {
         name: "base (packed, no expert)".into(),
         accuracy: mean(&per_domain),

@@ -285,6 +285,26 @@ impl Deployment {
         &self.experts
     }
 
+    /// Replace resident expert `i` by `expert` (same parameterization and z lengths) and
+    /// switch to it: how a search tries one mixture after another in the deployed form.
+    pub fn set_expert(&mut self, i: usize, expert: Expert) -> Result<()> {
+        let old = self
+            .experts
+            .get(i)
+            .ok_or_else(|| Error::Input(format!("no expert {i} in this deployment")))?;
+        let same_shape = expert.meta.parameterization == old.meta.parameterization
+            && expert.z.len() == old.z.len()
+            && (old.z.iter()).all(|(n, z)| expert.z.get(n).map(Vec::len) == Some(z.len()));
+        if !same_shape {
+            return Err(Error::Input(format!(
+                "expert `{}` does not have the parameterization and z lengths of `{}`",
+                expert.meta.name, old.meta.name
+            )));
+        }
+        self.experts[i] = expert;
+        self.apply(i)
+    }
+
     /// Switch the model to expert `i`.
     pub fn apply(&mut self, i: usize) -> Result<()> {
         let expert = self
@@ -394,6 +414,14 @@ pub fn float_bytes(ck: &Checkpoint) -> usize {
         })
         .sum();
     4 * (ck.embed_tokens.len() + lm_head + ck.norm.len() + norms)
+}
+
+/// Bytes of `ck` as shipped: packed ternary linears, their biases and the f32 rest.
+pub fn packed_bytes(ck: &Checkpoint) -> usize {
+    float_bytes(ck)
+        + ck.linears()
+            .map(|(_, _, l)| l.matrix.packed_bytes() + 4 * l.bias.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
 }
 
 /// Bytes of `ck` with every weight in f32 (the reference the deployed forms are compared to).

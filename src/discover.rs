@@ -23,7 +23,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::{flat_log_probs, sft_pairs, TrainData};
 use candle_core::DType;
 use rand::{rngs::StdRng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Below this accuracy a skill is out of SVF's reach on the model (measured: add, sub, mul and
@@ -92,7 +92,7 @@ pub fn cosine_matrix(vs: &[Vec<f32>]) -> Vec<Vec<f64>> {
 }
 
 /// Settings of [`group`].
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct GroupRule {
     /// Fewest experts.
     pub min_experts: usize,
@@ -113,7 +113,7 @@ impl Default for GroupRule {
 }
 
 /// The experts discovery settles on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Grouping {
     /// One entry per expert: the domains it covers.
     pub groups: Vec<Vec<String>>,
@@ -202,6 +202,65 @@ pub fn group(names: &[String], accuracy: &[f64], sim: &[Vec<f64>], rule: GroupRu
         groups: named,
         reason,
     }
+}
+
+/// Stage 1's report: the capability of the base model per data source, the similarity of
+/// their gradient directions and the experts the rule settles on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Discovery {
+    /// Source names (built-in domains, then user datasets).
+    pub names: Vec<String>,
+    /// Base accuracy per source on its validation split.
+    pub accuracy: Vec<f64>,
+    /// Validation items scored per source.
+    pub n: usize,
+    /// Cosine similarity of the sources' SFT gradient directions.
+    pub cosine: Vec<Vec<f64>>,
+    /// The grouping rule.
+    pub rule: GroupRule,
+    /// The experts and why.
+    pub grouping: Grouping,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Measure every source (accuracy of `base` on `n` validation items, SFT gradient direction on
+/// `grad_items` training items) and group them by `rule`. `progress(i, name)` before each.
+#[allow(clippy::too_many_arguments)]
+pub fn discover(
+    ck: &Checkpoint,
+    base: &crate::model::Model,
+    factors: &BTreeMap<String, Svd>,
+    tok: &dyn Tokenizer,
+    sources: &[TrainData],
+    n: usize,
+    grad_items: usize,
+    rule: GroupRule,
+    mut progress: impl FnMut(usize, &str),
+) -> Result<Discovery> {
+    let t0 = std::time::Instant::now();
+    let (mut names, mut accuracy, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, source) in sources.iter().enumerate() {
+        let name = source.name();
+        progress(i, &name);
+        let items = source.validation(n, 0)?;
+        let refs: Vec<&crate::tasks::Item> = items.iter().collect();
+        let score = crate::eval::score_items(base, tok, &refs, |e, c| source.verify(e, c), |_| {})?;
+        accuracy.push(score.accuracy);
+        dirs.push(gradient_direction(ck, factors, tok, source, grad_items, 0)?);
+        names.push(name);
+    }
+    let cosine = cosine_matrix(&dirs);
+    let grouping = group(&names, &accuracy, &cosine, rule);
+    Ok(Discovery {
+        names,
+        accuracy,
+        n,
+        cosine,
+        rule,
+        grouping,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use bitsvf::checkpoint::{self, st};
 use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
 use bitsvf::tasks::{Dataset, Domain, Split};
 use bitsvf::{
-    compare, discover, eval, expert, inspect, pretrain, recovery, svd, svf, tokenizer, train,
+    compare, discover, eval, expert, inspect, pipeline, pretrain, recovery, svd, svf, tokenizer,
+    train,
 };
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -59,9 +60,11 @@ enum ParamArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show a model's format, architecture, sizes and ternary statistics.
+    /// Show a model's format, architecture, sizes and ternary statistics — or, for a handoff
+    /// directory of `bitsvf run`, its experts, mixture and figures (every file checked).
     Inspect {
-        /// Model file or directory (any supported format); default: the embedded model.
+        /// Model file or directory (any supported format), or a handoff directory; default: the
+        /// embedded model.
         model: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -165,6 +168,10 @@ enum Command {
         /// Evaluate a user JSONL dataset ({"prompt", "answer", "domain"} per line) instead.
         #[arg(long, conflicts_with = "domains")]
         data: Option<PathBuf>,
+        /// Re-measure the mixture α* of a `bitsvf run` handoff directory on its test items,
+        /// full SVF and as deployed, beside the manifest's figures (fails if they differ).
+        #[arg(long, conflicts_with_all = ["data", "expert", "model"])]
+        mixture: Option<PathBuf>,
         /// Verifier of --data: exact, numeric[:TOL], choice:A,B or regex:PATTERN.
         #[arg(long, default_value = "exact", requires = "data")]
         verifier: String,
@@ -317,6 +324,80 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// The main job: verify the model, discover the experts, train them and a classifier,
+    /// search their mixture with NSGA-II, fit few-shot CEM, evaluate everything on held-out
+    /// test sets and write the handoff directory. Rerun the same command to resume.
+    Run {
+        /// Base model; default: the embedded model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Handoff directory to create (built in OUT.partial, renamed when complete).
+        #[arg(long, default_value = "bitsvf-out")]
+        out: PathBuf,
+        /// A few minutes or less: 4 domains, 3 experts, a handful of steps (for tests).
+        #[arg(long)]
+        quick: bool,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training steps per expert (default 200; 6 with --quick).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Held-out test items per domain (default 200; 12 with --quick).
+        #[arg(long)]
+        test_n: Option<usize>,
+        /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Take the experts' training items from this OpenAI-compatible endpoint
+        /// (e.g. http://127.0.0.1:8080/v1); every item is verified and cached on disk.
+        #[arg(long)]
+        generator_url: Option<String>,
+        /// Model name sent to the endpoint.
+        #[arg(long, default_value = "default", requires = "generator_url")]
+        generator_model: String,
+        /// Environment variable holding the endpoint's API key.
+        #[arg(long, default_value = bitsvf::tasks::remote::DEFAULT_KEY_ENV, requires = "generator_url")]
+        generator_key_env: String,
+        /// Most requests to the endpoint (retries included).
+        #[arg(long, requires = "generator_url")]
+        generator_max_requests: Option<usize>,
+        /// Most tokens to spend at the endpoint.
+        #[arg(long, requires = "generator_url")]
+        generator_max_tokens: Option<u64>,
+        /// Verified items per domain to obtain from the endpoint (default 2000; 40 with --quick).
+        #[arg(long, requires = "generator_url")]
+        generator_items: Option<usize>,
+    },
+    /// Two-pass inference: pass 1 picks the expert (or mixture) for the prompt, pass 2
+    /// generates with it.
+    Generate {
+        /// Handoff directory of `bitsvf run` (its experts, classifier and base model).
+        #[arg(long)]
+        experts: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// How pass 1 chooses: prompt (the model labels its own prompt), classifier (the
+        /// classifier expert labels it), cem (α fitted on --shots), none (base model).
+        #[arg(long, default_value = "classifier")]
+        dispatch: String,
+        /// Labelled examples for --dispatch cem: JSONL lines {"prompt", "answer"}.
+        #[arg(long)]
+        shots: Option<PathBuf>,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
     /// Convert any supported model to the bitsvf native format (one safetensors file).
     Convert {
         /// Model file or directory; default: the embedded model.
@@ -367,7 +448,10 @@ fn main() -> std::process::ExitCode {
     // Only the training commands allocate enough per step to gain from huge pages.
     if matches!(
         cli.command,
-        Command::Train { .. } | Command::Pretrain { .. } | Command::CompareOptions { .. }
+        Command::Train { .. }
+            | Command::Pretrain { .. }
+            | Command::CompareOptions { .. }
+            | Command::Run { .. }
     ) {
         use_huge_pages();
     }
@@ -388,6 +472,19 @@ fn run(cli: Cli) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Inspect { model, json }
+            if model
+                .as_deref()
+                .is_some_and(|m| m.join("manifest.json").is_file()) =>
+        {
+            let h = pipeline::Handoff::open(model.as_deref().expect("checked"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h.manifest)?);
+            } else {
+                let summary = h.summary()?;
+                print!("{summary}");
+            }
+        }
         Command::Inspect { model, json } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;
             let report = inspect::inspect(&ck);
@@ -519,6 +616,54 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Eval {
+            mixture: Some(dir),
+            cache_dir,
+            json,
+            ..
+        } => {
+            let h = pipeline::Handoff::open(&dir)?;
+            let tok = tokenizer::for_model(Some(&dir.join("model")), &h.ck.config)?;
+            let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+            let bar = indicatif::ProgressBar::new(0);
+            let rows = pipeline::reproduce(&h, tok.as_ref(), &cache, |i, n| {
+                bar.set_length(n as u64);
+                bar.set_position(i as u64);
+            })?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<12} {:<26} {:>9} {:>9}",
+                    "domain", "form", "manifest", "measured"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<12} {:<26} {:>8.1}% {:>8.1}%{}",
+                        r.domain,
+                        r.column,
+                        100.0 * r.manifest,
+                        100.0 * r.measured,
+                        if r.manifest == r.measured {
+                            ""
+                        } else {
+                            "  ← differs"
+                        }
+                    );
+                }
+            }
+            let differ = rows.iter().filter(|r| r.manifest != r.measured).count();
+            anyhow::ensure!(
+                differ == 0,
+                "{differ} of {} figures differ from the manifest",
+                rows.len()
+            );
+            eprintln!(
+                "all {} mixture figures of the manifest reproduced",
+                rows.len()
+            );
+        }
+        Command::Eval {
             model,
             domains,
             n,
@@ -529,6 +674,7 @@ fn run(cli: Cli) -> Result<()> {
             expert: expert_path,
             cache_dir,
             json,
+            mixture: None,
         } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;
             let domains: Vec<Domain> = match domains {
@@ -607,40 +753,39 @@ fn run(cli: Cli) -> Result<()> {
             let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
             let (factors, _) = expert::factors(&ck, svf::Targets::Mlp, &cache)?;
             let base = Model::new(&ck, ModelOptions::default())?;
-            let domains = Domain::ALL;
-            let bar = step_bar(domains.len())?;
-            let (mut names, mut acc, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, d) in domains.iter().enumerate() {
-                bar.set_message(format!("measuring {}", d.name()));
-                let spec = eval::EvalSpec {
-                    domains: vec![*d],
-                    n,
-                    seed: 0,
-                    split: Split::Validation,
-                };
-                let r = eval::evaluate(&base, tok.as_ref(), "base", &spec, |_| {})?;
-                names.push(d.name().to_string());
-                acc.push(r.domains[d.name()].accuracy);
-                dirs.push(discover::gradient_direction(
-                    &ck,
-                    &factors,
-                    tok.as_ref(),
-                    &train::TrainData::Domain(*d),
-                    grad_items,
-                    0,
-                )?);
-                bar.set_position(i as u64 + 1);
-            }
-            bar.finish_and_clear();
-            let sim = discover::cosine_matrix(&dirs);
+            let sources: Vec<train::TrainData> = Domain::ALL
+                .iter()
+                .map(|&d| train::TrainData::Domain(d))
+                .collect();
+            let bar = step_bar(sources.len())?;
             let rule = discover::GroupRule {
                 threshold,
                 ..Default::default()
             };
-            let g = discover::group(&names, &acc, &sim, rule);
+            let found = discover::discover(
+                &ck,
+                &base,
+                &factors,
+                tok.as_ref(),
+                &sources,
+                n,
+                grad_items,
+                rule,
+                |i, name| {
+                    bar.set_position(i as u64);
+                    bar.set_message(format!("measuring {name}"));
+                },
+            )?;
+            bar.finish_and_clear();
+            let (names, acc, sim, g) = (
+                &found.names,
+                &found.accuracy,
+                &found.cosine,
+                &found.grouping,
+            );
             if json {
                 let v = serde_json::json!({
-                    "accuracy": names.iter().zip(&acc).map(|(n, a)| (n.clone(), *a)).collect::<BTreeMap<_, _>>(),
+                    "accuracy": names.iter().zip(acc).map(|(n, a)| (n.clone(), *a)).collect::<BTreeMap<_, _>>(),
                     "similarity": {"domains": names, "cosine": sim},
                     "rule": rule,
                     "experts": g.groups,
@@ -898,6 +1043,170 @@ fn run(cli: Cli) -> Result<()> {
                     out.display()
                 );
             }
+        }
+        Command::Run {
+            model,
+            out,
+            quick,
+            seed,
+            steps,
+            test_n,
+            cache_dir,
+            generator_url,
+            generator_model,
+            generator_key_env,
+            generator_max_requests,
+            generator_max_tokens,
+            generator_items,
+        } => {
+            let ck = checkpoint::load_or_default(model.as_deref())?;
+            let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
+            let mut cfg = pipeline::RunConfig::new(quick);
+            cfg.seed = seed;
+            if let Some(s) = steps {
+                anyhow::ensure!(s > 0, "--steps must be positive");
+                cfg.train.steps = s;
+            }
+            if let Some(n) = test_n {
+                anyhow::ensure!(n > 0, "--test-n must be positive");
+                cfg.test_n = n;
+            }
+            let cache_root = cache_dir.unwrap_or_else(svd::SvdCache::default_dir);
+            let generator = generator_url.map(|url| {
+                use bitsvf::tasks::remote::{api_key_from_env, GeneratorConfig};
+                cfg.data_source = format!("generator {url} {generator_model}");
+                let mut g =
+                    GeneratorConfig::new(url, generator_model, cache_root.join("generated"));
+                g.api_key = api_key_from_env(&generator_key_env);
+                if let Some(v) = generator_max_requests {
+                    g.max_requests = v;
+                }
+                if let Some(v) = generator_max_tokens {
+                    g.max_tokens = v;
+                }
+                g
+            });
+            if let Some(n) = generator_items {
+                anyhow::ensure!(n > 0, "--generator-items must be positive");
+                cfg.generated_items = n;
+            }
+            let cache = svd::SvdCache::new(cache_root);
+            let model_files: Vec<PathBuf> = model
+                .as_deref()
+                .map(|m| {
+                    if m.is_dir() {
+                        m.to_path_buf()
+                    } else {
+                        m.parent().map(PathBuf::from).unwrap_or_default()
+                    }
+                })
+                .map(|d| d.join("tokenizer.json"))
+                .filter(|t| t.is_file())
+                .into_iter()
+                .collect();
+            let t0 = std::time::Instant::now();
+            let bar = step_bar(1)?;
+            let manifest = pipeline::run(
+                &ck,
+                &model_name(model.as_deref()),
+                tok.as_ref(),
+                &cfg,
+                &out,
+                &cache,
+                generator.as_ref(),
+                &model_files,
+                &mut |e| match e {
+                    pipeline::Event::Stage(name, done) => {
+                        let t = t0.elapsed().as_secs_f64();
+                        bar.suspend(|| {
+                            if done {
+                                eprintln!("stage {name}: finished before, skipped");
+                            } else {
+                                eprintln!("stage {name} (at {t:.0} s)");
+                            }
+                        });
+                        bar.set_position(0);
+                        bar.set_message(name.to_string());
+                    }
+                    pipeline::Event::Progress(done, total, msg) => {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                        bar.set_message(msg);
+                    }
+                },
+            )?;
+            bar.finish_and_clear();
+            let report = std::fs::read_to_string(out.join("report.md"))?;
+            println!("{report}");
+            println!(
+                "wrote {} ({} experts{}) in {:.0} s",
+                out.display(),
+                manifest.experts.len(),
+                if manifest.mixture.is_some() {
+                    ", mixture"
+                } else {
+                    ""
+                },
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        Command::Generate {
+            experts,
+            prompt,
+            dispatch: strategy,
+            shots,
+            max_tokens,
+            temperature,
+            seed,
+            cache_dir,
+        } => {
+            let strategy: bitsvf::dispatch::Strategy = strategy.parse()?;
+            let h = pipeline::Handoff::open(&experts)?;
+            let tok = tokenizer::for_model(Some(&experts.join("model")), &h.ck.config)?;
+            let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
+            let classifier = h.classifier()?;
+            let mut lib =
+                bitsvf::dispatch::Library::new(&h.ck, h.experts()?, classifier.as_ref(), &cache)?;
+            let alpha = match (strategy, shots) {
+                (bitsvf::dispatch::Strategy::Cem, Some(path)) => {
+                    let data = Dataset::load_jsonl(&path, "exact".parse()?)?;
+                    let r = lib.fit_cem(tok.as_ref(), &data.items, &h.manifest.options.cem)?;
+                    Some(r.best)
+                }
+                (bitsvf::dispatch::Strategy::Cem, None) => {
+                    anyhow::bail!("--dispatch cem needs --shots FILE.jsonl (labelled examples)")
+                }
+                _ => None,
+            };
+            let names = lib.names.clone();
+            let (model, pick) = lib.route(tok.as_ref(), strategy, &prompt, alpha.as_deref())?;
+            match (&alpha, pick) {
+                (Some(a), _) => {
+                    let parts: Vec<String> = a
+                        .iter()
+                        .zip(&names)
+                        .map(|(a, n)| format!("{a:.3}·{n}"))
+                        .collect();
+                    eprintln!("pass 1 (cem): mixture {}", parts.join(" + "));
+                }
+                (None, Some(i)) => eprintln!("pass 1 ({}): expert `{}`", strategy.name(), names[i]),
+                (None, None) => eprintln!("pass 1 ({}): base model", strategy.name()),
+            }
+            let ids = eval::prompt_ids(tok.as_ref(), &prompt)?;
+            let out = model.generate(
+                &ids,
+                &bitsvf::model::GenerateOptions {
+                    max_new_tokens: max_tokens,
+                    temperature,
+                    seed,
+                    stop: tok.stop_ids(),
+                    ..Default::default()
+                },
+            )?;
+            println!(
+                "{}",
+                bitsvf::tasks::answer_from_completion(&tok.decode(&out))
+            );
         }
         Command::Convert { model, out } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;

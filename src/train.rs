@@ -146,6 +146,17 @@ pub enum TrainData {
     Domain(Domain),
     /// A user dataset (its train/validation splits).
     Dataset(Dataset),
+    /// Several built-in domains sharing one expert (a discovered group): items drawn from a
+    /// uniformly chosen member, validation split evenly between members.
+    Domains(Vec<Domain>),
+    /// Training items from elsewhere (e.g. a generator endpoint) for `of`: drawn uniformly
+    /// from `items`; name, verifier and validation items are `of`'s.
+    Pool {
+        /// The data the items stand for.
+        of: Box<TrainData>,
+        /// The training items.
+        items: Vec<Item>,
+    },
 }
 
 impl TrainData {
@@ -154,13 +165,20 @@ impl TrainData {
         match self {
             TrainData::Domain(d) => d.name().to_string(),
             TrainData::Dataset(d) => d.name.clone(),
+            TrainData::Domains(ds) => ds.iter().map(|d| d.name()).collect::<Vec<_>>().join("+"),
+            TrainData::Pool { of, .. } => of.name(),
         }
     }
 
-    fn verify(&self, expected: &str, candidate: &str) -> bool {
+    /// Whether `candidate` answers a reference `expected` of this data.
+    pub fn verify(&self, expected: &str, candidate: &str) -> bool {
         match self {
             TrainData::Domain(d) => d.verify(expected, candidate),
             TrainData::Dataset(d) => d.verifier.verify(expected, candidate),
+            // Any member's verifier: the built-in ones differ only in leniency (exact vs
+            // numeric), never in what a correct answer is.
+            TrainData::Domains(ds) => ds.iter().any(|d| d.verify(expected, candidate)),
+            TrainData::Pool { of, .. } => of.verify(expected, candidate),
         }
     }
 
@@ -191,10 +209,31 @@ impl TrainData {
                     .map(|_| train[rng.gen_range(0..train.len())].clone())
                     .collect())
             }
+            TrainData::Domains(ds) => {
+                let mut out = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let d = ds[rng.gen_range(0..ds.len())];
+                    out.extend(TrainData::Domain(d).draw(rng, 1)?);
+                }
+                Ok(out)
+            }
+            TrainData::Pool { of, items } => {
+                if items.is_empty() {
+                    return Err(Error::Input(format!(
+                        "no training items for `{}`",
+                        of.name()
+                    )));
+                }
+                Ok((0..n)
+                    .map(|_| items[rng.gen_range(0..items.len())].clone())
+                    .collect())
+            }
         }
     }
 
-    fn validation(&self, n: usize, seed: u64) -> Result<Vec<Item>> {
+    /// `n` validation items (a domain's validation split, spread over levels; a dataset's
+    /// validation split in file order).
+    pub fn validation(&self, n: usize, seed: u64) -> Result<Vec<Item>> {
         match self {
             TrainData::Domain(d) => crate::eval::eval_items(*d, Split::Validation, n, seed),
             TrainData::Dataset(d) => Ok(d
@@ -203,12 +242,21 @@ impl TrainData {
                 .take(n)
                 .cloned()
                 .collect()),
+            TrainData::Domains(ds) => {
+                let mut out = Vec::with_capacity(n);
+                for (i, d) in ds.iter().enumerate() {
+                    let share = n / ds.len() + usize::from(i < n % ds.len());
+                    out.extend(crate::eval::eval_items(*d, Split::Validation, share, seed)?);
+                }
+                Ok(out)
+            }
+            TrainData::Pool { of, .. } => of.validation(n, seed),
         }
     }
 }
 
 /// What a training run reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainSummary {
     /// Expert name.
     pub expert: String,
@@ -238,7 +286,7 @@ pub struct StepStats {
 }
 
 /// Mean KL(ref ‖ cur) over the masked positions; `ref_lp` is constant.
-fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tensor> {
+pub fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tensor> {
     let p = ref_lp.exp()?;
     let kl = (p * (ref_lp - cur_lp)?)?.sum(D::Minus1)?; // [N]
     let mask = batch.mask.to_dtype(kl.dtype())?;

@@ -357,3 +357,149 @@ fn discover_reports_capability_directions_and_a_grouping() {
     assert!((3..=10).contains(&n), "{n} experts");
     assert!(v["reason"].as_str().unwrap().contains(&format!("N = {n}")));
 }
+
+/// `bitsvf run --quick` end to end: the handoff is complete, reloads, reproduces its mixture
+/// figures, serves two-pass generation, refuses to be overwritten, and an interrupted run
+/// resumes from its finished stages.
+#[test]
+fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cache = tmp.path().join("cache");
+    let run = |out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args(["run", "--quick", "--out", out.to_str().unwrap()])
+            .args(["--cache-dir", cache.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = run(&out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!tmp.path().join("out.partial").exists());
+
+    // The handoff of DESIGN.md §6.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let experts = manifest["experts"].as_array().unwrap();
+    assert!((3..=10).contains(&experts.len()));
+    for e in experts {
+        for key in ["name", "file", "domains", "val_accuracy"] {
+            assert!(!e[key].is_null(), "expert without {key}: {e}");
+        }
+        assert!(out.join(e["file"].as_str().unwrap()).is_file());
+    }
+    let alpha = manifest["mixture"]["alpha"].as_array().unwrap();
+    assert_eq!(
+        alpha.len(),
+        manifest["mixture"]["experts"].as_array().unwrap().len()
+    );
+    assert!(out.join("experts/mixture.safetensors").is_file());
+    assert!(out.join("model/base.safetensors").is_file());
+    let test = &manifest["metrics"]["test"]["accuracy"];
+    assert_eq!(test.as_object().unwrap().len(), 4);
+    for plot in [
+        "capability",
+        "discovery",
+        "training",
+        "pareto",
+        "hypervolume",
+        "memory",
+    ] {
+        let bytes = std::fs::read(out.join(format!("plots/{plot}.png"))).unwrap();
+        assert_eq!(&bytes[..4], b"\x89PNG");
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("plots/pareto.png") && report.contains("dispatch: classifier"));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let keys: Vec<String> = metrics
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(keys
+        .iter()
+        .any(|k| k.starts_with("stage2/expert_") && k.ends_with("/loss")));
+    assert!(keys.iter().any(|k| k == "stage3/search/hypervolume"));
+    assert!(std::fs::read_dir(out.join("experts")).unwrap().all(|f| f
+        .unwrap()
+        .path()
+        .extension()
+        .unwrap()
+        == "safetensors"));
+
+    // Never overwritten.
+    let again = run(&out);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    // Reload: inspect checks every file; eval --mixture reproduces the manifest exactly.
+    let o = bitsvf(&["inspect", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("mixture α*"));
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args(["eval", "--mixture", out.to_str().unwrap(), "--json"])
+        .args(["--cache-dir", cache.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 8);
+
+    // Two-pass generation with every strategy.
+    let shots = tmp.path().join("shots.jsonl");
+    std::fs::write(
+        &shots,
+        "{\"prompt\": \"count a in aab?\", \"answer\": \"2\"}\n{\"prompt\": \"count b in bbb?\", \"answer\": \"3\"}\n",
+    )
+    .unwrap();
+    for dispatch in ["prompt", "classifier", "cem", "none"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args(["generate", "--experts", out.to_str().unwrap()])
+            .args(["--prompt", "count a in banana?", "--dispatch", dispatch])
+            .args(["--shots", shots.to_str().unwrap()])
+            .args(["--cache-dir", cache.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{dispatch}: {err}");
+        assert!(err.contains(&format!("pass 1 ({dispatch})")), "{err}");
+    }
+
+    // Resume: a copy of the run, interrupted before its evaluation, finishes from there.
+    let partial = tmp.path().join("resumed.partial");
+    std::fs::create_dir_all(partial.join("stages")).unwrap();
+    for entry in ["run-config.json", "base-hash.json"] {
+        std::fs::copy(out.join(entry), partial.join(entry)).unwrap();
+    }
+    for dir in ["stages", "experts", "model"] {
+        std::fs::create_dir_all(partial.join(dir)).unwrap();
+        for f in std::fs::read_dir(out.join(dir)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, partial.join(dir).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::remove_file(partial.join("stages/7-evaluate.json")).unwrap();
+    // The finished run deleted its per-step logs; an interrupted one still has them.
+    for e in experts
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .chain(["classifier"])
+    {
+        std::fs::write(partial.join(format!("experts/{e}.metrics.jsonl")), "").unwrap();
+    }
+    let o = run(&tmp.path().join("resumed"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("stage 5-search: finished before, skipped"),
+        "{err}"
+    );
+    assert!(err.contains("stage 7-evaluate (at"), "{err}");
+    let resumed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("resumed/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(resumed["mixture"], manifest["mixture"]);
+    assert_eq!(resumed["metrics"]["test"], manifest["metrics"]["test"]);
+}

@@ -37,6 +37,7 @@
 
 mod dataset;
 mod domains;
+pub mod remote;
 mod split;
 mod verify;
 
@@ -47,6 +48,7 @@ use thiserror::Error;
 
 pub use dataset::{Dataset, LineProblem};
 pub use domains::{Difficulty, Domain};
+pub use remote::{generate_items, GenerateReport, GeneratorConfig, RemoteError};
 pub use split::{sample, Split};
 pub use verify::Verifier;
 
