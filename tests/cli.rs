@@ -503,3 +503,104 @@ fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
     assert_eq!(resumed["mixture"], manifest["mixture"]);
     assert_eq!(resumed["metrics"]["test"], manifest["metrics"]["test"]);
 }
+
+/// A chat-completions endpoint on 127.0.0.1 that answers every request with the same lines:
+/// `per_domain` problems of each quick-run domain as `PROMPT => ANSWER`, plus one wrong
+/// answer. Returns its URL and the request counter.
+fn mock_generator(per_domain: usize) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use bitsvf::tasks::{Difficulty, Domain};
+    use rand::SeedableRng;
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut lines = vec!["count a in aaa? => 7".to_string()];
+    for d in [Domain::Count, Domain::Sort, Domain::Compare, Domain::Parity] {
+        for i in 0..per_domain {
+            let it = d.generate(&mut rng, Difficulty::new(1 + (i % 5) as u32).unwrap());
+            lines.push(format!("{} => {}", it.prompt, it.answer));
+        }
+    }
+    let body = serde_json::json!({
+        "choices": [{"message": {"role": "assistant", "content": lines.join("\n")}}],
+        "usage": {"total_tokens": 1000},
+    })
+    .to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut request = vec![0; length];
+            reader.read_exact(&mut request).unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(body.as_bytes()).unwrap();
+        }
+    });
+    (url, count)
+}
+
+/// `run --generator-url`: the experts train on verified items from the endpoint, and a rerun
+/// takes them from the on-disk cache without a single request.
+#[test]
+fn run_quick_with_a_generator_endpoint_uses_and_caches_its_items() {
+    let (url, requests) = mock_generator(80);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args([
+                "run",
+                "--quick",
+                "--out",
+                tmp.path().join(out).to_str().unwrap(),
+            ])
+            .args([
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--generator-url",
+                &url,
+            ])
+            .env("BITSVF_GENERATOR_KEY", "sk-test")
+            .output()
+            .unwrap()
+    };
+    let o = run("a");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=8).contains(&first), "{first} requests");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("a/manifest.json")).unwrap())
+            .unwrap();
+    let source = manifest["options"]["data_source"].as_str().unwrap();
+    assert!(source.starts_with("generator http://127.0.0.1"), "{source}");
+    assert!(!serde_json::to_string(&manifest)
+        .unwrap()
+        .contains("sk-test"));
+    let stage: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("a/stages/4-data-compare.json")).unwrap(),
+    )
+    .unwrap();
+    let items = stage["result"].as_array().unwrap();
+    assert_eq!(items.len(), 40);
+    assert!(items.iter().all(|it| it["domain"] == "compare"));
+    let o = run("b");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), first);
+}
