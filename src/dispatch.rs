@@ -20,9 +20,10 @@ use crate::expert::{expert_model, mixture, set_z, svf_model, z_tensors, Expert};
 use crate::model::{Model, ModelOptions, WeightMode};
 use crate::search::{cem, CemConfig, CemResult, Score};
 use crate::svd::{Svd, SvdCache};
-use crate::tasks::{Domain, Item};
+use crate::tasks::Item;
 use crate::tokenizer::Tokenizer;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use crate::train::TrainData;
+use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -83,25 +84,21 @@ impl std::str::FromStr for Strategy {
 }
 
 /// The classifier expert's training items: `n` prompts per label, drawn from the training
-/// split of each expert's domains (label = expert name) and of `others` (label `other`).
+/// data of each expert (label = expert name) and of `others` (label `other`).
 pub fn classifier_items(
-    labels: &[(String, Vec<Domain>)],
-    others: &[Domain],
+    labels: &[(String, TrainData)],
+    others: &[TrainData],
     n: usize,
     seed: u64,
 ) -> Result<Vec<Item>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut groups: Vec<(String, Vec<Domain>)> = labels.to_vec();
+    let mut groups: Vec<(String, TrainData)> = labels.to_vec();
     if !others.is_empty() {
-        groups.push((OTHER.to_string(), others.to_vec()));
+        groups.push((OTHER.to_string(), TrainData::Group(others.to_vec())));
     }
     let mut items = Vec::new();
-    for (label, domains) in &groups {
-        for _ in 0..n {
-            let d = domains[rng.gen_range(0..domains.len())];
-            let it = crate::train::TrainData::Domain(d)
-                .draw(&mut rng, 1)?
-                .remove(0);
+    for (label, data) in &groups {
+        for it in data.draw(&mut rng, n)? {
             items.push(Item {
                 prompt: classify_prompt(&it.prompt),
                 answer: label.clone(),
@@ -277,6 +274,7 @@ mod tests {
     use super::*;
     use crate::expert::{z_lengths, ExpertMeta};
     use crate::svf::{Parameterization, Targets};
+    use crate::tasks::Domain;
     use crate::tokenizer::ByteTokenizer;
 
     #[test]

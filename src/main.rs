@@ -349,6 +349,13 @@ enum Command {
         /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// A user JSONL dataset ({"prompt", "answer"} per line; splits 80/10/10 by a hash of
+        /// the prompt) measured beside the built-in domains; repeat for several.
+        #[arg(long)]
+        data: Vec<PathBuf>,
+        /// Verifier of the --data sets: exact, numeric[:TOL], choice:A,B or regex:PATTERN.
+        #[arg(long, default_value = "exact")]
+        verifier: String,
         /// Take the experts' training items from this OpenAI-compatible endpoint
         /// (e.g. http://127.0.0.1:8080/v1); every item is verified and cached on disk.
         #[arg(long)]
@@ -1058,11 +1065,18 @@ fn run(cli: Cli) -> Result<()> {
             generator_max_requests,
             generator_max_tokens,
             generator_items,
+            data,
+            verifier,
         } => {
             let ck = checkpoint::load_or_default(model.as_deref())?;
+            let datasets = data
+                .iter()
+                .map(|p| Dataset::load_jsonl(p, verifier.parse()?).map_err(anyhow::Error::from))
+                .collect::<Result<Vec<_>>>()?;
             let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
             let mut cfg = pipeline::RunConfig::new(quick);
             cfg.seed = seed;
+            cfg.datasets = datasets.iter().map(|d| d.name.clone()).collect();
             if let Some(s) = steps {
                 anyhow::ensure!(s > 0, "--steps must be positive");
                 cfg.train.steps = s;
@@ -1114,6 +1128,7 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
                 &cache,
                 generator.as_ref(),
+                &datasets,
                 &model_files,
                 &mut |e| match e {
                     pipeline::Event::Stage(name, done) => {

@@ -12,7 +12,7 @@ use crate::deploy::{f32_bytes, packed_bytes};
 use crate::discover::{discover, Discovery, GroupRule};
 use crate::dispatch::{classifier_items, Library, Strategy};
 use crate::error::{Error, Result};
-use crate::eval::{answer, eval_items};
+use crate::eval::answer;
 use crate::expert::{factors, Expert};
 use crate::mixture::{search, Problem, SearchConfig, SearchReport};
 use crate::model::Model;
@@ -21,7 +21,7 @@ use crate::recovery;
 use crate::search::CemConfig;
 use crate::svd::SvdCache;
 use crate::tasks::remote::{generate_items, GeneratorConfig};
-use crate::tasks::{Dataset, Domain, Item, Split, Verifier};
+use crate::tasks::{Dataset, Domain, Item, Verifier};
 use crate::tokenizer::Tokenizer;
 use crate::train::{train_expert, TrainConfig, TrainData, TrainSummary};
 use serde::de::DeserializeOwned;
@@ -74,6 +74,10 @@ pub struct RunConfig {
     pub data_source: String,
     /// Training items per domain requested from a generator endpoint.
     pub generated_items: usize,
+    /// Names of the user datasets measured beside the built-in domains (their items are
+    /// copied into the handoff's `data/`).
+    #[serde(default)]
+    pub datasets: Vec<String>,
 }
 
 impl RunConfig {
@@ -107,6 +111,7 @@ impl RunConfig {
             min_gain: 0.0,
             data_source: "procedural".into(),
             generated_items: 2000,
+            datasets: Vec::new(),
         };
         if quick {
             train.steps = 6;
@@ -313,19 +318,26 @@ pub struct Manifest {
     pub notes: Vec<String>,
 }
 
-fn sources_of(domains: &[Domain]) -> Vec<TrainData> {
-    domains.iter().map(|&d| TrainData::Domain(d)).collect()
+/// The data sources of a run: the built-in domains, then the user datasets.
+fn sources_of(domains: &[Domain], datasets: &[Dataset]) -> Vec<TrainData> {
+    (domains.iter().map(|&d| TrainData::Domain(d)))
+        .chain(datasets.iter().map(|d| TrainData::Dataset(d.clone())))
+        .collect()
 }
 
-fn group_data(group: &[String]) -> Result<TrainData> {
-    let ds = group
+/// The training data of a group of source names.
+fn group_data(group: &[String], sources: &[TrainData]) -> Result<TrainData> {
+    let mut members = group
         .iter()
-        .map(|n| Domain::by_name(n).map_err(|e| Error::Input(e.to_string())))
+        .map(|n| {
+            (sources.iter().find(|s| s.name() == *n).cloned())
+                .ok_or_else(|| Error::Input(format!("no data source named `{n}`")))
+        })
         .collect::<Result<Vec<_>>>()?;
-    Ok(if ds.len() == 1 {
-        TrainData::Domain(ds[0])
+    Ok(if members.len() == 1 {
+        members.remove(0)
     } else {
-        TrainData::Domains(ds)
+        TrainData::Group(members)
     })
 }
 
@@ -341,9 +353,26 @@ pub fn run(
     out: &Path,
     cache: &SvdCache,
     generator: Option<&GeneratorConfig>,
+    datasets: &[Dataset],
     model_files: &[PathBuf],
     events: &mut dyn FnMut(Event),
 ) -> Result<Manifest> {
+    let names: Vec<&str> = datasets.iter().map(|d| d.name.as_str()).collect();
+    if names != cfg.datasets.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(Error::Input(
+            "RunConfig::datasets must name the datasets passed to run, in order".into(),
+        ));
+    }
+    if let Some(d) = datasets
+        .iter()
+        .find(|d| cfg.domains.iter().any(|x| x.name() == d.name))
+    {
+        return Err(Error::Input(format!(
+            "dataset `{}` has the name of a built-in domain; rename its file",
+            d.name
+        )));
+    }
+    let sources = sources_of(&cfg.domains, datasets);
     if out.exists() {
         return Err(Error::Input(format!(
             "{} already exists; remove it or choose another --out (a run never overwrites a handoff)",
@@ -353,7 +382,7 @@ pub fn run(
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     let work = out.with_file_name(name);
-    for d in ["stages", "experts", "model", "plots"] {
+    for d in ["stages", "experts", "model", "plots", "data"] {
         std::fs::create_dir_all(work.join(d)).map_err(|e| Error::io(work.join(d), e))?;
     }
     // A resumed run must be the same run.
@@ -386,6 +415,9 @@ pub fn run(
         let report = recovery::verify(ck, &probe)?;
         report.check()?;
         save_native(ck, &work.join("model/base.safetensors"))?;
+        for d in datasets {
+            write_json(&work.join("data").join(format!("{}.json", d.name)), d)?;
+        }
         for f in model_files {
             let to = work.join("model").join(f.file_name().unwrap_or_default());
             std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
@@ -406,7 +438,6 @@ pub fn run(
 
     // 3. Discover the experts.
     let found: Discovery = run.stage("3-discover", |ev| {
-        let sources = sources_of(&cfg.domains);
         let total = sources.len();
         discover(
             ck,
@@ -424,9 +455,10 @@ pub fn run(
     // 4. Train one expert per group, then the classifier.
     let mut experts: Vec<(ExpertEntry, Expert)> = Vec::new();
     for group in &found.grouping.groups {
-        let mut data = group_data(group)?;
+        let mut data = group_data(group, &sources)?;
         let name = data.name();
-        if let Some(g) = generator {
+        let builtin = group.iter().all(|n| Domain::by_name(n).is_ok());
+        if let (Some(g), true) = (generator, builtin) {
             let items: Vec<Item> = run.stage(&format!("4-data-{name}"), |ev| {
                 let mut items = Vec::new();
                 for d in group {
@@ -480,22 +512,14 @@ pub fn run(
         ));
     }
     let covered: Vec<String> = found.grouping.groups.iter().flatten().cloned().collect();
-    let others: Vec<Domain> = cfg
-        .domains
-        .iter()
-        .copied()
-        .filter(|d| !covered.iter().any(|c| c == d.name()))
+    let others: Vec<TrainData> = (sources.iter())
+        .filter(|s| !covered.contains(&s.name()))
+        .cloned()
         .collect();
-    let labels: Vec<(String, Vec<Domain>)> = experts
+    let labels: Vec<(String, TrainData)> = experts
         .iter()
-        .map(|(e, _)| {
-            let ds = e
-                .domains
-                .iter()
-                .map(|n| Domain::by_name(n).expect("checked"));
-            (e.name.clone(), ds.collect())
-        })
-        .collect();
+        .map(|(e, _)| Ok((e.name.clone(), group_data(&e.domains, &sources)?)))
+        .collect::<Result<_>>()?;
     let cls_file = "experts/classifier.safetensors".to_string();
     let cls_path = work.join(&cls_file);
     let cls_summary: TrainSummary = run.stage("4-train-classifier", |ev| {
@@ -532,16 +556,13 @@ pub fn run(
         }
         let mut val = Vec::new();
         for (e, _) in experts.iter().filter(|(e, _)| e.in_mixture) {
-            val.extend(group_data(&e.domains)?.validation(cfg.search_val_n, cfg.seed + 1)?);
+            val.extend(
+                group_data(&e.domains, &sources)?.validation(cfg.search_val_n, cfg.seed + 1)?,
+            );
         }
         let mut preserve = Vec::new();
-        for d in &cfg.domains {
-            preserve.extend(eval_items(
-                *d,
-                Split::Validation,
-                cfg.preserve_n,
-                cfg.seed + 2,
-            )?);
+        for d in &sources {
+            preserve.extend(d.validation(cfg.preserve_n, cfg.seed + 2)?);
         }
         let mut problem = Problem::new(ck, tok, cache, &pool, &f, &val, &preserve, &cfg.search)?;
         let total = cfg.search.generations;
@@ -570,20 +591,19 @@ pub fn run(
     }
 
     // 6. Few-shot CEM per domain, on labelled validation examples.
-    let eval_domains: Vec<Domain> = cfg.domains.clone();
     let cem_alpha: BTreeMap<String, Vec<f64>> = run.stage("6-cem", |ev| {
         let mut out = BTreeMap::new();
         if pool.is_empty() {
             return Ok(out);
         }
         let mut lib = Library::new(ck, pool.clone(), None, cache)?;
-        for (i, d) in eval_domains.iter().enumerate() {
+        for (i, d) in sources.iter().enumerate() {
             ev(Event::Progress(
                 i,
-                eval_domains.len(),
+                sources.len(),
                 format!("CEM on {} shots of {}", cfg.shots, d.name()),
             ));
-            let shots = eval_items(*d, Split::Validation, cfg.shots, cfg.seed + 3)?;
+            let shots = d.validation(cfg.shots, cfg.seed + 3)?;
             let r = lib.fit_cem(
                 tok,
                 &shots,
@@ -592,7 +612,7 @@ pub fn run(
                     ..cfg.cem.clone()
                 },
             )?;
-            out.insert(d.name().to_string(), r.best);
+            out.insert(d.name(), r.best);
         }
         Ok(out)
     })?;
@@ -604,6 +624,7 @@ pub fn run(
             tok,
             cache,
             cfg,
+            &sources,
             &experts,
             &pool,
             &classifier,
@@ -645,8 +666,8 @@ pub fn run(
     Ok(manifest)
 }
 
-/// Greedy accuracy of `model` on `items` of domain `d`.
-fn accuracy(model: &Model, tok: &dyn Tokenizer, items: &[Item], d: Domain) -> Result<f64> {
+/// Greedy accuracy of `model` on `items` of source `d`.
+fn accuracy(model: &Model, tok: &dyn Tokenizer, items: &[Item], d: &TrainData) -> Result<f64> {
     let refs: Vec<&Item> = items.iter().collect();
     Ok(crate::eval::score_items(model, tok, &refs, |e, c| d.verify(e, c), |_| {})?.accuracy)
 }
@@ -659,6 +680,7 @@ fn evaluate_all(
     tok: &dyn Tokenizer,
     cache: &SvdCache,
     cfg: &RunConfig,
+    sources: &[TrainData],
     experts: &[(ExpertEntry, Expert)],
     pool: &[Expert],
     classifier: &Expert,
@@ -691,36 +713,38 @@ fn evaluate_all(
     let mut best_expert = BTreeMap::new();
     let mut routed: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let seed = cfg.seed + 4;
-    for (di, d) in cfg.domains.iter().enumerate() {
+    for (di, d) in sources.iter().enumerate() {
         ev(Event::Progress(
             di,
-            cfg.domains.len(),
+            sources.len(),
             format!("testing on {}", d.name()),
         ));
-        let items = eval_items(*d, Split::Test, cfg.test_n, seed)?;
+        let name = d.name();
+        let items = d.test(cfg.test_n, seed)?;
+        if items.is_empty() {
+            return Err(Error::Input(format!("`{name}` has no test items")));
+        }
         let mut row = BTreeMap::new();
-        row.insert(BASE.to_string(), accuracy(&lib.base, tok, &items, *d)?);
-        let owner = experts
-            .iter()
-            .position(|(e, _)| e.domains.iter().any(|n| n == d.name()));
+        row.insert(BASE.to_string(), accuracy(&lib.base, tok, &items, d)?);
+        let owner = experts.iter().position(|(e, _)| e.domains.contains(&name));
         if owner.is_some() {
             let mut best = (f64::NEG_INFINITY, String::new());
             for (i, (e, _)) in experts.iter().enumerate() {
-                let a = accuracy(&lib.models[i], tok, &items, *d)?;
+                let a = accuracy(&lib.models[i], tok, &items, d)?;
                 if a > best.0 {
                     best = (a, e.name.clone());
                 }
             }
             row.insert(BEST_EXPERT.to_string(), best.0);
-            best_expert.insert(d.name().to_string(), best.1);
+            best_expert.insert(name.clone(), best.1);
         }
         if let Some(s) = searched {
             let pl = pool_lib.as_mut().expect("a search implies a pool");
             let m = pl.mixture_model(&s.chosen.alpha)?;
-            row.insert(MIXTURE.to_string(), accuracy(m, tok, &items, *d)?);
+            row.insert(MIXTURE.to_string(), accuracy(m, tok, &items, d)?);
             let dep = deployer.as_mut().expect("a search implies a deployer");
             let (m, _) = dep.deploy(&s.chosen.alpha, s.chosen.rank)?;
-            row.insert(MIXTURE_DEPLOYED.to_string(), accuracy(m, tok, &items, *d)?);
+            row.insert(MIXTURE_DEPLOYED.to_string(), accuracy(m, tok, &items, d)?);
         }
         for strategy in [Strategy::Prompt, Strategy::Classifier] {
             let mut correct = 0;
@@ -737,11 +761,11 @@ fn evaluate_all(
                 correct as f64 / items.len().max(1) as f64,
             );
         }
-        if let (Some(pl), Some(alpha)) = (pool_lib.as_mut(), cem_alpha.get(d.name())) {
+        if let (Some(pl), Some(alpha)) = (pool_lib.as_mut(), cem_alpha.get(&name)) {
             let m = pl.mixture_model(alpha)?;
-            row.insert("dispatch: cem".to_string(), accuracy(m, tok, &items, *d)?);
+            row.insert("dispatch: cem".to_string(), accuracy(m, tok, &items, d)?);
         }
-        table.insert(d.name().to_string(), row);
+        table.insert(name, row);
     }
     Ok(TestTable {
         n: cfg.test_n,
@@ -1214,6 +1238,14 @@ impl Handoff {
         }))
     }
 
+    /// The run's data sources: its built-in domains and the user datasets copied into `data/`.
+    pub fn sources(&self) -> Result<Vec<TrainData>> {
+        let datasets = (self.manifest.options.datasets.iter())
+            .map(|n| read_json::<Dataset>(&self.dir.join("data").join(format!("{n}.json"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(sources_of(&self.manifest.options.domains, &datasets))
+    }
+
     /// A text summary; every file it names is loaded and checked.
     pub fn summary(&self) -> Result<String> {
         let m = &self.manifest;
@@ -1325,23 +1357,24 @@ pub fn reproduce(
             h.dir.display()
         ))
     })?;
+    let sources = h.sources()?;
     let (f, _) = factors(&h.ck, experts[0].meta.targets, cache)?;
     let mut lib = Library::new(&h.ck, experts.clone(), None, cache)?;
     let mut deployer = crate::mixture::Deployer::new(&h.ck, cache, &experts, &f)?;
     let mut out = Vec::new();
     for (i, (d, row)) in table.accuracy.iter().enumerate() {
         progress(i, table.accuracy.len());
-        let domain =
-            Domain::by_name(d).map_err(|e| Error::config(&mp, "metrics.test", e.to_string()))?;
-        let items = eval_items(domain, Split::Test, table.n, table.seed)?;
+        let source = (sources.iter().find(|s| s.name() == *d))
+            .ok_or_else(|| Error::config(&mp, "metrics.test", format!("unknown source `{d}`")))?;
+        let items = source.test(table.n, table.seed)?;
         for column in [columns::MIXTURE, columns::MIXTURE_DEPLOYED] {
             let Some(&want) = row.get(column) else {
                 continue;
             };
             let measured = if column == columns::MIXTURE {
-                accuracy(lib.mixture_model(&alpha)?, tok, &items, domain)?
+                accuracy(lib.mixture_model(&alpha)?, tok, &items, source)?
             } else {
-                accuracy(deployer.deploy(&alpha, rank)?.0, tok, &items, domain)?
+                accuracy(deployer.deploy(&alpha, rank)?.0, tok, &items, source)?
             };
             out.push(Reproduced {
                 domain: d.clone(),

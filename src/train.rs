@@ -141,14 +141,15 @@ impl TrainConfig {
 }
 
 /// Where training items come from.
+#[derive(Debug, Clone)]
 pub enum TrainData {
     /// A built-in domain (generated, levels 1–5 uniform).
     Domain(Domain),
     /// A user dataset (its train/validation splits).
     Dataset(Dataset),
-    /// Several built-in domains sharing one expert (a discovered group): items drawn from a
-    /// uniformly chosen member, validation split evenly between members.
-    Domains(Vec<Domain>),
+    /// Several sources sharing one expert (a discovered group): items drawn from a uniformly
+    /// chosen member, validation split evenly between members.
+    Group(Vec<TrainData>),
     /// Training items from elsewhere (e.g. a generator endpoint) for `of`: drawn uniformly
     /// from `items`; name, verifier and validation items are `of`'s.
     Pool {
@@ -165,7 +166,7 @@ impl TrainData {
         match self {
             TrainData::Domain(d) => d.name().to_string(),
             TrainData::Dataset(d) => d.name.clone(),
-            TrainData::Domains(ds) => ds.iter().map(|d| d.name()).collect::<Vec<_>>().join("+"),
+            TrainData::Group(ds) => ds.iter().map(|d| d.name()).collect::<Vec<_>>().join("+"),
             TrainData::Pool { of, .. } => of.name(),
         }
     }
@@ -177,7 +178,7 @@ impl TrainData {
             TrainData::Dataset(d) => d.verifier.verify(expected, candidate),
             // Any member's verifier: the built-in ones differ only in leniency (exact vs
             // numeric), never in what a correct answer is.
-            TrainData::Domains(ds) => ds.iter().any(|d| d.verify(expected, candidate)),
+            TrainData::Group(ds) => ds.iter().any(|d| d.verify(expected, candidate)),
             TrainData::Pool { of, .. } => of.verify(expected, candidate),
         }
     }
@@ -209,11 +210,11 @@ impl TrainData {
                     .map(|_| train[rng.gen_range(0..train.len())].clone())
                     .collect())
             }
-            TrainData::Domains(ds) => {
+            TrainData::Group(ds) => {
                 let mut out = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let d = ds[rng.gen_range(0..ds.len())];
-                    out.extend(TrainData::Domain(d).draw(rng, 1)?);
+                    let d = &ds[rng.gen_range(0..ds.len())];
+                    out.extend(d.draw(rng, 1)?);
                 }
                 Ok(out)
             }
@@ -242,15 +243,33 @@ impl TrainData {
                 .take(n)
                 .cloned()
                 .collect()),
-            TrainData::Domains(ds) => {
+            TrainData::Group(ds) => {
                 let mut out = Vec::with_capacity(n);
                 for (i, d) in ds.iter().enumerate() {
-                    let share = n / ds.len() + usize::from(i < n % ds.len());
-                    out.extend(crate::eval::eval_items(*d, Split::Validation, share, seed)?);
+                    out.extend(d.validation(n / ds.len() + usize::from(i < n % ds.len()), seed)?);
                 }
                 Ok(out)
             }
             TrainData::Pool { of, .. } => of.validation(n, seed),
+        }
+    }
+
+    /// `n` held-out test items (a domain's test split spread over levels; a dataset's test
+    /// split in file order; a group's split evenly).
+    pub fn test(&self, n: usize, seed: u64) -> Result<Vec<Item>> {
+        match self {
+            TrainData::Domain(d) => crate::eval::eval_items(*d, Split::Test, n, seed),
+            TrainData::Dataset(d) => {
+                Ok(d.split(Split::Test).into_iter().take(n).cloned().collect())
+            }
+            TrainData::Group(ds) => {
+                let mut out = Vec::with_capacity(n);
+                for (i, d) in ds.iter().enumerate() {
+                    out.extend(d.test(n / ds.len() + usize::from(i < n % ds.len()), seed)?);
+                }
+                Ok(out)
+            }
+            TrainData::Pool { of, .. } => of.test(n, seed),
         }
     }
 }

@@ -366,10 +366,17 @@ fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let cache = tmp.path().join("cache");
+    // A user dataset beside the built-in domains.
+    let data = tmp.path().join("double.jsonl");
+    let lines: Vec<String> = (0..300)
+        .map(|i| format!("{{\"prompt\": \"dbl {i}=\", \"answer\": \"{}\"}}", 2 * i))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
     let run = |out: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_bitsvf"))
             .args(["run", "--quick", "--out", out.to_str().unwrap()])
             .args(["--cache-dir", cache.to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap(), "--verifier", "numeric"])
             .output()
             .unwrap()
     };
@@ -396,7 +403,9 @@ fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
     assert!(out.join("experts/mixture.safetensors").is_file());
     assert!(out.join("model/base.safetensors").is_file());
     let test = &manifest["metrics"]["test"]["accuracy"];
-    assert_eq!(test.as_object().unwrap().len(), 4);
+    assert_eq!(test.as_object().unwrap().len(), 5);
+    assert!(test["double"]["base"].is_number());
+    assert!(out.join("data/double.json").is_file());
     for plot in [
         "capability",
         "discovery",
@@ -445,7 +454,7 @@ fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(rows.as_array().unwrap().len(), 8);
+    assert_eq!(rows.as_array().unwrap().len(), 10);
 
     // Two-pass generation with every strategy.
     let shots = tmp.path().join("shots.jsonl");
@@ -473,7 +482,7 @@ fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
     for entry in ["run-config.json", "base-hash.json"] {
         std::fs::copy(out.join(entry), partial.join(entry)).unwrap();
     }
-    for dir in ["stages", "experts", "model"] {
+    for dir in ["stages", "experts", "model", "data"] {
         std::fs::create_dir_all(partial.join(dir)).unwrap();
         for f in std::fs::read_dir(out.join(dir)).unwrap() {
             let f = f.unwrap().path();

@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::{sample, Difficulty, Domain, Item, Split, TaskError, Verifier};
 
 /// A named list of items checked by one verifier.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Dataset {
     /// The file stem for a JSONL file, the domain name for a built-in domain.
     pub name: String,
