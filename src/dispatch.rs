@@ -291,14 +291,16 @@ mod tests {
 
     #[test]
     fn classifier_items_label_every_group_and_the_rest() {
+        let d = TrainData::Domain;
         let labels = vec![
-            ("count".to_string(), vec![Domain::Count]),
+            ("count".to_string(), d(Domain::Count)),
             (
                 "sort+parity".to_string(),
-                vec![Domain::Sort, Domain::Parity],
+                TrainData::Group(vec![d(Domain::Sort), d(Domain::Parity)]),
             ),
         ];
-        let items = classifier_items(&labels, &[Domain::Copy], 30, 0).unwrap();
+        let copy = [d(Domain::Copy)];
+        let items = classifier_items(&labels, &copy, 30, 0).unwrap();
         assert_eq!(items.len(), 90);
         for it in &items {
             assert!(it.prompt.ends_with(" skill?"));
@@ -311,10 +313,7 @@ mod tests {
             };
             assert_eq!(it.answer, expected, "{}", it.prompt);
         }
-        assert_eq!(
-            items,
-            classifier_items(&labels, &[Domain::Copy], 30, 0).unwrap()
-        );
+        assert_eq!(items, classifier_items(&labels, &copy, 30, 0).unwrap());
     }
 
     fn expert(ck: &Checkpoint, f: &BTreeMap<String, Svd>, name: &str, value: f32) -> Expert {
