@@ -631,6 +631,31 @@ fn save_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group draws from its members, splits validation and test items evenly between them,
+    /// and accepts an answer any member's verifier accepts.
+    #[test]
+    fn group_data_draws_and_splits_over_its_members() {
+        let g = TrainData::Group(vec![
+            TrainData::Domain(Domain::Count),
+            TrainData::Domain(Domain::Sort),
+        ]);
+        assert_eq!(g.name(), "count+sort");
+        let drawn = g.draw(&mut StdRng::seed_from_u64(1), 200).unwrap();
+        let counts = drawn.iter().filter(|it| it.domain == "count").count();
+        assert!((60..140).contains(&counts), "{counts} of 200 from count");
+        assert!(drawn
+            .iter()
+            .all(|it| it.domain == "count" || it.domain == "sort"));
+        for items in [g.validation(11, 0).unwrap(), g.test(11, 0).unwrap()] {
+            assert_eq!(items.len(), 11);
+            assert_eq!(items.iter().filter(|it| it.domain == "count").count(), 6);
+        }
+        let val = g.validation(10, 0).unwrap();
+        let test = g.test(10, 0).unwrap();
+        assert!(val.iter().all(|v| !test.contains(v)));
+        assert!(g.verify("123", "123") && !g.verify("123", "124"));
+    }
     use crate::expert::target_matrices;
     use crate::svd::thin_svd;
 
