@@ -27,8 +27,19 @@ use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The label a classifier answers for prompts no expert covers.
+/// The label the base model may pick (prompt dispatch) for prompts no expert covers.
 pub const OTHER: &str = "other";
+
+/// The classifier expert's label for prompts no expert covers.
+pub const OTHER_CLASS: &str = "-";
+
+/// The classifier expert's label for expert `i`: one digit (at most 10 experts). A one-token
+/// answer the model already emits is what SVF can teach it: on the default model, spelled-out
+/// expert names and capital letters (never an answer in its training data) stayed at 0%
+/// validation accuracy after 100 steps, digits reached 84% after 200 (README "The main job").
+pub fn class_label(i: usize) -> String {
+    i.to_string()
+}
 
 /// The question pass 1 asks about a prompt.
 pub fn classify_prompt(prompt: &str) -> String {
@@ -84,17 +95,19 @@ impl std::str::FromStr for Strategy {
 }
 
 /// The classifier expert's training items: `n` prompts per label, drawn from the training
-/// data of each expert (label = expert name) and of `others` (label `other`).
+/// data of each expert (label [`class_label`]) and of `others` (label [`OTHER_CLASS`]).
 pub fn classifier_items(
-    labels: &[(String, TrainData)],
+    experts: &[TrainData],
     others: &[TrainData],
     n: usize,
     seed: u64,
 ) -> Result<Vec<Item>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut groups: Vec<(String, TrainData)> = labels.to_vec();
+    let mut groups: Vec<(String, TrainData)> = (experts.iter().enumerate())
+        .map(|(i, d)| (class_label(i), d.clone()))
+        .collect();
     if !others.is_empty() {
-        groups.push((OTHER.to_string(), TrainData::Group(others.to_vec())));
+        groups.push((OTHER_CLASS.to_string(), TrainData::Group(others.to_vec())));
     }
     let mut items = Vec::new();
     for (label, data) in &groups {
@@ -186,8 +199,8 @@ impl Library {
         Ok((best < self.names.len()).then_some(best))
     }
 
-    /// Pass 1 by the classifier expert: its greedy label, `None` for `other` or an unknown
-    /// label.
+    /// Pass 1 by the classifier expert: its greedy label, `None` for [`OTHER_CLASS`] or an
+    /// unknown label.
     pub fn pick_by_classifier(&self, tok: &dyn Tokenizer, prompt: &str) -> Result<Option<usize>> {
         let model = self.classifier.as_ref().ok_or_else(|| {
             Error::Input(
@@ -195,7 +208,7 @@ impl Library {
             )
         })?;
         let label = answer(model, tok, &classify_prompt(prompt))?;
-        Ok(self.names.iter().position(|n| *n == label.trim()))
+        Ok((0..self.names.len()).position(|i| class_label(i) == label.trim()))
     }
 
     /// The model of the mixture `alpha` (full SVF), reusing one model.
@@ -293,11 +306,8 @@ mod tests {
     fn classifier_items_label_every_group_and_the_rest() {
         let d = TrainData::Domain;
         let labels = vec![
-            ("count".to_string(), d(Domain::Count)),
-            (
-                "sort+parity".to_string(),
-                TrainData::Group(vec![d(Domain::Sort), d(Domain::Parity)]),
-            ),
+            d(Domain::Count),
+            TrainData::Group(vec![d(Domain::Sort), d(Domain::Parity)]),
         ];
         let copy = [d(Domain::Copy)];
         let items = classifier_items(&labels, &copy, 30, 0).unwrap();
@@ -306,9 +316,9 @@ mod tests {
             assert!(it.prompt.ends_with(" skill?"));
             let task = it.prompt.trim_end_matches(" skill?");
             let expected = match task.split_whitespace().next().unwrap() {
-                "count" => "count",
-                "sort" | "par" => "sort+parity",
-                "copy" => OTHER,
+                "count" => "0",
+                "sort" | "par" => "1",
+                "copy" => OTHER_CLASS,
                 other => panic!("unexpected prompt {other}"),
             };
             assert_eq!(it.answer, expected, "{}", it.prompt);

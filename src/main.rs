@@ -379,6 +379,9 @@ enum Command {
     /// Two-pass inference: pass 1 picks the expert (or mixture) for the prompt, pass 2
     /// generates with it.
     Generate {
+        /// The base model (default: the handoff's `model/`); it must be the model the experts
+        /// were trained on.
+        model: Option<PathBuf>,
         /// Handoff directory of `bitsvf run` (its experts, classifier and base model).
         #[arg(long)]
         experts: PathBuf,
@@ -1166,6 +1169,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Generate {
+            model,
             experts,
             prompt,
             dispatch: strategy,
@@ -1177,7 +1181,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let strategy: bitsvf::dispatch::Strategy = strategy.parse()?;
             let h = pipeline::Handoff::open(&experts)?;
-            let tok = tokenizer::for_model(Some(&experts.join("model")), &h.ck.config)?;
+            if let Some(m) = &model {
+                let ck = checkpoint::load(m)?;
+                anyhow::ensure!(
+                    ck.content_hash() == h.ck.content_hash(),
+                    "{} is not the base model of {} (content hash {}… vs {}…)",
+                    m.display(),
+                    experts.display(),
+                    &ck.content_hash()[..12],
+                    &h.ck.content_hash()[..12]
+                );
+            }
+            let model_dir = model.unwrap_or_else(|| experts.join("model"));
+            let tok = tokenizer::for_model(Some(&model_dir), &h.ck.config)?;
             let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
             let classifier = h.classifier()?;
             let mut lib =
