@@ -337,15 +337,20 @@ enum Command {
         /// A few minutes or less: 4 domains, 3 experts, a handful of steps (for tests).
         #[arg(long)]
         quick: bool,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Training steps per expert (default 200; 6 with --quick).
+        /// Seed (default 0).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Training steps per expert (default 150; 6 with --quick).
         #[arg(long)]
         steps: Option<usize>,
         /// Held-out test items per domain (default 200; 12 with --quick).
         #[arg(long)]
         test_n: Option<usize>,
+        /// JSON file of settings laid over the defaults (any fields of the run configuration
+        /// in manifest.json's `options`, e.g. {"search": {"population": 32}, "train":
+        /// {"steps": 300}}); flags given on the command line win.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
@@ -1061,6 +1066,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             steps,
             test_n,
+            config,
             cache_dir,
             generator_url,
             generator_model,
@@ -1078,7 +1084,12 @@ fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
             let mut cfg = pipeline::RunConfig::new(quick);
-            cfg.seed = seed;
+            if let Some(path) = &config {
+                cfg = cfg.with_file(path)?;
+            }
+            if let Some(s) = seed {
+                cfg.seed = s;
+            }
             cfg.datasets = datasets.iter().map(|d| d.name.clone()).collect();
             if let Some(s) = steps {
                 anyhow::ensure!(s > 0, "--steps must be positive");

@@ -53,8 +53,11 @@ pub struct SearchConfig {
     pub generations: usize,
     /// Stop when the hypervolume has not grown for this many generations.
     pub stall_generations: usize,
-    /// Upper bound of every α (the lower bound is 0).
+    /// Upper bound of every α (the lower bound is 0) unless `alpha_bounds` names the expert.
     pub alpha_max: f64,
+    /// (lo, hi) bounds of α per expert name, overriding [0, `alpha_max`].
+    #[serde(default)]
+    pub alpha_bounds: BTreeMap<String, (f64, f64)>,
     /// Seed of the search.
     pub seed: u64,
     /// Greedy decode tokens per latency measurement.
@@ -74,6 +77,7 @@ impl Default for SearchConfig {
             generations: 10,
             stall_generations: 3,
             alpha_max: 2.0,
+            alpha_bounds: BTreeMap::new(),
             seed: 0,
             latency_tokens: 32,
             latency_runs: 9,
@@ -328,7 +332,20 @@ pub fn search(
         .collect();
     let base = problem.measure(&vec![0.0; k], 0)?;
     on_point(&base);
-    let mut bounds = vec![(0.0, cfg.alpha_max); k];
+    let mut bounds: Vec<(f64, f64)> = (names.iter())
+        .map(|n| {
+            cfg.alpha_bounds
+                .get(n)
+                .copied()
+                .unwrap_or((0.0, cfg.alpha_max))
+        })
+        .collect();
+    if let Some(n) = cfg.alpha_bounds.keys().find(|n| !names.contains(n)) {
+        return Err(Error::Input(format!(
+            "search.alpha_bounds names `{n}`, which is not one of the searched experts ({})",
+            names.join(", ")
+        )));
+    }
     bounds.push((0.0, RANKS.len() as f64 - 1e-9));
     // Start from every expert alone and the uniform mixture, at 64 directions.
     let gene64 = RANKS.iter().position(|&r| r == 64).unwrap_or(1) as f64 + 0.5;
@@ -346,6 +363,11 @@ pub fn search(
             .collect(),
     );
     initial.truncate(cfg.population);
+    for g in &mut initial {
+        for (x, &(lo, hi)) in g.iter_mut().zip(&bounds) {
+            *x = x.clamp(lo, hi);
+        }
+    }
     let config = Nsga2Config {
         population: cfg.population,
         generations: cfg.generations,
@@ -542,5 +564,21 @@ mod tests {
         // The initial population holds each expert alone at 64 directions (32 on this model).
         assert_eq!(r.evaluated[0].alpha, vec![1.0, 0.0]);
         assert_eq!(r.evaluated[0].rank, 64);
+
+        // Bounds per expert hold for every genome; a bound for an unknown expert is refused.
+        let pinned = SearchConfig {
+            alpha_bounds: BTreeMap::from([("b".to_string(), (0.25, 0.25))]),
+            ..cfg.clone()
+        };
+        let r = search(&mut p, &pinned, |_| {}, |_| {}).unwrap();
+        assert!(r.evaluated.iter().all(|q| q.alpha[1] == 0.25));
+        let unknown = SearchConfig {
+            alpha_bounds: BTreeMap::from([("zz".to_string(), (0.0, 1.0))]),
+            ..cfg
+        };
+        let err = search(&mut p, &unknown, |_| {}, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zz"), "{err}");
     }
 }

@@ -155,6 +155,60 @@ impl RunConfig {
     }
 }
 
+/// Lay `overrides` over `base`: objects merge key by key, anything else replaces. A key the
+/// base does not have is an error naming its path, so a typo never passes silently.
+fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value, path: &str) -> Result<()> {
+    match (base, overrides) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match b.get_mut(k) {
+                    // Maps keyed by the user (e.g. search.alpha_bounds) start empty.
+                    Some(slot) if slot.as_object().is_some_and(|m| m.is_empty()) => {
+                        *slot = v.clone()
+                    }
+                    Some(slot) => merge(slot, v, &p)?,
+                    None => {
+                        let known: Vec<&String> = b.keys().collect();
+                        return Err(Error::Input(format!(
+                            "unknown setting `{p}`; known here: {}",
+                            known
+                                .iter()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        (b, o) => {
+            *b = o.clone();
+            Ok(())
+        }
+    }
+}
+
+impl RunConfig {
+    /// `self` with the settings of a JSON file laid over it (any subset of the fields of
+    /// [`RunConfig`], nested objects included, e.g. `{"search": {"population": 32}}`).
+    pub fn with_file(&self, path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let overrides: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(path, "json", e.to_string()))?;
+        let mut v = serde_json::to_value(self).map_err(|e| Error::Input(e.to_string()))?;
+        merge(&mut v, &overrides, "")
+            .map_err(|e| Error::config(path, "settings", e.to_string()))?;
+        serde_path_to_error::deserialize(v)
+            .map_err(|e| Error::config(path, e.path().to_string(), e.inner().to_string()))
+    }
+}
+
 /// What the caller sees as the run goes.
 pub enum Event<'a> {
     /// A stage starts (name) or is skipped because it finished before (name, true).
@@ -1391,4 +1445,55 @@ pub fn reproduce(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.json");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_settings_file_overrides_nested_fields_and_keeps_the_rest() {
+        let base = RunConfig::new(false);
+        let (_d, p) = settings(
+            r#"{"search": {"population": 32, "alpha_bounds": {"count": [0.5, 1.5]}},
+                "train": {"steps": 300}, "domains": ["count", "sort"]}"#,
+        );
+        let cfg = base.with_file(&p).unwrap();
+        assert_eq!(cfg.search.population, 32);
+        assert_eq!(cfg.search.alpha_bounds["count"], (0.5, 1.5));
+        assert_eq!(cfg.search.generations, base.search.generations);
+        assert_eq!(cfg.train.steps, 300);
+        assert_eq!(cfg.train.lr, base.train.lr);
+        assert_eq!(cfg.domains, vec![Domain::Count, Domain::Sort]);
+    }
+
+    #[test]
+    fn a_bad_settings_file_names_the_file_and_the_field() {
+        let base = RunConfig::new(true);
+        for (text, parts) in [
+            (
+                r#"{"search": {"populaton": 3}}"#,
+                vec!["run.json", "search.populaton"],
+            ),
+            (r#"{"test_n": "many"}"#, vec!["run.json", "test_n"]),
+            (
+                r#"{"domains": ["count", "poetry"]}"#,
+                vec!["run.json", "domains", "poetry"],
+            ),
+            ("{not json", vec!["run.json"]),
+        ] {
+            let (_d, p) = settings(text);
+            let err = base.with_file(&p).unwrap_err().to_string();
+            for part in parts {
+                assert!(err.contains(part), "`{err}` should mention `{part}`");
+            }
+        }
+    }
 }
