@@ -62,8 +62,9 @@ const PALETTE: [RGBColor; 10] = [
 /// (a single evaluation, one generation) is visible and sparse curves show where data lies.
 const MARKER_MAX_POINTS: usize = 40;
 
-/// A grouped bar chart: one group per category, one bar per series, y from 0 to 1.1 × the
-/// largest value. `series[s].values[i]` is series `s`'s value in `categories[i]`; missing,
+/// A grouped bar chart: one group per category, one bar per series, y from 0 to the largest
+/// value × (1.1 + 0.09 per series beyond the first, room for the legend).
+/// `series[s].values[i]` is series `s`'s value in `categories[i]`; missing,
 /// non-finite and negative values draw no bar.
 ///
 /// Errors name `path`: its directory is missing or unwritable, or drawing failed.
@@ -139,7 +140,9 @@ fn draw_bars<DB: DrawingBackend>(
         .copied()
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max);
-    let y_top = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
+    // Headroom for the legend above the bars: one line per series beyond the first.
+    let headroom = 1.1 + 0.09 * series.len().saturating_sub(1) as f64;
+    let y_top = if y_max > 0.0 { y_max * headroom } else { 1.0 };
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, TITLE_PX))
         .margin(15)
