@@ -475,16 +475,6 @@ mod tests {
         }
     }
 
-    fn logits(m: &Model) -> Vec<f32> {
-        let ids = m.ids_tensor(&[vec![1, 5, 9, 3, 7, 2]]).unwrap();
-        m.forward(&ids, None)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
             .zip(b)
@@ -514,15 +504,21 @@ mod tests {
             let mut d = Deployment::new(&ck, option, experts.clone(), &cache).unwrap();
             for i in [0, 1, 0] {
                 d.apply(i).unwrap();
-                let want = logits(&expert_model(&ck, &experts[i], &cache, dense).unwrap());
-                let got = logits(&d.model);
+                let want = expert_model(&ck, &experts[i], &cache, dense)
+                    .unwrap()
+                    .probe_logits();
+                let got = d.model.probe_logits();
                 let diff = max_diff(&got, &want);
                 assert!(diff < tol, "{} expert {i}: {diff}", option.name());
             }
             // Switching really changes the model.
-            let a = logits(&d.model);
+            let a = d.model.probe_logits();
             d.apply(1).unwrap();
-            assert!(max_diff(&a, &logits(&d.model)) > 1e-3, "{}", option.name());
+            assert!(
+                max_diff(&a, &d.model.probe_logits()) > 1e-3,
+                "{}",
+                option.name()
+            );
         }
     }
 
@@ -554,8 +550,10 @@ mod tests {
             // Per matrix: what `to_checkpoint` hands to the next stage.
             let q = adapted.to_checkpoint().unwrap();
             assert_eq!(
-                logits(&d.model),
-                logits(&Model::new(&q, ModelOptions::default()).unwrap())
+                d.model.probe_logits(),
+                Model::new(&q, ModelOptions::default())
+                    .unwrap()
+                    .probe_logits()
             );
             // Per channel: every MLP target ternarized row by row.
             let mut qc = ck.clone();
@@ -571,8 +569,10 @@ mod tests {
                 }
             }
             assert_eq!(
-                logits(&dc.model),
-                logits(&Model::new(&qc, ModelOptions::default()).unwrap())
+                dc.model.probe_logits(),
+                Model::new(&qc, ModelOptions::default())
+                    .unwrap()
+                    .probe_logits()
             );
         }
     }

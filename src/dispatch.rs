@@ -285,8 +285,8 @@ impl Library {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::expert::{z_lengths, ExpertMeta};
-    use crate::svf::{Parameterization, Targets};
+    use crate::expert::flat_paper_expert;
+    use crate::svf::Targets;
     use crate::tasks::Domain;
     use crate::tokenizer::ByteTokenizer;
 
@@ -326,26 +326,6 @@ mod tests {
         assert_eq!(items, classifier_items(&labels, &copy, 30, 0).unwrap());
     }
 
-    fn expert(ck: &Checkpoint, f: &BTreeMap<String, Svd>, name: &str, value: f32) -> Expert {
-        let z = z_lengths(ck, Targets::Mlp, Parameterization::Paper, f, 0)
-            .unwrap()
-            .into_iter()
-            .map(|(n, len)| (n, vec![value; len]))
-            .collect();
-        Expert {
-            meta: ExpertMeta {
-                name: name.into(),
-                base_hash: ck.content_hash(),
-                parameterization: Parameterization::Paper,
-                targets: Targets::Mlp,
-                domains: vec![],
-                val_accuracy: 0.0,
-                training: serde_json::Value::Null,
-            },
-            z,
-        }
-    }
-
     /// Routing returns the model it says it picked; CEM stays in its box and is reproducible.
     #[test]
     fn routes_and_cem_on_a_tiny_model() {
@@ -353,8 +333,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = SvdCache::new(dir.path().to_path_buf());
         let f = crate::expert::factors(&ck, Targets::Mlp, &cache).unwrap().0;
-        let experts = vec![expert(&ck, &f, "a", 1.0), expert(&ck, &f, "b", 0.5)];
-        let mut lib = Library::new(&ck, experts, Some(&expert(&ck, &f, "c", 1.0)), &cache).unwrap();
+        let experts = vec![
+            flat_paper_expert(&ck, &f, "a", 1.0),
+            flat_paper_expert(&ck, &f, "b", 0.5),
+        ];
+        let mut lib = Library::new(
+            &ck,
+            experts,
+            Some(&flat_paper_expert(&ck, &f, "c", 1.0)),
+            &cache,
+        )
+        .unwrap();
         let tok = ByteTokenizer;
         let prompt = "count a in aab?";
         let pick = lib.pick_by_prompt(&tok, prompt).unwrap();
@@ -380,22 +369,8 @@ mod tests {
         assert!(a.best.iter().all(|x| (0.0..=1.0).contains(x)));
         assert!(lib.route(&tok, Strategy::Cem, prompt, None).is_err());
         // The mixture model of α = (1, 0) is expert a: z' = 1, the dense base.
-        let m = lib.mixture_model(&[1.0, 0.0]).unwrap();
-        let ids = m.ids_tensor(&[vec![1, 5, 9]]).unwrap();
-        let mixed: Vec<f32> = m
-            .forward(&ids, None)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let alone: Vec<f32> = lib.models[0]
-            .forward(&ids, None)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let mixed = lib.mixture_model(&[1.0, 0.0]).unwrap().probe_logits();
+        let alone = lib.models[0].probe_logits();
         let diff = mixed
             .iter()
             .zip(&alone)

@@ -384,6 +384,34 @@ pub fn mixture(
     })
 }
 
+/// A paper-SVF expert on the MLP targets of `ck` with every z = `value` (1 = the base),
+/// for unit tests.
+#[cfg(test)]
+pub(crate) fn flat_paper_expert(
+    ck: &Checkpoint,
+    factors: &BTreeMap<String, Svd>,
+    name: &str,
+    value: f32,
+) -> Expert {
+    let z = z_lengths(ck, Targets::Mlp, Parameterization::Paper, factors, 0)
+        .expect("z lengths of a test model")
+        .into_iter()
+        .map(|(n, len)| (n, vec![value; len]))
+        .collect();
+    Expert {
+        meta: ExpertMeta {
+            name: name.into(),
+            base_hash: ck.content_hash(),
+            parameterization: Parameterization::Paper,
+            targets: Targets::Mlp,
+            domains: vec![],
+            val_accuracy: 0.0,
+            training: serde_json::Value::Null,
+        },
+        z,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

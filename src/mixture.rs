@@ -451,31 +451,10 @@ pub fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::expert::{z_lengths, ExpertMeta};
+    use crate::expert::flat_paper_expert;
     use crate::svf::Targets;
     use crate::tasks::Domain;
     use crate::tokenizer::ByteTokenizer;
-
-    /// A paper expert with every z = `value`.
-    fn flat_expert(ck: &Checkpoint, f: &BTreeMap<String, Svd>, name: &str, value: f32) -> Expert {
-        let z = z_lengths(ck, Targets::Mlp, Parameterization::Paper, f, 0)
-            .unwrap()
-            .into_iter()
-            .map(|(n, len)| (n, vec![value; len]))
-            .collect();
-        Expert {
-            meta: ExpertMeta {
-                name: name.into(),
-                base_hash: ck.content_hash(),
-                parameterization: Parameterization::Paper,
-                targets: Targets::Mlp,
-                domains: vec![],
-                val_accuracy: 0.0,
-                training: serde_json::Value::Null,
-            },
-            z,
-        }
-    }
 
     fn items(d: Domain, n: usize) -> Vec<Item> {
         crate::eval::eval_items(d, crate::tasks::Split::Validation, n, 0).unwrap()
@@ -501,7 +480,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = SvdCache::new(dir.path().to_path_buf());
         let f = crate::expert::factors(&ck, Targets::Mlp, &cache).unwrap().0;
-        let t = truncated(&flat_expert(&ck, &f, "a", 1.5), 16);
+        let t = truncated(&flat_paper_expert(&ck, &f, "a", 1.5), 16);
         assert_eq!(t.meta.parameterization, Parameterization::LowRank);
         assert!(t
             .z
@@ -519,8 +498,8 @@ mod tests {
         let cache = SvdCache::new(dir.path().to_path_buf());
         let f = crate::expert::factors(&ck, Targets::Mlp, &cache).unwrap().0;
         let experts = vec![
-            flat_expert(&ck, &f, "a", 1.0),
-            flat_expert(&ck, &f, "b", 1.0),
+            flat_paper_expert(&ck, &f, "a", 1.0),
+            flat_paper_expert(&ck, &f, "b", 1.0),
         ];
         let (val, preserve) = (items(Domain::Count, 6), items(Domain::Sort, 4));
         let tok = ByteTokenizer;
@@ -546,8 +525,8 @@ mod tests {
         let cache = SvdCache::new(dir.path().to_path_buf());
         let f = crate::expert::factors(&ck, Targets::Mlp, &cache).unwrap().0;
         let experts = vec![
-            flat_expert(&ck, &f, "a", 1.2),
-            flat_expert(&ck, &f, "b", 0.8),
+            flat_paper_expert(&ck, &f, "a", 1.2),
+            flat_paper_expert(&ck, &f, "b", 0.8),
         ];
         let (val, preserve) = (items(Domain::Count, 4), items(Domain::Sort, 2));
         let tok = ByteTokenizer;

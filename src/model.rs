@@ -745,6 +745,16 @@ impl Model {
 }
 
 #[cfg(test)]
+impl Model {
+    /// Logits of a fixed 6-token probe row, flattened, for tests comparing two models.
+    pub(crate) fn probe_logits(&self) -> Vec<f32> {
+        let ids = self.ids_tensor(&[vec![1, 5, 9, 3, 7, 2]]).unwrap();
+        let logits = self.forward(&ids, None).unwrap();
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
