@@ -122,21 +122,98 @@ pub fn classifier_items(
     Ok(items)
 }
 
+/// Mixtures of a set of experts as one reusable dense SVF model: what CEM and the mixture
+/// columns need, without a model per expert.
+pub struct Mixer {
+    experts: Vec<Expert>,
+    factors: BTreeMap<String, Svd>,
+    model: Model,
+}
+
+/// Dense f32 weights with BitNet's int8 activations: the form experts are trained in.
+const DENSE: ModelOptions = ModelOptions {
+    mode: WeightMode::Dense,
+    act_quant: true,
+    dtype: candle_core::DType::F32,
+};
+
+impl Mixer {
+    /// Mix `experts` (paper SVF, one target set) on `ck`.
+    pub fn new(ck: &Checkpoint, experts: Vec<Expert>, cache: &SvdCache) -> Result<Self> {
+        let first = experts
+            .first()
+            .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?;
+        let factors = crate::expert::factors(ck, first.meta.targets, cache)?.0;
+        let model = svf_model(
+            ck,
+            DENSE,
+            &factors,
+            &z_tensors(&first.z, DENSE)?,
+            first.meta.parameterization,
+        )?;
+        Ok(Mixer {
+            experts,
+            factors,
+            model,
+        })
+    }
+
+    /// The model of the mixture `alpha` (full SVF).
+    pub fn model(&mut self, alpha: &[f64]) -> Result<&Model> {
+        let refs: Vec<&Expert> = self.experts.iter().collect();
+        let mixed = mixture(&refs, alpha, &self.factors)?;
+        set_z(&mut self.model, &z_tensors(&mixed.z, DENSE)?);
+        Ok(&self.model)
+    }
+
+    /// Few-shot pass 1: CEM over α ∈ [0, 1]^K on `shots`, maximising exact-match accuracy,
+    /// ties by mean log-likelihood of the correct answers.
+    pub fn fit_cem(
+        &mut self,
+        tok: &dyn Tokenizer,
+        shots: &[Item],
+        config: &CemConfig,
+    ) -> Result<CemResult> {
+        if shots.is_empty() {
+            return Err(Error::Input("CEM dispatch needs labelled examples".into()));
+        }
+        let k = self.experts.len();
+        let bounds = vec![(0.0, 1.0); k];
+        let mu0 = vec![1.0 / k as f64; k];
+        cem(
+            &mu0,
+            &bounds,
+            config,
+            |batch| -> Result<Vec<Score>> {
+                batch
+                    .iter()
+                    .map(|alpha| {
+                        let s = teacher_forced(self.model(alpha)?, tok, shots)?;
+                        let acc = s.iter().filter(|x| x.exact).count() as f64 / s.len() as f64;
+                        let ll = s.iter().map(|x| x.log_prob).sum::<f64>() / s.len() as f64;
+                        Ok(Score::new(acc, ll))
+                    })
+                    .collect()
+            },
+            |_| {},
+        )
+        .map_err(|e| Error::Input(format!("CEM: {e}")))
+    }
+}
+
 /// The expert library as pass 2 runs it: the base model, one dense model per expert (as
-/// trained, full SVF), the classifier, and a reusable SVF model for mixtures.
+/// trained, full SVF), the classifier, and a [`Mixer`] over the experts.
 pub struct Library {
     /// Expert names, the labels of pass 1.
     pub names: Vec<String>,
-    /// The experts.
-    pub experts: Vec<Expert>,
     /// The base model (packed ternary).
     pub base: Model,
     /// One model per expert.
     pub models: Vec<Model>,
     /// The classifier expert's model, if trained.
     pub classifier: Option<Model>,
-    factors: BTreeMap<String, Svd>,
-    mix_model: Model,
+    /// Mixtures of the experts.
+    pub mixer: Mixer,
 }
 
 impl Library {
@@ -147,36 +224,24 @@ impl Library {
         classifier: Option<&Expert>,
         cache: &SvdCache,
     ) -> Result<Self> {
-        let first = experts
-            .first()
-            .ok_or_else(|| Error::Input("two-pass inference needs at least one expert".into()))?;
-        let dense = ModelOptions {
-            mode: WeightMode::Dense,
-            ..Default::default()
-        };
-        let factors = crate::expert::factors(ck, first.meta.targets, cache)?.0;
+        if experts.is_empty() {
+            return Err(Error::Input(
+                "two-pass inference needs at least one expert".into(),
+            ));
+        }
         let models = experts
             .iter()
-            .map(|e| expert_model(ck, e, cache, dense))
+            .map(|e| expert_model(ck, e, cache, DENSE))
             .collect::<Result<Vec<_>>>()?;
         let classifier = classifier
-            .map(|e| expert_model(ck, e, cache, dense))
+            .map(|e| expert_model(ck, e, cache, DENSE))
             .transpose()?;
-        let mix_model = svf_model(
-            ck,
-            dense,
-            &factors,
-            &z_tensors(&first.z, dense)?,
-            first.meta.parameterization,
-        )?;
         Ok(Library {
             names: experts.iter().map(|e| e.meta.name.clone()).collect(),
-            experts,
             base: Model::new(ck, ModelOptions::default())?,
             models,
             classifier,
-            factors,
-            mix_model,
+            mixer: Mixer::new(ck, experts, cache)?,
         })
     }
 
@@ -211,53 +276,6 @@ impl Library {
         Ok((0..self.names.len()).position(|i| class_label(i) == label.trim()))
     }
 
-    /// The model of the mixture `alpha` (full SVF), reusing one model.
-    pub fn mixture_model(&mut self, alpha: &[f64]) -> Result<&Model> {
-        let refs: Vec<&Expert> = self.experts.iter().collect();
-        let mixed = mixture(&refs, alpha, &self.factors)?;
-        let dense = ModelOptions {
-            mode: WeightMode::Dense,
-            ..Default::default()
-        };
-        set_z(&mut self.mix_model, &z_tensors(&mixed.z, dense)?);
-        Ok(&self.mix_model)
-    }
-
-    /// Few-shot pass 1: CEM over α ∈ [0, 1]^K on `shots`, maximising exact-match accuracy,
-    /// ties by mean log-likelihood of the correct answers.
-    pub fn fit_cem(
-        &mut self,
-        tok: &dyn Tokenizer,
-        shots: &[Item],
-        config: &CemConfig,
-    ) -> Result<CemResult> {
-        if shots.is_empty() {
-            return Err(Error::Input("CEM dispatch needs labelled examples".into()));
-        }
-        let k = self.experts.len();
-        let bounds = vec![(0.0, 1.0); k];
-        let mu0 = vec![1.0 / k as f64; k];
-        cem(
-            &mu0,
-            &bounds,
-            config,
-            |batch| -> Result<Vec<Score>> {
-                batch
-                    .iter()
-                    .map(|alpha| {
-                        let model = self.mixture_model(alpha)?;
-                        let s = teacher_forced(model, tok, shots)?;
-                        let acc = s.iter().filter(|x| x.exact).count() as f64 / s.len() as f64;
-                        let ll = s.iter().map(|x| x.log_prob).sum::<f64>() / s.len() as f64;
-                        Ok(Score::new(acc, ll))
-                    })
-                    .collect()
-            },
-            |_| {},
-        )
-        .map_err(|e| Error::Input(format!("CEM: {e}")))
-    }
-
     /// The model pass 2 runs for a prompt under `strategy` (`cem_alpha` for CEM), and the
     /// expert picked (`None` = base or mixture).
     pub fn route(
@@ -275,7 +293,7 @@ impl Library {
                 let alpha = cem_alpha.ok_or_else(|| {
                     Error::Input("CEM dispatch needs α from labelled examples".into())
                 })?;
-                return Ok((self.mixture_model(alpha)?, None));
+                return Ok((self.mixer.model(alpha)?, None));
             }
         };
         Ok((pick.map_or(&self.base, |i| &self.models[i]), pick))
@@ -363,13 +381,13 @@ mod tests {
             iterations: 3,
             ..CemConfig::default()
         };
-        let a = lib.fit_cem(&tok, &shots, &cfg).unwrap();
-        let b = lib.fit_cem(&tok, &shots, &cfg).unwrap();
+        let a = lib.mixer.fit_cem(&tok, &shots, &cfg).unwrap();
+        let b = lib.mixer.fit_cem(&tok, &shots, &cfg).unwrap();
         assert_eq!(a.best, b.best);
         assert!(a.best.iter().all(|x| (0.0..=1.0).contains(x)));
         assert!(lib.route(&tok, Strategy::Cem, prompt, None).is_err());
         // The mixture model of α = (1, 0) is expert a: z' = 1, the dense base.
-        let mixed = lib.mixture_model(&[1.0, 0.0]).unwrap().probe_logits();
+        let mixed = lib.mixer.model(&[1.0, 0.0]).unwrap().probe_logits();
         let alone = lib.models[0].probe_logits();
         let diff = mixed
             .iter()

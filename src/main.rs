@@ -1212,7 +1212,9 @@ fn run(cli: Cli) -> Result<()> {
             let alpha = match (strategy, shots) {
                 (bitsvf::dispatch::Strategy::Cem, Some(path)) => {
                     let data = Dataset::load_jsonl(&path, "exact".parse()?)?;
-                    let r = lib.fit_cem(tok.as_ref(), &data.items, &h.manifest.options.cem)?;
+                    let r =
+                        lib.mixer
+                            .fit_cem(tok.as_ref(), &data.items, &h.manifest.options.cem)?;
                     Some(r.best)
                 }
                 (bitsvf::dispatch::Strategy::Cem, None) => {

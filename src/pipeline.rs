@@ -10,7 +10,7 @@
 use crate::checkpoint::{save_native, Checkpoint};
 use crate::deploy::{f32_bytes, packed_bytes};
 use crate::discover::{discover, Discovery, GroupRule};
-use crate::dispatch::{classifier_items, Library, Strategy};
+use crate::dispatch::{classifier_items, Library, Mixer, Strategy};
 use crate::error::{Error, Result};
 use crate::eval::answer;
 use crate::expert::{factors, Expert};
@@ -507,6 +507,24 @@ pub fn run(
     })?;
 
     // 4. Train one expert per group, then the classifier.
+    // Each expert in its own stage `4-train-<name>`, resumable within the stage.
+    let train_stage = |run: &mut Run, data: &TrainData, path: &Path| -> Result<TrainSummary> {
+        let name = data.name();
+        run.stage(&format!("4-train-{name}"), |ev| {
+            let train = TrainConfig {
+                seed: cfg.seed,
+                ..cfg.train.clone()
+            };
+            train_expert(ck, &f, tok, data, &train, path, true, |step, s| {
+                ev(Event::Progress(
+                    step,
+                    train.steps,
+                    format!("training {name}: loss {:.3} kl {:.4}", s.loss, s.kl),
+                ));
+                true
+            })
+        })
+    };
     let mut experts: Vec<(ExpertEntry, Expert)> = Vec::new();
     for group in &found.grouping.groups {
         let mut data = group_data(group, &sources)?;
@@ -537,20 +555,7 @@ pub fn run(
         }
         let file = format!("experts/{name}.safetensors");
         let path = work.join(&file);
-        let summary: TrainSummary = run.stage(&format!("4-train-{name}"), |ev| {
-            let train = TrainConfig {
-                seed: cfg.seed,
-                ..cfg.train.clone()
-            };
-            train_expert(ck, &f, tok, &data, &train, &path, true, |step, s| {
-                ev(Event::Progress(
-                    step,
-                    train.steps,
-                    format!("training {name}: loss {:.3} kl {:.4}", s.loss, s.kl),
-                ));
-                true
-            })
-        })?;
+        let summary = train_stage(&mut run, &data, &path)?;
         let expert = Expert::load(&path)?;
         experts.push((
             ExpertEntry {
@@ -576,26 +581,13 @@ pub fn run(
         .collect::<Result<_>>()?;
     let cls_file = "experts/classifier.safetensors".to_string();
     let cls_path = work.join(&cls_file);
-    let cls_summary: TrainSummary = run.stage("4-train-classifier", |ev| {
-        let items = classifier_items(&labels, &others, cfg.classifier_items, cfg.seed)?;
-        let data = TrainData::Dataset(Dataset {
-            name: "classifier".into(),
-            verifier: Verifier::Exact,
-            items,
-        });
-        let train = TrainConfig {
-            seed: cfg.seed,
-            ..cfg.train.clone()
-        };
-        train_expert(ck, &f, tok, &data, &train, &cls_path, true, |step, s| {
-            ev(Event::Progress(
-                step,
-                train.steps,
-                format!("training the classifier: loss {:.3}", s.loss),
-            ));
-            true
-        })
-    })?;
+    let items = classifier_items(&labels, &others, cfg.classifier_items, cfg.seed)?;
+    let data = TrainData::Dataset(Dataset {
+        name: "classifier".into(),
+        verifier: Verifier::Exact,
+        items,
+    });
+    let cls_summary = train_stage(&mut run, &data, &cls_path)?;
     let classifier = Expert::load(&cls_path)?;
 
     // 5. Search the mixture over the experts that gained.
@@ -650,7 +642,7 @@ pub fn run(
         if pool.is_empty() {
             return Ok(out);
         }
-        let mut lib = Library::new(ck, pool.clone(), None, cache)?;
+        let mut mixer = Mixer::new(ck, pool.clone(), cache)?;
         for (i, d) in sources.iter().enumerate() {
             ev(Event::Progress(
                 i,
@@ -658,7 +650,7 @@ pub fn run(
                 format!("CEM on {} shots of {}", cfg.shots, d.name()),
             ));
             let shots = d.validation(cfg.shots, cfg.seed + 3)?;
-            let r = lib.fit_cem(
+            let r = mixer.fit_cem(
                 tok,
                 &shots,
                 &CemConfig {
@@ -746,10 +738,10 @@ fn evaluate_all(
     use columns::*;
     let all: Vec<Expert> = experts.iter().map(|(_, e)| e.clone()).collect();
     let mut lib = Library::new(ck, all, Some(classifier), cache)?;
-    let mut pool_lib = if pool.is_empty() {
+    let mut pool_mixer = if pool.is_empty() {
         None
     } else {
-        Some(Library::new(ck, pool.to_vec(), None, cache)?)
+        Some(Mixer::new(ck, pool.to_vec(), cache)?)
     };
     let mut deployer = match searched {
         Some(_) => Some(crate::mixture::Deployer::new(ck, cache, pool, f)?),
@@ -798,8 +790,8 @@ fn evaluate_all(
             best_expert.insert(name.clone(), experts[best.1].0.name.clone());
         }
         if let Some(s) = searched {
-            let pl = pool_lib.as_mut().expect("a search implies a pool");
-            let m = pl.mixture_model(&s.chosen.alpha)?;
+            let mixer = pool_mixer.as_mut().expect("a search implies a pool");
+            let m = mixer.model(&s.chosen.alpha)?;
             row.insert(MIXTURE.to_string(), accuracy(m, tok, &items, d)?);
             let dep = deployer.as_mut().expect("a search implies a deployer");
             let (m, _) = dep.deploy(&s.chosen.alpha, s.chosen.rank)?;
@@ -820,8 +812,8 @@ fn evaluate_all(
                 correct as f64 / items.len().max(1) as f64,
             );
         }
-        if let (Some(pl), Some(alpha)) = (pool_lib.as_mut(), cem_alpha.get(&name)) {
-            let m = pl.mixture_model(alpha)?;
+        if let (Some(mixer), Some(alpha)) = (pool_mixer.as_mut(), cem_alpha.get(&name)) {
+            let m = mixer.model(alpha)?;
             row.insert("dispatch: cem".to_string(), accuracy(m, tok, &items, d)?);
         }
         table.insert(name, row);
@@ -1419,7 +1411,7 @@ pub fn reproduce(
     })?;
     let sources = h.sources()?;
     let (f, _) = factors(&h.ck, experts[0].meta.targets, cache)?;
-    let mut lib = Library::new(&h.ck, experts.clone(), None, cache)?;
+    let mut mixer = Mixer::new(&h.ck, experts.clone(), cache)?;
     let mut deployer = crate::mixture::Deployer::new(&h.ck, cache, &experts, &f)?;
     let mut out = Vec::new();
     for (i, (d, row)) in table.accuracy.iter().enumerate() {
@@ -1432,7 +1424,7 @@ pub fn reproduce(
                 continue;
             };
             let measured = if column == columns::MIXTURE {
-                accuracy(lib.mixture_model(&alpha)?, tok, &items, source)?
+                accuracy(mixer.model(&alpha)?, tok, &items, source)?
             } else {
                 accuracy(deployer.deploy(&alpha, rank)?.0, tok, &items, source)?
             };
