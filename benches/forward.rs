@@ -2,9 +2,9 @@
 //! shape (d 512, 8 layers, FFN 1536, 8 heads / 4 kv, vocab 32000): prefill of 128 tokens and
 //! one decode step against a 127-token KV cache. Run: `cargo bench --bench forward`.
 
-use bitsvf::checkpoint::Checkpoint;
-use bitsvf::config::{Activation, ModelConfig};
-use bitsvf::model::{Model, ModelOptions, WeightMode};
+use bitsvf::engine::checkpoint::Checkpoint;
+use bitsvf::engine::config::{Activation, ModelConfig};
+use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
 use candle_core::{DType, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 

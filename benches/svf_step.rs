@@ -8,13 +8,14 @@
 //! every fresh page costs a fault; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge
 //! pages for malloc) made the step about 10% faster on the 2-core reference machine.
 
-use bitsvf::checkpoint::Checkpoint;
-use bitsvf::config::{Activation, ModelConfig};
-use bitsvf::expert::{init_vars, svf_model, target_matrices, var_tensors};
-use bitsvf::model::{ModelOptions, WeightMode};
-use bitsvf::pretrain::{batch_from_pairs, masked_cross_entropy};
-use bitsvf::svd::thin_svd;
+use bitsvf::engine::checkpoint::Checkpoint;
+use bitsvf::engine::config::{Activation, ModelConfig};
+use bitsvf::engine::model::{ModelOptions, WeightMode};
+use bitsvf::eval::batch::batch_from_pairs;
+use bitsvf::svf::expert::{init_vars, svf_model, target_matrices, var_tensors};
+use bitsvf::svf::svd::thin_svd;
 use bitsvf::svf::{Parameterization, Targets};
+use bitsvf::train::loss::masked_cross_entropy;
 use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::collections::BTreeMap;

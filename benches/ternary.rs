@@ -4,7 +4,7 @@
 //! same shape and a memory copy that gives the machine's bandwidth. Kernel throughput is GB/s
 //! of packed weights read. Run: `cargo bench --bench ternary`.
 
-use bitsvf::ternary::{Kernel, TernaryMatrix};
+use bitsvf::engine::ternary::{Kernel, TernaryMatrix};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{rngs::StdRng, Rng, SeedableRng};

@@ -1,13 +1,18 @@
 //! The `bitsvf` command line: argument parsing only; the library does the work.
 
 use anyhow::{Context, Result};
-use bitsvf::checkpoint::{self, st};
-use bitsvf::model::{parse_token_rows, Model, ModelOptions, WeightMode};
+use bitsvf::engine::checkpoint::{self, st};
+use bitsvf::engine::model::{parse_token_rows, Model, ModelOptions, WeightMode};
 use bitsvf::tasks::{Dataset, Domain, Split};
 use bitsvf::{
-    compare, discover, eval, expert, inspect, pipeline, pretrain, recovery, svd, svf, tokenizer,
-    train,
+    adapt::discover,
+    engine::{inspect, tokenizer},
+    eval::recovery,
+    pipeline::compare,
+    svf::{expert, svd},
+    train::pretrain,
 };
+use bitsvf::{eval, pipeline, svf, train};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -768,9 +773,9 @@ fn run(cli: Cli) -> Result<()> {
             let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
             let (factors, _) = expert::factors(&ck, svf::Targets::Mlp, &cache)?;
             let base = Model::new(&ck, ModelOptions::default())?;
-            let sources: Vec<train::TrainData> = Domain::ALL
+            let sources: Vec<bitsvf::tasks::DataSource> = Domain::ALL
                 .iter()
-                .map(|&d| train::TrainData::Domain(d))
+                .map(|&d| bitsvf::tasks::DataSource::Domain(d))
                 .collect();
             let bar = step_bar(sources.len())?;
             let rule = discover::GroupRule {
@@ -956,9 +961,9 @@ fn run(cli: Cli) -> Result<()> {
             let ck = checkpoint::load_or_default(model.as_deref())?;
             let tok = tokenizer::for_model(model.as_deref(), &ck.config)?;
             let train_data = match (domain, data) {
-                (Some(d), _) => train::TrainData::Domain(Domain::by_name(&d)?),
+                (Some(d), _) => bitsvf::tasks::DataSource::Domain(Domain::by_name(&d)?),
                 (None, Some(p)) => {
-                    train::TrainData::Dataset(Dataset::load_jsonl(&p, verifier.parse()?)?)
+                    bitsvf::tasks::DataSource::Dataset(Dataset::load_jsonl(&p, verifier.parse()?)?)
                 }
                 (None, None) => anyhow::bail!("give --domain or --data"),
             };
@@ -1190,7 +1195,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             cache_dir,
         } => {
-            let strategy: bitsvf::dispatch::Strategy = strategy.parse()?;
+            let strategy: bitsvf::adapt::dispatch::Strategy = strategy.parse()?;
             let h = pipeline::Handoff::open(&experts)?;
             if let Some(m) = &model {
                 let ck = checkpoint::load(m)?;
@@ -1207,17 +1212,21 @@ fn run(cli: Cli) -> Result<()> {
             let tok = tokenizer::for_model(Some(&model_dir), &h.ck.config)?;
             let cache = svd::SvdCache::new(cache_dir.unwrap_or_else(svd::SvdCache::default_dir));
             let classifier = h.classifier()?;
-            let mut lib =
-                bitsvf::dispatch::Library::new(&h.ck, h.experts()?, classifier.as_ref(), &cache)?;
+            let mut lib = bitsvf::adapt::dispatch::Library::new(
+                &h.ck,
+                h.experts()?,
+                classifier.as_ref(),
+                &cache,
+            )?;
             let alpha = match (strategy, shots) {
-                (bitsvf::dispatch::Strategy::Cem, Some(path)) => {
+                (bitsvf::adapt::dispatch::Strategy::Cem, Some(path)) => {
                     let data = Dataset::load_jsonl(&path, "exact".parse()?)?;
                     let r =
                         lib.mixer
                             .fit_cem(tok.as_ref(), &data.items, &h.manifest.options.cem)?;
                     Some(r.best)
                 }
-                (bitsvf::dispatch::Strategy::Cem, None) => {
+                (bitsvf::adapt::dispatch::Strategy::Cem, None) => {
                     anyhow::bail!("--dispatch cem needs --shots FILE.jsonl (labelled examples)")
                 }
                 _ => None,
@@ -1239,7 +1248,7 @@ fn run(cli: Cli) -> Result<()> {
             let ids = eval::prompt_ids(tok.as_ref(), &prompt)?;
             let out = model.generate(
                 &ids,
-                &bitsvf::model::GenerateOptions {
+                &bitsvf::engine::model::GenerateOptions {
                     max_new_tokens: max_tokens,
                     temperature,
                     seed,

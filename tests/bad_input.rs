@@ -1,7 +1,7 @@
 //! Bad input gets a clear error naming the file and tensor or field — never a panic.
 
 mod common;
-use bitsvf::checkpoint::st::OwnedTensor;
+use bitsvf::engine::checkpoint::st::OwnedTensor;
 use common::*;
 use safetensors::Dtype;
 
@@ -219,15 +219,15 @@ fn unknown_format() {
 
 #[test]
 fn phase4_non_ternary_value() {
-    use bitsvf::checkpoint::linear_name;
+    use bitsvf::engine::checkpoint::linear_name;
     let (_t, dir) = variant("phase4", |t, _| {
-        let ck = bitsvf::checkpoint::load(&fixture()).unwrap();
+        let ck = bitsvf::engine::checkpoint::load(&fixture()).unwrap();
         for (name, _, lin) in ck.linears() {
             t.remove(&format!("{name}.weight"));
             t.remove(&format!("{name}.weight_scale"));
             let m = &lin.matrix;
             let mut v = m.values();
-            if name == linear_name(1, bitsvf::checkpoint::LinearKind::V) {
+            if name == linear_name(1, bitsvf::engine::checkpoint::LinearKind::V) {
                 v[5] = 2;
             }
             t.insert(

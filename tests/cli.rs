@@ -1,7 +1,7 @@
 //! The `bitsvf` binary end to end.
 
 mod common;
-use bitsvf::checkpoint::st::TensorFiles;
+use bitsvf::engine::checkpoint::st::TensorFiles;
 use common::*;
 use std::process::Command;
 
@@ -52,7 +52,10 @@ fn logits_command_reproduces_transformers() {
     let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
     assert!(mean < 1e-3, "mean |Δ| {mean}");
     for (x, y) in a.chunks(96).zip(b.chunks(96)) {
-        assert_eq!(bitsvf::model::argmax(x), bitsvf::model::argmax(y));
+        assert_eq!(
+            bitsvf::engine::model::argmax(x),
+            bitsvf::engine::model::argmax(y)
+        );
     }
 }
 

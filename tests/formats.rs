@@ -2,9 +2,9 @@
 //! transformers fixture, compared by content hash and by logits.
 
 mod common;
-use bitsvf::checkpoint::st::{OwnedTensor, TensorFiles};
-use bitsvf::checkpoint::{self, Checkpoint, SourceFormat};
-use bitsvf::model::{Model, ModelOptions};
+use bitsvf::engine::checkpoint::st::{OwnedTensor, TensorFiles};
+use bitsvf::engine::checkpoint::{self, Checkpoint, SourceFormat};
+use bitsvf::engine::model::{Model, ModelOptions};
 use common::*;
 
 fn logits(ck: &Checkpoint) -> Vec<f32> {
@@ -142,7 +142,10 @@ fn float_master_is_ternarized_on_load() {
             .enumerate()
             .map(|(j, &v)| m.scales[0] * (v as f32 + 0.3 * (((i + j) % 7) as f32 / 3.0 - 1.0)))
             .collect();
-        expected.push((name.clone(), bitsvf::ternary::ternarize_per_tensor(&w)));
+        expected.push((
+            name.clone(),
+            bitsvf::engine::ternary::ternarize_per_tensor(&w),
+        ));
         t.insert(
             format!("{name}.weight"),
             OwnedTensor::f32(vec![m.rows, m.cols], &w),

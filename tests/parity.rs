@@ -1,7 +1,7 @@
 //! The Hugging Face fixture: our loader and forward pass reproduce transformers' logits.
 
-use bitsvf::checkpoint;
-use bitsvf::model::{Model, ModelOptions, WeightMode};
+use bitsvf::engine::checkpoint;
+use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
 use candle_core::DType;
 use std::path::PathBuf;
 
@@ -64,7 +64,7 @@ fn compare(mode: WeightMode) -> (f32, f32, f64) {
     let agree = ours
         .chunks(v)
         .zip(r.logits.chunks(v))
-        .filter(|(a, b)| bitsvf::model::argmax(a) == bitsvf::model::argmax(b))
+        .filter(|(a, b)| bitsvf::engine::model::argmax(a) == bitsvf::engine::model::argmax(b))
         .count() as f64
         / (ours.len() / v) as f64;
     (max, mean, agree)

@@ -38,6 +38,7 @@
 mod dataset;
 mod domains;
 pub mod remote;
+mod source;
 mod split;
 mod verify;
 
@@ -49,6 +50,7 @@ use thiserror::Error;
 pub use dataset::{Dataset, LineProblem};
 pub use domains::{Difficulty, Domain};
 pub use remote::{generate_items, GenerateReport, GeneratorConfig, RemoteError};
+pub use source::{eval_items, DataSource};
 pub use split::{sample, Split};
 pub use verify::Verifier;
 

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: the HF fixture and writers of variants of it.
 #![allow(dead_code)]
 
-use bitsvf::checkpoint::st::{write_safetensors, OwnedTensor, TensorFiles};
+use bitsvf::engine::checkpoint::st::{write_safetensors, OwnedTensor, TensorFiles};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ pub fn write_model(
 
 /// The error message of loading `dir` (panics if it loads).
 pub fn load_error(dir: &Path) -> String {
-    match bitsvf::checkpoint::load(dir) {
+    match bitsvf::engine::checkpoint::load(dir) {
         Ok(_) => panic!("{} loaded but should not have", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -1,0 +1,322 @@
+//! Model checkpoints: the weights of a BitNet decoder as loaded from any supported format
+//! (DESIGN.md §2), independent of how the forward pass runs them.
+//!
+//! Formats are detected from the files, never from a flag:
+//! - **bitsvf native**: a safetensors file whose header metadata has `format = "bitsvf"`.
+//! - **agent-forge Phase 4**: `<linear>.quantized_weight` int8 tensors.
+//! - **HF packed**: `<linear>.weight` uint8 `[out/4, in]` + `weight_scale`, with a
+//!   `config.json` carrying a bitnet `quantization_config`.
+//! - **HF float master**: float `<linear>.weight`, ternarized on load (per-tensor absmean), or
+//!   recovered exactly when `config.json` marks it as dequantized by bitsvf.
+
+mod formats;
+pub mod st;
+
+pub use formats::{
+    load, load_default, load_or_default, save_dequantized, save_native, DEFAULT_MODEL_NAME,
+};
+
+use crate::engine::config::ModelConfig;
+use crate::engine::ternary::{Quantization, TernaryMatrix};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+
+/// The seven linear layers of a decoder block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum LinearKind {
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// FFN gate projection.
+    Gate,
+    /// FFN up projection.
+    Up,
+    /// FFN down projection.
+    Down,
+}
+
+impl LinearKind {
+    /// All kinds in block order.
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// The HF module path inside a layer.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "self_attn.q_proj",
+            LinearKind::K => "self_attn.k_proj",
+            LinearKind::V => "self_attn.v_proj",
+            LinearKind::O => "self_attn.o_proj",
+            LinearKind::Gate => "mlp.gate_proj",
+            LinearKind::Up => "mlp.up_proj",
+            LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Whether this is an FFN matrix (SVF's default targets).
+    pub fn is_mlp(self) -> bool {
+        matches!(self, LinearKind::Gate | LinearKind::Up | LinearKind::Down)
+    }
+
+    /// (out, in) of this matrix under `cfg`.
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+        let d = cfg.hidden_size;
+        let q = cfg.num_attention_heads * cfg.head_dim();
+        let kv = cfg.kv_heads() * cfg.head_dim();
+        match self {
+            LinearKind::Q => (q, d),
+            LinearKind::K | LinearKind::V => (kv, d),
+            LinearKind::O => (d, q),
+            LinearKind::Gate | LinearKind::Up => (cfg.intermediate_size, d),
+            LinearKind::Down => (d, cfg.intermediate_size),
+        }
+    }
+}
+
+/// The HF tensor prefix of linear `kind` in layer `layer` (without `.weight`).
+pub fn linear_name(layer: usize, kind: LinearKind) -> String {
+    format!("model.layers.{layer}.{}", kind.hf_name())
+}
+
+/// Where a checkpoint came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    /// Hugging Face packed BitNet (microsoft/bitnet-b1.58-2B-4T layout).
+    HfPacked {
+        /// `autobitlinear` (multiply by weight_scale) or `bitlinear` (divide).
+        linear_class: String,
+    },
+    /// Hugging Face float master weights, ternarized on load.
+    HfFloat,
+    /// A float model written by `bitsvf dequantize`, recovered exactly.
+    Dequantized,
+    /// Agent-forge Phase 4 layout (int8 weights, fp16 per-channel scales).
+    Phase4,
+    /// bitsvf's native packed format.
+    Native,
+}
+
+impl SourceFormat {
+    /// Short human-readable name.
+    pub fn name(&self) -> String {
+        match self {
+            SourceFormat::HfPacked { linear_class } => format!("hf-packed ({linear_class})"),
+            SourceFormat::HfFloat => "hf-float (ternarized on load)".into(),
+            SourceFormat::Dequantized => "bitsvf-dequantized f32".into(),
+            SourceFormat::Phase4 => "agent-forge phase4".into(),
+            SourceFormat::Native => "bitsvf native".into(),
+        }
+    }
+}
+
+/// One ternary linear layer with its optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// W_t and γ.
+    pub matrix: TernaryMatrix,
+    /// Bias of length `out` (Phase 4 checkpoints may have one).
+    pub bias: Option<Vec<f32>>,
+}
+
+/// One decoder block's weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// RMSNorm before attention, `[d]`.
+    pub input_layernorm: Vec<f32>,
+    /// RMSNorm before the FFN, `[d]`.
+    pub post_attention_layernorm: Vec<f32>,
+    /// BitNet's RMSNorm before o_proj, `[heads·head_dim]`.
+    pub attn_sub_norm: Option<Vec<f32>>,
+    /// BitNet's RMSNorm before down_proj, `[ffn]`.
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    /// The seven linears in [`LinearKind::ALL`] order.
+    pub linears: Vec<Linear>,
+}
+
+impl Layer {
+    /// The linear of `kind`.
+    pub fn linear(&self, kind: LinearKind) -> &Linear {
+        &self.linears[kind as usize]
+    }
+}
+
+/// A loaded ternary model: config, float tensors and packed ternary linears.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Architecture.
+    pub config: ModelConfig,
+    /// How γ was computed.
+    pub quantization: Quantization,
+    /// The format it was read from.
+    pub format: SourceFormat,
+    /// The file or directory given.
+    pub source: PathBuf,
+    /// Bytes of the weight files.
+    pub bytes_on_disk: u64,
+    /// Token embeddings `[vocab, d]`.
+    pub embed_tokens: Vec<f32>,
+    /// Final RMSNorm `[d]`.
+    pub norm: Vec<f32>,
+    /// Untied output head `[vocab, d]` (None when tied to the embeddings).
+    pub lm_head: Option<Vec<f32>>,
+    /// Decoder blocks.
+    pub layers: Vec<Layer>,
+}
+
+impl Checkpoint {
+    /// The output head `[vocab, d]` (the embeddings when tied).
+    pub fn lm_head(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// All linears with their HF names, in layer order.
+    pub fn linears(&self) -> impl Iterator<Item = (String, LinearKind, &Linear)> {
+        self.layers.iter().enumerate().flat_map(|(l, layer)| {
+            LinearKind::ALL
+                .iter()
+                .map(move |&k| (linear_name(l, k), k, layer.linear(k)))
+        })
+    }
+
+    /// SHA-256 over the model's content (config, quantization rule, float tensors, packed
+    /// codes and scales) — the same model gives the same hash whatever format it came in.
+    pub fn content_hash(&self) -> String {
+        let mut h = Sha256::new();
+        let cfg = serde_json::to_string(&self.config).expect("config serializes");
+        h.update(cfg.as_bytes());
+        h.update(self.quantization.name().as_bytes());
+        let floats = |h: &mut Sha256, v: &[f32]| {
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        };
+        floats(&mut h, &self.embed_tokens);
+        floats(&mut h, &self.norm);
+        if let Some(w) = &self.lm_head {
+            floats(&mut h, w);
+        }
+        for layer in &self.layers {
+            floats(&mut h, &layer.input_layernorm);
+            floats(&mut h, &layer.post_attention_layernorm);
+            for n in [&layer.attn_sub_norm, &layer.ffn_sub_norm]
+                .into_iter()
+                .flatten()
+            {
+                floats(&mut h, n);
+            }
+            for lin in &layer.linears {
+                h.update(&lin.matrix.packed);
+                floats(&mut h, &lin.matrix.scales);
+                if let Some(b) = &lin.bias {
+                    floats(&mut h, b);
+                }
+            }
+        }
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    }
+
+    /// Parameters actually stored (embeddings, linears, norms, head, biases).
+    pub fn parameter_count(&self) -> usize {
+        let mut n = self.embed_tokens.len() + self.norm.len();
+        n += self.lm_head.as_ref().map_or(0, Vec::len);
+        for layer in &self.layers {
+            n += layer.input_layernorm.len() + layer.post_attention_layernorm.len();
+            n += layer.attn_sub_norm.as_ref().map_or(0, Vec::len);
+            n += layer.ffn_sub_norm.as_ref().map_or(0, Vec::len);
+            for lin in &layer.linears {
+                n += lin.matrix.rows * lin.matrix.cols + lin.bias.as_ref().map_or(0, Vec::len);
+            }
+        }
+        n
+    }
+
+    /// Ternary parameters (the linears' weights).
+    pub fn ternary_parameter_count(&self) -> usize {
+        self.linears()
+            .map(|(_, _, l)| l.matrix.rows * l.matrix.cols)
+            .sum()
+    }
+}
+
+impl Checkpoint {
+    /// A random model of the given architecture (uniform ternary weights, per-tensor scales in
+    /// [0.5, 1.5], N(0, 0.5²)-ish embeddings, norms near 1) — for benchmarks and tests.
+    pub fn random(config: ModelConfig, seed: u64) -> Checkpoint {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let normal = |n: usize, std: f32, rng: &mut StdRng| -> Vec<f32> {
+            // Sum of 4 uniforms: cheap, bell-shaped, variance 1/3 per unit.
+            (0..n)
+                .map(|_| {
+                    let s: f32 = (0..4).map(|_| rng.gen::<f32>() - 0.5).sum();
+                    s * std * (3.0f32).sqrt()
+                })
+                .collect()
+        };
+        let embed_tokens = normal(v * d, 0.5, &mut rng);
+        let lm_head = (!config.tie_word_embeddings).then(|| normal(v * d, 0.05, &mut rng));
+        let norm_vec = |n: usize, rng: &mut StdRng| -> Vec<f32> {
+            (0..n)
+                .map(|_| 1.0 + 0.1 * (rng.gen::<f32>() - 0.5))
+                .collect()
+        };
+        let norm = norm_vec(d, &mut rng);
+        let q_width = config.num_attention_heads * config.head_dim();
+        let sub = config.sub_norms.unwrap_or(true);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| {
+                let linears = LinearKind::ALL
+                    .iter()
+                    .map(|&k| {
+                        let (rows, cols) = k.shape(&config);
+                        let values: Vec<i8> =
+                            (0..rows * cols).map(|_| rng.gen_range(-1i8..=1)).collect();
+                        let scale = 0.5 + rng.gen::<f32>();
+                        Linear {
+                            matrix: TernaryMatrix::from_values(&values, rows, cols, vec![scale]),
+                            bias: None,
+                        }
+                    })
+                    .collect();
+                Layer {
+                    input_layernorm: norm_vec(d, &mut rng),
+                    post_attention_layernorm: norm_vec(d, &mut rng),
+                    attn_sub_norm: sub.then(|| norm_vec(q_width, &mut rng)),
+                    ffn_sub_norm: sub.then(|| norm_vec(config.intermediate_size, &mut rng)),
+                    linears,
+                }
+            })
+            .collect();
+        let mut config = config;
+        config.sub_norms = Some(sub);
+        Checkpoint {
+            config,
+            quantization: Quantization::PerTensor,
+            format: SourceFormat::Native,
+            source: PathBuf::from("<random>"),
+            bytes_on_disk: 0,
+            embed_tokens,
+            norm,
+            lm_head,
+            layers,
+        }
+    }
+}

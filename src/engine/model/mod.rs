@@ -1,0 +1,782 @@
+//! The BitNet b1.58 decoder in candle: RMSNorm, rotate-half RoPE, GQA attention with BitNet's
+//! `attn_sub_norm`, ReLU² (or SiLU-gated) FFN with `ffn_sub_norm`, BitLinear layers with
+//! per-token int8 activation quantization, a KV cache and seeded sampling.
+//!
+//! Two weight modes share one interface ([`WeightMode`]): *ternary* runs the packed 2-bit
+//! weights through the exact integer kernel of [`crate::engine::ternary`]; *dense* holds W = γ·W_t in
+//! f32 and is differentiable. Norms, RoPE, attention and the FFN activation are the fused ops
+//! of [`crate::engine::ops`], each with its own backward pass (candle's fused `rms_norm`,
+//! `softmax_last_dim`, `rope*` and `sdpa` kernels silently drop gradients and are deliberately
+//! not used here).
+
+mod linear;
+mod sampling;
+
+use crate::engine::config::Activation;
+use crate::engine::tokenizer::byte_ids;
+use crate::engine::tokenizer::BYTE_VOCAB;
+pub use linear::{ternarize_ste, AdaptedLinear, BitLinear, LinearWeight};
+pub use sampling::{argmax, sample, GenerateOptions};
+
+use crate::engine::checkpoint::{Checkpoint, LinearKind};
+use crate::engine::config::ModelConfig;
+use crate::engine::ops::{self, matmul_const, rms_norm};
+use crate::engine::ternary::TernaryMatrix;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::Arc;
+
+/// How the linear layers hold their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Packed 2-bit weights, integer matmul (no gradients).
+    Ternary,
+    /// Dequantized f32 weights, differentiable.
+    Dense,
+}
+
+/// Options for building a [`Model`].
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// Weight mode.
+    pub mode: WeightMode,
+    /// Per-token int8 activation quantization (BitNet's BitLinear); with it off the
+    /// activations stay f32.
+    pub act_quant: bool,
+    /// Compute dtype of the dense path (F32, or F64 for gradient checks).
+    pub dtype: DType,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            mode: WeightMode::Ternary,
+            act_quant: true,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Rotate-half RoPE tables `cos`, `sin` of shape `[max_pos, head_dim]` (HF convention).
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let n = cfg.max_position_embeddings;
+        let inv: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for p in 0..n {
+            for _half in 0..2 {
+                for f in &inv {
+                    // HF computes the angle in f32; match it before taking cos/sin.
+                    let a = (p as f32 * *f as f32) as f64;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n, hd), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, hd), dev)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding: k (before RoPE) and v, `[B, S, KV·hd]`.
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.kv
+            .first()
+            .and_then(|e| e.as_ref())
+            .map_or(0, |(k, _)| k.dims()[1])
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    attn_sub_norm: Option<Tensor>,
+    ffn_sub_norm: Option<Tensor>,
+    /// The seven linears in [`LinearKind::ALL`] order.
+    pub linears: Vec<BitLinear>,
+}
+
+/// The decoder.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Architecture.
+    pub config: ModelConfig,
+    /// Options it was built with.
+    pub options: ModelOptions,
+    embed: Tensor,
+    /// Decoder blocks.
+    pub blocks: Vec<Block>,
+    norm: Tensor,
+    /// lm_head transposed, `[d, vocab]`.
+    lm_head_t: Tensor,
+    rope: Rope,
+    device: Device,
+}
+
+fn vec_tensor(v: &[f32], dtype: DType, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(v, v.len(), dev)?.to_dtype(dtype)?)
+}
+
+impl Model {
+    /// Build the forward pass over a checkpoint's weights.
+    pub fn new(ck: &Checkpoint, options: ModelOptions) -> Result<Self> {
+        let dev = Device::Cpu;
+        let cfg = ck.config.clone();
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let dt = options.dtype;
+        let embed = Tensor::from_slice(&ck.embed_tokens, (v, d), &dev)?.to_dtype(dt)?;
+        let lm_head_t = Tensor::from_slice(ck.lm_head(), (v, d), &dev)?
+            .to_dtype(dt)?
+            .t()?
+            .contiguous()?;
+        let mut blocks = Vec::with_capacity(ck.layers.len());
+        for layer in &ck.layers {
+            let mut linears = Vec::with_capacity(7);
+            for kind in LinearKind::ALL {
+                let lin = layer.linear(kind);
+                let m = &lin.matrix;
+                let weight = match options.mode {
+                    WeightMode::Ternary => LinearWeight::Ternary(Arc::new(m.clone())),
+                    WeightMode::Dense => LinearWeight::Dense(
+                        Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &dev)?
+                            .to_dtype(dt)?
+                            .t()?
+                            .contiguous()?,
+                    ),
+                };
+                linears.push(BitLinear {
+                    weight,
+                    bias: lin
+                        .bias
+                        .as_ref()
+                        .map(|b| vec_tensor(b, dt, &dev))
+                        .transpose()?,
+                    act_quant: options.act_quant,
+                    out_features: m.rows,
+                });
+            }
+            let opt =
+                |w: &Option<Vec<f32>>| w.as_ref().map(|w| vec_tensor(w, dt, &dev)).transpose();
+            blocks.push(Block {
+                input_layernorm: vec_tensor(&layer.input_layernorm, dt, &dev)?,
+                post_attention_layernorm: vec_tensor(&layer.post_attention_layernorm, dt, &dev)?,
+                attn_sub_norm: opt(&layer.attn_sub_norm)?,
+                ffn_sub_norm: opt(&layer.ffn_sub_norm)?,
+                linears,
+            });
+        }
+        Ok(Model {
+            rope: Rope::new(&cfg, dt, &dev)?,
+            norm: vec_tensor(&ck.norm, dt, &dev)?,
+            config: cfg,
+            options,
+            embed,
+            blocks,
+            lm_head_t,
+            device: dev,
+        })
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh, empty KV cache.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            kv: vec![None; self.blocks.len()],
+        }
+    }
+
+    /// Token ids `[B, T]` (u32) from rows of equal length.
+    pub fn ids_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        let t = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != t) || t == 0 {
+            return Err(Error::Input(
+                "token rows must be non-empty and of equal length".into(),
+            ));
+        }
+        if let Some(bad) = rows
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "token id {bad} is out of range for a vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (rows.len(), t), &self.device)?)
+    }
+
+    /// Logits `[B, T, vocab]` for ids `[B, T]`, continuing from `cache` when given.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.hidden_states(ids, cache)?;
+        matmul_const(&h, &self.lm_head_t)
+    }
+
+    /// Final-normed hidden states `[B, T, d]`.
+    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + t > self.config.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                offset + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.kv[l]);
+            x = self.block_forward(block, &x, slot)?;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.rms_norm_eps;
+        let (h, kvh) = (cfg.num_attention_heads, cfg.kv_heads());
+        let lin = |k: LinearKind| &block.linears[k as usize];
+
+        // Attention: o_proj(attn_sub_norm(softmax(rope(q) rope(k)ᵀ/√hd + mask) v)), one fused op
+        // in the token-major layout of the projections (no head transposes).
+        let xn = rms_norm(x, &block.input_layernorm, eps)?;
+        let q = lin(LinearKind::Q).forward(&xn)?; // [B,T,H·hd]
+        let mut k = lin(LinearKind::K).forward(&xn)?; // [B,T,KV·hd]
+        let mut v = lin(LinearKind::V).forward(&xn)?; // [B,T,KV·hd]
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let mut att = ops::causal_attention(&q, &k, &v, h, kvh, &self.rope.cos, &self.rope.sin)?;
+        if let Some(w) = &block.attn_sub_norm {
+            att = rms_norm(&att, w, eps)?;
+        }
+        let x = (x + lin(LinearKind::O).forward(&att)?)?;
+
+        // FFN: down(ffn_sub_norm(act(gate(x)) · up(x))).
+        let xn = rms_norm(&x, &block.post_attention_layernorm, eps)?;
+        let mut f = ops::gated_activation(
+            &lin(LinearKind::Gate).forward(&xn)?,
+            &lin(LinearKind::Up).forward(&xn)?,
+            cfg.hidden_act,
+        )?;
+        if let Some(w) = &block.ffn_sub_norm {
+            f = rms_norm(&f, w, eps)?;
+        }
+        Ok((x + lin(LinearKind::Down).forward(&f)?)?)
+    }
+
+    /// Generate up to `opts.max_new_tokens` after `prompt`, with a KV cache. Returns only the
+    /// new tokens (stopping after `stop` tokens, which are included).
+    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut rng = StdRng::seed_from_u64(opts.seed);
+        let mut out = Vec::new();
+        let mut input = self.ids_tensor(&[prompt.to_vec()])?;
+        let room = self
+            .config
+            .max_position_embeddings
+            .saturating_sub(prompt.len());
+        for _ in 0..opts.max_new_tokens.min(room) {
+            let logits = self.forward(&input, Some(&mut cache))?;
+            let last: Vec<f32> = logits
+                .squeeze(0)?
+                .get(logits.dim(1)? - 1)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let next = sample(&last, opts.temperature, opts.top_p, &mut rng);
+            out.push(next);
+            if opts.stop.contains(&next) {
+                break;
+            }
+            input = Tensor::from_vec(vec![next], (1, 1), &self.device)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Parse token id rows written as `"1,2,3;4,5,6"` (`;` separates rows, rows of equal length).
+pub fn parse_token_rows(text: &str) -> Result<Vec<Vec<u32>>> {
+    let rows: Vec<Vec<u32>> = text
+        .split(';')
+        .enumerate()
+        .map(|(r, row)| {
+            row.split(',')
+                .enumerate()
+                .map(|(c, tok)| {
+                    tok.trim().parse::<u32>().map_err(|_| {
+                        Error::Input(format!(
+                            "--tokens: row {}, item {}: `{}` is not a token id",
+                            r + 1,
+                            c + 1,
+                            tok.trim()
+                        ))
+                    })
+                })
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    if let Some((r, row)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, row)| row.len() != rows[0].len())
+    {
+        return Err(Error::Input(format!(
+            "--tokens: row {} has {} ids but row 1 has {}; rows must have equal length",
+            r + 1,
+            row.len(),
+            rows[0].len()
+        )));
+    }
+    Ok(rows)
+}
+
+/// A named trainable parameter (HF tensor name).
+pub type NamedVar = (String, candle_core::Var);
+
+impl Model {
+    /// A freshly initialised model for quantization-aware training: every tensor is a
+    /// variable; linears hold float master weights ternarized in the forward pass
+    /// ([`LinearWeight::Qat`]). Init: N(0, 0.02²)-like linears scaled by 1/√(2·layers) on the
+    /// residual outputs (GPT-2), unit-variance embeddings, unit norms.
+    pub fn trainable(
+        config: ModelConfig,
+        act_quant: bool,
+        seed: u64,
+    ) -> Result<(Model, Vec<NamedVar>)> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut vars: Vec<NamedVar> = Vec::new();
+        let mut randn = |shape: (usize, usize),
+                         std: f32,
+                         name: String,
+                         vars: &mut Vec<NamedVar>|
+         -> Result<Tensor> {
+            let n = shape.0 * shape.1;
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    // Box–Muller: a proper Gaussian init.
+                    let (u1, u2): (f32, f32) = (rng.gen::<f32>().max(1e-7), rng.gen());
+                    std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                })
+                .collect();
+            let var = Var::from_vec(v, shape, &dev)?;
+            let t = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(t)
+        };
+        let ones = |n: usize, name: String, vars: &mut Vec<NamedVar>| -> Result<Tensor> {
+            let var = Var::from_vec(vec![1f32; n], n, &dev)?;
+            let t = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(t)
+        };
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let embed = randn((v, d), 1.0, "model.embed_tokens.weight".into(), &mut vars)?;
+        let resid_std = 0.02 / (2.0 * config.num_hidden_layers as f32).sqrt();
+        let q_width = config.num_attention_heads * config.head_dim();
+        let mut blocks = Vec::new();
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut linears = Vec::new();
+            for kind in LinearKind::ALL {
+                let (rows, cols) = kind.shape(&config);
+                let std = if matches!(kind, LinearKind::O | LinearKind::Down) {
+                    resid_std
+                } else {
+                    0.02
+                };
+                let w = randn(
+                    (rows, cols),
+                    std,
+                    format!("{}.weight", crate::engine::checkpoint::linear_name(l, kind)),
+                    &mut vars,
+                )?;
+                linears.push(BitLinear {
+                    weight: LinearWeight::Qat(w),
+                    bias: None,
+                    act_quant,
+                    out_features: rows,
+                });
+            }
+            let sub = config.sub_norms.unwrap_or(true);
+            blocks.push(Block {
+                input_layernorm: ones(d, format!("{p}.input_layernorm.weight"), &mut vars)?,
+                post_attention_layernorm: ones(
+                    d,
+                    format!("{p}.post_attention_layernorm.weight"),
+                    &mut vars,
+                )?,
+                attn_sub_norm: if sub {
+                    Some(ones(
+                        q_width,
+                        format!("{p}.self_attn.attn_sub_norm.weight"),
+                        &mut vars,
+                    )?)
+                } else {
+                    None
+                },
+                ffn_sub_norm: if sub {
+                    Some(ones(
+                        config.intermediate_size,
+                        format!("{p}.mlp.ffn_sub_norm.weight"),
+                        &mut vars,
+                    )?)
+                } else {
+                    None
+                },
+                linears,
+            });
+        }
+        let norm = ones(d, "model.norm.weight".into(), &mut vars)?;
+        let lm_head = randn((v, d), 0.02, "lm_head.weight".into(), &mut vars)?;
+        let mut config = config;
+        config.sub_norms = Some(config.sub_norms.unwrap_or(true));
+        let options = ModelOptions {
+            mode: WeightMode::Dense,
+            act_quant,
+            dtype: DType::F32,
+        };
+        Ok((
+            Model {
+                rope: Rope::new(&config, DType::F32, &dev)?,
+                lm_head_t: lm_head.t()?,
+                config,
+                options,
+                embed,
+                blocks,
+                norm,
+                device: dev,
+            },
+            vars,
+        ))
+    }
+
+    /// Freeze the current weights into a ternary checkpoint: QAT master weights by the
+    /// per-tensor absmean rule their forward pass uses; dense, SVF and hybrid weights
+    /// re-quantized ([`crate::engine::ternary::requant`]) with one scale per matrix.
+    pub fn to_checkpoint(&self) -> Result<Checkpoint> {
+        self.requantized_checkpoint(false)
+    }
+
+    /// [`Model::to_checkpoint`], with one scale per output channel for the re-quantized SVF
+    /// and hybrid weights when `per_channel`.
+    pub fn requantized_checkpoint(&self, per_channel: bool) -> Result<Checkpoint> {
+        use crate::engine::checkpoint::{Layer, Linear, SourceFormat};
+        use crate::engine::ternary::requant::requantize;
+        use crate::engine::ternary::Quantization;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let mut layers = Vec::new();
+        for b in &self.blocks {
+            let mut linears = Vec::new();
+            for lin in &b.linears {
+                let matrix = match &lin.weight {
+                    LinearWeight::Ternary(m) => (**m).clone(),
+                    LinearWeight::Dense(wt) => {
+                        let (cols, rows) = wt.dims2()?;
+                        requantize(&flat(&wt.t()?)?, rows, cols, false)
+                    }
+                    LinearWeight::Qat(w) => {
+                        let (rows, cols) = w.dims2()?;
+                        TernaryMatrix::quantize(&flat(w)?, rows, cols, Quantization::PerTensor)
+                    }
+                    LinearWeight::Adapted(w) => {
+                        // Re-quantization of the adapted W' (DESIGN.md §5).
+                        let (rows, cols) = w.shape()?;
+                        let per_channel = w.requant_per_channel(per_channel);
+                        requantize(&w.adapted_weight()?, rows, cols, per_channel)
+                    }
+                    LinearWeight::Hybrid(m, delta) => {
+                        // W + the low-rank delta, re-quantized.
+                        let w: Vec<f32> = (delta.adapted_weight()?.iter())
+                            .zip(m.dequantize())
+                            .map(|(d, b)| d + b)
+                            .collect();
+                        requantize(&w, m.rows, m.cols, per_channel)
+                    }
+                };
+                let bias = lin.bias.as_ref().map(flat).transpose()?;
+                linears.push(Linear { matrix, bias });
+            }
+            layers.push(Layer {
+                input_layernorm: flat(&b.input_layernorm)?,
+                post_attention_layernorm: flat(&b.post_attention_layernorm)?,
+                attn_sub_norm: b.attn_sub_norm.as_ref().map(flat).transpose()?,
+                ffn_sub_norm: b.ffn_sub_norm.as_ref().map(flat).transpose()?,
+                linears,
+            });
+        }
+        let embed_tokens = flat(&self.embed)?;
+        let lm_head = flat(&self.lm_head_t.t()?)?;
+        let tied = self.config.tie_word_embeddings;
+        // Per-row scales (alpha-channel experts folded in) are recorded as per-channel.
+        let per_row = layers
+            .iter()
+            .flat_map(|l| &l.linears)
+            .any(|l| l.matrix.scales.len() > 1);
+        Ok(Checkpoint {
+            config: self.config.clone(),
+            quantization: if per_row {
+                Quantization::PerChannel { threshold: 0.5 }
+            } else {
+                Quantization::PerTensor
+            },
+            format: SourceFormat::Native,
+            source: std::path::PathBuf::from("<trained>"),
+            bytes_on_disk: 0,
+            embed_tokens,
+            norm: flat(&self.norm)?,
+            lm_head: (!tied).then_some(lm_head),
+            layers,
+        })
+    }
+}
+
+#[cfg(test)]
+impl Model {
+    /// Logits of a fixed 6-token probe row, flattened, for tests comparing two models.
+    pub(crate) fn probe_logits(&self) -> Vec<f32> {
+        let ids = self.ids_tensor(&[vec![1, 5, 9, 3, 7, 2]]).unwrap();
+        let logits = self.forward(&ids, None).unwrap();
+        logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+/// The default model's architecture: 4 layers, d 256, FFN 640, 4 heads (2 kv), byte vocab.
+pub fn default_arch() -> ModelConfig {
+    ModelConfig {
+        vocab_size: BYTE_VOCAB,
+        hidden_size: 256,
+        intermediate_size: 640,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        hidden_act: Activation::Relu2,
+        max_position_embeddings: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: false,
+        bos_token_id: Some(byte_ids::BOS),
+        eos_token_id: Some(byte_ids::EOS),
+        sub_norms: Some(true),
+    }
+}
+
+#[cfg(test)]
+impl Checkpoint {
+    /// A random 2-layer model (2 heads / 1 kv head, 64 positions) of width `hidden` and FFN
+    /// `ffn`, for unit tests.
+    pub(crate) fn tiny(hidden: usize, ffn: usize, seed: u64) -> Checkpoint {
+        let mut cfg = default_arch();
+        cfg.hidden_size = hidden;
+        cfg.intermediate_size = ffn;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 2;
+        cfg.num_key_value_heads = Some(1);
+        cfg.max_position_embeddings = 64;
+        Checkpoint::random(cfg, seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::checkpoint::Checkpoint;
+
+    fn small() -> Checkpoint {
+        let mut cfg = crate::engine::model::default_arch();
+        cfg.hidden_size = 32;
+        cfg.intermediate_size = 64;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = Some(2);
+        cfg.max_position_embeddings = 32;
+        Checkpoint::random(cfg, 3)
+    }
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.squeeze(0).unwrap().to_vec2().unwrap()
+    }
+
+    #[test]
+    fn kv_cache_matches_full_forward() {
+        let ck = small();
+        for mode in [WeightMode::Ternary, WeightMode::Dense] {
+            let m = Model::new(
+                &ck,
+                ModelOptions {
+                    mode,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let ids: Vec<u32> = vec![5, 17, 99, 3, 64, 8, 120];
+            let full = rows(
+                &m.forward(&m.ids_tensor(std::slice::from_ref(&ids)).unwrap(), None)
+                    .unwrap(),
+            );
+            let mut cache = m.new_cache();
+            let mut inc = rows(
+                &m.forward(
+                    &m.ids_tensor(&[ids[..4].to_vec()]).unwrap(),
+                    Some(&mut cache),
+                )
+                .unwrap(),
+            );
+            for &t in &ids[4..] {
+                inc.extend(rows(
+                    &m.forward(&m.ids_tensor(&[vec![t]]).unwrap(), Some(&mut cache))
+                        .unwrap(),
+                ));
+            }
+            assert_eq!(cache.len(), ids.len());
+            for (a, b) in full.iter().flatten().zip(inc.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{mode:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_generation_matches_recomputed_argmax() {
+        let ck = small();
+        let m = Model::new(&ck, ModelOptions::default()).unwrap();
+        let prompt = vec![2u32, 40, 41];
+        let out = m
+            .generate(
+                &prompt,
+                &GenerateOptions {
+                    max_new_tokens: 6,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut seq = prompt.clone();
+        for &tok in &out {
+            let l = rows(
+                &m.forward(&m.ids_tensor(&[seq.clone()]).unwrap(), None)
+                    .unwrap(),
+            );
+            assert_eq!(argmax(l.last().unwrap()) as u32, tok);
+            seq.push(tok);
+        }
+        // Stops after a stop token, which is included.
+        let stop = out[1];
+        let o2 = m
+            .generate(
+                &prompt,
+                &GenerateOptions {
+                    max_new_tokens: 6,
+                    stop: vec![stop],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(*o2.last().unwrap(), stop);
+        assert!(o2.len() <= 2);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_distribution() {
+        let ck = small();
+        let m = Model::new(&ck, ModelOptions::default()).unwrap();
+        let o = |seed| {
+            m.generate(
+                &[2, 7],
+                &GenerateOptions {
+                    max_new_tokens: 8,
+                    temperature: 1.0,
+                    top_p: 0.9,
+                    seed,
+                    stop: vec![],
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(o(1), o(1));
+        // p = (1/4, 3/4) from logits (0, ln 3): frequencies over 20000 draws within 1.5%.
+        let mut rng = StdRng::seed_from_u64(0);
+        let logits = [0.0f32, 3f32.ln()];
+        let ones = (0..20000)
+            .filter(|_| sample(&logits, 1.0, 1.0, &mut rng) == 1)
+            .count();
+        assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.015, "{ones}");
+        // top-p below the largest mass keeps only the argmax; temperature 0 is greedy.
+        assert!((0..100).all(|_| sample(&logits, 1.0, 0.5, &mut rng) == 1));
+        assert_eq!(sample(&[0.3, 0.9, 0.1], 0.0, 1.0, &mut rng), 1);
+    }
+
+    #[test]
+    fn rms_norm_and_softmax_match_hand_values() {
+        let dev = Device::Cpu;
+        // x = [3, 4]: mean square 12.5 → x/√12.5
+        let x = Tensor::new(&[[3f32, 4.0]], &dev).unwrap();
+        let y: Vec<Vec<f32>> = rms_norm(&x, &Tensor::new(&[1f32, 2.0], &dev).unwrap(), 0.0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let r = 12.5f32.sqrt();
+        assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
+        let s: Vec<Vec<f32>> = ops::softmax(&Tensor::new(&[[0f32, 3f32.ln()]], &dev).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!((s[0][0] - 0.25).abs() < 1e-6 && (s[0][1] - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn token_rows_parse() {
+        assert_eq!(
+            parse_token_rows("1, 2;3,4").unwrap(),
+            vec![vec![1, 2], vec![3, 4]]
+        );
+        assert!(parse_token_rows("1,2;3").is_err());
+        assert!(parse_token_rows("1,-2").is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! Tokenizers: the built-in byte tokenizer of the default model (one id per ASCII byte) and,
+//! for real models, Hugging Face `tokenizer.json` files.
+
+use crate::error::{Error, Result};
+
+/// Token ids of the byte tokenizer: id = ASCII code, plus three control codes as specials.
+pub mod byte_ids {
+    /// Padding (NUL).
+    pub const PAD: u32 = 0;
+    /// Beginning of sequence (STX).
+    pub const BOS: u32 = 2;
+    /// End of an answer: the newline that terminates every task text.
+    pub const EOS: u32 = b'\n' as u32;
+}
+
+/// Vocabulary size of the byte tokenizer (7-bit ASCII).
+pub const BYTE_VOCAB: usize = 128;
+
+/// A tokenizer: text ↔ ids.
+pub trait Tokenizer: Send + Sync {
+    /// Encode `text` (no specials added).
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// Decode ids to text (specials dropped).
+    fn decode(&self, ids: &[u32]) -> String;
+    /// The beginning-of-sequence id, if the model uses one.
+    fn bos(&self) -> Option<u32>;
+    /// The id that ends an answer.
+    fn eos(&self) -> u32;
+    /// Every id that ends an answer (the terminator and the model's end of sequence).
+    fn stop_ids(&self) -> Vec<u32> {
+        vec![self.eos()]
+    }
+    /// Vocabulary size.
+    fn vocab_size(&self) -> usize;
+}
+
+/// One id per ASCII byte. The default model's tokenizer: every task prompt is printable ASCII.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByteTokenizer;
+
+impl Tokenizer for ByteTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        text.char_indices()
+            .map(|(i, c)| {
+                if c.is_ascii() && (c == '\n' || !c.is_ascii_control()) {
+                    Ok(c as u32)
+                } else {
+                    Err(Error::Input(format!(
+                        "character {c:?} at byte {i} of {text:?} is not printable ASCII, which \
+                         the byte tokenizer of the default model cannot encode"
+                    )))
+                }
+            })
+            .collect()
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        ids.iter()
+            .filter(|&&i| i < BYTE_VOCAB as u32 && (i == byte_ids::EOS || i >= 32))
+            .map(|&i| i as u8 as char)
+            .collect()
+    }
+
+    fn bos(&self) -> Option<u32> {
+        Some(byte_ids::BOS)
+    }
+
+    fn eos(&self) -> u32 {
+        byte_ids::EOS
+    }
+
+    fn vocab_size(&self) -> usize {
+        BYTE_VOCAB
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_roundtrip_and_errors() {
+        let t = ByteTokenizer;
+        let ids = t.encode("12+34=46\n").unwrap();
+        assert_eq!(ids[0], b'1' as u32);
+        assert_eq!(*ids.last().unwrap(), byte_ids::EOS);
+        assert_eq!(t.decode(&ids), "12+34=46\n");
+        assert_eq!(t.decode(&[byte_ids::BOS, b'a' as u32, byte_ids::PAD]), "a");
+        let e = t.encode("naïve").unwrap_err().to_string();
+        assert!(e.contains("byte 2"), "{e}");
+    }
+}
+
+/// A Hugging Face `tokenizer.json`, through the `tokenizers` crate.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    stop: Vec<u32>,
+    vocab: usize,
+}
+
+impl HfTokenizer {
+    /// Load `path`; `bos`/`eos` come from the model config (eos also ends answers, as does
+    /// any token containing a newline — the task suite's answer terminator).
+    pub fn from_file(path: &std::path::Path, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::UnknownFormat {
+            path: path.to_path_buf(),
+            msg: format!("not a readable tokenizer.json: {e}"),
+        })?;
+        let vocab = inner.get_vocab_size(true);
+        let mut stop: Vec<u32> = inner
+            .get_vocab(true)
+            .into_iter()
+            .filter(|(_, id)| inner.decode(&[*id], false).is_ok_and(|s| s.contains('\n')))
+            .map(|(_, id)| id)
+            .collect();
+        stop.extend(eos);
+        stop.sort_unstable();
+        stop.dedup();
+        if stop.is_empty() {
+            return Err(Error::UnknownFormat {
+                path: path.to_path_buf(),
+                msg: "the tokenizer has no newline token and the config no eos_token_id, so \
+                      answers could never end"
+                    .into(),
+            });
+        }
+        Ok(HfTokenizer {
+            inner,
+            bos,
+            stop,
+            vocab,
+        })
+    }
+}
+
+impl Tokenizer for HfTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Input(format!("tokenizing {text:?}: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+
+    fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    fn eos(&self) -> u32 {
+        self.stop[0]
+    }
+
+    fn stop_ids(&self) -> Vec<u32> {
+        self.stop.clone()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
+/// The tokenizer of a model: the `tokenizer.json` beside it, else the byte tokenizer when the
+/// vocabulary is the byte tokenizer's.
+pub fn for_model(
+    source: Option<&std::path::Path>,
+    config: &crate::engine::config::ModelConfig,
+) -> Result<Box<dyn Tokenizer>> {
+    if let Some(src) = source {
+        let dir = if src.is_dir() {
+            src.to_path_buf()
+        } else {
+            src.parent().map(|p| p.to_path_buf()).unwrap_or_default()
+        };
+        let tj = dir.join("tokenizer.json");
+        if tj.is_file() {
+            let t = HfTokenizer::from_file(&tj, config.bos_token_id, config.eos_token_id)?;
+            if t.vocab_size() > config.vocab_size {
+                return Err(Error::config(
+                    &tj,
+                    "vocab",
+                    format!(
+                        "tokenizer has {} tokens but the model's vocab_size is {}",
+                        t.vocab_size(),
+                        config.vocab_size
+                    ),
+                ));
+            }
+            return Ok(Box::new(t));
+        }
+        if config.vocab_size != BYTE_VOCAB {
+            return Err(Error::Input(format!(
+                "no tokenizer.json in {} and the model's vocabulary ({}) is not the byte \
+                 tokenizer's ({BYTE_VOCAB}); put the model's tokenizer.json beside it",
+                dir.display(),
+                config.vocab_size
+            )));
+        }
+    }
+    Ok(Box::new(ByteTokenizer))
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+
+    #[test]
+    fn hf_tokenizer_json_roundtrip() {
+        let json = r#"{
+          "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+          "normalizer": null,
+          "pre_tokenizer": {"type": "WhitespaceSplit"},
+          "post_processor": null, "decoder": null,
+          "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                    "vocab": {"[UNK]": 0, "12+34=": 1, "46": 2, "\n": 3}}
+        }"#;
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("tokenizer.json");
+        std::fs::write(&p, json).unwrap();
+        let t = HfTokenizer::from_file(&p, None, None).unwrap();
+        assert_eq!(t.encode("12+34= 46").unwrap(), vec![1, 2]);
+        assert_eq!(t.encode("what").unwrap(), vec![0]);
+        assert_eq!(t.stop_ids(), vec![3]);
+        assert_eq!(t.vocab_size(), 4);
+        std::fs::write(&p, "{ not json").unwrap();
+        let e = HfTokenizer::from_file(&p, None, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+    }
+}

@@ -1,0 +1,901 @@
+//! The report's plots: grouped bars (accuracy per domain, memory per stage), lines (training
+//! curves, hypervolume per generation) and scatters (evaluated genomes against the Pareto
+//! front), written as PNG files for `report.md`.
+//!
+//! Text is drawn with DejaVu Sans, embedded in the binary from `assets/fonts/DejaVuSans.ttf`
+//! (Bitstream Vera licence, `assets/fonts/LICENSE-DejaVu.txt`) and registered with plotters'
+//! `ab_glyph` backend, because CI machines have no system fonts for `font-kit` to find.
+//!
+//! Every function tolerates the data a real run produces: empty series, a single point, all
+//! values equal (the axis is widened to a non-zero span) and NaN or infinite values (skipped).
+//! Files are written to a temporary sibling and renamed, so a failed render leaves no
+//! half-written PNG behind.
+
+use crate::error::{Error, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// One named series of a plot: a bar group's member, a line, or a point cloud.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series<T> {
+    /// The name shown in the legend.
+    pub name: String,
+    /// The values: one per category for [`bars`], `(x, y)` points for [`lines`] and
+    /// [`scatter`]. Non-finite values are skipped.
+    pub values: Vec<T>,
+}
+
+/// Image size in pixels: wide enough for six domain groups of four bars with readable labels.
+const SIZE_PX: (u32, u32) = (900, 500);
+
+/// The family name the bundled font is registered under. Plotters' own defaults (tick labels,
+/// legend) ask for "sans-serif", so registering it there covers every piece of text.
+const FONT: &str = "sans-serif";
+/// Text heights in pixels.
+const TITLE_PX: u32 = 24;
+const AXIS_DESC_PX: u32 = 18;
+const LABEL_PX: u32 = 15;
+
+/// DejaVu Sans 2.x as shipped in matplotlib's `mpl-data/fonts/ttf`.
+static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+/// Tableau 10: distinct under the common colour-vision deficiencies and on white paper.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Lines with at most this many points also get a marker per point, so a one-point series
+/// (a single evaluation, one generation) is visible and sparse curves show where data lies.
+const MARKER_MAX_POINTS: usize = 40;
+
+/// A grouped bar chart: one group per category, one bar per series, y from 0 to the largest
+/// value × (1.1 + 0.09 per series beyond the first, room for the legend).
+/// `series[s].values[i]` is series `s`'s value in `categories[i]`; missing,
+/// non-finite and negative values draw no bar.
+///
+/// Errors name `path`: its directory is missing or unwritable, or drawing failed.
+pub fn bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[Series<f64>],
+) -> Result<()> {
+    write_png(path, |root| {
+        draw_bars(root, title, y_label, categories, series)
+    })
+}
+
+/// A line chart with one line per series and a legend, e.g. validation accuracy against step
+/// per expert. Points are joined in the order given.
+///
+/// Errors name `path`: its directory is missing or unwritable, or drawing failed.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<(f64, f64)>],
+) -> Result<()> {
+    write_png(path, |root| {
+        draw_lines(root, title, x_label, y_label, series)
+    })
+}
+
+/// A scatter plot with one point cloud per series and a legend, e.g. every evaluated genome
+/// against the Pareto front. `highlight`, when given, is drawn as a large ringed cross
+/// labelled "chosen" on top of the clouds.
+///
+/// Errors name `path`: its directory is missing or unwritable, or drawing failed.
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<(f64, f64)>],
+    highlight: Option<(f64, f64)>,
+) -> Result<()> {
+    write_png(path, |root| {
+        draw_scatter(root, title, x_label, y_label, series, highlight)
+    })
+}
+
+/// What drawing on backend `DB` returns.
+type Drawn<T, DB> = std::result::Result<T, DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+type DrawResult<DB> = Drawn<(), DB>;
+
+/// A whole PNG image being drawn, and what drawing on it returns.
+type Bitmap<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+type BitmapResult = DrawResult<BitMapBackend<'static>>;
+
+/// A chart with two linear `f64` axes, as [`lines`] and [`scatter`] draw.
+type XyChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+fn draw_bars<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[Series<f64>],
+) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let n_categories = categories.len().max(1);
+    let y_max = series
+        .iter()
+        .flat_map(|s| s.values.iter().take(categories.len()))
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max);
+    // Headroom for the legend above the bars: one line per series beyond the first.
+    let headroom = 1.1 + 0.09 * series.len().saturating_sub(1) as f64;
+    let y_top = if y_max > 0.0 { y_max * headroom } else { 1.0 };
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, TITLE_PX))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..n_categories as f64, 0.0..y_top)?;
+    // Plotters picks x ticks by value, not at group centres, so the category names are drawn
+    // by hand below the axis instead.
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_label_formatter(&tick_label)
+        .y_desc(y_label)
+        .label_style((FONT, LABEL_PX))
+        .axis_desc_style((FONT, AXIS_DESC_PX))
+        .draw()?;
+    let name_style =
+        TextStyle::from((FONT, LABEL_PX).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    for (i, name) in categories.iter().enumerate() {
+        let (x_px, y_px) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        root.draw(&Text::new(name.as_str(), (x_px, y_px + 8), &name_style))?;
+    }
+
+    // Each group fills 80% of its unit slot, split evenly between the series.
+    let bar_width = 0.8 / series.len().max(1) as f64;
+    let mut tops = Vec::new();
+    for (s, one) in series.iter().enumerate() {
+        let color = PALETTE[s % PALETTE.len()];
+        let rects: Vec<_> = one
+            .values
+            .iter()
+            .take(categories.len())
+            .enumerate()
+            .filter(|(_, v)| v.is_finite() && **v > 0.0)
+            .map(|(i, &v)| {
+                let x0 = i as f64 + 0.1 + s as f64 * bar_width;
+                tops.push((x0 + bar_width / 2.0, v));
+                Rectangle::new([(x0, 0.0), (x0 + bar_width, v)], color.filled())
+            })
+            .collect();
+        chart
+            .draw_series(rects)?
+            .label(one.name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+    }
+    // A bar fills its column down to 0, so only the top corners can be free: take the one
+    // with fewer bars reaching into the upper half.
+    let x_mid = n_categories as f64 / 2.0;
+    let tall = |left: bool| {
+        tops.iter()
+            .filter(|&&(x, v)| (x < x_mid) == left && v >= y_top / 2.0)
+            .count()
+    };
+    let corner = if tall(true) < tall(false) {
+        SeriesLabelPosition::UpperLeft
+    } else {
+        SeriesLabelPosition::UpperRight
+    };
+    draw_legend(&mut chart, corner, !series.is_empty())?;
+    root.present()
+}
+
+fn draw_lines<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<(f64, f64)>],
+) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let points: Vec<Vec<(f64, f64)>> = series.iter().map(|s| finite(&s.values)).collect();
+    let all: Vec<(f64, f64)> = points.iter().flatten().copied().collect();
+    let (x_range, y_range) = (
+        axis_range(all.iter().map(|p| p.0)),
+        axis_range(all.iter().map(|p| p.1)),
+    );
+    let mut chart = cartesian(root, title, x_label, y_label, &x_range, &y_range)?;
+    for (s, (one, points)) in series.iter().zip(&points).enumerate() {
+        let color = PALETTE[s % PALETTE.len()];
+        let marker_px = if points.len() <= MARKER_MAX_POINTS {
+            3
+        } else {
+            0
+        };
+        chart
+            .draw_series(
+                LineSeries::new(points.iter().copied(), color.stroke_width(2))
+                    .point_size(marker_px),
+            )?
+            .label(one.name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    let corner = emptiest_corner(&all, &x_range, &y_range);
+    draw_legend(&mut chart, corner, !series.is_empty())?;
+    root.present()
+}
+
+fn draw_scatter<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<(f64, f64)>],
+    highlight: Option<(f64, f64)>,
+) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let points: Vec<Vec<(f64, f64)>> = series.iter().map(|s| finite(&s.values)).collect();
+    let highlight = highlight.filter(|(x, y)| x.is_finite() && y.is_finite());
+    let all: Vec<(f64, f64)> = points.iter().flatten().chain(&highlight).copied().collect();
+    let (x_range, y_range) = (
+        axis_range(all.iter().map(|p| p.0)),
+        axis_range(all.iter().map(|p| p.1)),
+    );
+    let mut chart = cartesian(root, title, x_label, y_label, &x_range, &y_range)?;
+    for (s, (one, points)) in series.iter().zip(&points).enumerate() {
+        let color = PALETTE[s % PALETTE.len()];
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .map(|&p| Circle::new(p, 4, color.mix(0.75).filled())),
+            )?
+            .label(one.name.as_str())
+            .legend(move |(x, y)| Circle::new((x + 7, y), 4, color.filled()));
+    }
+    if let Some(p) = highlight {
+        chart
+            .draw_series([
+                Circle::new(p, 11, BLACK.stroke_width(3)).into_dyn(),
+                Cross::new(p, 6, BLACK.stroke_width(2)).into_dyn(),
+            ])?
+            .label("chosen")
+            .legend(|(x, y)| Circle::new((x + 7, y), 6, BLACK.stroke_width(2)));
+    }
+    let corner = emptiest_corner(&all, &x_range, &y_range);
+    draw_legend(
+        &mut chart,
+        corner,
+        !series.is_empty() || highlight.is_some(),
+    )?;
+    root.present()
+}
+
+/// The shared frame of [`lines`] and [`scatter`]: title, labelled axes, light grid.
+fn cartesian<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x_range: &Range<f64>,
+    y_range: &Range<f64>,
+) -> Drawn<XyChart<'a, DB>, DB> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, TITLE_PX))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_range.clone(), y_range.clone())?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&tick_label)
+        .y_label_formatter(&tick_label)
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, LABEL_PX))
+        .axis_desc_style((FONT, AXIS_DESC_PX))
+        .draw()?;
+    Ok(chart)
+}
+
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    corner: SeriesLabelPosition,
+    any_labels: bool,
+) -> DrawResult<DB> {
+    if !any_labels {
+        return Ok(());
+    }
+    chart
+        .configure_series_labels()
+        .position(corner)
+        .label_font((FONT, LABEL_PX))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+}
+
+/// A short tick label: plotters' default prints every digit of the tick value, which turns
+/// byte counts into overlapping "10000000.0" and float noise into "0.30000000000000004".
+fn tick_label(v: &f64) -> String {
+    let v = *v;
+    let magnitude = v.abs();
+    if magnitude >= 1e4 {
+        let (scaled, suffix) = if magnitude >= 1e9 {
+            (v / 1e9, "G")
+        } else if magnitude >= 1e6 {
+            (v / 1e6, "M")
+        } else {
+            (v / 1e3, "k")
+        };
+        format!("{}{suffix}", trim_decimals(scaled, 2))
+    } else if magnitude != 0.0 && magnitude < 1e-3 {
+        format!("{v:.1e}")
+    } else {
+        trim_decimals(v, 4)
+    }
+}
+
+/// `v` with at most `decimals` decimals and no trailing zeros ("0.5", "100", "-0" → "0").
+fn trim_decimals(v: f64, decimals: usize) -> String {
+    let fixed = format!("{v:.decimals$}");
+    let trimmed = if fixed.contains('.') {
+        fixed.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &fixed
+    };
+    if trimmed == "-0" {
+        "0".into()
+    } else {
+        trimmed.into()
+    }
+}
+
+/// The points of `values` with both coordinates finite.
+fn finite(values: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    values
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect()
+}
+
+/// An axis range covering the finite `values` with a 5% margin each side. Plotters needs a
+/// non-empty range, so no values give 0..1 and equal values get ±10% of their size (±1 at 0).
+fn axis_range(values: impl Iterator<Item = f64>) -> Range<f64> {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    if lo > hi {
+        return 0.0..1.0;
+    }
+    if lo == hi {
+        let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
+        return (lo - pad)..(hi + pad);
+    }
+    let margin = (hi - lo) * 0.05;
+    if margin.is_finite() {
+        (lo - margin)..(hi + margin)
+    } else {
+        lo..hi
+    }
+}
+
+/// The plot corner holding the fewest of `points`, where the legend hides the least data.
+fn emptiest_corner(
+    points: &[(f64, f64)],
+    x_range: &Range<f64>,
+    y_range: &Range<f64>,
+) -> SeriesLabelPosition {
+    // Counts per corner, in order of preference on a tie: upper right (where readers look
+    // first, and where an empty plot puts it), then lower right (free under rising curves).
+    let x_mid = x_range.start / 2.0 + x_range.end / 2.0;
+    let y_mid = y_range.start / 2.0 + y_range.end / 2.0;
+    let corners = [
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::LowerRight,
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::LowerLeft,
+    ];
+    let mut counts = [0_usize; 4];
+    for &(x, y) in points {
+        counts[match (y >= y_mid, x >= x_mid) {
+            (true, true) => 0,
+            (false, true) => 1,
+            (true, false) => 2,
+            (false, false) => 3,
+        }] += 1;
+    }
+    let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
+    corners[best].clone()
+}
+
+/// Register the bundled font with plotters, once per process; `false` if it failed to parse.
+fn font_registered() -> bool {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU_SANS).is_ok()
+    })
+}
+
+/// A sibling of `path` to render into before the rename. It keeps the `.png` extension
+/// because plotters' encoder picks the image format from the file name.
+fn temp_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plot".into());
+    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{k}.png", std::process::id()))
+}
+
+/// Render with `draw` into a temporary sibling of `path`, then rename it over `path`.
+fn write_png<F>(path: &Path, draw: F) -> Result<()>
+where
+    F: FnOnce(&Bitmap<'_>) -> BitmapResult,
+{
+    let failed = |msg: String| Error::io(path, std::io::Error::other(msg));
+    if !font_registered() {
+        return Err(failed(
+            "cannot draw the plot: the bundled font assets/fonts/DejaVuSans.ttf is not a valid \
+             TrueType font; rebuild from an intact checkout"
+                .into(),
+        ));
+    }
+    let tmp = temp_sibling(path);
+    // Creating the file first turns an unwritable directory into a plain I/O error naming
+    // `path`, rather than an image-encoder error after the whole render.
+    std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+    let drawn = {
+        let root = BitMapBackend::new(&tmp, SIZE_PX).into_drawing_area();
+        draw(&root).map_err(|e| e.to_string())
+        // The backend is dropped here; after a failed draw its `Drop` may still write `tmp`.
+    };
+    if let Err(e) = drawn {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(failed(format!("cannot draw the plot: {e}")));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+
+    fn named<T: Clone>(name: &str, values: &[T]) -> Series<T> {
+        Series {
+            name: name.into(),
+            values: values.to_vec(),
+        }
+    }
+
+    fn domains() -> Vec<String> {
+        ["math", "code", "reasoning"].map(String::from).to_vec()
+    }
+
+    fn accuracy() -> Vec<Series<f64>> {
+        vec![
+            named("base", &[0.30, 0.20, 0.40]),
+            named("mixture", &[0.45, 0.35, 0.50]),
+        ]
+    }
+
+    fn curves() -> Vec<Series<(f64, f64)>> {
+        vec![
+            named("math", &[(0.0, 0.1), (100.0, 0.3), (200.0, 0.45)]),
+            named("code", &[(0.0, 0.2), (100.0, 0.25), (200.0, 0.3)]),
+        ]
+    }
+
+    /// Draw into an in-memory RGB buffer, the same code path the files take.
+    fn render(draw: impl FnOnce(&Bitmap<'_>) -> BitmapResult) -> Vec<u8> {
+        assert!(font_registered());
+        let mut rgb = vec![0_u8; (SIZE_PX.0 * SIZE_PX.1 * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut rgb, SIZE_PX).into_drawing_area();
+            draw(&root).unwrap();
+        }
+        rgb
+    }
+
+    fn pixel(rgb: &[u8], x: u32, y: u32) -> [u8; 3] {
+        let i = ((y * SIZE_PX.0 + x) * 3) as usize;
+        [rgb[i], rgb[i + 1], rgb[i + 2]]
+    }
+
+    /// Non-white pixels in rows `rows` of the image.
+    fn ink(rgb: &[u8], rows: Range<u32>) -> usize {
+        rows.flat_map(|y| (0..SIZE_PX.0).map(move |x| (x, y)))
+            .filter(|&(x, y)| pixel(rgb, x, y) != [255, 255, 255])
+            .count()
+    }
+
+    /// Pixels of exactly `color`.
+    fn count_color(rgb: &[u8], color: RGBColor) -> usize {
+        rgb.chunks_exact(3)
+            .filter(|p| *p == [color.0, color.1, color.2])
+            .count()
+    }
+
+    /// The longest vertical run of `color` in columns `xs`.
+    fn tallest_run(rgb: &[u8], color: RGBColor, xs: Range<u32>) -> u32 {
+        let mut best = 0;
+        for x in xs {
+            let mut run = 0;
+            for y in 0..SIZE_PX.1 {
+                run = if pixel(rgb, x, y) == [color.0, color.1, color.2] {
+                    run + 1
+                } else {
+                    0
+                };
+                best = best.max(run);
+            }
+        }
+        best
+    }
+
+    /// Check the PNG signature and read width and height from the IHDR chunk.
+    fn png_dimensions(path: &Path) -> (u32, u32) {
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(bytes[..8], PNG_SIGNATURE, "{} is not a PNG", path.display());
+        assert_eq!(&bytes[12..16], b"IHDR");
+        let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+        (be(16), be(20))
+    }
+
+    fn assert_only(dir: &Path, names: &[&str]) {
+        let mut found: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            names,
+            "leftover temporary files in {}",
+            dir.display()
+        );
+    }
+
+    #[test]
+    fn each_plot_writes_a_png_of_the_set_size_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, l, s) = (
+            dir.path().join("bars.png"),
+            dir.path().join("lines.png"),
+            dir.path().join("scatter.png"),
+        );
+        bars(
+            &b,
+            "Accuracy per domain",
+            "accuracy",
+            &domains(),
+            &accuracy(),
+        )
+        .unwrap();
+        lines(&l, "Validation accuracy", "step", "accuracy", &curves()).unwrap();
+        scatter(
+            &s,
+            "Genomes",
+            "bytes",
+            "accuracy",
+            &curves(),
+            Some((100.0, 0.3)),
+        )
+        .unwrap();
+        for path in [&b, &l, &s] {
+            assert_eq!(png_dimensions(path), SIZE_PX);
+            let bytes = std::fs::metadata(path).unwrap().len();
+            assert!(bytes > 5_000, "{}: only {bytes} bytes", path.display());
+        }
+        assert_only(dir.path(), &["bars.png", "lines.png", "scatter.png"]);
+    }
+
+    #[test]
+    fn different_data_and_titles_give_different_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+        let mut other = accuracy();
+        other[1].values[0] = 0.9;
+        bars(
+            &dir.path().join("a.png"),
+            "T",
+            "acc",
+            &domains(),
+            &accuracy(),
+        )
+        .unwrap();
+        bars(&dir.path().join("b.png"), "T", "acc", &domains(), &other).unwrap();
+        bars(
+            &dir.path().join("c.png"),
+            "U",
+            "acc",
+            &domains(),
+            &accuracy(),
+        )
+        .unwrap();
+        bars(
+            &dir.path().join("d.png"),
+            "T",
+            "acc",
+            &domains(),
+            &accuracy(),
+        )
+        .unwrap();
+        assert_ne!(read("a.png"), read("b.png"), "data did not change the bars");
+        assert_ne!(
+            read("a.png"),
+            read("c.png"),
+            "title did not change the bars"
+        );
+        assert_eq!(
+            read("a.png"),
+            read("d.png"),
+            "rendering is not deterministic"
+        );
+
+        let mut moved = curves();
+        moved[0].values[2].1 = 0.9;
+        lines(&dir.path().join("e.png"), "T", "x", "y", &curves()).unwrap();
+        lines(&dir.path().join("f.png"), "T", "x", "y", &moved).unwrap();
+        assert_ne!(
+            read("e.png"),
+            read("f.png"),
+            "data did not change the lines"
+        );
+
+        scatter(&dir.path().join("g.png"), "T", "x", "y", &curves(), None).unwrap();
+        scatter(&dir.path().join("h.png"), "T", "x", "y", &moved, None).unwrap();
+        assert_ne!(
+            read("g.png"),
+            read("h.png"),
+            "data did not change the scatter"
+        );
+    }
+
+    #[test]
+    fn title_is_drawn_with_the_bundled_font() {
+        // The caption's band is sized by the font, not the text, so two titles must give
+        // identical images below it and more glyphs must give more ink in it.
+        const CAPTION_ROWS: u32 = 45;
+        let with_title =
+            |title: &str| render(|root| draw_lines(root, title, "step", "accuracy", &curves()));
+        let (short, long) = (with_title("A"), with_title("Validation accuracy"));
+        let below = (CAPTION_ROWS * SIZE_PX.0 * 3) as usize;
+        assert_eq!(short[below..], long[below..], "the title moved the plot");
+        let (short_ink, long_ink) = (ink(&short, 0..CAPTION_ROWS), ink(&long, 0..CAPTION_ROWS));
+        assert!(short_ink > 20, "one glyph drew {short_ink} pixels");
+        assert!(
+            long_ink > 8 * short_ink,
+            "a 19-glyph title drew {long_ink} pixels, one glyph {short_ink}"
+        );
+        // No title at all is allowed too (`render` fails the test on a drawing error).
+        with_title("");
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        let cases = [
+            (0.0, "0"),
+            (-0.0, "0"),
+            (0.5, "0.5"),
+            (0.30000000000000004, "0.3"),
+            (100.0, "100"),
+            (2500.0, "2500"),
+            (12_000_000.0, "12M"),
+            (1_250_000_000.0, "1.25G"),
+            (-45_000.0, "-45k"),
+            (0.00012, "1.2e-4"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(tick_label(&v), want, "tick {v}");
+        }
+    }
+
+    #[test]
+    fn bar_heights_are_proportional_to_values() {
+        // One series, so each half of the image holds one bar in PALETTE[0].
+        let categories = ["left", "right"].map(String::from);
+        let series = [named("only", &[1.0, 0.5])];
+        let rgb = render(|root| draw_bars(root, "T", "acc", &categories, &series));
+        let (w, _) = SIZE_PX;
+        let left = tallest_run(&rgb, PALETTE[0], 0..w / 2);
+        let right = tallest_run(&rgb, PALETTE[0], w / 2..w);
+        // The axis tops out at 1.1 × the largest value, ~400 px of plot: the tall bar is
+        // ~360 px and the short one half of it, to within a pixel of rounding.
+        assert!(left > 300, "tallest bar is {left} px");
+        let ratio = right as f64 / left as f64;
+        assert!(
+            (ratio - 0.5).abs() < 0.01,
+            "bar heights {left} and {right} px"
+        );
+    }
+
+    #[test]
+    fn each_series_gets_its_own_colour() {
+        let rgb = render(|root| draw_bars(root, "T", "acc", &domains(), &accuracy()));
+        for (s, color) in PALETTE.iter().take(2).enumerate() {
+            assert!(
+                count_color(&rgb, *color) > 1_000,
+                "bar series {s} not drawn"
+            );
+        }
+        let rgb = render(|root| draw_lines(root, "T", "x", "y", &curves()));
+        for (s, color) in PALETTE.iter().take(2).enumerate() {
+            assert!(count_color(&rgb, *color) > 200, "line series {s} not drawn");
+        }
+        assert_eq!(
+            count_color(&rgb, PALETTE[2]),
+            0,
+            "a third colour with two series"
+        );
+    }
+
+    #[test]
+    fn scatter_marks_the_chosen_point() {
+        let black = |highlight| {
+            let rgb = render(|root| draw_scatter(root, "T", "x", "y", &curves(), highlight));
+            count_color(&rgb, BLACK)
+        };
+        let (without, with) = (black(None), black(Some((100.0, 0.3))));
+        // A 11 px ring of width 3 and a cross, plus the legend entry: well over 150 pixels.
+        assert!(
+            with > without + 150,
+            "{without} black pixels, {with} with the highlight"
+        );
+        assert_eq!(
+            black(Some((f64::NAN, 0.3))),
+            without,
+            "a NaN highlight was drawn"
+        );
+    }
+
+    /// A named edge case for [`lines`] and [`scatter`].
+    type PointCase = (&'static str, Vec<Series<(f64, f64)>>);
+    /// A named edge case for [`bars`]: categories and series.
+    type BarCase = (&'static str, Vec<String>, Vec<Series<f64>>);
+
+    #[test]
+    fn degenerate_data_still_writes_a_plot() {
+        let dir = tempfile::tempdir().unwrap();
+        let nan = f64::NAN;
+        let point_cases: Vec<PointCase> = vec![
+            ("no_series", vec![]),
+            ("empty_series", vec![named("a", &[])]),
+            ("single_point", vec![named("a", &[(3.0, 0.5)])]),
+            (
+                "constant",
+                vec![named("a", &[(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)])],
+            ),
+            ("all_zero", vec![named("a", &[(0.0, 0.0), (0.0, 0.0)])]),
+            (
+                "nan",
+                vec![named("a", &[(nan, 1.0), (1.0, nan), (2.0, 3.0)])],
+            ),
+            ("only_nan", vec![named("a", &[(nan, nan)])]),
+            (
+                "infinite",
+                vec![named(
+                    "a",
+                    &[(f64::INFINITY, 1.0), (1.0, f64::NEG_INFINITY)],
+                )],
+            ),
+        ];
+        for (case, series) in &point_cases {
+            let line = dir.path().join(format!("lines_{case}.png"));
+            lines(&line, case, "x", "y", series).unwrap();
+            assert_eq!(png_dimensions(&line), SIZE_PX, "{case}");
+            let cloud = dir.path().join(format!("scatter_{case}.png"));
+            scatter(&cloud, case, "x", "y", series, Some((3.0, 0.5))).unwrap();
+            assert_eq!(png_dimensions(&cloud), SIZE_PX, "{case}");
+        }
+        let bar_cases: Vec<BarCase> = vec![
+            ("no_categories", vec![], accuracy()),
+            ("no_series", domains(), vec![]),
+            ("empty_series", domains(), vec![named("a", &[])]),
+            ("short_series", domains(), vec![named("a", &[0.5])]),
+            (
+                "long_series",
+                domains(),
+                vec![named("a", &[0.1, 0.2, 0.3, 0.4, 0.5])],
+            ),
+            ("all_zero", domains(), vec![named("a", &[0.0, 0.0, 0.0])]),
+            ("constant", domains(), vec![named("a", &[0.5, 0.5, 0.5])]),
+            (
+                "nan",
+                domains(),
+                vec![named("a", &[nan, 0.5, f64::INFINITY])],
+            ),
+            ("negative", domains(), vec![named("a", &[-1.0, 0.5, 0.2])]),
+        ];
+        for (case, categories, series) in &bar_cases {
+            let path = dir.path().join(format!("bars_{case}.png"));
+            bars(&path, case, "y", categories, series).unwrap();
+            assert_eq!(png_dimensions(&path), SIZE_PX, "{case}");
+        }
+    }
+
+    #[test]
+    fn axis_ranges_have_known_spans() {
+        assert_eq!(axis_range([].into_iter()), 0.0..1.0);
+        assert_eq!(axis_range([f64::NAN, f64::INFINITY].into_iter()), 0.0..1.0);
+        assert_eq!(axis_range([0.0, 0.0].into_iter()), -1.0..1.0);
+        assert_eq!(axis_range([-5.0].into_iter()), -5.5..-4.5);
+        assert_eq!(axis_range([0.0, f64::NAN, 10.0].into_iter()), -0.5..10.5);
+    }
+
+    #[test]
+    fn legend_goes_to_the_emptiest_corner() {
+        let unit = 0.0..1.0;
+        // A rising curve leaves the lower right free.
+        let rising = [(0.0, 0.0), (0.5, 0.5), (0.6, 0.7), (1.0, 1.0)];
+        assert_eq!(
+            emptiest_corner(&rising, &unit, &unit),
+            SeriesLabelPosition::LowerRight
+        );
+        // A falling curve leaves the upper right free.
+        let falling = [(0.0, 1.0), (0.4, 0.6), (1.0, 0.0)];
+        assert_eq!(
+            emptiest_corner(&falling, &unit, &unit),
+            SeriesLabelPosition::UpperRight
+        );
+        // Nothing to avoid: the conventional upper right.
+        assert_eq!(
+            emptiest_corner(&[], &unit, &unit),
+            SeriesLabelPosition::UpperRight
+        );
+    }
+
+    #[test]
+    fn unwritable_path_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no_such_dir").join("plot.png");
+        let shown = path.display().to_string();
+        let errors = [
+            bars(&path, "T", "y", &domains(), &accuracy()).unwrap_err(),
+            lines(&path, "T", "x", "y", &curves()).unwrap_err(),
+            scatter(&path, "T", "x", "y", &curves(), None).unwrap_err(),
+        ];
+        for e in errors {
+            assert!(
+                e.to_string().contains(&shown),
+                "error `{e}` does not name {shown}"
+            );
+        }
+        assert_only(dir.path(), &[]);
+    }
+
+    #[test]
+    fn rewriting_replaces_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plot.png");
+        std::fs::write(&path, b"stale").unwrap();
+        lines(&path, "T", "x", "y", &curves()).unwrap();
+        assert_eq!(png_dimensions(&path), SIZE_PX);
+        assert_only(dir.path(), &["plot.png"]);
+    }
+}

@@ -1,0 +1,12 @@
+//! Singular Value Fine-tuning (Transformer², DESIGN.md §3): the SVD of every target matrix and
+//! its cache, how z maps to the applied singular-value scale, the adapted linear forms, expert
+//! files and their mixtures, and the deployed forms of the seed's three integration options.
+
+pub mod deploy;
+pub mod expert;
+pub mod forms;
+pub mod param;
+pub mod svd;
+
+pub use forms::{ScaleWeight, SvfWeight};
+pub use param::{applied_scale, init_z, mix, Parameterization, Targets, OFFICIAL_MAX_MULT};

@@ -1,0 +1,656 @@
+//! Stage 2: training one SVF expert (DESIGN.md §3) — REINFORCE with verifier rewards ±1 and a
+//! KL(π_ref‖π) penalty against the unadapted model, or next-token SFT on the reference answers.
+//!
+//! Per step: draw prompts from the training split, sample completions from the current expert
+//! (temperature 1), reward +1 when the verifier accepts and −1 otherwise, and minimise
+//! −mean((r − b)·Σ_t log π(y_t)) + λ·mean_t KL(π_ref(·|y<t) ‖ π(·|y<t)) over z only. Validation
+//! accuracy (greedy) every `eval_every` steps keeps the best z; training stops early after
+//! `patience` evaluations without improvement.
+
+use crate::engine::checkpoint::st::OwnedTensor;
+use crate::engine::checkpoint::Checkpoint;
+use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar};
+use crate::engine::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
+use crate::eval::{prompt_ids, score_items};
+use crate::svf::expert::{init_vars, set_z, svf_model, var_tensors, z_lengths, Expert, ExpertMeta};
+use crate::svf::svd::Svd;
+use crate::svf::{Parameterization, Targets};
+use crate::tasks::DataSource;
+use crate::tasks::{answer_from_completion, Item, MAX_ANSWER_CHARS};
+use crate::train::loss::{advantages, masked_kl, masked_nll, reinforce_loss};
+use crate::train::optim::{Adam, AdamConfig, ResumeState};
+use candle_core::{DType, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Policy gradient with verifier rewards and a KL penalty.
+    Reinforce,
+    /// Next-token cross-entropy on the reference answers.
+    Sft,
+}
+
+/// Settings of one expert's training. Defaults work on the default model without tuning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    /// Objective.
+    pub objective: Objective,
+    /// z parameterization.
+    pub parameterization: Parameterization,
+    /// Target matrices.
+    pub targets: Targets,
+    /// Width k of the low-rank parameterization (top-k singular directions).
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// Most optimizer steps.
+    pub steps: usize,
+    /// Prompts per step.
+    pub batch_prompts: usize,
+    /// Sampled completions per prompt (REINFORCE).
+    pub samples: usize,
+    /// Peak Adam learning rate (official: 2e-3).
+    pub lr: f64,
+    /// Decay the learning rate along a half cosine to 10% of `lr` by the last step
+    /// (false: constant, as in the official code).
+    #[serde(default)]
+    pub cosine: bool,
+    /// Global grad-norm clip (official: 1e-3).
+    pub max_grad_norm: Option<f64>,
+    /// AdamW weight decay (0 = Adam).
+    pub weight_decay: f64,
+    /// KL coefficient λ.
+    pub kl_coeff: f64,
+    /// Subtract the per-prompt mean reward.
+    pub baseline: bool,
+    /// Grokfast EMA gradient filter (α, λ); None = off.
+    pub grokfast: Option<(f64, f64)>,
+    /// Sampling temperature for REINFORCE rollouts.
+    pub temperature: f64,
+    /// Validate every this many steps (an "epoch").
+    pub eval_every: usize,
+    /// Validation items.
+    pub val_n: usize,
+    /// Stop after this many validations without improvement.
+    pub patience: usize,
+    /// Seed of init, data and sampling.
+    pub seed: u64,
+}
+
+/// The low-rank width k when none is given.
+pub const DEFAULT_RANK: usize = 64;
+
+fn default_rank() -> usize {
+    DEFAULT_RANK
+}
+
+impl Default for TrainConfig {
+    /// The SFT recipe: on the default model it is the objective that gains (README, "SVF
+    /// experts"), and one expert trains in a few minutes.
+    fn default() -> Self {
+        TrainConfig::for_objective(Objective::Sft)
+    }
+}
+
+impl TrainConfig {
+    /// Measured defaults per objective (README, "SVF experts"). SFT: 64 prompts per step,
+    /// lr 1e-2 with cosine decay, 500 steps, patience 10. REINFORCE: the official recipe (16 prompts × 4
+    /// samples, lr 2e-3, clip 1e-3, λ = 0.1), 200 steps. Both validate on 300 items.
+    pub fn for_objective(objective: Objective) -> Self {
+        let common = TrainConfig {
+            objective,
+            parameterization: Parameterization::Paper,
+            targets: Targets::Mlp,
+            rank: DEFAULT_RANK,
+            steps: 200,
+            batch_prompts: 16,
+            samples: 4,
+            lr: 2e-3,
+            cosine: true,
+            max_grad_norm: Some(1e-3),
+            weight_decay: 0.0,
+            kl_coeff: 0.1,
+            baseline: true,
+            grokfast: None,
+            temperature: 1.0,
+            eval_every: 20,
+            val_n: 300,
+            patience: 4,
+            seed: 0,
+        };
+        match objective {
+            Objective::Reinforce => common,
+            Objective::Sft => TrainConfig {
+                steps: 500,
+                batch_prompts: 64,
+                lr: 1e-2,
+                eval_every: 25,
+                patience: 10,
+                ..common
+            },
+        }
+    }
+}
+
+/// What a training run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Expert name.
+    pub expert: String,
+    /// Steps run.
+    pub steps: usize,
+    /// Validation accuracy of the unadapted model.
+    pub base_val_accuracy: f64,
+    /// Best validation accuracy (the saved checkpoint).
+    pub best_val_accuracy: f64,
+    /// Step of the best checkpoint.
+    pub best_step: usize,
+    /// Stopped by patience.
+    pub early_stopped: bool,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Per-step statistics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// Mean reward (REINFORCE) or 0.
+    pub reward: f64,
+    /// Mean KL(π_ref‖π) per supervised position.
+    pub kl: f64,
+    /// Loss value.
+    pub loss: f64,
+}
+
+fn frozen(vars: &[NamedVar]) -> BTreeMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
+fn z_values(vars: &[NamedVar]) -> Result<BTreeMap<String, Vec<f32>>> {
+    vars.iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F32)?.to_vec1()?)))
+        .collect()
+}
+
+/// The learning rate of optimizer step `step` (0-based).
+pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
+    if !cfg.cosine {
+        return cfg.lr;
+    }
+    crate::train::optim::cosine_lr(cfg.lr, 0.1, step as f64 / cfg.steps.max(1) as f64)
+}
+
+/// Train one expert on `data`; writes it to `out` (and resumable state beside it).
+#[allow(clippy::too_many_arguments)]
+pub fn train_expert(
+    ck: &Checkpoint,
+    factors: &BTreeMap<String, Svd>,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    mut on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
+    let start = std::time::Instant::now();
+    let name = data.name();
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let options = ModelOptions {
+        mode: crate::engine::model::WeightMode::Dense,
+        act_quant: true,
+        dtype: DType::F32,
+    };
+    let reference = Model::new(ck, options)?;
+    let lengths = z_lengths(ck, cfg.targets, cfg.parameterization, factors, cfg.rank)?;
+    let vars = init_vars(&lengths, cfg.parameterization, options, cfg.seed)?;
+    let z_tensors = var_tensors(&vars);
+    let model = svf_model(ck, options, factors, &z_tensors, cfg.parameterization)?;
+    let mut opt = Adam::new(
+        vars.clone(),
+        AdamConfig {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: cfg.max_grad_norm,
+            ..Default::default()
+        },
+    )?;
+    let val = data.validation(cfg.val_n, cfg.seed)?;
+    let val_refs: Vec<&Item> = val.iter().collect();
+    let verify = |e: &str, c: &str| data.verify(e, c);
+    // One copy of the model with constant z serves sampling and validation; only its z
+    // vectors are refreshed from the variables before each use.
+    let mut frozen_model = svf_model(ck, options, factors, &frozen(&vars), cfg.parameterization)?;
+    let validate = |m: &mut Model, vars: &[NamedVar]| -> Result<f64> {
+        set_z(m, &frozen(vars));
+        Ok(score_items(m, tok, &val_refs, verify, |_| {})?.accuracy)
+    };
+    let base_val = score_items(&reference, tok, &val_refs, verify, |_| {})?.accuracy;
+
+    let mut first = 0;
+    let mut best = (
+        validate(&mut frozen_model, &vars)?,
+        0usize,
+        z_values(&vars)?,
+    );
+    let mut since_best = 0;
+    if resume {
+        if let Some(state) = ResumeState::open(out, "train_config", cfg)? {
+            first = state.step;
+            opt.load_state(state.files(), first)?;
+            since_best = state.get("since_best")?;
+            let mut bz = BTreeMap::new();
+            for (n, _) in &vars {
+                bz.insert(
+                    n.clone(),
+                    state.files().get(&format!("{n}.best"))?.to_f32()?,
+                );
+            }
+            best = (state.get("best_val_accuracy")?, state.get("best_step")?, bz);
+        }
+    }
+    let mp = out.with_extension("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&mp)
+        .map_err(|e| Error::io(&mp, e))?;
+    let key = |k: &str| format!("stage2/expert_{name}/{k}");
+    let mut grok: Option<Vec<Tensor>> = None;
+    let mut early = false;
+    let mut step = first;
+    while step < cfg.steps {
+        let mut rng =
+            StdRng::seed_from_u64(cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let items = data.draw(&mut rng, cfg.batch_prompts)?;
+        opt.config.lr = lr_at(cfg, step);
+        let mut stats = StepStats::default();
+        let loss = match cfg.objective {
+            Objective::Sft => {
+                let batch = batch_from_pairs(&sft_pairs(tok, &items)?, model.device())?;
+                let lp = flat_log_probs(&model, &batch)?;
+                let loss = masked_nll(&lp, &batch)?;
+                let ref_lp = flat_log_probs(&reference, &batch)?.detach();
+                stats.kl = masked_kl(&ref_lp, &lp, &batch)?.to_scalar::<f32>()? as f64;
+                loss
+            }
+            Objective::Reinforce => {
+                set_z(&mut frozen_model, &frozen(&vars));
+                let sampler = &frozen_model;
+                let mut pairs = Vec::new();
+                let mut rewards = Vec::new();
+                for it in &items {
+                    let p = prompt_ids(tok, &it.prompt)?;
+                    for _ in 0..cfg.samples {
+                        let out = sampler.generate(
+                            &p,
+                            &GenerateOptions {
+                                max_new_tokens: MAX_ANSWER_CHARS + 2,
+                                temperature: cfg.temperature,
+                                top_p: 1.0,
+                                seed: rng.gen(),
+                                stop: tok.stop_ids(),
+                            },
+                        )?;
+                        let text = tok.decode(&out);
+                        let ok = data.verify(&it.answer, answer_from_completion(&text));
+                        rewards.push(if ok { 1.0f32 } else { -1.0 });
+                        pairs.push((p.clone(), out));
+                    }
+                }
+                stats.reward =
+                    rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len() as f64;
+                let batch = batch_from_pairs(&pairs, model.device())?;
+                let seq_len = batch.input.dim(1)?;
+                let adv = advantages(&rewards, cfg.samples, cfg.baseline);
+                let (loss, kl) =
+                    reinforce_loss(&model, &reference, &batch, &adv, seq_len, cfg.kl_coeff)?;
+                stats.kl = kl;
+                loss
+            }
+        };
+        stats.loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut grads = loss.backward()?;
+        if let Some((alpha, lamb)) = cfg.grokfast {
+            // Grokfast-EMA: g ← g + λ·EMA_α(g), the slow component amplified.
+            let mut ema = grok.take().unwrap_or_default();
+            for (i, (_, var)) in vars.iter().enumerate() {
+                if let Some(g) = grads.get(var.as_tensor()).cloned() {
+                    let e = match ema.get(i) {
+                        Some(prev) => ((prev * alpha)? + (&g * (1.0 - alpha))?)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(var.as_tensor(), (&g + (&e * lamb)?)?);
+                    if ema.len() <= i {
+                        ema.push(e);
+                    } else {
+                        ema[i] = e;
+                    }
+                }
+            }
+            grok = Some(ema);
+        }
+        opt.step(&grads)?;
+        step += 1;
+        let zs = z_values(&vars)?;
+        let all: Vec<f32> = zs.values().flatten().copied().collect();
+        let mean = all.iter().map(|&x| x as f64).sum::<f64>() / all.len().max(1) as f64;
+        let std = (all.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>()
+            / all.len().max(1) as f64)
+            .sqrt();
+        let mut record = serde_json::json!({"step": step});
+        record[key("reward")] = stats.reward.into();
+        record[key("kl")] = stats.kl.into();
+        record[key("loss")] = stats.loss.into();
+        record[key("z_mean")] = mean.into();
+        record[key("z_std")] = std.into();
+        if step % cfg.eval_every == 0 || step == cfg.steps {
+            let acc = validate(&mut frozen_model, &vars)?;
+            record[key("val_accuracy")] = acc.into();
+            if acc > best.0 {
+                best = (acc, step, zs);
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+            save_state(&opt, cfg, step, &best, since_best, out)?;
+            if since_best >= cfg.patience {
+                early = true;
+            }
+        }
+        writeln!(metrics, "{record}").map_err(|e| Error::io(&mp, e))?;
+        if !on_step(step, &stats) {
+            return Ok(TrainSummary {
+                expert: name,
+                steps: step,
+                base_val_accuracy: base_val,
+                best_val_accuracy: best.0,
+                best_step: best.1,
+                early_stopped: false,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        if early {
+            break;
+        }
+    }
+    let expert = Expert {
+        meta: ExpertMeta {
+            name: name.clone(),
+            base_hash: ck.content_hash(),
+            parameterization: cfg.parameterization,
+            targets: cfg.targets,
+            domains: vec![name.clone()],
+            val_accuracy: best.0,
+            training: serde_json::to_value(cfg).expect("json"),
+        },
+        z: best.2.clone(),
+    };
+    expert.save(out)?;
+    Ok(TrainSummary {
+        expert: name,
+        steps: step,
+        base_val_accuracy: base_val,
+        best_val_accuracy: best.0,
+        best_step: best.1,
+        early_stopped: early,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn save_state(
+    opt: &Adam,
+    cfg: &TrainConfig,
+    step: usize,
+    best: &(f64, usize, BTreeMap<String, Vec<f32>>),
+    since_best: usize,
+    out: &Path,
+) -> Result<()> {
+    let tensors = best
+        .2
+        .iter()
+        .map(|(n, z)| (format!("{n}.best"), OwnedTensor::f32(vec![z.len()], z)))
+        .collect();
+    let meta = [
+        ("since_best", since_best.to_string()),
+        ("best_val_accuracy", best.0.to_string()),
+        ("best_step", best.1.to_string()),
+    ];
+    ResumeState::save(out, opt, step, ("train_config", cfg), &meta, tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::batch::Batch;
+    use crate::tasks::Domain;
+
+    use crate::svf::expert::target_matrices;
+    use crate::svf::svd::thin_svd;
+
+    fn tiny() -> Checkpoint {
+        Checkpoint::tiny(16, 24, 11)
+    }
+
+    fn all_factors(ck: &Checkpoint) -> BTreeMap<String, Svd> {
+        target_matrices(ck, Targets::All)
+            .into_iter()
+            .map(|(n, w, r, c)| (n, thin_svd(&w, r, c)))
+            .collect()
+    }
+
+    fn batch() -> Batch {
+        let pairs = vec![
+            (vec![2u32, 49, 43, 50, 61], vec![51u32, 10]),
+            (vec![2u32, 114, 101, 118], vec![99u32, 98, 97, 10]),
+        ];
+        batch_from_pairs(&pairs, &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// Loss as a function of the z variables, for one objective.
+    fn loss_of(
+        ck: &Checkpoint,
+        f: &BTreeMap<String, Svd>,
+        vars: &[NamedVar],
+        param: Parameterization,
+        objective: Objective,
+    ) -> Tensor {
+        let options = ModelOptions {
+            mode: crate::engine::model::WeightMode::Dense,
+            act_quant: false,
+            dtype: DType::F64,
+        };
+        let z = var_tensors(vars);
+        let model = svf_model(ck, options, f, &z, param).unwrap();
+        let b = batch();
+        match objective {
+            Objective::Sft => masked_nll(&flat_log_probs(&model, &b).unwrap(), &b).unwrap(),
+            Objective::Reinforce => {
+                let reference = Model::new(ck, options).unwrap();
+                let seq = b.input.dim(1).unwrap();
+                reinforce_loss(&model, &reference, &b, &[0.75, -0.5], seq, 0.3)
+                    .unwrap()
+                    .0
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        // f64, activation quantization off (the STE is not differentiable): ∂loss/∂z from
+        // autograd vs central differences, every parameterization and both objectives.
+        let ck = tiny();
+        let f = all_factors(&ck);
+        let options = ModelOptions {
+            mode: crate::engine::model::WeightMode::Dense,
+            act_quant: false,
+            dtype: DType::F64,
+        };
+        for param in Parameterization::ALL {
+            for objective in [Objective::Sft, Objective::Reinforce] {
+                let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
+                let vars = init_vars(&lengths, param, options, 5).unwrap();
+                // Move away from z = 1 so every term of the official rescale is exercised.
+                for (i, (_, v)) in vars.iter().enumerate() {
+                    let n = v.dims()[0];
+                    let z: Vec<f64> = v
+                        .as_tensor()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                        .iter()
+                        .enumerate()
+                        .map(|(j, x)| x + 0.05 * (((i * 7 + j * 3) % 11) as f64 / 11.0 - 0.5))
+                        .collect();
+                    v.set(&Tensor::from_vec(z, n, &candle_core::Device::Cpu).unwrap())
+                        .unwrap();
+                }
+                let loss = loss_of(&ck, &f, &vars, param, objective);
+                let grads = loss.backward().unwrap();
+                let mut checked = 0;
+                for (vi, (name, var)) in vars.iter().enumerate() {
+                    let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+                    let z0: Vec<f64> = var.as_tensor().to_vec1().unwrap();
+                    for j in [0, z0.len() / 2, z0.len() - 1] {
+                        let eps = 1e-5;
+                        let at = |d: f64| {
+                            let mut z = z0.clone();
+                            z[j] += d;
+                            var.set(
+                                &Tensor::from_vec(z, z0.len(), &candle_core::Device::Cpu).unwrap(),
+                            )
+                            .unwrap();
+                            let l = loss_of(&ck, &f, &vars, param, objective)
+                                .to_scalar::<f64>()
+                                .unwrap();
+                            var.set(
+                                &Tensor::from_vec(z0.clone(), z0.len(), &candle_core::Device::Cpu)
+                                    .unwrap(),
+                            )
+                            .unwrap();
+                            l
+                        };
+                        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                        let tol = 1e-6 + 1e-5 * fd.abs().max(g[j].abs());
+                        assert!((fd - g[j]).abs() < tol, "{param:?} {objective:?} {name}[{j}] (var {vi}): fd {fd:e} vs autograd {:e}", g[j]);
+                        checked += 1;
+                    }
+                }
+                assert_eq!(checked, 3 * 14);
+            }
+        }
+    }
+
+    #[test]
+    fn every_z_receives_a_nonzero_gradient() {
+        // With BitNet's int8 activations (STE) and f32, as in training.
+        let ck = tiny();
+        let f = all_factors(&ck);
+        let options = ModelOptions {
+            mode: crate::engine::model::WeightMode::Dense,
+            act_quant: true,
+            dtype: DType::F32,
+        };
+        for param in Parameterization::ALL {
+            let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
+            let vars = init_vars(&lengths, param, options, 1).unwrap();
+            let z = var_tensors(&vars);
+            let model = svf_model(&ck, options, &f, &z, param).unwrap();
+            let reference = Model::new(&ck, options).unwrap();
+            let b = batch();
+            let seq = b.input.dim(1).unwrap();
+            let (loss, _) = reinforce_loss(&model, &reference, &b, &[1.0, -1.0], seq, 0.1).unwrap();
+            let grads = loss.backward().unwrap();
+            for (name, var) in &vars {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "{param:?} {name}: zero gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn resume_continues_exactly() {
+        // The z vectors and Adam moments after 4 steps equal those of a run interrupted after
+        // step 3 (state saved at step 2) and resumed.
+        let ck = tiny();
+        let targets: BTreeMap<String, Svd> = target_matrices(&ck, Targets::Mlp)
+            .into_iter()
+            .map(|(n, w, r, c)| (n, thin_svd(&w, r, c)))
+            .collect();
+        let cfg = TrainConfig {
+            objective: Objective::Reinforce,
+            steps: 4,
+            batch_prompts: 2,
+            samples: 2,
+            eval_every: 2,
+            val_n: 2,
+            patience: 10,
+            ..Default::default()
+        };
+        let data = DataSource::Domain(Domain::Copy);
+        let tok = crate::engine::tokenizer::ByteTokenizer;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            tmp.path().join("a.safetensors"),
+            tmp.path().join("b.safetensors"),
+        );
+        train_expert(&ck, &targets, &tok, &data, &cfg, &a, false, |_, _| true).unwrap();
+        let s = train_expert(&ck, &targets, &tok, &data, &cfg, &b, false, |step, _| {
+            step < 3
+        })
+        .unwrap();
+        assert_eq!(s.steps, 3);
+        assert!(!b.exists());
+        train_expert(&ck, &targets, &tok, &data, &cfg, &b, true, |_, _| true).unwrap();
+        let state = |p: &Path| {
+            let tf = crate::engine::checkpoint::st::TensorFiles::open(&[
+                p.with_extension("train-state.safetensors")
+            ])
+            .unwrap();
+            let mut names: Vec<String> = tf.names().map(str::to_string).collect();
+            names.sort();
+            names
+                .iter()
+                .map(|n| (n.clone(), tf.get(n).unwrap().to_f32().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let (sa, sb) = (state(&a), state(&b));
+        assert_eq!(
+            sa.len(),
+            3 * 3 * 2 + 3 * 2,
+            "z, m, v and best z for 6 matrices"
+        );
+        assert_eq!(sa, sb);
+        // The run moved z away from its initial value.
+        let z = &sa
+            .iter()
+            .find(|(n, _)| n.ends_with("mlp.up_proj"))
+            .unwrap()
+            .1;
+        assert!(z.iter().any(|&x| (x - 1.0).abs() > 1e-6));
+        // An expert file was written and loads onto its base model only.
+        let e = Expert::load(&a).unwrap();
+        e.check_base(&ck, &a).unwrap();
+        let other = Checkpoint::random(ck.config.clone(), 99);
+        let msg = e.check_base(&other, &a).unwrap_err().to_string();
+        assert!(msg.contains("trained on base model"), "{msg}");
+    }
+}
