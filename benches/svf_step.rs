@@ -1,9 +1,9 @@
-//! One SVF training step at the reference shape of `../shared/reference/torch_svf_step.py`
+//! One SVF training step at the reference shape of `scripts/reference/torch_svf_step.py`
 //! (d 512, 8 layers, 8 heads, SiLU-gated FFN 1536, vocab 32000, batch 4 × 128, z on all 56
 //! linears): forward alone and forward + backward to every z. Run it beside the PyTorch script
 //! on the same machine and compare the times as a ratio:
 //!   cargo bench --bench svf_step
-//!   python ../shared/reference/torch_svf_step.py
+//!   python scripts/reference/torch_svf_step.py
 //! The step allocates multi-megabyte buffers (65 MB for the logits and their gradient), and
 //! every fresh page costs a fault; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge
 //! pages for malloc) made the step about 10% faster on the 2-core reference machine.
