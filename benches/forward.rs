@@ -3,8 +3,8 @@
 //! one decode step against a 127-token KV cache. Run: `cargo bench --bench forward`.
 
 use bitsvf::engine::checkpoint::Checkpoint;
-use bitsvf::engine::config::{Activation, ModelConfig};
-use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
+use bitsvf::engine::config::ModelConfig;
+use bitsvf::engine::model::{default_arch, Model, ModelOptions, WeightMode};
 use candle_core::{DType, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -16,16 +16,21 @@ fn config() -> ModelConfig {
         num_hidden_layers: 8,
         num_attention_heads: 8,
         num_key_value_heads: Some(4),
-        head_dim: None,
-        hidden_act: Activation::Relu2,
         max_position_embeddings: 256,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: false,
         bos_token_id: None,
         eos_token_id: None,
-        sub_norms: Some(true),
+        ..default_arch()
     }
+}
+
+/// The model in `mode`, activations int8-quantized when `act_quant`, f32.
+fn model(ck: &Checkpoint, mode: WeightMode, act_quant: bool) -> Model {
+    let options = ModelOptions {
+        mode,
+        act_quant,
+        dtype: DType::F32,
+    };
+    Model::new(ck, options).unwrap()
 }
 
 fn bench(c: &mut Criterion) {
@@ -39,15 +44,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill_128");
     g.sample_size(10).throughput(Throughput::Elements(128));
     for (name, mode, act_quant) in modes {
-        let m = Model::new(
-            &ck,
-            ModelOptions {
-                mode,
-                act_quant,
-                dtype: DType::F32,
-            },
-        )
-        .unwrap();
+        let m = model(&ck, mode, act_quant);
         let ids = m.ids_tensor(std::slice::from_ref(&prompt)).unwrap();
         g.bench_function(name, |b| b.iter(|| m.forward(&ids, None).unwrap()));
     }
@@ -55,15 +52,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_1_after_127");
     g.sample_size(20).throughput(Throughput::Elements(1));
     for (name, mode, act_quant) in modes {
-        let m = Model::new(
-            &ck,
-            ModelOptions {
-                mode,
-                act_quant,
-                dtype: DType::F32,
-            },
-        )
-        .unwrap();
+        let m = model(&ck, mode, act_quant);
         let mut cache = m.new_cache();
         m.forward(
             &m.ids_tensor(&[prompt[..127].to_vec()]).unwrap(),

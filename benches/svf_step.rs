@@ -10,7 +10,7 @@
 
 use bitsvf::engine::checkpoint::Checkpoint;
 use bitsvf::engine::config::{Activation, ModelConfig};
-use bitsvf::engine::model::{ModelOptions, WeightMode};
+use bitsvf::engine::model::{default_arch, ModelOptions, WeightMode};
 use bitsvf::eval::batch::batch_from_pairs;
 use bitsvf::svf::expert::{init_vars, svf_model, target_matrices, var_tensors};
 use bitsvf::svf::svd::thin_svd;
@@ -28,15 +28,12 @@ fn config() -> ModelConfig {
         num_hidden_layers: 8,
         num_attention_heads: 8,
         num_key_value_heads: None,
-        head_dim: None,
         hidden_act: Activation::Silu,
         max_position_embeddings: 128,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: false,
         bos_token_id: None,
         eos_token_id: None,
         sub_norms: Some(false),
+        ..default_arch()
     }
 }
 

@@ -12,12 +12,7 @@ fn logits(ck: &Checkpoint) -> Vec<f32> {
     let ids = m
         .ids_tensor(&[vec![3, 1, 4, 1, 5, 9, 2, 6], vec![5, 3, 5, 8, 9, 7, 9, 3]])
         .unwrap();
-    m.forward(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    flat(m.forward(&ids, None).unwrap())
 }
 
 #[test]
@@ -178,20 +173,8 @@ fn tied_embeddings_use_the_embedding_matrix() {
     // Logits at the last layer are h · Eᵀ: compare one position by hand.
     let m = Model::new(&ck, ModelOptions::default()).unwrap();
     let ids = m.ids_tensor(&[vec![7, 8, 9]]).unwrap();
-    let h: Vec<f32> = m
-        .hidden_states(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let l: Vec<f32> = m
-        .forward(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let h: Vec<f32> = flat(m.hidden_states(&ids, None).unwrap());
+    let l: Vec<f32> = flat(m.forward(&ids, None).unwrap());
     let d = 64;
     let last = &h[2 * d..3 * d];
     for tok in [0usize, 17, 95] {

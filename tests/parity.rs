@@ -1,8 +1,10 @@
 //! The Hugging Face fixture: our loader and forward pass reproduce transformers' logits.
 
+mod common;
 use bitsvf::engine::checkpoint;
 use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
 use candle_core::DType;
+use common::flat;
 use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
@@ -45,13 +47,7 @@ fn compare(mode: WeightMode) -> (f32, f32, f64) {
     .unwrap();
     let r = reference();
     let ids = model.ids_tensor(&r.ids).unwrap();
-    let ours: Vec<f32> = model
-        .forward(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ours: Vec<f32> = flat(model.forward(&ids, None).unwrap());
     assert_eq!(ours.len(), r.logits.len());
     let diffs: Vec<f32> = ours
         .iter()

@@ -570,19 +570,8 @@ mod tests {
             let seq = b.input.dim(1).unwrap();
             let (loss, _) = reinforce_loss(&model, &reference, &b, &[1.0, -1.0], seq, 0.1).unwrap();
             let grads = loss.backward().unwrap();
-            for (name, var) in &vars {
-                let g = grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: no gradient"));
-                let n = g
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(n > 0.0, "{param:?} {name}: zero gradient");
-            }
+            let what = format!("{param:?}");
+            crate::engine::model::assert_every_var_has_a_gradient(&grads, &vars, &what);
         }
     }
 

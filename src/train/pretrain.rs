@@ -251,13 +251,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> PretrainConfig {
-        let mut arch = default_arch();
-        arch.hidden_size = 32;
-        arch.intermediate_size = 80;
-        arch.num_hidden_layers = 1;
-        arch.num_attention_heads = 2;
-        arch.num_key_value_heads = Some(1);
-        arch.max_position_embeddings = 64;
+        let arch = crate::engine::model::test_arch(32, 80, 1, (2, 1), 64);
         PretrainConfig {
             arch,
             steps: 4,
@@ -279,19 +273,7 @@ mod tests {
         let loss =
             masked_cross_entropy(&model.forward(&batch.input, None).unwrap(), &batch).unwrap();
         let grads = loss.backward().unwrap();
-        for (name, var) in &vars {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let n = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(n > 0.0, "{name}: zero gradient");
-        }
+        crate::engine::model::assert_every_var_has_a_gradient(&grads, &vars, "pretrain");
     }
 
     #[test]

@@ -47,3 +47,8 @@ pub fn load_error(dir: &Path) -> String {
         Err(e) => e.to_string(),
     }
 }
+
+/// A tensor's values, flattened to f32.
+pub fn flat(t: candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}

@@ -609,19 +609,54 @@ pub fn default_arch() -> ModelConfig {
     }
 }
 
+/// The default architecture shrunk for unit tests: `layers` layers of width `hidden`, FFN
+/// `ffn`, `heads` heads over `kv_heads` kv heads, `positions` positions.
+#[cfg(test)]
+pub(crate) fn test_arch(
+    hidden: usize,
+    ffn: usize,
+    layers: usize,
+    (heads, kv_heads): (usize, usize),
+    positions: usize,
+) -> ModelConfig {
+    let mut cfg = default_arch();
+    cfg.hidden_size = hidden;
+    cfg.intermediate_size = ffn;
+    cfg.num_hidden_layers = layers;
+    cfg.num_attention_heads = heads;
+    cfg.num_key_value_heads = Some(kv_heads);
+    cfg.max_position_embeddings = positions;
+    cfg
+}
+
+/// Assert that every variable of `vars` received a non-zero gradient in `grads`.
+#[cfg(test)]
+pub(crate) fn assert_every_var_has_a_gradient(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[NamedVar],
+    what: &str,
+) {
+    for (name, var) in vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what} {name}: no gradient"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{what} {name}: zero gradient");
+    }
+}
+
 #[cfg(test)]
 impl Checkpoint {
     /// A random 2-layer model (2 heads / 1 kv head, 64 positions) of width `hidden` and FFN
     /// `ffn`, for unit tests.
     pub(crate) fn tiny(hidden: usize, ffn: usize, seed: u64) -> Checkpoint {
-        let mut cfg = default_arch();
-        cfg.hidden_size = hidden;
-        cfg.intermediate_size = ffn;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 2;
-        cfg.num_key_value_heads = Some(1);
-        cfg.max_position_embeddings = 64;
-        Checkpoint::random(cfg, seed)
+        Checkpoint::random(test_arch(hidden, ffn, 2, (2, 1), 64), seed)
     }
 }
 
@@ -631,14 +666,7 @@ mod tests {
     use crate::engine::checkpoint::Checkpoint;
 
     fn small() -> Checkpoint {
-        let mut cfg = crate::engine::model::default_arch();
-        cfg.hidden_size = 32;
-        cfg.intermediate_size = 64;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 4;
-        cfg.num_key_value_heads = Some(2);
-        cfg.max_position_embeddings = 32;
-        Checkpoint::random(cfg, 3)
+        Checkpoint::random(test_arch(32, 64, 2, (4, 2), 32), 3)
     }
 
     fn rows(t: &Tensor) -> Vec<Vec<f32>> {
