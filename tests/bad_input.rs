@@ -249,3 +249,45 @@ fn phase4_non_ternary_value() {
         ],
     );
 }
+
+/// Numbers in a config that would size an allocation are checked against the weights (or
+/// sized by use) first: no abort, no hang.
+#[test]
+fn huge_config_numbers_are_refused_or_harmless() {
+    let (_t, dir) = variant("deep", |_, c| c["num_hidden_layers"] = (1u64 << 40).into());
+    assert_names(&load_error(&dir), &["missing tensor", "model.layers.2."]);
+    for positions in [1u64 << 40, 1u64 << 62] {
+        let (_t, dir) = variant("long", |_, c| {
+            c["max_position_embeddings"] = positions.into()
+        });
+        let ck = bitsvf::engine::checkpoint::load(&dir).unwrap();
+        let m = bitsvf::engine::model::Model::new(&ck, Default::default()).unwrap();
+        let ids = m.ids_tensor(&[vec![1, 2, 3]]).unwrap();
+        let logits = flat(m.forward(&ids, None).unwrap());
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
+}
+
+/// A finite but huge scale overflows the logits: a clear error, not NaN with exit 0.
+#[test]
+fn huge_scale_is_an_error_not_nan_logits() {
+    let (_t, dir) = variant("huge-scale", |t, _| {
+        for name in [
+            "model.layers.0.mlp.down_proj.weight_scale",
+            "model.norm.weight",
+        ] {
+            let e = t.get_mut(name).unwrap();
+            let huge = half::bf16::from_f32(3e38).to_bits().to_le_bytes();
+            let n = e.data_mut().len() / 2;
+            *e.data_mut() = huge.repeat(n);
+        }
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args(["logits", dir.to_str().unwrap(), "--tokens", "1,2,3"])
+        .args(["--out", dir.join("l.safetensors").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_names(&String::from_utf8_lossy(&out.stderr), &["not finite"]);
+    assert!(!dir.join("l.safetensors").exists());
+}

@@ -373,12 +373,12 @@ fn assemble(
     let (v, d) = (config.vocab_size, config.hidden_size);
     // Config/weights disagreement on depth: a tensor of a layer the config does not have.
     let n = config.num_hidden_layers;
-    if let Some(extra) = tf.names().find(|t| {
+    let layer_of = |t: &str| {
         t.strip_prefix("model.layers.")
             .and_then(|r| r.split('.').next())
             .and_then(|i| i.parse::<usize>().ok())
-            .is_some_and(|i| i >= n)
-    }) {
+    };
+    if let Some(extra) = tf.names().find(|t| layer_of(t).is_some_and(|i| i >= n)) {
         return Err(Error::config(
             tf.path().with_file_name("config.json"),
             "num_hidden_layers",
@@ -393,7 +393,9 @@ fn assemble(
         Some(read_float(tf, "lm_head.weight", &[v, d])?)
     };
     let q_width = config.num_attention_heads * config.head_dim();
-    let mut layers = Vec::with_capacity(n);
+    // Not `with_capacity(n)`: n is the config's untrusted number; a layer the weights lack
+    // fails below as a missing tensor before anything is sized by it.
+    let mut layers = Vec::new();
     for l in 0..n {
         let p = format!("model.layers.{l}");
         let mut linears = Vec::with_capacity(7);

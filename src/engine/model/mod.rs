@@ -25,7 +25,7 @@ use crate::engine::ternary::TernaryMatrix;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// How the linear layers hold their weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,25 +58,47 @@ impl Default for ModelOptions {
     }
 }
 
-/// Rotate-half RoPE tables `cos`, `sin` of shape `[max_pos, head_dim]` (HF convention).
+/// Rotate-half RoPE tables `cos`, `sin` of shape `[positions, head_dim]` (HF convention),
+/// grown on demand up to `max_position_embeddings`: the config's number is untrusted, so the
+/// tables are sized by the positions actually used, never by the config alone.
 #[derive(Debug, Clone)]
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// Inverse frequencies `[head_dim / 2]`.
+    inv: Vec<f64>,
+    max_positions: usize,
+    dtype: DType,
+    device: Device,
+    /// (cos, sin), shared by clones of the model.
+    tables: Arc<RwLock<(Tensor, Tensor)>>,
 }
+
+/// Positions of the first RoPE tables (grown by doubling when a longer sequence comes).
+const ROPE_INITIAL_POSITIONS: usize = 256;
 
 impl Rope {
     fn new(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let hd = cfg.head_dim();
-        let n = cfg.max_position_embeddings;
         let inv: Vec<f64> = (0..hd / 2)
             .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64))
             .collect();
+        let n = cfg.max_position_embeddings.min(ROPE_INITIAL_POSITIONS);
+        let tables = Self::build(&inv, n, dtype, dev)?;
+        Ok(Rope {
+            inv,
+            max_positions: cfg.max_position_embeddings,
+            dtype,
+            device: dev.clone(),
+            tables: Arc::new(RwLock::new(tables)),
+        })
+    }
+
+    fn build(inv: &[f64], n: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let hd = 2 * inv.len();
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
         for p in 0..n {
             for _half in 0..2 {
-                for f in &inv {
+                for f in inv {
                     // HF computes the angle in f32; match it before taking cos/sin.
                     let a = (p as f32 * *f as f32) as f64;
                     cos.push(a.cos());
@@ -84,10 +106,28 @@ impl Rope {
                 }
             }
         }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (n, hd), dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (n, hd), dev)?.to_dtype(dtype)?,
-        })
+        Ok((
+            Tensor::from_vec(cos, (n, hd), dev)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (n, hd), dev)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Tables covering at least `positions` positions (the caller has checked
+    /// `positions ≤ max_position_embeddings`).
+    fn tables(&self, positions: usize) -> Result<(Tensor, Tensor)> {
+        {
+            let t = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            if t.0.dim(0)? >= positions {
+                return Ok(t.clone());
+            }
+        }
+        let mut t = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let have = t.0.dim(0)?;
+        if have < positions {
+            let n = positions.max(2 * have).min(self.max_positions);
+            *t = Self::build(&self.inv, n, self.dtype, &self.device)?;
+        }
+        Ok(t.clone())
     }
 }
 
@@ -238,9 +278,25 @@ impl Model {
     }
 
     /// Logits `[B, T, vocab]` for ids `[B, T]`, continuing from `cache` when given.
+    /// Non-finite logits are an error (a finite but huge scale can overflow f32), never a
+    /// silent NaN answer.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let h = self.hidden_states(ids, cache)?;
-        matmul_const(&h, &self.lm_head_t)
+        let logits = matmul_const(&h, &self.lm_head_t)?;
+        // One pass over the logits: NaN and ±inf make the sum non-finite.
+        let total = logits
+            .detach()
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if !total.is_finite() {
+            return Err(Error::Check(
+                "the model's logits are not finite (NaN or inf): a weight, scale or norm of the \
+                 model overflows f32; check its scales"
+                    .into(),
+            ));
+        }
+        Ok(logits)
     }
 
     /// Final-normed hidden states `[B, T, d]`.
@@ -290,7 +346,8 @@ impl Model {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let mut att = ops::causal_attention(&q, &k, &v, h, kvh, &self.rope.cos, &self.rope.sin)?;
+        let (cos, sin) = self.rope.tables(k.dim(1)?)?;
+        let mut att = ops::causal_attention(&q, &k, &v, h, kvh, &cos, &sin)?;
         if let Some(w) = &block.attn_sub_norm {
             att = rms_norm(&att, w, eps)?;
         }
@@ -708,6 +765,35 @@ mod tests {
             for (a, b) in full.iter().flatten().zip(inc.iter().flatten()) {
                 assert!((a - b).abs() < 1e-4, "{mode:?}: {a} vs {b}");
             }
+        }
+    }
+
+    /// RoPE tables grow on demand: a sequence longer than the first table gives the same
+    /// logits whether its tables were built at once (a fresh model) or grown step by step.
+    #[test]
+    fn rope_tables_grow_without_changing_logits() {
+        let n = ROPE_INITIAL_POSITIONS + 44;
+        let ck = Checkpoint::random(test_arch(32, 64, 1, (4, 2), 1 << 40), 5);
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 11) % 128).collect();
+        let m = Model::new(&ck, ModelOptions::default()).unwrap();
+        let long = rows(
+            &m.forward(&m.ids_tensor(std::slice::from_ref(&ids)).unwrap(), None)
+                .unwrap(),
+        );
+        let m = Model::new(&ck, ModelOptions::default()).unwrap();
+        let mut cache = m.new_cache();
+        let head = &ids[..ROPE_INITIAL_POSITIONS - 4];
+        m.forward(&m.ids_tensor(&[head.to_vec()]).unwrap(), Some(&mut cache))
+            .unwrap();
+        let mut last = Vec::new();
+        for &t in &ids[head.len()..] {
+            last = rows(
+                &m.forward(&m.ids_tensor(&[vec![t]]).unwrap(), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        for (a, b) in long[n - 1].iter().zip(&last[0]) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
     }
 
