@@ -18,6 +18,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{sample, Difficulty, Domain, Item, Split, TaskError, Verifier};
+use std::io::{BufRead, BufReader, Read};
+
+/// The longest line of a JSONL dataset bitsvf reads (1 MiB).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The largest JSONL dataset bitsvf reads (256 MiB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
 
 /// A named list of items checked by one verifier.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -94,12 +100,42 @@ impl fmt::Display for LineProblem {
 
 impl Dataset {
     /// Reads a JSONL file (format in the module docs); the dataset is named after the file
-    /// stem, which is also the default domain of its items.
+    /// stem, which is also the default domain of its items. The file is streamed with a limit
+    /// per line ([`MAX_LINE_BYTES`]) and per file ([`MAX_FILE_BYTES`]), so a huge or endless
+    /// input (`/dev/zero`) is refused after reading at most the limit.
     pub fn load_jsonl(path: &Path, verifier: Verifier) -> Result<Dataset, TaskError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TaskError::Io {
+        let io = |source| TaskError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let too_large = |line, limit| TaskError::TooLarge {
+            path: path.to_path_buf(),
+            line,
+            limit,
+        };
+        let mut reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
+        let (mut text, mut line) = (String::new(), Vec::new());
+        for number in 1.. {
+            line.clear();
+            let read = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(io)?;
+            if read == 0 {
+                break;
+            }
+            if line.len() > MAX_LINE_BYTES {
+                return Err(too_large(Some(number), MAX_LINE_BYTES as u64));
+            }
+            if (text.len() + line.len()) as u64 > MAX_FILE_BYTES {
+                return Err(too_large(None, MAX_FILE_BYTES));
+            }
+            let s = std::str::from_utf8(&line).map_err(|_| TaskError::NotUtf8 {
+                path: path.to_path_buf(),
+                line: number,
+            })?;
+            text.push_str(s);
+        }
         Dataset::from_jsonl_str(&text, path, verifier)
     }
 
@@ -404,6 +440,23 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("quiz.jsonl"), "{err}");
+    }
+
+    /// An endless or huge input is refused after at most the limit, naming the file (and the
+    /// line); a line that is not UTF-8 is named.
+    #[test]
+    fn huge_lines_and_files_are_refused() {
+        let err = Dataset::load_jsonl(Path::new("/dev/zero"), Verifier::Exact).unwrap_err();
+        assert!(
+            matches!(err, TaskError::TooLarge { line: Some(1), .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/dev/zero:1"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.jsonl");
+        std::fs::write(&path, b"{\"prompt\": \"a\", \"answer\": \"b\"}\n\xff\xfe\n").unwrap();
+        let err = Dataset::load_jsonl(&path, Verifier::Exact).unwrap_err();
+        assert!(err.to_string().contains("bad.jsonl:2: not UTF-8"), "{err}");
     }
 
     #[test]

@@ -154,6 +154,29 @@ pub enum TaskError {
         /// What is wrong with the line.
         problem: LineProblem,
     },
+    /// A dataset file or one of its lines is larger than bitsvf reads.
+    #[error(
+        "{}{}: larger than {limit} bytes{}; split the dataset or shorten its items",
+        path.display(),
+        line.map(|l| format!(":{l}")).unwrap_or_default(),
+        if line.is_some() { " (one line)" } else { "" }
+    )]
+    TooLarge {
+        /// The file at fault.
+        path: PathBuf,
+        /// The 1-based line, when one line is too long.
+        line: Option<usize>,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A line of a JSONL dataset is not UTF-8.
+    #[error("{}:{line}: not UTF-8 text", path.display())]
+    NotUtf8 {
+        /// The file at fault.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+    },
     /// A dataset file holds no items (only blank lines, or nothing).
     #[error("dataset {} holds no items; expected one JSON object per line", path.display())]
     EmptyDataset {
