@@ -1,12 +1,16 @@
-//! Searches over expert mixtures α (DESIGN.md §3 few-shot CEM, §4 NSGA-II).
+//! Generic black-box optimisers over real-valued boxes: NSGA-II, the cross-entropy method,
+//! Pareto utilities and the hypervolume indicator. Nothing here knows bitsvf's types: genomes are
+//! `Vec<f64>` and objectives plain numbers; `adapt` uses them to search over expert mixtures α
+//! (DESIGN.md §3 few-shot CEM, §4 NSGA-II).
 //!
 //! Both optimisers are ours, small, seeded with `StdRng::seed_from_u64` (same seed and same
 //! objective values → bit-identical results) and evaluate whole *batches* of genomes, because in
 //! bitsvf one evaluation runs a language model over a validation set:
 //!
-//! - [`nsga2`]: multi-objective minimisation (accuracy error, KL drift, latency, memory) with the
-//!   standard NSGA-II of Deb et al. (2002); reports the Pareto front and its [`hypervolume`] per
-//!   generation. Pick a deployed point with [`knee_point`] or [`best_within`].
+//! - [`nsga2`]: multi-objective minimisation (in bitsvf: accuracy error, KL drift, latency,
+//!   memory) with the standard NSGA-II of Deb et al. (2002); reports the Pareto front and its
+//!   [`hypervolume`] per generation. Pick a deployed point with [`knee_point`] or
+//!   [`best_within`].
 //! - [`cem`]: single-objective maximisation with the cross-entropy method, lexicographic
 //!   [`Score`] (primary, then a tie-breaker), as in Transformer²'s few-shot adaptation.
 //!

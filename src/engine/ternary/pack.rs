@@ -1,0 +1,183 @@
+//! Ternary values packed 2 bits each (code = value + 1): our native row-major layout, Hugging
+//! Face's BitNet layout of four row blocks per byte, and the byte → values decode table.
+
+/// Bytes per row in the native packed layout.
+pub fn native_row_bytes(cols: usize) -> usize {
+    cols.div_ceil(4)
+}
+
+/// Pack ternary values (row-major `rows × cols`) into the native layout: row-major
+/// `[rows, ceil(cols/4)]` bytes, weight `4j+k` of a row in bits `2k..2k+1` of byte `j`, code =
+/// value + 1. Rows stay contiguous so the matrix-vector kernel streams one row at a time.
+pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "matrix buffer does not match its shape"
+    );
+    let rb = native_row_bytes(cols);
+    let mut out = vec![0u8; rows * rb];
+    for r in 0..rows {
+        for c in 0..cols {
+            let code = (values[r * cols + c] + 1) as u8;
+            out[r * rb + c / 4] |= code << (2 * (c % 4));
+        }
+    }
+    // Padding weights beyond `cols` are encoded as 0 (code 1) so that code 3 never appears.
+    for r in 0..rows {
+        for c in cols..rb * 4 {
+            out[r * rb + c / 4] |= 1 << (2 * (c % 4));
+        }
+    }
+    out
+}
+
+/// Position of the first invalid code (3) in a packed buffer, as (byte index, bit position).
+fn find_code3(packed: &[u8]) -> Option<(usize, usize)> {
+    packed
+        .iter()
+        .enumerate()
+        .find_map(|(i, &b)| (0..4).find(|k| (b >> (2 * k)) & 3 == 3).map(|k| (i, 2 * k)))
+}
+
+/// Unpack the native layout. Errors with a description if a code 3 occurs.
+pub fn unpack_native(
+    packed: &[u8],
+    rows: usize,
+    cols: usize,
+) -> std::result::Result<Vec<i8>, String> {
+    let rb = native_row_bytes(cols);
+    if packed.len() != rows * rb {
+        return Err(format!(
+            "packed buffer has {} bytes, expected {} for a {rows}×{cols} matrix",
+            packed.len(),
+            rows * rb
+        ));
+    }
+    if let Some((i, bit)) = find_code3(packed) {
+        return Err(format!(
+            "invalid ternary code 3 in byte {i} (row {}, bits {bit}..{})",
+            i / rb.max(1),
+            bit + 1
+        ));
+    }
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            out.push(((packed[r * rb + c / 4] >> (2 * (c % 4))) & 3) as i8 - 1);
+        }
+    }
+    Ok(out)
+}
+
+/// Pack ternary values into Hugging Face's BitNet layout: uint8 `[rows/4, cols]`, where bits
+/// `2i..2i+1` of packed row `p` hold output row `i·(rows/4) + p` (four concatenated blocks).
+pub fn pack_hf(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "matrix buffer does not match its shape"
+    );
+    assert_eq!(rows % 4, 0, "HF packing needs rows divisible by 4");
+    let pr = rows / 4;
+    let mut out = vec![0u8; pr * cols];
+    for i in 0..4 {
+        for p in 0..pr {
+            let r = i * pr + p;
+            for c in 0..cols {
+                out[p * cols + c] |= ((values[r * cols + c] + 1) as u8) << (2 * i);
+            }
+        }
+    }
+    out
+}
+
+/// Unpack Hugging Face's layout (see [`pack_hf`]) into row-major `rows × cols` values.
+pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result<Vec<i8>, String> {
+    if !rows.is_multiple_of(4) {
+        return Err(format!("{rows} output rows is not a multiple of 4"));
+    }
+    let pr = rows / 4;
+    if packed.len() != pr * cols {
+        return Err(format!(
+            "packed buffer has {} bytes, expected {} for a {rows}×{cols} matrix",
+            packed.len(),
+            pr * cols
+        ));
+    }
+    if let Some((i, bit)) = find_code3(packed) {
+        return Err(format!(
+            "invalid ternary code 3 at packed row {}, column {}, bits {bit}..{} (output row {})",
+            i / cols.max(1),
+            i % cols.max(1),
+            bit + 1,
+            (bit / 2) * pr + i / cols.max(1)
+        ));
+    }
+    let mut out = vec![0i8; rows * cols];
+    for p in 0..pr {
+        for c in 0..cols {
+            let b = packed[p * cols + c];
+            for i in 0..4 {
+                out[(i * pr + p) * cols + c] = ((b >> (2 * i)) & 3) as i8 - 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// 256-entry table: a packed byte → its four ternary values.
+pub(super) fn decode_table() -> &'static [[i8; 4]; 256] {
+    static TABLE: std::sync::OnceLock<[[i8; 4]; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [[0i8; 4]; 256];
+        for (b, row) in t.iter_mut().enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = ((b >> (2 * k)) & 3) as i8 - 1;
+            }
+        }
+        t
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::ternary_vec;
+    use super::super::TernaryMatrix;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn native_pack_roundtrip((rows, cols, v) in (1usize..9, 1usize..23)
+            .prop_flat_map(|(r, c)| (Just(r), Just(c), ternary_vec(r * c)))) {
+            let p = pack_native(&v, rows, cols);
+            prop_assert_eq!(unpack_native(&p, rows, cols).unwrap(), v.clone());
+            prop_assert_eq!(TernaryMatrix::from_values(&v, rows, cols, vec![1.0]).values(), v);
+        }
+
+        #[test]
+        fn hf_pack_roundtrip((rows, cols, v) in (1usize..5, 1usize..17)
+            .prop_flat_map(|(r, c)| (Just(4 * r), Just(c), ternary_vec(4 * r * c)))) {
+            let p = pack_hf(&v, rows, cols);
+            prop_assert_eq!(unpack_hf(&p, rows, cols).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn known_packing_bytes() {
+        // native: row [-1,0,1,1] → codes 0,1,2,2 → 0b10_10_01_00
+        assert_eq!(pack_native(&[-1, 0, 1, 1], 1, 4), vec![0b1010_0100]);
+        // a 5-column row pads with code 1 (value 0)
+        assert_eq!(
+            pack_native(&[1, 1, 1, 1, -1], 1, 5),
+            vec![0xAA, 0b0101_0100]
+        );
+        // hf: rows 0..4 of one column → bits 2i..2i+1 hold row i
+        assert_eq!(pack_hf(&[-1, 0, 1, 0], 4, 1), vec![0b01_10_01_00]);
+        assert!(unpack_hf(&[0xFF], 4, 1).unwrap_err().contains("code 3"));
+        assert!(unpack_native(&[0b1100_0000], 1, 4)
+            .unwrap_err()
+            .contains("code 3"));
+    }
+}
