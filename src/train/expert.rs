@@ -182,6 +182,24 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
+impl TrainSummary {
+    /// One line: the validation accuracy before and after, where and why training stopped, and
+    /// where the expert went.
+    pub fn to_text(&self, out: &Path) -> String {
+        format!(
+            "expert `{}`: validation accuracy {:.1}% → {:.1}% (best at step {} of {}{}) in {:.0} s; wrote {}",
+            self.expert,
+            100.0 * self.base_val_accuracy,
+            100.0 * self.best_val_accuracy,
+            self.best_step,
+            self.steps,
+            if self.early_stopped { ", early stop" } else { "" },
+            self.seconds,
+            out.display()
+        )
+    }
+}
+
 /// Per-step statistics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
