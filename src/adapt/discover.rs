@@ -264,6 +264,69 @@ pub fn discover(
     })
 }
 
+/// [`discover`] over every built-in domain: the MLP factors of `ck` from `cache` and its packed
+/// ternary model as the base.
+#[allow(clippy::too_many_arguments)]
+pub fn discover_domains(
+    ck: &Checkpoint,
+    tok: &dyn Tokenizer,
+    cache: &crate::svf::svd::SvdCache,
+    n: usize,
+    grad_items: usize,
+    rule: GroupRule,
+    progress: impl FnMut(usize, &str),
+) -> Result<Discovery> {
+    let (factors, _) = crate::svf::expert::factors(ck, crate::svf::Targets::Mlp, cache)?;
+    let base = crate::engine::model::Model::new(ck, ModelOptions::default())?;
+    let sources: Vec<DataSource> = (crate::tasks::Domain::ALL.iter())
+        .map(|&d| DataSource::Domain(d))
+        .collect();
+    discover(
+        ck, &base, &factors, tok, &sources, n, grad_items, rule, progress,
+    )
+}
+
+impl Discovery {
+    /// A table of accuracy and gradient cosines per source, then the experts and why.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "{:<12} {:>9}   gradient cosine with the other domains\n",
+            "domain", "accuracy"
+        );
+        for (i, name) in self.names.iter().enumerate() {
+            let row: Vec<String> = self.cosine[i].iter().map(|c| format!("{c:+.2}")).collect();
+            s += &format!(
+                "{name:<12} {:>8.1}%   {}\n",
+                100.0 * self.accuracy[i],
+                row.join(" ")
+            );
+        }
+        s += &format!("\n{} experts:\n", self.grouping.groups.len());
+        for group in &self.grouping.groups {
+            s += &format!("  {}\n", group.join(" + "));
+        }
+        s += &format!("{}\n", self.grouping.reason);
+        s
+    }
+
+    /// The report as `bitsvf discover --json` prints it: accuracy by name, the similarity
+    /// matrix, the rule, the experts and the reason.
+    pub fn to_json(&self) -> serde_json::Value {
+        let accuracy: BTreeMap<&String, f64> = self
+            .names
+            .iter()
+            .zip(self.accuracy.iter().copied())
+            .collect();
+        serde_json::json!({
+            "accuracy": accuracy,
+            "similarity": {"domains": self.names, "cosine": self.cosine},
+            "rule": self.rule,
+            "experts": self.grouping.groups,
+            "reason": self.grouping.reason,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,6 +80,19 @@ impl Strategy {
     }
 }
 
+/// The names of [`Strategy::name`], for a typed clap argument. (`bitsvf generate --dispatch`
+/// parses through [`FromStr`](std::str::FromStr) after clap, so its help and errors stay as
+/// they were.)
+impl clap::ValueEnum for Strategy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl std::str::FromStr for Strategy {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -312,6 +325,11 @@ mod tests {
     fn strategies_parse_by_name() {
         for s in Strategy::ALL {
             assert_eq!(s.name().parse::<Strategy>().unwrap(), s);
+            assert_eq!(
+                <Strategy as clap::ValueEnum>::from_str(s.name(), false),
+                Ok(s)
+            );
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
         }
         let err = "router".parse::<Strategy>().unwrap_err().to_string();
         assert!(

@@ -4,3 +4,4 @@
 pub mod discover;
 pub mod dispatch;
 pub mod mixture_search;
+pub mod two_pass;

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod inspect;
+pub mod logits;
 pub mod model;
 pub mod ops;
 pub mod ternary;

@@ -164,6 +164,21 @@ impl Tokenizer for HfTokenizer {
     }
 }
 
+/// The directory a model's companion files (`config.json`, `tokenizer.json`) sit in: the model
+/// itself when it is a directory, else the directory of its file.
+pub fn model_dir(source: &std::path::Path) -> std::path::PathBuf {
+    if source.is_dir() {
+        source.to_path_buf()
+    } else {
+        source.parent().map(|p| p.to_path_buf()).unwrap_or_default()
+    }
+}
+
+/// The `tokenizer.json` beside a model, if there is one.
+pub fn file_for_model(source: &std::path::Path) -> Option<std::path::PathBuf> {
+    Some(model_dir(source).join("tokenizer.json")).filter(|tj| tj.is_file())
+}
+
 /// The tokenizer of a model: the `tokenizer.json` beside it, else the byte tokenizer when the
 /// vocabulary is the byte tokenizer's.
 pub fn for_model(
@@ -171,13 +186,8 @@ pub fn for_model(
     config: &crate::engine::config::ModelConfig,
 ) -> Result<Box<dyn Tokenizer>> {
     if let Some(src) = source {
-        let dir = if src.is_dir() {
-            src.to_path_buf()
-        } else {
-            src.parent().map(|p| p.to_path_buf()).unwrap_or_default()
-        };
-        let tj = dir.join("tokenizer.json");
-        if tj.is_file() {
+        let dir = model_dir(src);
+        if let Some(tj) = file_for_model(src) {
             let t = HfTokenizer::from_file(&tj, config.bos_token_id, config.eos_token_id)?;
             if t.vocab_size() > config.vocab_size {
                 return Err(Error::config(

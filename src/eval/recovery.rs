@@ -142,6 +142,18 @@ pub fn compare_logits(
     }
 }
 
+/// [`verify`] on a [`random_probe`] of `rows` sequences of `len` ids (capped by the model's
+/// context), seeded by `seed`.
+pub fn verify_random(
+    ck: &Checkpoint,
+    rows: usize,
+    len: usize,
+    seed: u64,
+) -> Result<RecoveryReport> {
+    let len = len.min(ck.config.max_position_embeddings);
+    verify(ck, &random_probe(ck.config.vocab_size, rows, len, seed))
+}
+
 /// Verify the dequantized model against the ternary one on `probe`.
 pub fn verify(ck: &Checkpoint, probe: &[Vec<u32>]) -> Result<RecoveryReport> {
     let matrices: Vec<MatrixRecovery> = ck

@@ -92,6 +92,13 @@ impl Expert {
         Ok(Expert { meta, z })
     }
 
+    /// Read an expert file and check that it was trained on `ck` ([`Expert::check_base`]).
+    pub fn load_for(path: &Path, ck: &Checkpoint) -> Result<Expert> {
+        let e = Expert::load(path)?;
+        e.check_base(ck, path)?;
+        Ok(e)
+    }
+
     /// Error unless this expert was trained on `ck`.
     pub fn check_base(&self, ck: &Checkpoint, path: &Path) -> Result<()> {
         let hash = ck.content_hash();
@@ -137,6 +144,54 @@ pub fn factors(
         )));
     }
     Ok((out.into_iter().collect(), stats))
+}
+
+/// What getting the factors of a model's targets took: how many matrices, how many came from
+/// the cache, and the worst reconstruction error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct FactorsReport {
+    /// Target matrices decomposed (0 when the parameterization needs no SVD).
+    pub matrices: usize,
+    /// Matrices read from the cache.
+    pub cache_hits: usize,
+    /// Matrices decomposed in this call.
+    pub computed: usize,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Largest `‖W − UΣVᵀ‖_F / ‖W‖_F`.
+    pub max_relative_error: f64,
+}
+
+impl std::fmt::Display for FactorsReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SVD of {} matrices: {} from the cache, {} computed in {:.1} s; largest ‖W − UΣVᵀ‖/‖W‖ = {:.1e}",
+            self.matrices, self.cache_hits, self.computed, self.seconds, self.max_relative_error
+        )
+    }
+}
+
+/// The [`factors`] an expert of `param` on `targets` needs: none (and an empty report) for
+/// the parameterizations that do not act on singular directions.
+pub fn factors_for(
+    ck: &Checkpoint,
+    param: Parameterization,
+    targets: Targets,
+    cache: &SvdCache,
+) -> Result<(BTreeMap<String, Svd>, FactorsReport)> {
+    if !param.uses_svd() {
+        return Ok(Default::default());
+    }
+    let (f, stats) = factors(ck, targets, cache)?;
+    let report = FactorsReport {
+        matrices: f.len(),
+        cache_hits: stats.hits,
+        computed: stats.computed,
+        seconds: stats.seconds,
+        max_relative_error: stats.max_relative_error,
+    };
+    Ok((f, report))
 }
 
 /// Largest accepted `‖W − UΣVᵀ‖_F / ‖W‖_F` of a target matrix.
@@ -315,6 +370,17 @@ pub fn expert_model(
     svf_model(ck, options, &f, &z_tensors(&expert.z, options)?, param)
 }
 
+/// The model of the expert file at `path` on `ck`, as it was trained (dense f32 weights), after
+/// checking that the expert was trained on `ck`.
+pub fn load_expert_model(ck: &Checkpoint, path: &Path, cache: &SvdCache) -> Result<Model> {
+    let e = Expert::load_for(path, ck)?;
+    let options = ModelOptions {
+        mode: WeightMode::Dense,
+        ..Default::default()
+    };
+    expert_model(ck, &e, cache, options)
+}
+
 /// The mixture Σ_k α_k of experts of one parameterization and target set, as one expert
 /// ([`crate::svf::mix`]): paper-form z' for the SVD parameterizations (`factors` gives σ),
 /// Σ α_k z_k for the others. A one-hot α reproduces that expert exactly.
@@ -385,6 +451,25 @@ pub fn mixture(
         },
         z,
     })
+}
+
+/// [`mixture`] of the expert files at `paths`, each checked against the base model `ck`.
+pub fn mixture_of_files(
+    ck: &Checkpoint,
+    paths: &[std::path::PathBuf],
+    alpha: &[f64],
+    cache: &SvdCache,
+) -> Result<Expert> {
+    let experts = (paths.iter())
+        .map(|p| Expert::load_for(p, ck))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &experts
+        .first()
+        .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?
+        .meta;
+    let (f, _) = factors_for(ck, first.parameterization, first.targets, cache)?;
+    let refs: Vec<&Expert> = experts.iter().collect();
+    mixture(&refs, alpha, &f)
 }
 
 /// A paper-SVF expert on the MLP targets of `ck` with every z = `value` (1 = the base),

@@ -78,6 +78,31 @@ impl Parameterization {
     }
 }
 
+/// `--parameterization` on the command line: the names of [`Parameterization::name`] (files keep
+/// their serde names, e.g. `alpha_layer`, for compatibility).
+impl clap::ValueEnum for Parameterization {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self {
+            Parameterization::Paper => "W' = U diag(σ⊙z) Vᵀ, z₀ = 1 (the paper)",
+            Parameterization::Official => {
+                "Sigmoid scales with the Σσ-preserving rescale (the official code)"
+            }
+            Parameterization::AlphaLayer => "W' = z·W, one z per matrix (BitNet-aware, Option 2)",
+            Parameterization::AlphaChannel => {
+                "W' = diag(z)·W, one z per output channel (BitNet-aware, Option 2)"
+            }
+            Parameterization::LowRank => {
+                "W + SVF delta on the top-k singular directions (hybrid, Option 3; k = --rank)"
+            }
+        };
+        Some(clap::builder::PossibleValue::new(self.name()).help(help))
+    }
+}
+
 impl std::str::FromStr for Parameterization {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -108,6 +133,18 @@ pub enum Targets {
 }
 
 impl Targets {
+    /// Every target set.
+    pub const ALL: [Targets; 3] = [Targets::Mlp, Targets::Attn, Targets::All];
+
+    /// The name used on the command line (`--targets`) and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Targets::Mlp => "mlp",
+            Targets::Attn => "attn",
+            Targets::All => "all",
+        }
+    }
+
     /// Whether `kind` is a target.
     pub fn includes(self, kind: LinearKind) -> bool {
         match self {
@@ -118,17 +155,25 @@ impl Targets {
     }
 }
 
+/// The names of [`Targets::name`], for a typed clap argument. (`bitsvf train --targets` parses
+/// through [`FromStr`](std::str::FromStr) after clap, so its help and errors stay as they were.)
+impl clap::ValueEnum for Targets {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl std::str::FromStr for Targets {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mlp" => Ok(Targets::Mlp),
-            "attn" => Ok(Targets::Attn),
-            "all" => Ok(Targets::All),
-            _ => Err(Error::Input(format!(
-                "targets `{s}`: expected mlp, attn or all"
-            ))),
-        }
+        Targets::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| Error::Input(format!("targets `{s}`: expected mlp, attn or all")))
     }
 }
 
@@ -214,6 +259,25 @@ mod tests {
     use crate::svf::forms::{ScaleWeight, SvfWeight};
     use crate::svf::svd::Svd;
     use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn command_line_names_are_the_from_str_names() {
+        use clap::ValueEnum;
+        for p in Parameterization::ALL {
+            assert_eq!(p.name().parse::<Parameterization>().unwrap(), p);
+            assert_eq!(
+                <Parameterization as ValueEnum>::from_str(p.name(), false),
+                Ok(p)
+            );
+        }
+        for t in Targets::ALL {
+            assert_eq!(t.name().parse::<Targets>().unwrap(), t);
+            assert_eq!(<Targets as ValueEnum>::from_str(t.name(), false), Ok(t));
+            assert_eq!(serde_json::to_value(t).unwrap(), t.name());
+        }
+        let err = "mlps".parse::<Targets>().unwrap_err().to_string();
+        assert_eq!(err, "targets `mlps`: expected mlp, attn or all");
+    }
 
     #[test]
     fn official_scale_keeps_the_sum_of_singular_values() {

@@ -258,6 +258,20 @@ impl FromStr for Domain {
     }
 }
 
+impl Domain {
+    /// The domains named in `names` (surrounding spaces ignored), in order; every domain when
+    /// `names` is `None`.
+    pub fn list<S: AsRef<str>>(names: Option<&[S]>) -> Result<Vec<Domain>, TaskError> {
+        match names {
+            Some(names) => names
+                .iter()
+                .map(|n| Domain::by_name(n.as_ref().trim()))
+                .collect(),
+            None => Ok(Domain::ALL.to_vec()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;

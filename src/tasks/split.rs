@@ -53,6 +53,18 @@ impl Split {
     }
 }
 
+/// `--split` on the command line: the held-out splits by [`Split::name`], test first; `train`
+/// is not offered (evaluating on training prompts measures nothing).
+impl clap::ValueEnum for Split {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Split::Test, Split::Validation]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        (*self != Split::Train).then(|| clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 impl fmt::Display for Split {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -131,6 +143,19 @@ pub fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_held_out_splits_are_offered_on_the_command_line() {
+        use clap::ValueEnum;
+        let names: Vec<String> = (Split::value_variants().iter())
+            .map(|s| s.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        assert_eq!(names, ["test", "validation"]);
+        assert!(Split::from_str("train", false).is_err());
+        for s in Split::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+    }
 
     #[test]
     fn splits_are_disjoint_and_cover_every_level() {

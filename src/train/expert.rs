@@ -38,6 +38,30 @@ pub enum Objective {
     Sft,
 }
 
+impl Objective {
+    /// Both objectives.
+    pub const ALL: [Objective; 2] = [Objective::Reinforce, Objective::Sft];
+
+    /// The name used on the command line (`--objective`) and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Reinforce => "reinforce",
+            Objective::Sft => "sft",
+        }
+    }
+}
+
+/// `--objective` on the command line: the names of [`Objective::name`].
+impl clap::ValueEnum for Objective {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// Settings of one expert's training. Defaults work on the default model without tuning.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -156,6 +180,24 @@ pub struct TrainSummary {
     pub early_stopped: bool,
     /// Wall time, seconds.
     pub seconds: f64,
+}
+
+impl TrainSummary {
+    /// One line: the validation accuracy before and after, where and why training stopped, and
+    /// where the expert went.
+    pub fn to_text(&self, out: &Path) -> String {
+        format!(
+            "expert `{}`: validation accuracy {:.1}% → {:.1}% (best at step {} of {}{}) in {:.0} s; wrote {}",
+            self.expert,
+            100.0 * self.base_val_accuracy,
+            100.0 * self.best_val_accuracy,
+            self.best_step,
+            self.steps,
+            if self.early_stopped { ", early stop" } else { "" },
+            self.seconds,
+            out.display()
+        )
+    }
 }
 
 /// Per-step statistics.
@@ -482,6 +524,17 @@ mod tests {
                     .unwrap()
                     .0
             }
+        }
+    }
+
+    #[test]
+    fn objective_names_are_its_serde_names() {
+        for o in Objective::ALL {
+            assert_eq!(
+                <Objective as clap::ValueEnum>::from_str(o.name(), false),
+                Ok(o)
+            );
+            assert_eq!(serde_json::to_value(o).unwrap(), o.name());
         }
     }
 

@@ -5,8 +5,10 @@
 pub mod expert;
 pub mod loss;
 pub mod optim;
+pub mod presets;
 pub mod pretrain;
 
 pub use expert::{
     lr_at, train_expert, Objective, StepStats, TrainConfig, TrainSummary, DEFAULT_RANK,
 };
+pub use presets::{PretrainOverrides, TrainOverrides};

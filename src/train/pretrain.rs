@@ -132,13 +132,32 @@ pub struct PretrainSummary {
     pub finished: bool,
 }
 
-/// Train from scratch (or resume) and write the ternary model to `out` in the native format.
+impl PretrainSummary {
+    /// One line: steps, time, final loss and validation accuracy, and where the model went.
+    pub fn to_text(&self, out: &Path) -> String {
+        format!(
+            "trained {} steps in {:.0} s: final loss {:.3}, validation accuracy {:.1}%; wrote {}",
+            self.steps,
+            self.seconds,
+            self.final_loss,
+            100.0 * self.val_accuracy,
+            out.display()
+        )
+    }
+}
+
+/// Train from scratch (or resume) and write the ternary model to `out` in the native format
+/// (its directory is created if needed).
 pub fn pretrain(
     cfg: &PretrainConfig,
     out: &Path,
     resume: bool,
     mut on_step: impl FnMut(usize, f64, f64) -> bool,
 ) -> Result<PretrainSummary> {
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Input(format!("creating {}: {e}", dir.display())))?;
+    }
     let start = std::time::Instant::now();
     let domains: Vec<Domain> = cfg
         .domains

@@ -75,6 +75,15 @@ static DEFAULT_MODEL: &[u8] = include_bytes!("../../../models/default.safetensor
 /// The name the embedded default model goes by in reports and errors.
 pub const DEFAULT_MODEL_NAME: &str = "<default model>";
 
+/// How a model argument is named in reports: its path, or [`DEFAULT_MODEL_NAME`] for the
+/// embedded model.
+pub fn display_name(model: Option<&Path>) -> String {
+    model.map_or_else(
+        || DEFAULT_MODEL_NAME.to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
 /// Load the embedded default model.
 pub fn load_default() -> Result<Checkpoint> {
     let tf = TensorFiles::from_static(DEFAULT_MODEL_NAME, DEFAULT_MODEL)?;

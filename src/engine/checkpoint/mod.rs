@@ -13,7 +13,8 @@ mod formats;
 pub mod st;
 
 pub use formats::{
-    load, load_default, load_or_default, save_dequantized, save_native, DEFAULT_MODEL_NAME,
+    display_name, load, load_default, load_or_default, save_dequantized, save_native,
+    DEFAULT_MODEL_NAME,
 };
 
 use crate::engine::config::ModelConfig;
@@ -230,6 +231,27 @@ impl Checkpoint {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
+    }
+
+    /// Error unless this model (loaded from `path`) is `base`, the base model of `owner` (a
+    /// handoff directory of `bitsvf run`, an expert library), by [`Self::content_hash`].
+    pub fn check_is_base_of(
+        &self,
+        path: &std::path::Path,
+        base: &Checkpoint,
+        owner: &std::path::Path,
+    ) -> crate::error::Result<()> {
+        let (ours, theirs) = (self.content_hash(), base.content_hash());
+        if ours != theirs {
+            return Err(crate::error::Error::Input(format!(
+                "{} is not the base model of {} (content hash {}… vs {}…)",
+                path.display(),
+                owner.display(),
+                &ours[..12],
+                &theirs[..12]
+            )));
+        }
+        Ok(())
     }
 
     /// Parameters actually stored (embeddings, linears, norms, head, biases).

@@ -36,6 +36,34 @@ pub enum WeightMode {
     Dense,
 }
 
+impl WeightMode {
+    /// Both modes.
+    pub const ALL: [WeightMode; 2] = [WeightMode::Ternary, WeightMode::Dense];
+
+    /// The name used on the command line (`--mode`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightMode::Ternary => "ternary",
+            WeightMode::Dense => "dense",
+        }
+    }
+}
+
+/// `--mode` on the command line: the names of [`WeightMode::name`].
+impl clap::ValueEnum for WeightMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self {
+            WeightMode::Ternary => "Packed 2-bit weights, integer kernel",
+            WeightMode::Dense => "Dequantized f32 weights",
+        };
+        Some(clap::builder::PossibleValue::new(self.name()).help(help))
+    }
+}
+
 /// Options for building a [`Model`].
 #[derive(Debug, Clone, Copy)]
 pub struct ModelOptions {
@@ -728,6 +756,16 @@ mod tests {
 
     fn rows(t: &Tensor) -> Vec<Vec<f32>> {
         t.squeeze(0).unwrap().to_vec2().unwrap()
+    }
+
+    #[test]
+    fn weight_modes_parse_by_name() {
+        for m in WeightMode::ALL {
+            assert_eq!(
+                <WeightMode as clap::ValueEnum>::from_str(m.name(), false),
+                Ok(m)
+            );
+        }
     }
 
     #[test]

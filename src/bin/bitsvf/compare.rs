@@ -1,0 +1,109 @@
+//! `bitsvf compare-options`: the seed's integration options side by side.
+
+use crate::common::{step_bar, svd_cache};
+use anyhow::Result;
+use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::pipeline::compare::{compare_options, CompareConfig, Event};
+use bitsvf::tasks::Domain;
+use bitsvf::train::{TrainConfig, DEFAULT_RANK};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model; default: the embedded model.
+    model: Option<PathBuf>,
+    /// Comma-separated domains, one expert each.
+    #[arg(long, default_value = "count,sort,compare")]
+    domains: String,
+    /// Held-out test items per domain.
+    #[arg(long)]
+    n: Option<usize>,
+    /// Directory of experts `<parameterization>_<domain>.safetensors`; missing ones are
+    /// trained there with the default settings (default: compare-options/experts, or
+    /// compare-options/experts-quick with --quick).
+    #[arg(long)]
+    experts: Option<PathBuf>,
+    /// Small and fast: the first domain only, 40 items, 20 training steps.
+    #[arg(long)]
+    quick: bool,
+    /// Training steps per expert (default: the trainer's default, 20 with --quick).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Width k of the hybrid low-rank experts.
+    #[arg(long, default_value_t = DEFAULT_RANK)]
+    rank: usize,
+    /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Print `{"options": [{"name", "accuracy", "bytes", "tokens_per_s", …}]}`.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    anyhow::ensure!(a.rank > 0, "--rank must be positive");
+    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
+    let cfg = config(&a)?;
+    let cache = svd_cache(a.cache_dir);
+    let bar = step_bar(cfg.train.steps)?;
+    let report = compare_options(&ck, tok.as_ref(), &cfg, &cache, |e| match e {
+        Event::Training(param, domain, step, steps) => {
+            bar.set_length(steps as u64);
+            bar.set_position(step as u64);
+            bar.set_message(format!("training {param} expert for {domain}"));
+        }
+        Event::Evaluating(what) => {
+            bar.set_message(format!("evaluating {what}"));
+        }
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.markdown());
+        println!(
+            "f32 model: {:.2} MB; experts in {}",
+            report.f32_bytes as f64 / 1e6,
+            cfg.experts_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The comparison's settings: the full one or `--quick`, with the flags laid over. (A preset
+/// of [`CompareConfig`]; it belongs beside it in `pipeline::compare`, which is being split up
+/// now.)
+fn config(a: &Args) -> Result<CompareConfig> {
+    let names: Vec<&str> = a.domains.split(',').collect();
+    let mut domains = Domain::list(Some(&names))?;
+    anyhow::ensure!(!domains.is_empty(), "--domains is empty");
+    let mut train = TrainConfig {
+        rank: a.rank,
+        ..TrainConfig::default()
+    };
+    if a.quick {
+        domains.truncate(1);
+        train = train.quick();
+    }
+    if let Some(s) = a.steps {
+        anyhow::ensure!(s > 0, "--steps must be positive");
+        train.steps = s;
+    }
+    let quick = a.quick;
+    Ok(CompareConfig {
+        domains,
+        n: a.n.unwrap_or(if quick { 40 } else { 500 }),
+        train,
+        experts_dir: a.experts.clone().unwrap_or_else(|| {
+            PathBuf::from(if quick {
+                "compare-options/experts-quick"
+            } else {
+                "compare-options/experts"
+            })
+        }),
+        decode_tokens: if quick { 32 } else { 96 },
+        decode_runs: if quick { 3 } else { 7 },
+        seed: 0,
+    })
+}

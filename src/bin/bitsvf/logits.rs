@@ -1,0 +1,39 @@
+//! `bitsvf logits`: one forward pass on token ids, written to safetensors.
+
+use anyhow::Result;
+use bitsvf::engine::checkpoint;
+use bitsvf::engine::logits::write_logits;
+use bitsvf::engine::model::{parse_token_rows, ModelOptions, WeightMode};
+use candle_core::DType;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model file or directory; default: the embedded model.
+    model: Option<PathBuf>,
+    /// Token id rows, e.g. "1,2,3;4,5,6".
+    #[arg(long)]
+    tokens: String,
+    /// Output safetensors file (tensors `logits` and `input_ids`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight mode.
+    #[arg(long, value_enum, default_value = "ternary")]
+    mode: WeightMode,
+    /// Keep activations in f32 (no int8 activation quantization).
+    #[arg(long)]
+    no_act_quant: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let rows = parse_token_rows(&a.tokens)?;
+    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let options = ModelOptions {
+        mode: a.mode,
+        act_quant: !a.no_act_quant,
+        dtype: DType::F32,
+    };
+    let shape = write_logits(&ck, &rows, options, &a.out)?;
+    eprintln!("wrote logits {:?} to {}", shape, a.out.display());
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! `bitsvf run`: the main job, end to end, into a handoff directory.
+
+use crate::common::step_bar;
+use anyhow::Result;
+use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::pipeline::{self, Event, RunConfig};
+use bitsvf::svf::svd::SvdCache;
+use bitsvf::tasks::remote::{api_key_from_env, GeneratorConfig, DEFAULT_KEY_ENV};
+use bitsvf::tasks::Dataset;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model; default: the embedded model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Handoff directory to create (built in OUT.partial, renamed when complete).
+    #[arg(long, default_value = "bitsvf-out")]
+    out: PathBuf,
+    /// A few minutes or less: 4 domains, 3 experts, a handful of steps (for tests).
+    #[arg(long)]
+    quick: bool,
+    /// Seed (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Training steps per expert (default 150; 6 with --quick).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Held-out test items per domain (default 200; 12 with --quick).
+    #[arg(long)]
+    test_n: Option<usize>,
+    /// JSON file of settings laid over the defaults (any fields of the run configuration
+    /// in manifest.json's `options`, e.g. {"search": {"population": 32}, "train":
+    /// {"steps": 300}}); flags given on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// A user JSONL dataset ({"prompt", "answer"} per line; splits 80/10/10 by a hash of
+    /// the prompt) measured beside the built-in domains; repeat for several.
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Verifier of the --data sets: exact, numeric[:TOL], choice:A,B or regex:PATTERN.
+    #[arg(long, default_value = "exact")]
+    verifier: String,
+    /// Take the experts' training items from this OpenAI-compatible endpoint
+    /// (e.g. http://127.0.0.1:8080/v1); every item is verified and cached on disk.
+    #[arg(long)]
+    generator_url: Option<String>,
+    /// Model name sent to the endpoint.
+    #[arg(long, default_value = "default", requires = "generator_url")]
+    generator_model: String,
+    /// Environment variable holding the endpoint's API key.
+    #[arg(long, default_value = DEFAULT_KEY_ENV, requires = "generator_url")]
+    generator_key_env: String,
+    /// Most requests to the endpoint (retries included).
+    #[arg(long, requires = "generator_url")]
+    generator_max_requests: Option<usize>,
+    /// Most tokens to spend at the endpoint.
+    #[arg(long, requires = "generator_url")]
+    generator_max_tokens: Option<u64>,
+    /// Verified items per domain to obtain from the endpoint (default 2000; 40 with --quick).
+    #[arg(long, requires = "generator_url")]
+    generator_items: Option<usize>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let datasets = (a.data.iter())
+        .map(|p| Ok(Dataset::load_jsonl(p, a.verifier.parse()?)?))
+        .collect::<Result<Vec<_>>>()?;
+    let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
+    let cache_root = a.cache_dir.clone().unwrap_or_else(SvdCache::default_dir);
+    let (cfg, generator) = config(&a, &datasets, &cache_root)?;
+    let cache = SvdCache::new(cache_root);
+    let model_files: Vec<PathBuf> = (a.model.as_deref())
+        .and_then(tokenizer::file_for_model)
+        .into_iter()
+        .collect();
+    let t0 = std::time::Instant::now();
+    let bar = step_bar(1)?;
+    let manifest = pipeline::run(
+        &ck,
+        &checkpoint::display_name(a.model.as_deref()),
+        tok.as_ref(),
+        &cfg,
+        &a.out,
+        &cache,
+        generator.as_ref(),
+        &datasets,
+        &model_files,
+        &mut |e| match e {
+            Event::Stage(name, done) => {
+                let t = t0.elapsed().as_secs_f64();
+                bar.suspend(|| {
+                    if done {
+                        eprintln!("stage {name}: finished before, skipped");
+                    } else {
+                        eprintln!("stage {name} (at {t:.0} s)");
+                    }
+                });
+                bar.set_position(0);
+                bar.set_message(name.to_string());
+            }
+            Event::Progress(done, total, msg) => {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(msg);
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    let report = std::fs::read_to_string(a.out.join("report.md"))?;
+    println!("{report}");
+    println!(
+        "wrote {} ({} experts{}) in {:.0} s",
+        a.out.display(),
+        manifest.experts.len(),
+        if manifest.mixture.is_some() {
+            ", mixture"
+        } else {
+            ""
+        },
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The run's settings — the defaults (or `--quick`'s), the `--config` file, then the flags —
+/// and the generator endpoint, if any. (Flags over a [`RunConfig`]; this belongs beside it in
+/// `pipeline`, which is being split up now.)
+fn config(
+    a: &Args,
+    datasets: &[Dataset],
+    cache_root: &Path,
+) -> Result<(RunConfig, Option<GeneratorConfig>)> {
+    let mut cfg = RunConfig::new(a.quick);
+    if let Some(path) = &a.config {
+        cfg = cfg.with_file(path)?;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    cfg.datasets = datasets.iter().map(|d| d.name.clone()).collect();
+    if let Some(s) = a.steps {
+        anyhow::ensure!(s > 0, "--steps must be positive");
+        cfg.train.steps = s;
+    }
+    if let Some(n) = a.test_n {
+        anyhow::ensure!(n > 0, "--test-n must be positive");
+        cfg.test_n = n;
+    }
+    let generator = a.generator_url.as_ref().map(|url| {
+        cfg.data_source = format!("generator {url} {}", a.generator_model);
+        let mut g = GeneratorConfig::new(url, &a.generator_model, cache_root.join("generated"));
+        g.api_key = api_key_from_env(&a.generator_key_env);
+        if let Some(v) = a.generator_max_requests {
+            g.max_requests = v;
+        }
+        if let Some(v) = a.generator_max_tokens {
+            g.max_tokens = v;
+        }
+        g
+    });
+    if let Some(n) = a.generator_items {
+        anyhow::ensure!(n > 0, "--generator-items must be positive");
+        cfg.generated_items = n;
+    }
+    Ok((cfg, generator))
+}

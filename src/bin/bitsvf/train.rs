@@ -1,0 +1,140 @@
+//! `bitsvf train`: one SVF expert on a domain or a JSONL dataset.
+
+use crate::common::{step_bar, svd_cache};
+use anyhow::Result;
+use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::svf::{expert, Parameterization};
+use bitsvf::tasks::{DataSource, Dataset, Domain};
+use bitsvf::train::{train_expert, Objective, TrainConfig, TrainOverrides, DEFAULT_RANK};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model; default: the embedded model.
+    model: Option<PathBuf>,
+    /// Built-in domain to specialise on.
+    #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+    domain: Option<String>,
+    /// User JSONL dataset instead of a domain.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Verifier of --data.
+    #[arg(long, default_value = "exact")]
+    verifier: String,
+    /// Output expert file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Objective.
+    #[arg(long, value_enum, default_value = "sft")]
+    objective: Objective,
+    /// z parameterization.
+    #[arg(long, value_enum, default_value = "paper")]
+    parameterization: Parameterization,
+    /// Width k of the low-rank parameterization (top-k singular directions).
+    #[arg(long, default_value_t = DEFAULT_RANK)]
+    rank: usize,
+    /// Target matrices: mlp, attn or all.
+    #[arg(long, default_value = "mlp")]
+    targets: String,
+    /// Most optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// KL coefficient λ.
+    #[arg(long)]
+    kl_coeff: Option<f64>,
+    /// Learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Keep the learning rate constant (default: cosine decay to 10%).
+    #[arg(long)]
+    constant_lr: bool,
+    /// REINFORCE without the per-prompt mean-reward baseline.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Prompts per optimizer step.
+    #[arg(long)]
+    batch_prompts: Option<usize>,
+    /// Sampled completions per prompt (REINFORCE).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Validate every this many steps.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Validation items.
+    #[arg(long)]
+    val_n: Option<usize>,
+    /// Stop after this many validations without improvement.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Continue an interrupted run.
+    #[arg(long)]
+    resume: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
+    let data = match (&a.domain, &a.data) {
+        (Some(d), _) => DataSource::Domain(Domain::by_name(d)?),
+        (None, Some(p)) => DataSource::Dataset(Dataset::load_jsonl(p, a.verifier.parse()?)?),
+        (None, None) => anyhow::bail!("give --domain or --data"),
+    };
+    let mut cfg = TrainConfig {
+        parameterization: a.parameterization,
+        rank: a.rank,
+        targets: a.targets.parse()?,
+        cosine: !a.constant_lr,
+        baseline: !a.no_baseline,
+        seed: a.seed,
+        ..TrainConfig::for_objective(a.objective)
+    };
+    cfg.apply(&TrainOverrides {
+        steps: a.steps,
+        kl_coeff: a.kl_coeff,
+        lr: a.lr,
+        batch_prompts: a.batch_prompts,
+        samples: a.samples,
+        eval_every: a.eval_every,
+        val_n: a.val_n,
+        patience: a.patience,
+    })?;
+    let cache = svd_cache(a.cache_dir);
+    anyhow::ensure!(a.rank > 0, "--rank must be positive");
+    let (factors, svd) = expert::factors_for(&ck, cfg.parameterization, cfg.targets, &cache)?;
+    if !a.json && cfg.parameterization.uses_svd() {
+        println!("{svd}");
+    }
+    let bar = step_bar(cfg.steps)?;
+    let summary = train_expert(
+        &ck,
+        &factors,
+        tok.as_ref(),
+        &data,
+        &cfg,
+        &a.out,
+        a.resume,
+        |step, s| {
+            bar.set_position(step as u64);
+            bar.set_message(format!("reward {:+.2} kl {:.3}", s.reward, s.kl));
+            true
+        },
+    )?;
+    bar.finish_and_clear();
+    if a.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["svd"] = serde_json::to_value(svd)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", summary.to_text(&a.out));
+    }
+    Ok(())
+}
