@@ -91,12 +91,28 @@ pub enum Error {
     /// An error from the tensor library.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A JSON document could not be written or read.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// An error of one of bitsvf's own modules with its own error type — the task suite
+    /// (`tasks::TaskError`), the generator client (`tasks::RemoteError`), the SVD cache
+    /// (`svf::svd::SvdError`), a search (`search::SearchError`), the tokenizer — kept whole
+    /// (its message, its source chain, and its type for `downcast_ref`) instead of flattened
+    /// into a string. Each owning module converts its type (`impl From<…> for Error`), so this
+    /// file names no module above it.
+    #[error(transparent)]
+    Module(Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 /// Result alias used across the library.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Keep a module's own error whole (see [`Error::Module`]).
+    pub fn module(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Module(Box::new(e))
+    }
+
     /// Wrap an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {

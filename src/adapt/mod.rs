@@ -5,3 +5,12 @@ pub mod discover;
 pub mod dispatch;
 pub mod mixture_search;
 pub mod two_pass;
+
+/// A search's error (its objective's error kept as the source), whole.
+impl<E: std::error::Error + Send + Sync + 'static> From<crate::search::SearchError<E>>
+    for crate::Error
+{
+    fn from(e: crate::search::SearchError<E>) -> Self {
+        crate::Error::module(e)
+    }
+}

@@ -193,6 +193,12 @@ pub enum TaskError {
     },
 }
 
+impl From<TaskError> for crate::Error {
+    fn from(e: TaskError) -> Self {
+        crate::Error::module(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

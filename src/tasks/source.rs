@@ -54,8 +54,7 @@ impl DataSource {
             DataSource::Domain(d) => {
                 let mut out = Vec::with_capacity(n);
                 while out.len() < n {
-                    let level = Difficulty::new(rng.gen_range(1..=5))
-                        .map_err(|e| Error::Input(e.to_string()))?;
+                    let level = Difficulty::new(rng.gen_range(1..=5))?;
                     let item = d.generate(rng, level);
                     if Split::of(d.name(), &item.prompt) == Split::Train {
                         out.push(item);
@@ -157,7 +156,7 @@ pub fn eval_items(domain: Domain, split: Split, n: usize, seed: u64) -> Result<V
                 Err(TaskError::Exhausted { found, .. }) if i + 1 < levels.len() => {
                     want = found;
                 }
-                Err(e) => return Err(Error::Input(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         };
         carry = count - items.len();

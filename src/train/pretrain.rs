@@ -89,8 +89,7 @@ pub fn draw_batch(
     while pairs.len() < cfg.batch_size {
         let d = domains[rng.gen_range(0..domains.len())];
         let level =
-            Difficulty::new(rng.gen_range(Difficulty::MIN.level()..=Difficulty::MAX.level()))
-                .map_err(|e| Error::Input(e.to_string()))?;
+            Difficulty::new(rng.gen_range(Difficulty::MIN.level()..=Difficulty::MAX.level()))?;
         let item = d.generate(&mut rng, level);
         if Split::of(d.name(), &item.prompt) != Split::Train {
             continue;
@@ -162,7 +161,7 @@ pub fn pretrain(
     let domains: Vec<Domain> = cfg
         .domains
         .iter()
-        .map(|n| Domain::by_name(n).map_err(|e| Error::Input(e.to_string())))
+        .map(|n| Domain::by_name(n).map_err(Error::from))
         .collect::<Result<_>>()?;
     let (model, vars) = Model::trainable(cfg.arch.clone(), true, cfg.seed)?;
     let mut opt = Adam::new(

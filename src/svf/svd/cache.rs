@@ -530,6 +530,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SvdError> {
     })
 }
 
+impl From<SvdError> for crate::Error {
+    fn from(e: SvdError) -> Self {
+        crate::Error::module(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{assert_bit_identical, ternary};

@@ -278,5 +278,11 @@ pub fn generate_items(
     })
 }
 
+impl From<RemoteError> for crate::Error {
+    fn from(e: RemoteError) -> Self {
+        crate::Error::module(e)
+    }
+}
+
 #[cfg(test)]
 mod tests;
