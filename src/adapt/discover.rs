@@ -1,4 +1,4 @@
-//! Stage 1, expert discovery (DESIGN.md §1): which skills deserve an expert, decided from
+//! Stage 1, expert discovery (docs/DESIGN.md §1): which skills deserve an expert, decided from
 //! measurements of the base model.
 //!
 //! Two measurements per domain: the base model's held-out accuracy (the headroom an expert can

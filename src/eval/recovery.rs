@@ -1,4 +1,4 @@
-//! Dequantization and its recovery report (seed Option 1, DESIGN.md §1 step 2): is the f32
+//! Dequantization and its recovery report (seed Option 1, docs/DESIGN.md §1 step 2): is the f32
 //! model W = γ·W_t an exact stand-in for the ternary one?
 //!
 //! Two things are checked. Per matrix, that W re-ternarizes to the same W_t (so nothing was
@@ -15,7 +15,7 @@ use candle_core::DType;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-/// Required argmax agreement of the dequantized model (DESIGN.md §1).
+/// Required argmax agreement of the dequantized model (docs/DESIGN.md §1).
 pub const MIN_AGREEMENT: f64 = 0.99;
 
 /// Exactness of one matrix.

@@ -1,4 +1,4 @@
-//! Cross-entropy method for maximisation over a box (DESIGN.md §3, few-shot adaptation).
+//! Cross-entropy method for maximisation over a box (docs/DESIGN.md §3, few-shot adaptation).
 //!
 //! Each iteration samples a population from a diagonal Gaussian N(μ, σ²), clamps the samples to
 //! the bounds, scores the whole batch, and refits μ and σ to the elites (the best samples by

@@ -1,7 +1,7 @@
 //! Generic black-box optimisers over real-valued boxes: NSGA-II, the cross-entropy method,
 //! Pareto utilities and the hypervolume indicator. Nothing here knows bitsvf's types: genomes are
 //! `Vec<f64>` and objectives plain numbers; `adapt` uses them to search over expert mixtures α
-//! (DESIGN.md §3 few-shot CEM, §4 NSGA-II).
+//! (docs/DESIGN.md §3 few-shot CEM, §4 NSGA-II).
 //!
 //! Both optimisers are ours, small, seeded with `StdRng::seed_from_u64` (same seed and same
 //! objective values → bit-identical results) and evaluate whole *batches* of genomes, because in

@@ -212,7 +212,7 @@ pub struct Budget {
 /// The point with the lowest `front[i][objective]` among those meeting every budget.
 ///
 /// Typical use: `objective` is `1 − accuracy` and the budgets bound latency and memory
-/// (DESIGN.md §4). Ties on `objective` go to the point that is lexicographically smaller on the
+/// (docs/DESIGN.md §4). Ties on `objective` go to the point that is lexicographically smaller on the
 /// remaining objectives, then to the lowest index. Returns `None` when no point meets the budgets.
 ///
 /// # Panics

@@ -1,4 +1,4 @@
-//! Singular Value Fine-tuning (Transformer², arXiv 2501.06252, DESIGN.md §3).
+//! Singular Value Fine-tuning (Transformer², arXiv 2501.06252, docs/DESIGN.md §3).
 //!
 //! Each target matrix W = U diag(σ) Vᵀ gets one vector z ∈ ℝʳ. The forward pass never builds
 //! W': y = ((x V) ⊙ s) Uᵀ with the applied scale s
@@ -9,7 +9,7 @@
 //! Mixtures combine the *applied* scales, s' = Σ α_k s_k, and are expressed as a paper-form
 //! z' = s'/σ, so a one-hot α reproduces that expert exactly under either parameterization.
 //!
-//! Two further families of the seed's integration options (DESIGN.md §5) train through the same
+//! Two further families of the seed's integration options (docs/DESIGN.md §5) train through the same
 //! machinery, each with z₀ = 1 and mixtures z' = Σ α_k z_k:
 //! - *BitNet-aware* (Option 2): z scales the rows of W = γ·W_t without any SVD — one value per
 //!   matrix (`alpha_layer`, W' = z·W) or one per output channel (`alpha_channel`,

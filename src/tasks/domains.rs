@@ -3,7 +3,7 @@
 //! Each domain can both *generate* an item from a seeded RNG and *solve* a prompt written in
 //! its format. Generators compute their answer from the values they drew; solvers parse the
 //! text. The tests check that the two agree, and solvers also let the pipeline check problems
-//! that came from elsewhere (DESIGN.md Stage 1: "generated problems are checked by the verifier
+//! that came from elsewhere (docs/DESIGN.md §1, stage 1: "generated problems are checked by the verifier
 //! before use").
 
 mod arithmetic;

@@ -1,6 +1,6 @@
 //! The task suite: procedural, seeded domains with exact verifiers, and user JSONL datasets.
 //!
-//! It feeds two stages of DESIGN.md: pretraining the tiny char-level model on the canonical
+//! It feeds two stages of docs/DESIGN.md: pretraining the tiny char-level model on the canonical
 //! text of many items, and Stage 1/2 of Transformer², where every domain is scored and SVF
 //! experts are trained with the verifier's ±1 reward.
 //!

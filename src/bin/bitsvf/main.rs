@@ -68,7 +68,7 @@ enum Command {
 
 /// On Linux/glibc, back large allocations with transparent huge pages: training allocates
 /// and frees tens of MB per step (logits and their gradients), and page faults on fresh
-/// buffers cost ~10% of an SVF step (README, "SVF training step vs PyTorch"). glibc reads its
+/// buffers cost ~10% of an SVF step (docs/results.md, "SVF training step vs PyTorch"). glibc reads its
 /// tunables only at start-up, so the process re-executes itself once with the setting;
 /// `BITSVF_NO_HUGEPAGES=1` or an explicit `GLIBC_TUNABLES` opts out.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

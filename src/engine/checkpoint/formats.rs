@@ -69,7 +69,7 @@ fn locate(path: &Path) -> Result<(Vec<PathBuf>, PathBuf)> {
 }
 
 /// The default model, compiled into the binary: a BitNet b1.58 model trained from scratch
-/// by `bitsvf pretrain` (see README), in the native format.
+/// by `bitsvf pretrain` (see docs/results.md, "The default model"), in the native format.
 static DEFAULT_MODEL: &[u8] = include_bytes!("../../../models/default.safetensors");
 
 /// The name the embedded default model goes by in reports and errors.

@@ -1,5 +1,5 @@
 //! Model checkpoints: the weights of a BitNet decoder as loaded from any supported format
-//! (DESIGN.md §2), independent of how the forward pass runs them.
+//! (docs/DESIGN.md §2), independent of how the forward pass runs them.
 //!
 //! Formats are detected from the files, never from a flag:
 //! - **bitsvf native**: a safetensors file whose header metadata has `format = "bitsvf"`.

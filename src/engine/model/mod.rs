@@ -612,7 +612,7 @@ impl Model {
                         TernaryMatrix::quantize(&flat(w)?, rows, cols, Quantization::PerTensor)
                     }
                     LinearWeight::Adapted(w) => {
-                        // Re-quantization of the adapted W' (DESIGN.md §5).
+                        // Re-quantization of the adapted W' (docs/DESIGN.md §5).
                         let (rows, cols) = w.shape()?;
                         let per_channel = w.requant_per_channel(per_channel);
                         requantize(&w.adapted_weight()?, rows, cols, per_channel)

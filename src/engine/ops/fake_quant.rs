@@ -8,7 +8,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// Per-token int8 fake-quantization of activations `[.., in]` with the straight-through
 /// estimator: the value is x_q/s ([`crate::engine::ternary::quantize_activations`]), the gradient the
-/// identity (BitNet training, DESIGN.md §2).
+/// identity (BitNet training, docs/DESIGN.md §2).
 pub fn fake_quant_ste(x: &Tensor) -> Result<Tensor> {
     if !fast(&[x]) {
         return composable::fake_quant_ste(x);

@@ -2,7 +2,7 @@
 //! in Hugging Face's layout, dequantization, and the exact packed 2-bit × int8 matrix product
 //! used by the model's ternary mode.
 //!
-//! Arithmetic (DESIGN.md §2): γ = mean|W| (clamped ≥ 1e-5), W_t = clamp(round(W/γ), −1, 1),
+//! Arithmetic (docs/DESIGN.md §2): γ = mean|W| (clamped ≥ 1e-5), W_t = clamp(round(W/γ), −1, 1),
 //! W ≈ γ·W_t. Activations are quantized per token with s = 127 / max|x|,
 //! x_q = clamp(round(x·s), −128, 127), and a linear layer outputs (x_q · W_tᵀ) · γ / s.
 //! Rounding is half-to-even, as `torch.round` does, so our codes match PyTorch-made ones.

@@ -1,4 +1,4 @@
-//! Re-quantization of adapted weights back to ternary (DESIGN.md §5, the Phase 8 handoff).
+//! Re-quantization of adapted weights back to ternary (docs/DESIGN.md §5, the Phase 8 handoff).
 //!
 //! BitNet's absmean rule is the *training* rule: it maps latent float weights to γ·W_t. Applied
 //! to weights that are already ternary (W = γ·W_t) it would keep W_t but shrink the scale to

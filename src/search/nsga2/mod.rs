@@ -13,7 +13,7 @@ use super::hypervolume::hypervolume;
 use super::pareto::{best_within, crowding_of, fast_non_dominated_sort, knee_point, Budget};
 use super::{validate_bounds, SearchError};
 
-/// Settings of one NSGA-II run. Defaults are DESIGN.md §4's (population 50, 100 generations,
+/// Settings of one NSGA-II run. Defaults are docs/DESIGN.md §4's (population 50, 100 generations,
 /// SBX η = 15 with probability 0.9, polynomial mutation η = 20 with probability 1/n).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -1,4 +1,4 @@
-//! Thin SVD of weight matrices and its on-disk cache (DESIGN.md §3).
+//! Thin SVD of weight matrices and its on-disk cache (docs/DESIGN.md §3).
 //!
 //! SVF trains one vector `z ∈ ℝʳ` per target matrix `W = U diag(σ) Vᵀ`, `r = min(m, n)`; the
 //! factors `u`, `sigma`, `v` are computed once per model and reused by every expert, so they

@@ -1,6 +1,6 @@
 //! An OpenAI-compatible chat endpoint as a source of training items for a built-in domain.
 //!
-//! Stage 1 of DESIGN.md accepts problems from elsewhere as long as "generated problems are
+//! Stage 1 of docs/DESIGN.md §1 accepts problems from elsewhere as long as "generated problems are
 //! checked by the verifier before use". [`generate_items`] asks a chat model
 //! (`POST {url}/chat/completions`) for new problems written like a few examples, one per line
 //! as `PROMPT => ANSWER`, and keeps a line only when
