@@ -19,6 +19,7 @@ use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::answer;
 use crate::eval::recovery;
+use crate::io::{read_json, write_json};
 use crate::pipeline::plot::Series;
 use crate::search::CemConfig;
 use crate::svf::deploy::{f32_bytes, packed_bytes};
@@ -249,17 +250,6 @@ fn reset_peak_rss() {
 struct Saved<T> {
     record: StageRecord,
     result: T,
-}
-
-/// Write `value` as pretty JSON atomically.
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Input(e.to_string()))?;
-    crate::engine::checkpoint::st::write_atomic(path, &bytes)
-}
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::config(path, "json", e.to_string()))
 }
 
 /// The run in progress: its directory and finished stages.
@@ -713,6 +703,11 @@ pub fn run(
         },
     )?;
     std::fs::rename(&work, out).map_err(|e| Error::io(out, e))?;
+    crate::io::sync_dir(
+        out.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )?;
     Ok(manifest)
 }
 
@@ -915,7 +910,7 @@ fn handoff(
         text.push_str(&l.to_string());
         text.push('\n');
     }
-    crate::engine::checkpoint::st::write_atomic(&work.join("metrics.jsonl"), text.as_bytes())?;
+    crate::io::write_atomic(&work.join("metrics.jsonl"), text.as_bytes())?;
 
     // Plots.
     let domains: Vec<String> = p.table.accuracy.keys().cloned().collect();
@@ -1071,7 +1066,7 @@ fn handoff(
     };
     write_json(&work.join("manifest.json"), &manifest)?;
     let report = report_markdown(&manifest, p.found, p.table, records, p.searched);
-    crate::engine::checkpoint::st::write_atomic(&work.join("report.md"), report.as_bytes())?;
+    crate::io::write_atomic(&work.join("report.md"), report.as_bytes())?;
     Ok(manifest)
 }
 
