@@ -41,6 +41,31 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+/// Environment variable that fixes the latency of deployed ranks instead of timing their
+/// decodes, as `RANK:MS,RANK:MS` (milliseconds per token; ranks not listed are timed).
+/// Latency is an objective and a budget of the search, so a run reproduces another run's
+/// choices on a busy machine only with the latencies that run measured (the golden test).
+pub const LATENCY_ENV: &str = "BITSVF_LATENCY_MS";
+
+/// The latencies fixed by [`LATENCY_ENV`], by rank (none when it is unset).
+fn fixed_latencies() -> Result<BTreeMap<usize, f64>> {
+    let Ok(spec) = std::env::var(LATENCY_ENV) else {
+        return Ok(BTreeMap::new());
+    };
+    (spec.split(',').filter(|s| !s.trim().is_empty()))
+        .map(|pair| {
+            let parsed = pair.split_once(':').and_then(|(rank, ms)| {
+                Some((rank.trim().parse().ok()?, ms.trim().parse::<f64>().ok()?))
+            });
+            parsed.filter(|(_, ms)| *ms > 0.0).ok_or_else(|| {
+                Error::Input(format!(
+                    "{LATENCY_ENV}: `{pair}` is not RANK:MS (e.g. 64:6.1) with MS > 0"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Singular directions the deployed delta may keep (0 = the bare ternary base).
 pub const RANKS: [usize; 6] = [0, 16, 32, 64, 128, 256];
 
@@ -226,8 +251,9 @@ pub struct Problem<'a> {
     preserve: Batch,
     base_lp: Tensor,
     latency: (usize, usize),
-    /// Milliseconds per token by rank, measured once: α changes the values of the delta, never
-    /// the work, and re-timing every genome would let timer noise pick the front.
+    /// Milliseconds per token by rank, measured once (or fixed by [`LATENCY_ENV`]): α changes
+    /// the values of the delta, never the work, and re-timing every genome would let timer
+    /// noise pick the front.
     ms_per_token: BTreeMap<usize, f64>,
 }
 
@@ -271,7 +297,7 @@ impl<'a> Problem<'a> {
             preserve,
             base_lp,
             latency: (cfg.latency_tokens, cfg.latency_runs),
-            ms_per_token: BTreeMap::new(),
+            ms_per_token: fixed_latencies()?,
         })
     }
 
