@@ -14,8 +14,9 @@ use crate::pipeline::report::{draw_plots, report_markdown};
 use crate::pipeline::run::Trained;
 use crate::pipeline::stages::StageRecord;
 use crate::pipeline::table::{accuracy, columns, TestTable};
+use crate::svf::base::Base;
 use crate::svf::deploy::{f32_bytes, packed_bytes};
-use crate::svf::expert::{factors, Expert};
+use crate::svf::expert::Expert;
 use crate::svf::svd::SvdCache;
 use crate::tasks::{DataSource, Dataset};
 use crate::train::TrainSummary;
@@ -81,7 +82,7 @@ pub(crate) struct HandoffParts<'a> {
 
 /// Write manifest.json, metrics.jsonl, the plots and report.md into `work`.
 pub(crate) fn handoff(
-    ck: &Checkpoint,
+    base: &Base,
     model_name: &str,
     cfg: &RunConfig,
     work: &Path,
@@ -151,6 +152,7 @@ pub(crate) fn handoff(
     draw_plots(work, p.table, p.found, &curves, p.searched, records)?;
 
     // Manifest.
+    let ck = base.ck();
     let file_bytes = |rel: &str| std::fs::metadata(work.join(rel)).map_or(0, |m| m.len());
     let expert_bytes: u64 = p.experts.iter().map(|(e, _)| file_bytes(&e.file)).sum();
     let mixture = p.searched.map(|s| {
@@ -186,7 +188,7 @@ pub(crate) fn handoff(
         format: MANIFEST_FORMAT.into(),
         bitsvf_version: env!("CARGO_PKG_VERSION").into(),
         base_model: serde_json::json!({
-            "name": model_name, "content_hash": ck.content_hash(), "format": ck.format.name(),
+            "name": model_name, "content_hash": base.hash(), "format": ck.format.name(),
             "file": "model/base.safetensors",
         }),
         options: cfg.clone(),
@@ -238,6 +240,13 @@ pub struct Handoff {
     pub manifest: Manifest,
     /// The base model in `model/`.
     pub ck: Checkpoint,
+    /// Its content hash, checked against the manifest's.
+    hash: String,
+}
+
+/// The first 12 characters of a hash, for messages.
+pub(crate) fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 impl Handoff {
@@ -262,16 +271,17 @@ impl Handoff {
             .as_str()
             .ok_or_else(|| Error::config(&mp, "base_model.file", "missing"))?;
         let ck = crate::engine::checkpoint::load(&dir.join(file))?;
+        let hash = ck.content_hash();
         let want = manifest.base_model["content_hash"].as_str().unwrap_or("");
-        if ck.content_hash() != want {
+        if hash != want {
             return Err(Error::config(
                 &mp,
                 "base_model.content_hash",
                 format!(
                     "{} has content hash {}…, the manifest says {}…",
                     dir.join(file).display(),
-                    &ck.content_hash()[..12],
-                    &want[..12.min(want.len())]
+                    short(&hash),
+                    short(want)
                 ),
             ));
         }
@@ -279,13 +289,19 @@ impl Handoff {
             dir: dir.to_path_buf(),
             manifest,
             ck,
+            hash,
         })
+    }
+
+    /// The base model, hashed already, with its SVD factors from `cache`.
+    pub fn base<'a>(&'a self, cache: &'a SvdCache) -> Base<'a> {
+        Base::with_hash(&self.ck, self.hash.clone(), cache)
     }
 
     fn load_expert(&self, file: &str) -> Result<Expert> {
         let path = self.dir.join(file);
         let e = Expert::load(&path)?;
-        e.check_base(&self.ck, &path)?;
+        e.check_hash(&self.hash, &path)?;
         Ok(e)
     }
 
@@ -361,7 +377,7 @@ impl Handoff {
             m.bitsvf_version,
             m.base_model["name"].as_str().unwrap_or("?"),
             m.base_model["format"].as_str().unwrap_or("?"),
-            &self.ck.content_hash()[..12],
+            short(&self.hash),
         );
         let experts = self.experts()?;
         for (e, x) in m.experts.iter().zip(&experts) {
@@ -464,9 +480,9 @@ pub fn reproduce(
         ))
     })?;
     let sources = h.sources()?;
-    let (f, _) = factors(&h.ck, experts[0].meta.targets, cache)?;
-    let mut mixer = Mixer::new(&h.ck, experts.clone(), cache)?;
-    let mut deployer = crate::adapt::mixture_search::Deployer::new(&h.ck, cache, &experts, &f)?;
+    let base = h.base(cache);
+    let mut mixer = Mixer::new(&base, experts.clone())?;
+    let mut deployer = crate::adapt::mixture_search::Deployer::new(&base, &experts)?;
     let mut out = Vec::new();
     for (i, (d, row)) in table.accuracy.iter().enumerate() {
         progress(i, table.accuracy.len());

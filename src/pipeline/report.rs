@@ -123,7 +123,7 @@ pub(crate) fn report_markdown(
     let mut s = format!(
         "# bitsvf run report\n\nBase model `{}` (content hash `{}…`).\n\n",
         m.base_model["name"].as_str().unwrap_or(""),
-        &m.base_model["content_hash"].as_str().unwrap_or("")[..12]
+        crate::pipeline::handoff::short(m.base_model["content_hash"].as_str().unwrap_or(""))
     );
     s += "## Stage 1: capability and discovery\n\n![capability](plots/discovery.png)\n\n";
     s += &format!("{}\n\n", found.grouping.reason);

@@ -5,7 +5,7 @@ use crate::adapt::discover::{discover, Discovery};
 use crate::adapt::dispatch::{classifier_items, Mixer};
 use crate::adapt::mixture_search::{search, Problem, SearchReport};
 use crate::engine::checkpoint::{save_native, Checkpoint};
-use crate::engine::model::{Model, ModelOptions};
+use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::recovery;
@@ -15,20 +15,21 @@ use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest};
 use crate::pipeline::stages::{Event, Run};
 use crate::pipeline::table::{evaluate_all, TestTable};
 use crate::search::CemConfig;
-use crate::svf::expert::{factors, Expert};
+use crate::svf::base::Base;
+use crate::svf::expert::Expert;
 use crate::svf::svd::{Svd, SvdCache};
 use crate::tasks::remote::{generate_items, GeneratorConfig};
 use crate::tasks::{DataSource, Dataset, Domain, Item, Verifier};
-use crate::train::{train_expert, TrainConfig, TrainSummary};
+use crate::train::{train_expert_on, TrainConfig, TrainSummary};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// What every stage reads: the model, the settings, the data sources and the work directory.
+/// What every stage reads: the base model, the settings, the data sources and the work
+/// directory.
 struct Job<'a> {
-    ck: &'a Checkpoint,
+    base: &'a Base<'a>,
     tok: &'a dyn Tokenizer,
     cfg: &'a RunConfig,
-    cache: &'a SvdCache,
     /// The built-in domains, then the user datasets.
     sources: Vec<DataSource>,
     /// `<out>.partial`.
@@ -55,12 +56,13 @@ pub fn run(
     events: &mut dyn FnMut(Event),
 ) -> Result<Manifest> {
     check_datasets(cfg, datasets)?;
-    let work = open_work_dir(ck, cfg, out)?;
+    // One base for every stage: hashed once, SVD factors and the packed model built once.
+    let base = Base::new(ck, cache);
+    let work = open_work_dir(base.hash(), cfg, out)?;
     let job = Job {
-        ck,
+        base: &base,
         tok,
         cfg,
-        cache,
         sources: sources_of(&cfg.domains, datasets),
         work: work.clone(),
     };
@@ -71,22 +73,20 @@ pub fn run(
     };
     let recovery = load_verify(&job, &mut run, datasets, model_files)?;
     let svd = svd_stats(&job, &mut run)?;
-    let (f, _) = factors(ck, cfg.train.targets, cache)?;
-    let base = Model::new(ck, ModelOptions::default())?;
-    let found = discover_experts(&job, &mut run, &base, &f)?;
-    let experts = train_experts(&job, &mut run, &f, &found, generator)?;
-    let (classifier, classifier_expert) = train_classifier(&job, &mut run, &f, &found, &experts)?;
+    let f = base.factors(cfg.train.targets)?;
+    let found = discover_experts(&job, &mut run, base.packed()?, &f.svd)?;
+    let experts = train_experts(&job, &mut run, &found, generator)?;
+    let (classifier, classifier_expert) = train_classifier(&job, &mut run, &found, &experts)?;
     let pool: Vec<Expert> = (experts.iter())
         .filter(|(e, _)| e.in_mixture)
         .map(|(_, x)| x.clone())
         .collect();
-    let searched = search_mixture(&job, &mut run, &f, &experts, &pool)?;
+    let searched = search_mixture(&job, &mut run, &f.svd, &experts, &pool)?;
     let cem_alpha = fit_cem(&job, &mut run, &pool)?;
     let table: TestTable = run.stage("7-evaluate", |ev| {
         evaluate_all(
-            ck,
+            &base,
             tok,
-            cache,
             cfg,
             &job.sources,
             &experts,
@@ -94,7 +94,6 @@ pub fn run(
             &classifier_expert,
             searched.as_ref(),
             &cem_alpha,
-            &f,
             ev,
         )
     })?;
@@ -102,7 +101,7 @@ pub fn run(
     // 8. Hand off.
     (run.events)(Event::Stage("8-handoff", false));
     let manifest = handoff(
-        ck,
+        &base,
         model_name,
         cfg,
         &work,
@@ -150,7 +149,7 @@ fn check_datasets(cfg: &RunConfig, datasets: &[Dataset]) -> Result<()> {
 
 /// Create `<out>.partial` (or reopen it, if it holds an interrupted run of the same settings
 /// and model) and return its path.
-fn open_work_dir(ck: &Checkpoint, cfg: &RunConfig, out: &Path) -> Result<PathBuf> {
+fn open_work_dir(hash: &str, cfg: &RunConfig, out: &Path) -> Result<PathBuf> {
     if out.exists() {
         return Err(Error::Input(format!(
             "{} already exists; remove it or choose another --out (a run never overwrites a handoff)",
@@ -168,8 +167,7 @@ fn open_work_dir(ck: &Checkpoint, cfg: &RunConfig, out: &Path) -> Result<PathBuf
     if cfg_path.exists() {
         let before: serde_json::Value = read_json(&cfg_path)?;
         let now = serde_json::to_value(cfg).map_err(|e| Error::Input(e.to_string()))?;
-        if before != now || read_json::<String>(&work.join("base-hash.json"))? != ck.content_hash()
-        {
+        if before != now || read_json::<String>(&work.join("base-hash.json"))? != hash {
             return Err(Error::Input(format!(
                 "{} holds an interrupted run with other settings or another model; remove it \
                  or rerun with the same options",
@@ -178,7 +176,7 @@ fn open_work_dir(ck: &Checkpoint, cfg: &RunConfig, out: &Path) -> Result<PathBuf
         }
     } else {
         write_json(&cfg_path, cfg)?;
-        write_json(&work.join("base-hash.json"), &ck.content_hash())?;
+        write_json(&work.join("base-hash.json"), &hash)?;
     }
     Ok(work)
 }
@@ -191,7 +189,7 @@ fn load_verify(
     datasets: &[Dataset],
     model_files: &[PathBuf],
 ) -> Result<serde_json::Value> {
-    let (ck, cfg, work) = (job.ck, job.cfg, &job.work);
+    let (ck, cfg, work) = (job.base.ck(), job.cfg, &job.work);
     run.stage("1-load-verify", |_| {
         let len = cfg.probe.1.min(ck.config.max_position_embeddings);
         let probe = recovery::random_probe(ck.config.vocab_size, cfg.probe.0, len, cfg.seed);
@@ -209,10 +207,10 @@ fn load_verify(
     })
 }
 
-/// Stage 2: the SVD of the targets (cached across runs by content hash).
+/// Stage 2: the SVD of the targets (cached across runs by content hash), loaded into the base.
 fn svd_stats(job: &Job, run: &mut Run) -> Result<serde_json::Value> {
     run.stage("2-svd", |_| {
-        let (_, s) = factors(job.ck, job.cfg.train.targets, job.cache)?;
+        let s = &job.base.factors(job.cfg.train.targets)?.stats;
         Ok(serde_json::json!({
             "matrices": s.hits + s.computed, "cache_hits": s.hits, "computed": s.computed,
             "seconds": s.seconds, "max_relative_error": s.max_relative_error,
@@ -231,7 +229,7 @@ fn discover_experts(
     run.stage("3-discover", |ev| {
         let total = job.sources.len();
         discover(
-            job.ck,
+            job.base.ck(),
             base,
             f,
             job.tok,
@@ -261,20 +259,14 @@ fn group_data(group: &[String], sources: &[DataSource]) -> Result<DataSource> {
 }
 
 /// Stage 4, one expert: its own stage `4-train-<name>`, resumable within the stage.
-fn train_one(
-    job: &Job,
-    run: &mut Run,
-    f: &BTreeMap<String, Svd>,
-    data: &DataSource,
-    path: &Path,
-) -> Result<TrainSummary> {
+fn train_one(job: &Job, run: &mut Run, data: &DataSource, path: &Path) -> Result<TrainSummary> {
     let (cfg, name) = (job.cfg, data.name());
     run.stage(&format!("4-train-{name}"), |ev| {
         let train = TrainConfig {
             seed: cfg.seed,
             ..cfg.train.clone()
         };
-        train_expert(job.ck, f, job.tok, data, &train, path, true, |step, s| {
+        train_expert_on(job.base, job.tok, data, &train, path, true, |step, s| {
             ev(Event::Progress(
                 step,
                 train.steps,
@@ -290,7 +282,6 @@ fn train_one(
 fn train_experts(
     job: &Job,
     run: &mut Run,
-    f: &BTreeMap<String, Svd>,
     found: &Discovery,
     generator: Option<&GeneratorConfig>,
 ) -> Result<Vec<Trained>> {
@@ -325,7 +316,7 @@ fn train_experts(
         }
         let file = format!("experts/{name}.safetensors");
         let path = job.work.join(&file);
-        let summary = train_one(job, run, f, &data, &path)?;
+        let summary = train_one(job, run, &data, &path)?;
         let expert = Expert::load(&path)?;
         experts.push((
             ExpertEntry {
@@ -347,7 +338,6 @@ fn train_experts(
 fn train_classifier(
     job: &Job,
     run: &mut Run,
-    f: &BTreeMap<String, Svd>,
     found: &Discovery,
     experts: &[Trained],
 ) -> Result<Trained> {
@@ -368,7 +358,7 @@ fn train_classifier(
         verifier: Verifier::Exact,
         items,
     });
-    let summary = train_one(job, run, f, &data, &path)?;
+    let summary = train_one(job, run, &data, &path)?;
     let expert = Expert::load(&path)?;
     let entry = ExpertEntry {
         name: "classifier".into(),
@@ -406,16 +396,7 @@ fn search_mixture(
         for d in sources {
             preserve.extend(d.validation(cfg.preserve_n, cfg.seed + 2)?);
         }
-        let mut problem = Problem::new(
-            job.ck,
-            job.tok,
-            job.cache,
-            pool,
-            f,
-            &val,
-            &preserve,
-            &cfg.search,
-        )?;
+        let mut problem = Problem::new(job.base, job.tok, pool, &val, &preserve, &cfg.search)?;
         let total = cfg.search.generations;
         let report = search(
             &mut problem,
@@ -451,7 +432,7 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
         if pool.is_empty() {
             return Ok(out);
         }
-        let mut mixer = Mixer::new(job.ck, pool.to_vec(), job.cache)?;
+        let mut mixer = Mixer::new(job.base, pool.to_vec())?;
         for (i, d) in sources.iter().enumerate() {
             ev(Event::Progress(
                 i,

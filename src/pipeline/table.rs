@@ -3,7 +3,6 @@
 
 use crate::adapt::dispatch::{Library, Mixer, Strategy};
 use crate::adapt::mixture_search::SearchReport;
-use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -11,8 +10,8 @@ use crate::eval::answer;
 use crate::pipeline::config::RunConfig;
 use crate::pipeline::run::Trained;
 use crate::pipeline::stages::Event;
+use crate::svf::base::Base;
 use crate::svf::expert::Expert;
-use crate::svf::svd::SvdCache;
 use crate::tasks::{DataSource, Item};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -62,9 +61,8 @@ pub(crate) fn accuracy(
 /// every dispatch strategy, on every domain.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate_all(
-    ck: &Checkpoint,
+    base: &Base,
     tok: &dyn Tokenizer,
-    cache: &SvdCache,
     cfg: &RunConfig,
     sources: &[DataSource],
     experts: &[Trained],
@@ -72,21 +70,16 @@ pub(crate) fn evaluate_all(
     classifier: &Expert,
     searched: Option<&SearchReport>,
     cem_alpha: &BTreeMap<String, Vec<f64>>,
-    f: &BTreeMap<String, crate::svf::svd::Svd>,
     ev: &mut dyn FnMut(Event),
 ) -> Result<TestTable> {
     use columns::*;
     let all: Vec<Expert> = experts.iter().map(|(_, e)| e.clone()).collect();
-    let mut lib = Library::new(ck, all, Some(classifier), cache)?;
-    let mut pool_mixer = if pool.is_empty() {
-        None
-    } else {
-        Some(Mixer::new(ck, pool.to_vec(), cache)?)
-    };
+    // One mixer, over the experts that gained (the mixture and CEM columns): the library's.
+    let mixes = !pool.is_empty();
+    let mixer = Mixer::new(base, if mixes { pool.to_vec() } else { all.clone() })?;
+    let mut lib = Library::with_mixer(base, all, Some(classifier), mixer)?;
     let mut deployer = match searched {
-        Some(_) => Some(crate::adapt::mixture_search::Deployer::new(
-            ck, cache, pool, f,
-        )?),
+        Some(_) => Some(crate::adapt::mixture_search::Deployer::new(base, pool)?),
         None => None,
     };
     let mut columns = vec![BASE.to_string(), BEST_EXPERT.to_string()];
@@ -132,8 +125,7 @@ pub(crate) fn evaluate_all(
             best_expert.insert(name.clone(), experts[best.1].0.name.clone());
         }
         if let Some(s) = searched {
-            let mixer = pool_mixer.as_mut().expect("a search implies a pool");
-            let m = mixer.model(&s.chosen.alpha)?;
+            let m = lib.mixer.model(&s.chosen.alpha)?;
             row.insert(MIXTURE.to_string(), accuracy(m, tok, &items, d)?);
             let dep = deployer.as_mut().expect("a search implies a deployer");
             let (m, _) = dep.deploy(&s.chosen.alpha, s.chosen.rank)?;
@@ -154,8 +146,8 @@ pub(crate) fn evaluate_all(
                 correct as f64 / items.len().max(1) as f64,
             );
         }
-        if let (Some(mixer), Some(alpha)) = (pool_mixer.as_mut(), cem_alpha.get(&name)) {
-            let m = mixer.model(alpha)?;
+        if let (true, Some(alpha)) = (mixes, cem_alpha.get(&name)) {
+            let m = lib.mixer.model(alpha)?;
             row.insert("dispatch: cem".to_string(), accuracy(m, tok, &items, d)?);
         }
         table.insert(name, row);
