@@ -5,6 +5,7 @@ pub mod adapt;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod io;
 pub mod pipeline;
 pub mod search;
 pub mod svf;

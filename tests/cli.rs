@@ -616,3 +616,153 @@ fn run_quick_with_a_generator_endpoint_uses_and_caches_its_items() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), first);
 }
+
+/// Keys of the manifest whose values depend on the clock or the machine.
+const VOLATILE_KEYS: [&str; 8] = [
+    "seconds",
+    "ms_per_token",
+    "peak_rss_mb",
+    "hypervolume",
+    "hv_reference",
+    "cache_hits",
+    "computed",
+    "bitsvf_version",
+];
+
+/// Fields the manifest gained after bitsvf 0.1.0 (absent from the fixtures).
+const ADDED_KEYS: [&str; 2] = ["format_version", "val_curve"];
+
+/// Every difference between two manifests outside [`VOLATILE_KEYS`] and [`ADDED_KEYS`]: the
+/// same keys and array lengths, strings and flags equal, numbers equal to 1e-9 relative.
+fn manifest_differences(
+    want: &serde_json::Value,
+    got: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, wv) in w
+                .iter()
+                .filter(|(k, _)| !VOLATILE_KEYS.contains(&k.as_str()))
+            {
+                match g.get(k) {
+                    Some(gv) => manifest_differences(wv, gv, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}: missing")),
+                }
+            }
+            for k in g.keys() {
+                let known = w.contains_key(k)
+                    || VOLATILE_KEYS.contains(&k.as_str())
+                    || ADDED_KEYS.contains(&k.as_str());
+                if !known {
+                    out.push(format!("{path}.{k}: not in the fixture"));
+                }
+            }
+        }
+        (Value::Array(w), Value::Array(g)) if w.len() == g.len() => {
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                manifest_differences(wv, gv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Value::Number(w), Value::Number(g)) => {
+            let (a, b) = (w.as_f64().unwrap(), g.as_f64().unwrap());
+            if a != b && (a - b).abs() > 1e-9 * a.abs().max(b.abs()) {
+                out.push(format!("{path}: {a} in the fixture, {b} now"));
+            }
+        }
+        (w, g) if w == g => {}
+        (w, g) => out.push(format!("{path}: {w} in the fixture, {g} now")),
+    }
+}
+
+/// Golden test: the quick run with seed 0 reproduces every figure of the manifest that
+/// bitsvf 0.1.0 wrote for it (times and machine-dependent fields aside). Latency is an
+/// objective and a budget of the mixture search, so the run takes the latencies the golden run
+/// measured (from its metrics.jsonl) instead of timing decodes on a busy machine.
+#[test]
+fn run_quick_seed_0_reproduces_the_golden_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args([
+            "run",
+            "--quick",
+            "--seed",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--cache-dir", tmp.path().join("cache").to_str().unwrap()])
+        .env(
+            bitsvf::adapt::mixture_search::LATENCY_ENV,
+            "0:5.088868249999999,64:6.0887235,128:5.344725",
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/quick-run-seed0.manifest.json");
+    let mut differences = Vec::new();
+    manifest_differences(
+        &read(&golden),
+        &read(&out.join("manifest.json")),
+        "",
+        &mut differences,
+    );
+    assert!(
+        differences.is_empty(),
+        "{} differences from the golden manifest:\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// A handoff written by bitsvf 0.1.0 (no `format_version`, no plots/ or stages/) still opens,
+/// summarizes and reproduces its mixture figures.
+#[test]
+fn a_handoff_of_bitsvf_0_1_still_opens_and_reproduces_its_mixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("handoff");
+    copy_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/handoff-0.1"),
+        &dir,
+    );
+    let o = bitsvf(&["inspect", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        summary.contains("bitsvf 0.1.0") && summary.contains("mixture α*"),
+        "{summary}"
+    );
+    let o = bitsvf(&[
+        "eval",
+        "--mixture",
+        dir.to_str().unwrap(),
+        "--json",
+        "--cache-dir",
+        tmp.path().join("cache").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 8, "4 domains × 2 mixture forms");
+    assert!(rows.iter().all(|r| r["manifest"] == r["measured"]));
+}

@@ -19,13 +19,14 @@ use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::{answer, teacher_forced};
 use crate::search::{cem, CemConfig, CemResult, Score};
-use crate::svf::expert::{expert_model, mixture, set_z, svf_model, z_tensors, Expert};
-use crate::svf::svd::{Svd, SvdCache};
+use crate::svf::base::{Base, Factors};
+use crate::svf::expert::{adapted_model, mixture, set_z, svf_model, z_tensors, Expert};
+use crate::svf::svd::SvdCache;
 use crate::tasks::DataSource;
 use crate::tasks::Item;
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The label the base model may pick (prompt dispatch) for prompts no expert covers.
 pub const OTHER: &str = "other";
@@ -139,7 +140,7 @@ pub fn classifier_items(
 /// columns need, without a model per expert.
 pub struct Mixer {
     experts: Vec<Expert>,
-    factors: BTreeMap<String, Svd>,
+    factors: Arc<Factors>,
     model: Model,
 }
 
@@ -151,16 +152,16 @@ const DENSE: ModelOptions = ModelOptions {
 };
 
 impl Mixer {
-    /// Mix `experts` (paper SVF, one target set) on `ck`.
-    pub fn new(ck: &Checkpoint, experts: Vec<Expert>, cache: &SvdCache) -> Result<Self> {
+    /// Mix `experts` (paper SVF, one target set) on `base`.
+    pub fn new(base: &Base, experts: Vec<Expert>) -> Result<Self> {
         let first = experts
             .first()
             .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?;
-        let factors = crate::svf::expert::factors(ck, first.meta.targets, cache)?.0;
+        let factors = base.factors(first.meta.targets)?;
         let model = svf_model(
-            ck,
+            base.ck(),
             DENSE,
-            &factors,
+            &factors.svd,
             &z_tensors(&first.z, DENSE)?,
             first.meta.parameterization,
         )?;
@@ -174,7 +175,7 @@ impl Mixer {
     /// The model of the mixture `alpha` (full SVF).
     pub fn model(&mut self, alpha: &[f64]) -> Result<&Model> {
         let refs: Vec<&Expert> = self.experts.iter().collect();
-        let mixed = mixture(&refs, alpha, &self.factors)?;
+        let mixed = mixture(&refs, alpha, &self.factors.svd)?;
         set_z(&mut self.model, &z_tensors(&mixed.z, DENSE)?);
         Ok(&self.model)
     }
@@ -225,17 +226,39 @@ pub struct Library {
     pub models: Vec<Model>,
     /// The classifier expert's model, if trained.
     pub classifier: Option<Model>,
-    /// Mixtures of the experts.
+    /// Mixtures of the experts (of those given to [`Library::with_mixer`]).
     pub mixer: Mixer,
 }
 
 impl Library {
-    /// Load the experts (paper SVF, one target set) onto `ck`.
+    /// Load the experts (paper SVF, one target set) onto `ck` (a one-off [`Base`]).
     pub fn new(
         ck: &Checkpoint,
         experts: Vec<Expert>,
         classifier: Option<&Expert>,
         cache: &SvdCache,
+    ) -> Result<Self> {
+        Self::on(&Base::new(ck, cache), experts, classifier)
+    }
+
+    /// Load the experts (paper SVF, one target set) onto `base`, with a mixer over them all.
+    pub fn on(base: &Base, experts: Vec<Expert>, classifier: Option<&Expert>) -> Result<Self> {
+        if experts.is_empty() {
+            return Err(Error::Input(
+                "two-pass inference needs at least one expert".into(),
+            ));
+        }
+        let mixer = Mixer::new(base, experts.clone())?;
+        Self::with_mixer(base, experts, classifier, mixer)
+    }
+
+    /// Load the experts onto `base`, with `mixer` (over these experts or some of them) for
+    /// CEM dispatch.
+    pub fn with_mixer(
+        base: &Base,
+        experts: Vec<Expert>,
+        classifier: Option<&Expert>,
+        mixer: Mixer,
     ) -> Result<Self> {
         if experts.is_empty() {
             return Err(Error::Input(
@@ -244,17 +267,17 @@ impl Library {
         }
         let models = experts
             .iter()
-            .map(|e| expert_model(ck, e, cache, DENSE))
+            .map(|e| adapted_model(base, e, DENSE))
             .collect::<Result<Vec<_>>>()?;
         let classifier = classifier
-            .map(|e| expert_model(ck, e, cache, DENSE))
+            .map(|e| adapted_model(base, e, DENSE))
             .transpose()?;
         Ok(Library {
             names: experts.iter().map(|e| e.meta.name.clone()).collect(),
-            base: Model::new(ck, ModelOptions::default())?,
+            base: base.packed()?.clone(),
             models,
             classifier,
-            mixer: Mixer::new(ck, experts, cache)?,
+            mixer,
         })
     }
 

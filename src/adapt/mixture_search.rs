@@ -22,24 +22,49 @@
 //! with ties broken by KL, latency and bytes in that order; when no front point meets the
 //! budgets, the front's knee ([`crate::search::knee_point`]).
 
-use crate::engine::checkpoint::Checkpoint;
-use crate::engine::model::{Model, ModelOptions};
+use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, Batch};
 use crate::eval::speed::decode_speed;
 use crate::eval::teacher_forced;
 use crate::search::{knee_point, nsga2, Budget, GenerationRecord, Nsga2Config};
+use crate::svf::base::{Base, Factors};
 use crate::svf::deploy::{f32_bytes, packed_bytes, DeployOption, Deployment};
 use crate::svf::expert::{mixture, Expert};
-use crate::svf::svd::{Svd, SvdCache};
 use crate::svf::Parameterization;
 use crate::tasks::Item;
 use crate::train::loss::masked_kl;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
+
+/// Environment variable that fixes the latency of deployed ranks instead of timing their
+/// decodes, as `RANK:MS,RANK:MS` (milliseconds per token; ranks not listed are timed).
+/// Latency is an objective and a budget of the search, so a run reproduces another run's
+/// choices on a busy machine only with the latencies that run measured (the golden test).
+pub const LATENCY_ENV: &str = "BITSVF_LATENCY_MS";
+
+/// The latencies fixed by [`LATENCY_ENV`], by rank (none when it is unset).
+fn fixed_latencies() -> Result<BTreeMap<usize, f64>> {
+    let Ok(spec) = std::env::var(LATENCY_ENV) else {
+        return Ok(BTreeMap::new());
+    };
+    (spec.split(',').filter(|s| !s.trim().is_empty()))
+        .map(|pair| {
+            let parsed = pair.split_once(':').and_then(|(rank, ms)| {
+                Some((rank.trim().parse().ok()?, ms.trim().parse::<f64>().ok()?))
+            });
+            parsed.filter(|(_, ms)| *ms > 0.0).ok_or_else(|| {
+                Error::Input(format!(
+                    "{LATENCY_ENV}: `{pair}` is not RANK:MS (e.g. 64:6.1) with MS > 0"
+                ))
+            })
+        })
+        .collect()
+}
 
 /// Singular directions the deployed delta may keep (0 = the bare ternary base).
 pub const RANKS: [usize; 6] = [0, 16, 32, 64, 128, 256];
@@ -153,23 +178,19 @@ pub fn truncated(expert: &Expert, k: usize) -> Expert {
 
 /// The deployed forms of mixtures, one resident deployment per rank.
 pub struct Deployer<'a> {
-    ck: &'a Checkpoint,
-    cache: &'a SvdCache,
+    base: &'a Base<'a>,
     experts: &'a [Expert],
-    factors: &'a BTreeMap<String, Svd>,
-    base: Model,
+    factors: Arc<Factors>,
     base_bytes: usize,
     deployed: BTreeMap<usize, Deployment>,
 }
 
 impl<'a> Deployer<'a> {
-    /// Deploy mixtures of `experts` (paper SVF with `factors`) on `ck`.
-    pub fn new(
-        ck: &'a Checkpoint,
-        cache: &'a SvdCache,
-        experts: &'a [Expert],
-        factors: &'a BTreeMap<String, Svd>,
-    ) -> Result<Self> {
+    /// Deploy mixtures of `experts` (paper SVF, one target set) on `base`.
+    pub fn new(base: &'a Base<'a>, experts: &'a [Expert]) -> Result<Self> {
+        let first = experts
+            .first()
+            .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?;
         if let Some(e) = experts
             .iter()
             .find(|e| e.meta.parameterization != Parameterization::Paper)
@@ -181,12 +202,10 @@ impl<'a> Deployer<'a> {
             )));
         }
         Ok(Deployer {
-            ck,
-            cache,
+            base,
             experts,
-            factors,
-            base: Model::new(ck, ModelOptions::default())?,
-            base_bytes: packed_bytes(ck),
+            factors: base.factors(first.meta.targets)?,
+            base_bytes: packed_bytes(base.ck()),
             deployed: BTreeMap::new(),
         })
     }
@@ -195,10 +214,10 @@ impl<'a> Deployer<'a> {
     /// and its resident bytes.
     pub fn deploy(&mut self, alpha: &[f64], rank: usize) -> Result<(&Model, usize)> {
         if rank == 0 {
-            return Ok((&self.base, self.base_bytes));
+            return Ok((self.base.packed()?, self.base_bytes));
         }
         let refs: Vec<&Expert> = self.experts.iter().collect();
-        let mixed = truncated(&mixture(&refs, alpha, self.factors)?, rank);
+        let mixed = truncated(&mixture(&refs, alpha, &self.factors.svd)?, rank);
         let dep = match self.deployed.entry(rank) {
             std::collections::btree_map::Entry::Occupied(o) => {
                 let d = o.into_mut();
@@ -206,10 +225,9 @@ impl<'a> Deployer<'a> {
                 d
             }
             std::collections::btree_map::Entry::Vacant(v) => v.insert(Deployment::new(
-                self.ck,
+                self.base,
                 DeployOption::HybridLowRank,
                 vec![mixed],
-                self.cache,
             )?),
         };
         let bytes = dep.bytes();
@@ -226,20 +244,18 @@ pub struct Problem<'a> {
     preserve: Batch,
     base_lp: Tensor,
     latency: (usize, usize),
-    /// Milliseconds per token by rank, measured once: α changes the values of the delta, never
-    /// the work, and re-timing every genome would let timer noise pick the front.
+    /// Milliseconds per token by rank, measured once (or fixed by [`LATENCY_ENV`]): α changes
+    /// the values of the delta, never the work, and re-timing every genome would let timer
+    /// noise pick the front.
     ms_per_token: BTreeMap<usize, f64>,
 }
 
 impl<'a> Problem<'a> {
     /// Set up the measurements: `val` scores accuracy, `preserve` measures drift.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        ck: &'a Checkpoint,
+        base: &'a Base<'a>,
         tok: &'a dyn Tokenizer,
-        cache: &'a SvdCache,
         experts: &'a [Expert],
-        factors: &'a BTreeMap<String, Svd>,
         val: &'a [Item],
         preserve: &[Item],
         cfg: &SearchConfig,
@@ -249,8 +265,8 @@ impl<'a> Problem<'a> {
                 "the mixture search needs experts, validation items and preservation items".into(),
             ));
         }
-        let deployer = Deployer::new(ck, cache, experts, factors)?;
-        let base = &deployer.base;
+        let deployer = Deployer::new(base, experts)?;
+        let base = base.packed()?;
         // Drift over every predicted position: the first token is the "prompt".
         let pairs = preserve
             .iter()
@@ -271,7 +287,7 @@ impl<'a> Problem<'a> {
             preserve,
             base_lp,
             latency: (cfg.latency_tokens, cfg.latency_runs),
-            ms_per_token: BTreeMap::new(),
+            ms_per_token: fixed_latencies()?,
         })
     }
 
@@ -408,7 +424,7 @@ pub fn search(
     let budgets = [
         Budget {
             objective: 3,
-            max: cfg.max_bytes_ratio * f32_bytes(problem.deployer.ck) as f64 / 1e6,
+            max: cfg.max_bytes_ratio * f32_bytes(problem.deployer.base.ck()) as f64 / 1e6,
         },
         Budget {
             objective: 2,
@@ -451,8 +467,10 @@ pub fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::checkpoint::Checkpoint;
     use crate::engine::tokenizer::ByteTokenizer;
     use crate::svf::expert::flat_paper_expert;
+    use crate::svf::svd::SvdCache;
     use crate::svf::Targets;
     use crate::tasks::Domain;
 
@@ -508,7 +526,8 @@ mod tests {
         let (val, preserve) = (items(Domain::Count, 6), items(Domain::Sort, 4));
         let tok = ByteTokenizer;
         let cfg = quick();
-        let mut p = Problem::new(&ck, &tok, &cache, &experts, &f, &val, &preserve, &cfg).unwrap();
+        let base = Base::new(&ck, &cache);
+        let mut p = Problem::new(&base, &tok, &experts, &val, &preserve, &cfg).unwrap();
         let base = p.measure(&[0.0, 0.0], 0).unwrap();
         assert_eq!((base.kl, base.bytes), (0.0, packed_bytes(&ck)));
         let same = p.measure(&[0.5, 0.5], 16).unwrap();
@@ -537,7 +556,8 @@ mod tests {
         let (val, preserve) = (items(Domain::Count, 4), items(Domain::Sort, 2));
         let tok = ByteTokenizer;
         let cfg = quick();
-        let mut p = Problem::new(&ck, &tok, &cache, &experts, &f, &val, &preserve, &cfg).unwrap();
+        let base = Base::new(&ck, &cache);
+        let mut p = Problem::new(&base, &tok, &experts, &val, &preserve, &cfg).unwrap();
         let mut seen = 0;
         let r = search(&mut p, &cfg, |_| {}, |_| seen += 1).unwrap();
         assert_eq!(r.evaluated.len(), 8);

@@ -12,13 +12,14 @@ use crate::error::Result;
 use crate::eval::score_items;
 use crate::eval::speed::decode_speed;
 use crate::eval::speed::median;
+use crate::svf::base::Base;
 use crate::svf::deploy::{f32_bytes, packed_bytes, DeployOption, Deployment};
-use crate::svf::expert::{expert_model, factors, mixture, Expert};
+use crate::svf::expert::{adapted_model, mixture, Expert};
 use crate::svf::svd::SvdCache;
 use crate::tasks::eval_items;
 use crate::tasks::DataSource;
 use crate::tasks::{Domain, Item, Split};
-use crate::train::{train_expert, TrainConfig};
+use crate::train::{train_expert_on, TrainConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -113,10 +114,9 @@ fn accuracy(model: &Model, tok: &dyn Tokenizer, items: &[Item], d: Domain) -> Re
 /// The expert of `option`'s parameterization for `domain`: read from the experts directory,
 /// or trained there (resumably) with `cfg.train`.
 fn expert_for(
-    ck: &Checkpoint,
+    base: &Base,
     tok: &dyn Tokenizer,
     cfg: &CompareConfig,
-    cache: &SvdCache,
     option: DeployOption,
     domain: Domain,
     progress: &mut dyn FnMut(Event),
@@ -130,14 +130,8 @@ fn expert_for(
             parameterization: param,
             ..cfg.train.clone()
         };
-        let f = if param.uses_svd() {
-            factors(ck, train.targets, cache)?.0
-        } else {
-            Default::default()
-        };
-        train_expert(
-            ck,
-            &f,
+        train_expert_on(
+            base,
             tok,
             &DataSource::Domain(domain),
             &train,
@@ -155,7 +149,7 @@ fn expert_for(
         )?;
     }
     let e = Expert::load(&path)?;
-    e.check_base(ck, &path)?;
+    base.check(&e, &path)?;
     Ok((e, path))
 }
 
@@ -167,6 +161,8 @@ pub fn compare_options(
     cache: &SvdCache,
     mut progress: impl FnMut(Event),
 ) -> Result<CompareReport> {
+    // One base for every option: hashed once, the packed model and the factors built once.
+    let shared = Base::new(ck, cache);
     let f32b = f32_bytes(ck);
     let items: Vec<Vec<Item>> = cfg
         .domains
@@ -182,10 +178,10 @@ pub fn compare_options(
 
     progress(Event::Evaluating("base"));
     // Deployed models run BitNet's int8 activations in f32 (ModelOptions' default).
-    let base_model = Model::new(ck, ModelOptions::default())?;
+    let base_model = shared.packed()?;
     let mut base_acc = Vec::new();
     for (d, it) in cfg.domains.iter().zip(&items) {
-        base_acc.push(accuracy(&base_model, tok, it, *d)?);
+        base_acc.push(accuracy(base_model, tok, it, *d)?);
     }
     let per_domain = names(&|i| base_acc[i]);
     let base_bytes = packed_bytes(ck);
@@ -195,7 +191,7 @@ pub fn compare_options(
         per_domain,
         bytes: base_bytes,
         bytes_vs_f32: base_bytes as f64 / f32b as f64,
-        tokens_per_s: decode_speed(&base_model, tok, cfg.decode_tokens, cfg.decode_runs)?,
+        tokens_per_s: decode_speed(base_model, tok, cfg.decode_tokens, cfg.decode_runs)?,
         switch_ms: 0.0,
         prepare_s: 0.0,
         experts: vec![],
@@ -207,7 +203,7 @@ pub fn compare_options(
         let mut experts = Vec::new();
         let mut paths = Vec::new();
         for &d in &cfg.domains {
-            let (e, p) = expert_for(ck, tok, cfg, cache, option, d, &mut progress)?;
+            let (e, p) = expert_for(&shared, tok, cfg, option, d, &mut progress)?;
             experts.push(e);
             paths.push(p);
         }
@@ -216,7 +212,7 @@ pub fn compare_options(
             paper_experts = experts.clone();
         }
         let t = Instant::now();
-        let mut dep = Deployment::new(ck, option, experts, cache)?;
+        let mut dep = Deployment::new(&shared, option, experts)?;
         let prepare_s = t.elapsed().as_secs_f64();
         let mut acc = Vec::new();
         let mut switch = Vec::new();
@@ -249,12 +245,11 @@ pub fn compare_options(
         let e = paper_experts.len();
         let alpha = vec![1.0 / e as f64; e];
         let refs: Vec<&Expert> = paper_experts.iter().collect();
-        let f = factors(ck, paper_experts[0].meta.targets, cache)?.0;
-        let mix = mixture(&refs, &alpha, &f)?;
-        let dense = expert_model(
-            ck,
+        let f = shared.factors(paper_experts[0].meta.targets)?;
+        let mix = mixture(&refs, &alpha, &f.svd)?;
+        let dense = adapted_model(
+            &shared,
             &mix,
-            cache,
             ModelOptions {
                 mode: WeightMode::Dense,
                 ..Default::default()

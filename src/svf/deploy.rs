@@ -18,8 +18,9 @@ use crate::engine::model::{LinearWeight, Model, ModelOptions, WeightMode};
 use crate::engine::ternary::requant::requantize;
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::{Error, Result};
-use crate::svf::expert::{expert_model, factors, Expert};
-use crate::svf::svd::{Svd, SvdCache};
+use crate::svf::base::Base;
+use crate::svf::expert::{adapted_model, Expert};
+use crate::svf::svd::Svd;
 use crate::svf::{Parameterization, SvfWeight};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -151,14 +152,10 @@ fn half_rounded(svd: &Svd) -> Svd {
 }
 
 impl Deployment {
-    /// Deploy `ck` under `option` with `experts` resident (all trained for this option's
+    /// Deploy `base` under `option` with `experts` resident (all trained for this option's
     /// parameterization on this model, with the same targets).
-    pub fn new(
-        ck: &Checkpoint,
-        option: DeployOption,
-        experts: Vec<Expert>,
-        cache: &SvdCache,
-    ) -> Result<Self> {
+    pub fn new(base: &Base, option: DeployOption, experts: Vec<Expert>) -> Result<Self> {
+        let ck = base.ck();
         let param = option.parameterization();
         let first = experts
             .first()
@@ -176,23 +173,32 @@ impl Deployment {
                     targets_kind
                 )));
             }
-            if e.meta.base_hash != ck.content_hash() {
+            if e.meta.base_hash != base.hash() {
                 return Err(Error::Input(format!(
                     "expert `{}` was trained on another base model",
                     e.meta.name
                 )));
             }
         }
-        // f32 with BitNet's int8 activations (ModelOptions' default), in the option's mode.
-        let options = ModelOptions {
-            mode: option.mode(),
-            ..Default::default()
+        // f32 with BitNet's int8 activations (ModelOptions' default), in the option's mode:
+        // the ternary ones start from (a copy of) the base's packed model.
+        let mut model = match option.mode() {
+            WeightMode::Ternary => base.packed()?.clone(),
+            mode => Model::new(
+                ck,
+                ModelOptions {
+                    mode,
+                    ..Default::default()
+                },
+            )?,
         };
-        let mut model = Model::new(ck, options)?;
-        let f = if param.uses_svd() {
-            factors(ck, targets_kind, cache)?.0
+        let held;
+        let no_factors = Default::default();
+        let f: &std::collections::BTreeMap<String, Svd> = if param.uses_svd() {
+            held = base.factors(targets_kind)?;
+            &held.svd
         } else {
-            Default::default()
+            &no_factors
         };
         // Requantize: every expert's model in SVF form, whose W' is ternarized below.
         let mut adapted: Vec<Model> = Vec::new();
@@ -202,7 +208,7 @@ impl Deployment {
                 ..Default::default()
             };
             for e in &experts {
-                adapted.push(expert_model(ck, e, cache, dense)?);
+                adapted.push(adapted_model(base, e, dense)?);
             }
         }
         let dev = Device::Cpu;
@@ -444,7 +450,8 @@ fn svf_form(w: &LinearWeight) -> Option<&SvfWeight> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::svf::expert::{z_lengths, ExpertMeta};
+    use crate::svf::expert::{expert_model, factors, z_lengths, ExpertMeta};
+    use crate::svf::svd::SvdCache;
     use crate::svf::Targets;
     use std::collections::BTreeMap;
 
@@ -509,7 +516,8 @@ mod tests {
         ] {
             let param = option.parameterization();
             let experts = vec![expert(&ck, &cache, param, 1), expert(&ck, &cache, param, 2)];
-            let mut d = Deployment::new(&ck, option, experts.clone(), &cache).unwrap();
+            let base = Base::new(&ck, &cache);
+            let mut d = Deployment::new(&base, option, experts.clone()).unwrap();
             for i in [0, 1, 0] {
                 d.apply(i).unwrap();
                 let want = expert_model(&ck, &experts[i], &cache, dense)
@@ -542,15 +550,10 @@ mod tests {
             mode: WeightMode::Dense,
             ..Default::default()
         };
-        let mut d =
-            Deployment::new(&ck, DeployOption::Requantize, experts.clone(), &cache).unwrap();
-        let mut dc = Deployment::new(
-            &ck,
-            DeployOption::RequantizeChannel,
-            experts.clone(),
-            &cache,
-        )
-        .unwrap();
+        let base = Base::new(&ck, &cache);
+        let mut d = Deployment::new(&base, DeployOption::Requantize, experts.clone()).unwrap();
+        let mut dc =
+            Deployment::new(&base, DeployOption::RequantizeChannel, experts.clone()).unwrap();
         for i in [1, 0] {
             d.apply(i).unwrap();
             dc.apply(i).unwrap();
@@ -600,7 +603,9 @@ mod tests {
         let bytes = |option: DeployOption| {
             let param = option.parameterization();
             let e = vec![expert(&ck, &cache, param, 1), expert(&ck, &cache, param, 2)];
-            Deployment::new(&ck, option, e, &cache).unwrap().bytes()
+            Deployment::new(&Base::new(&ck, &cache), option, e)
+                .unwrap()
+                .bytes()
         };
         // Two experts of one z per matrix, plus the unscaled γ per matrix.
         assert_eq!(

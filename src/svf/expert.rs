@@ -9,6 +9,7 @@ use crate::engine::checkpoint::st::{write_safetensors, OwnedTensor, TensorFiles}
 use crate::engine::checkpoint::{linear_name, Checkpoint, LinearKind};
 use crate::engine::model::{LinearWeight, Model, ModelOptions, NamedVar, WeightMode};
 use crate::error::{Error, Result};
+use crate::svf::base::Base;
 use crate::svf::svd::{Svd, SvdCache};
 use crate::svf::{init_z, Parameterization, ScaleWeight, SvfWeight, Targets};
 use candle_core::{Tensor, Var};
@@ -101,7 +102,11 @@ impl Expert {
 
     /// Error unless this expert was trained on `ck`.
     pub fn check_base(&self, ck: &Checkpoint, path: &Path) -> Result<()> {
-        let hash = ck.content_hash();
+        self.check_hash(&ck.content_hash(), path)
+    }
+
+    /// Error unless this expert was trained on the model of content hash `hash`.
+    pub fn check_hash(&self, hash: &str, path: &Path) -> Result<()> {
         if self.meta.base_hash != hash {
             return Err(Error::config(
                 path,
@@ -110,7 +115,7 @@ impl Expert {
                     "expert `{}` was trained on base model {}…, not on this model ({}…)",
                     self.meta.name,
                     &self.meta.base_hash[..12.min(self.meta.base_hash.len())],
-                    &hash[..12]
+                    hash.get(..12).unwrap_or(hash)
                 ),
             ));
         }
@@ -127,14 +132,25 @@ pub fn target_matrices(ck: &Checkpoint, targets: Targets) -> Vec<(String, Vec<f3
 }
 
 /// Thin SVDs of the target matrices, from the disk cache keyed by the model's content hash.
+/// (A command that needs them more than once holds a [`Base`], which loads them once.)
 pub fn factors(
     ck: &Checkpoint,
     targets: Targets,
     cache: &SvdCache,
 ) -> Result<(BTreeMap<String, Svd>, crate::svf::svd::CacheStats)> {
+    factors_hashed(ck, &ck.content_hash(), targets, cache)
+}
+
+/// [`factors`] of `ck` whose content hash is `hash`.
+pub(crate) fn factors_hashed(
+    ck: &Checkpoint,
+    hash: &str,
+    targets: Targets,
+    cache: &SvdCache,
+) -> Result<(BTreeMap<String, Svd>, crate::svf::svd::CacheStats)> {
     let mats = target_matrices(ck, targets);
     let (out, stats) = cache
-        .get_or_compute(&ck.content_hash(), &mats, |_, _| {})
+        .get_or_compute(hash, &mats, |_, _| {})
         .map_err(|e| Error::Input(format!("SVD cache: {e}")))?;
     // Factors are stored in f32: a faithful decomposition reconstructs W to ~1e-7.
     if stats.max_relative_error > MAX_SVD_ERROR {
@@ -335,22 +351,32 @@ pub fn z_tensors(
         .collect()
 }
 
-/// The expert's model: `ck` with the expert's z applied.
+/// The expert's model: `ck` with the expert's z applied (a one-off [`Base`]; see
+/// [`adapted_model`]).
 pub fn expert_model(
     ck: &Checkpoint,
     expert: &Expert,
     cache: &SvdCache,
     options: ModelOptions,
 ) -> Result<Model> {
+    adapted_model(&Base::new(ck, cache), expert, options)
+}
+
+/// The expert's model: the base with the expert's z applied.
+pub fn adapted_model(base: &Base, expert: &Expert, options: ModelOptions) -> Result<Model> {
+    let ck = base.ck();
     let param = expert.meta.parameterization;
+    let held;
+    let no_factors = BTreeMap::new();
     let f = if param.uses_svd() {
-        factors(ck, expert.meta.targets, cache)?.0
+        held = base.factors(expert.meta.targets)?;
+        &held.svd
     } else {
-        BTreeMap::new()
+        &no_factors
     };
     // Low-rank experts carry their own width k; the others must match the matrix exactly.
     let k = expert.z.values().map(Vec::len).max().unwrap_or(0);
-    let want = z_lengths(ck, expert.meta.targets, param, &f, k)?;
+    let want = z_lengths(ck, expert.meta.targets, param, f, k)?;
     for (name, z) in &expert.z {
         let Some(&n) = want.get(name) else {
             return Err(Error::Input(format!(
@@ -367,7 +393,7 @@ pub fn expert_model(
             )));
         }
     }
-    svf_model(ck, options, &f, &z_tensors(&expert.z, options)?, param)
+    svf_model(ck, options, f, &z_tensors(&expert.z, options)?, param)
 }
 
 /// The model of the expert file at `path` on `ck`, as it was trained (dense f32 weights), after

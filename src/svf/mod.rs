@@ -2,11 +2,13 @@
 //! its cache, how z maps to the applied singular-value scale, the adapted linear forms, expert
 //! files and their mixtures, and the deployed forms of the seed's three integration options.
 
+pub mod base;
 pub mod deploy;
 pub mod expert;
 pub mod forms;
 pub mod param;
 pub mod svd;
 
+pub use base::{Base, Factors};
 pub use forms::{ScaleWeight, SvfWeight};
 pub use param::{applied_scale, init_z, mix, Parameterization, Targets, OFFICIAL_MAX_MULT};

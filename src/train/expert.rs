@@ -14,6 +14,7 @@ use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
 use crate::eval::{prompt_ids, score_items};
+use crate::svf::base::Base;
 use crate::svf::expert::{init_vars, set_z, svf_model, var_tensors, z_lengths, Expert, ExpertMeta};
 use crate::svf::svd::Svd;
 use crate::svf::{Parameterization, Targets};
@@ -241,6 +242,47 @@ pub fn train_expert(
     cfg: &TrainConfig,
     out: &Path,
     resume: bool,
+    on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
+    let hash = ck.content_hash();
+    train(ck, &hash, factors, tok, data, cfg, out, resume, on_step)
+}
+
+/// [`train_expert`] on `base`, with its factors of `cfg.targets` when the parameterization
+/// uses them.
+#[allow(clippy::too_many_arguments)]
+pub fn train_expert_on(
+    base: &Base,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
+    let held;
+    let no_factors = BTreeMap::new();
+    let factors = if cfg.parameterization.uses_svd() {
+        held = base.factors(cfg.targets)?;
+        &held.svd
+    } else {
+        &no_factors
+    };
+    let (ck, hash) = (base.ck(), base.hash());
+    train(ck, hash, factors, tok, data, cfg, out, resume, on_step)
+}
+
+/// [`train_expert`] of `ck`, whose content hash is `hash`.
+#[allow(clippy::too_many_arguments)]
+fn train(
+    ck: &Checkpoint,
+    hash: &str,
+    factors: &BTreeMap<String, Svd>,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
     mut on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
     let start = std::time::Instant::now();
@@ -429,7 +471,7 @@ pub fn train_expert(
     let expert = Expert {
         meta: ExpertMeta {
             name: name.clone(),
-            base_hash: ck.content_hash(),
+            base_hash: hash.to_string(),
             parameterization: cfg.parameterization,
             targets: cfg.targets,
             domains: vec![name.clone()],

@@ -9,6 +9,7 @@ pub mod presets;
 pub mod pretrain;
 
 pub use expert::{
-    lr_at, train_expert, Objective, StepStats, TrainConfig, TrainSummary, DEFAULT_RANK,
+    lr_at, train_expert, train_expert_on, Objective, StepStats, TrainConfig, TrainSummary,
+    DEFAULT_RANK,
 };
 pub use presets::{PretrainOverrides, TrainOverrides};

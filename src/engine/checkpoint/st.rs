@@ -356,24 +356,10 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}-{k}", std::process::id()))
 }
 
-/// Write bytes to `path` atomically: a synced temporary sibling renamed over it, so readers
-/// (and a crash) see the old file or the new one, never a prefix.
+/// Write bytes to `path` atomically ([`crate::io::write_atomic`]): readers (and a crash) see
+/// the old file or the new one, never a prefix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = temp_sibling(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::io::write_atomic(path, bytes)
 }
 
 /// Serialize tensors (+ header metadata) to `path` atomically.

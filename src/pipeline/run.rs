@@ -1,0 +1,455 @@
+//! [`run`], the main job, one function per stage: load and verify → SVD → discover → train
+//! the experts and the classifier → search the mixture → fit few-shot CEM → evaluate → hand off.
+
+use crate::adapt::discover::{discover, Discovery};
+use crate::adapt::dispatch::{classifier_items, Mixer};
+use crate::adapt::mixture_search::{search, Problem, SearchReport};
+use crate::engine::checkpoint::{save_native, Checkpoint};
+use crate::engine::model::Model;
+use crate::engine::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use crate::eval::recovery;
+use crate::io::{read_json, write_json};
+use crate::pipeline::config::{sources_of, RunConfig};
+use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest};
+use crate::pipeline::stages::{Event, Run};
+use crate::pipeline::table::{evaluate_all, TestTable};
+use crate::search::CemConfig;
+use crate::svf::base::Base;
+use crate::svf::expert::Expert;
+use crate::svf::svd::{Svd, SvdCache};
+use crate::tasks::remote::{generate_items, GeneratorConfig};
+use crate::tasks::{DataSource, Dataset, Domain, Item, Verifier};
+use crate::train::{train_expert_on, TrainConfig, TrainSummary};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What every stage reads: the base model, the settings, the data sources and the work
+/// directory.
+struct Job<'a> {
+    base: &'a Base<'a>,
+    tok: &'a dyn Tokenizer,
+    cfg: &'a RunConfig,
+    /// The built-in domains, then the user datasets.
+    sources: Vec<DataSource>,
+    /// `<out>.partial`.
+    work: PathBuf,
+}
+
+/// A trained expert: its manifest entry and its z vectors.
+pub(crate) type Trained = (ExpertEntry, Expert);
+
+/// Run the whole job on `ck`; returns the handoff directory's manifest. `generator`, when
+/// given, supplies the experts' training items (verified, cached on disk); `model_files` are
+/// copied into `model/` beside the base (e.g. the tokenizer.json of a user model).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    ck: &Checkpoint,
+    model_name: &str,
+    tok: &dyn Tokenizer,
+    cfg: &RunConfig,
+    out: &Path,
+    cache: &SvdCache,
+    generator: Option<&GeneratorConfig>,
+    datasets: &[Dataset],
+    model_files: &[PathBuf],
+    events: &mut dyn FnMut(Event),
+) -> Result<Manifest> {
+    check_datasets(cfg, datasets)?;
+    // One base for every stage: hashed once, SVD factors and the packed model built once.
+    let base = Base::new(ck, cache);
+    let work = open_work_dir(base.hash(), cfg, out)?;
+    let job = Job {
+        base: &base,
+        tok,
+        cfg,
+        sources: sources_of(&cfg.domains, datasets),
+        work: work.clone(),
+    };
+    let mut run = Run {
+        work: work.clone(),
+        records: Vec::new(),
+        events,
+    };
+    let recovery = load_verify(&job, &mut run, datasets, model_files)?;
+    let svd = svd_stats(&job, &mut run)?;
+    let f = base.factors(cfg.train.targets)?;
+    let found = discover_experts(&job, &mut run, base.packed()?, &f.svd)?;
+    let experts = train_experts(&job, &mut run, &found, generator)?;
+    let (classifier, classifier_expert) = train_classifier(&job, &mut run, &found, &experts)?;
+    let pool: Vec<Expert> = (experts.iter())
+        .filter(|(e, _)| e.in_mixture)
+        .map(|(_, x)| x.clone())
+        .collect();
+    let searched = search_mixture(&job, &mut run, &f.svd, &experts, &pool)?;
+    let cem_alpha = fit_cem(&job, &mut run, &pool)?;
+    let table: TestTable = run.stage("7-evaluate", |ev| {
+        evaluate_all(
+            &base,
+            tok,
+            cfg,
+            &job.sources,
+            &experts,
+            &pool,
+            &classifier_expert,
+            searched.as_ref(),
+            &cem_alpha,
+            ev,
+        )
+    })?;
+
+    // 8. Hand off.
+    (run.events)(Event::Stage("8-handoff", false));
+    let manifest = handoff(
+        &base,
+        model_name,
+        cfg,
+        &work,
+        &run.records,
+        HandoffParts {
+            recovery,
+            svd,
+            found: &found,
+            experts: &experts,
+            classifier,
+            searched: searched.as_ref(),
+            cem_alpha: &cem_alpha,
+            table: &table,
+        },
+    )?;
+    std::fs::rename(&work, out).map_err(|e| Error::io(out, e))?;
+    crate::io::sync_dir(
+        out.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )?;
+    Ok(manifest)
+}
+
+/// The datasets passed to [`run`] must be the ones `cfg` names, and none may shadow a
+/// built-in domain.
+fn check_datasets(cfg: &RunConfig, datasets: &[Dataset]) -> Result<()> {
+    let names: Vec<&str> = datasets.iter().map(|d| d.name.as_str()).collect();
+    if names != cfg.datasets.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(Error::Input(
+            "RunConfig::datasets must name the datasets passed to run, in order".into(),
+        ));
+    }
+    if let Some(d) = datasets
+        .iter()
+        .find(|d| cfg.domains.iter().any(|x| x.name() == d.name))
+    {
+        return Err(Error::Input(format!(
+            "dataset `{}` has the name of a built-in domain; rename its file",
+            d.name
+        )));
+    }
+    Ok(())
+}
+
+/// Create `<out>.partial` (or reopen it, if it holds an interrupted run of the same settings
+/// and model) and return its path.
+fn open_work_dir(hash: &str, cfg: &RunConfig, out: &Path) -> Result<PathBuf> {
+    if out.exists() {
+        return Err(Error::Input(format!(
+            "{} already exists; remove it or choose another --out (a run never overwrites a handoff)",
+            out.display()
+        )));
+    }
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let work = out.with_file_name(name);
+    for d in ["stages", "experts", "model", "plots", "data"] {
+        std::fs::create_dir_all(work.join(d)).map_err(|e| Error::io(work.join(d), e))?;
+    }
+    // A resumed run must be the same run.
+    let cfg_path = work.join("run-config.json");
+    if cfg_path.exists() {
+        let before: serde_json::Value = read_json(&cfg_path)?;
+        let now = serde_json::to_value(cfg).map_err(|e| Error::Input(e.to_string()))?;
+        if before != now || read_json::<String>(&work.join("base-hash.json"))? != hash {
+            return Err(Error::Input(format!(
+                "{} holds an interrupted run with other settings or another model; remove it \
+                 or rerun with the same options",
+                work.display()
+            )));
+        }
+    } else {
+        write_json(&cfg_path, cfg)?;
+        write_json(&work.join("base-hash.json"), &hash)?;
+    }
+    Ok(work)
+}
+
+/// Stage 1: load, dequantize and verify; keep the untouched ternary base, the user datasets
+/// and the model's extra files.
+fn load_verify(
+    job: &Job,
+    run: &mut Run,
+    datasets: &[Dataset],
+    model_files: &[PathBuf],
+) -> Result<serde_json::Value> {
+    let (ck, cfg, work) = (job.base.ck(), job.cfg, &job.work);
+    run.stage("1-load-verify", |_| {
+        let len = cfg.probe.1.min(ck.config.max_position_embeddings);
+        let probe = recovery::random_probe(ck.config.vocab_size, cfg.probe.0, len, cfg.seed);
+        let report = recovery::verify(ck, &probe)?;
+        report.check()?;
+        save_native(ck, &work.join("model/base.safetensors"))?;
+        for d in datasets {
+            write_json(&work.join("data").join(format!("{}.json", d.name)), d)?;
+        }
+        for f in model_files {
+            let to = work.join("model").join(f.file_name().unwrap_or_default());
+            std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
+        }
+        serde_json::to_value(&report).map_err(|e| Error::Input(e.to_string()))
+    })
+}
+
+/// Stage 2: the SVD of the targets (cached across runs by content hash), loaded into the base.
+fn svd_stats(job: &Job, run: &mut Run) -> Result<serde_json::Value> {
+    run.stage("2-svd", |_| {
+        let s = &job.base.factors(job.cfg.train.targets)?.stats;
+        Ok(serde_json::json!({
+            "matrices": s.hits + s.computed, "cache_hits": s.hits, "computed": s.computed,
+            "seconds": s.seconds, "max_relative_error": s.max_relative_error,
+        }))
+    })
+}
+
+/// Stage 3: measure every source and group them into experts.
+fn discover_experts(
+    job: &Job,
+    run: &mut Run,
+    base: &Model,
+    f: &BTreeMap<String, Svd>,
+) -> Result<Discovery> {
+    let cfg = job.cfg;
+    run.stage("3-discover", |ev| {
+        let total = job.sources.len();
+        discover(
+            job.base.ck(),
+            base,
+            f,
+            job.tok,
+            &job.sources,
+            cfg.discover_n,
+            cfg.grad_items,
+            cfg.rule,
+            |i, name| ev(Event::Progress(i, total, format!("measuring {name}"))),
+        )
+    })
+}
+
+/// The training data of a group of source names.
+fn group_data(group: &[String], sources: &[DataSource]) -> Result<DataSource> {
+    let mut members = group
+        .iter()
+        .map(|n| {
+            (sources.iter().find(|s| s.name() == *n).cloned())
+                .ok_or_else(|| Error::Input(format!("no data source named `{n}`")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(if members.len() == 1 {
+        members.remove(0)
+    } else {
+        DataSource::Group(members)
+    })
+}
+
+/// Stage 4, one expert: its own stage `4-train-<name>`, resumable within the stage.
+fn train_one(job: &Job, run: &mut Run, data: &DataSource, path: &Path) -> Result<TrainSummary> {
+    let (cfg, name) = (job.cfg, data.name());
+    run.stage(&format!("4-train-{name}"), |ev| {
+        let train = TrainConfig {
+            seed: cfg.seed,
+            ..cfg.train.clone()
+        };
+        train_expert_on(job.base, job.tok, data, &train, path, true, |step, s| {
+            ev(Event::Progress(
+                step,
+                train.steps,
+                format!("training {name}: loss {:.3} kl {:.4}", s.loss, s.kl),
+            ));
+            true
+        })
+    })
+}
+
+/// Stage 4: one expert per group of the discovery, on generated items when a generator is
+/// given (stage `4-data-<name>`) and the group is made of built-in domains.
+fn train_experts(
+    job: &Job,
+    run: &mut Run,
+    found: &Discovery,
+    generator: Option<&GeneratorConfig>,
+) -> Result<Vec<Trained>> {
+    let cfg = job.cfg;
+    let mut experts = Vec::new();
+    for group in &found.grouping.groups {
+        let mut data = group_data(group, &job.sources)?;
+        let name = data.name();
+        let builtin = group.iter().all(|n| Domain::by_name(n).is_ok());
+        if let (Some(g), true) = (generator, builtin) {
+            let items: Vec<Item> = run.stage(&format!("4-data-{name}"), |ev| {
+                let mut items = Vec::new();
+                for d in group {
+                    let d = Domain::by_name(d).map_err(|e| Error::Input(e.to_string()))?;
+                    let n = cfg.generated_items;
+                    let r = generate_items(g, d, n, cfg.seed, |k| {
+                        ev(Event::Progress(
+                            k,
+                            n,
+                            format!("generating {} items", d.name()),
+                        ))
+                    })
+                    .map_err(|e| Error::Input(e.to_string()))?;
+                    items.extend(r.items);
+                }
+                Ok(items)
+            })?;
+            data = DataSource::Pool {
+                of: Box::new(data),
+                items,
+            };
+        }
+        let file = format!("experts/{name}.safetensors");
+        let path = job.work.join(&file);
+        let summary = train_one(job, run, &data, &path)?;
+        let expert = Expert::load(&path)?;
+        experts.push((
+            ExpertEntry {
+                name: name.clone(),
+                file,
+                domains: group.clone(),
+                val_accuracy: summary.best_val_accuracy,
+                base_val_accuracy: summary.base_val_accuracy,
+                in_mixture: summary.best_val_accuracy - summary.base_val_accuracy > cfg.min_gain,
+                training: summary,
+            },
+            expert,
+        ));
+    }
+    Ok(experts)
+}
+
+/// Stage 4, last: the classifier expert, which labels a prompt with its expert (or none).
+fn train_classifier(
+    job: &Job,
+    run: &mut Run,
+    found: &Discovery,
+    experts: &[Trained],
+) -> Result<Trained> {
+    let covered: Vec<String> = found.grouping.groups.iter().flatten().cloned().collect();
+    let others: Vec<DataSource> = (job.sources.iter())
+        .filter(|s| !covered.contains(&s.name()))
+        .cloned()
+        .collect();
+    let labels: Vec<DataSource> = experts
+        .iter()
+        .map(|(e, _)| group_data(&e.domains, &job.sources))
+        .collect::<Result<_>>()?;
+    let file = "experts/classifier.safetensors".to_string();
+    let path = job.work.join(&file);
+    let items = classifier_items(&labels, &others, job.cfg.classifier_items, job.cfg.seed)?;
+    let data = DataSource::Dataset(Dataset {
+        name: "classifier".into(),
+        verifier: Verifier::Exact,
+        items,
+    });
+    let summary = train_one(job, run, &data, &path)?;
+    let expert = Expert::load(&path)?;
+    let entry = ExpertEntry {
+        name: "classifier".into(),
+        file,
+        domains: vec!["dispatch".into()],
+        val_accuracy: summary.best_val_accuracy,
+        base_val_accuracy: summary.base_val_accuracy,
+        in_mixture: false,
+        training: summary,
+    };
+    Ok((entry, expert))
+}
+
+/// Stage 5: NSGA-II over mixtures of the experts that gained (`pool`), then the chosen
+/// mixture saved as `experts/mixture.safetensors`. `None` when no expert gained.
+fn search_mixture(
+    job: &Job,
+    run: &mut Run,
+    f: &BTreeMap<String, Svd>,
+    experts: &[Trained],
+    pool: &[Expert],
+) -> Result<Option<SearchReport>> {
+    let (cfg, sources) = (job.cfg, &job.sources);
+    let searched: Option<SearchReport> = run.stage("5-search", |ev| {
+        if pool.is_empty() {
+            return Ok(None);
+        }
+        let mut val = Vec::new();
+        for (e, _) in experts.iter().filter(|(e, _)| e.in_mixture) {
+            val.extend(
+                group_data(&e.domains, sources)?.validation(cfg.search_val_n, cfg.seed + 1)?,
+            );
+        }
+        let mut preserve = Vec::new();
+        for d in sources {
+            preserve.extend(d.validation(cfg.preserve_n, cfg.seed + 2)?);
+        }
+        let mut problem = Problem::new(job.base, job.tok, pool, &val, &preserve, &cfg.search)?;
+        let total = cfg.search.generations;
+        let report = search(
+            &mut problem,
+            &cfg.search,
+            |r| {
+                ev(Event::Progress(
+                    r.generation,
+                    total,
+                    format!(
+                        "search: hypervolume {:.4}, front {}",
+                        r.hypervolume, r.front_size
+                    ),
+                ))
+            },
+            |_| {},
+        )?;
+        Ok(Some(report))
+    })?;
+    if let Some(s) = &searched {
+        let refs: Vec<&Expert> = pool.iter().collect();
+        let mut mixed = crate::svf::expert::mixture(&refs, &s.chosen.alpha, f)?;
+        mixed.meta.name = "mixture".into();
+        mixed.save(&job.work.join("experts/mixture.safetensors"))?;
+    }
+    Ok(searched)
+}
+
+/// Stage 6: few-shot CEM per source, on labelled validation examples: α over `pool` by source.
+fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String, Vec<f64>>> {
+    let (cfg, sources) = (job.cfg, &job.sources);
+    run.stage("6-cem", |ev| {
+        let mut out = BTreeMap::new();
+        if pool.is_empty() {
+            return Ok(out);
+        }
+        let mut mixer = Mixer::new(job.base, pool.to_vec())?;
+        for (i, d) in sources.iter().enumerate() {
+            ev(Event::Progress(
+                i,
+                sources.len(),
+                format!("CEM on {} shots of {}", cfg.shots, d.name()),
+            ));
+            let shots = d.validation(cfg.shots, cfg.seed + 3)?;
+            let r = mixer.fit_cem(
+                job.tok,
+                &shots,
+                &CemConfig {
+                    seed: cfg.seed,
+                    ..cfg.cem.clone()
+                },
+            )?;
+            out.insert(d.name(), r.best);
+        }
+        Ok(out)
+    })
+}
