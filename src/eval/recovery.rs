@@ -13,13 +13,13 @@ use crate::engine::ternary::TernaryMatrix;
 use crate::error::{Error, Result};
 use candle_core::DType;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Required argmax agreement of the dequantized model (docs/DESIGN.md §1).
 pub const MIN_AGREEMENT: f64 = 0.99;
 
 /// Exactness of one matrix.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MatrixRecovery {
     /// HF tensor prefix.
     pub name: String,
@@ -32,7 +32,7 @@ pub struct MatrixRecovery {
 }
 
 /// Agreement of the dense model with the ternary model on the probe set.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ForwardRecovery {
     /// Activation quantization in the dense model.
     pub act_quant: bool,
@@ -47,7 +47,7 @@ pub struct ForwardRecovery {
 }
 
 /// The report of `bitsvf dequantize --verify`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecoveryReport {
     /// Per-matrix exactness.
     pub matrices: Vec<MatrixRecovery>,

@@ -1,31 +1,87 @@
-//! The handoff directory (DESIGN.md §6): its manifest, writing it at the end of a run, and
-//! reading it back ([`Handoff::open`], [`Handoff::summary`], [`reproduce`]).
+//! The handoff directory (DESIGN.md §6): its typed manifest, writing it at the end of a run,
+//! and reading it back ([`Handoff::open`], [`Handoff::summary`], [`reproduce`]).
 
 use crate::adapt::discover::Discovery;
 use crate::adapt::dispatch::Mixer;
-use crate::adapt::mixture_search::SearchReport;
+use crate::adapt::mixture_search::{Deployer, Point, SearchReport};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::io::{read_json, write_json};
+use crate::eval::recovery::RecoveryReport;
+use crate::io::{from_json_value, read_json, write_json};
 use crate::pipeline::config::{sources_of, RunConfig};
-use crate::pipeline::plot::Series;
 use crate::pipeline::report::{draw_plots, report_markdown};
 use crate::pipeline::run::Trained;
 use crate::pipeline::stages::StageRecord;
 use crate::pipeline::table::{accuracy, columns, TestTable};
+use crate::search::GenerationRecord;
 use crate::svf::base::Base;
 use crate::svf::deploy::{f32_bytes, packed_bytes};
 use crate::svf::expert::Expert;
-use crate::svf::svd::SvdCache;
+use crate::svf::svd::{CacheStats, SvdCache};
 use crate::tasks::{DataSource, Dataset};
 use crate::train::TrainSummary;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Format tag of the handoff manifest.
 pub const MANIFEST_FORMAT: &str = "bitsvf-handoff";
+
+/// Layout version of the manifests this bitsvf writes, `major.minor`. Readers accept every
+/// minor version of their major (a minor version only adds fields) and refuse other majors.
+/// 1.1 added `format_version` and the experts' `training.val_curve`.
+pub const FORMAT_VERSION: &str = "1.1";
+
+/// The version of a manifest without `format_version`: as bitsvf 0.1.0 wrote it.
+pub const FIRST_FORMAT_VERSION: &str = "1.0";
+
+fn first_format_version() -> String {
+    FIRST_FORMAT_VERSION.into()
+}
+
+/// The manifest of a handoff directory, `manifest.json`. Written and read by these types;
+/// `base_model`, `mixture` and `metrics` list their keys in sorted order, as 1.0 did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Layout version ([`FORMAT_VERSION`]; [`FIRST_FORMAT_VERSION`] when absent).
+    #[serde(default = "first_format_version")]
+    pub format_version: String,
+    /// bitsvf version that wrote it.
+    pub bitsvf_version: String,
+    /// The base model.
+    #[serde(serialize_with = "sorted")]
+    pub base_model: BaseModel,
+    /// The run settings.
+    pub options: RunConfig,
+    /// The experts.
+    pub experts: Vec<ExpertEntry>,
+    /// The classifier expert.
+    pub classifier: Option<ExpertEntry>,
+    /// The chosen mixture (`None`: no expert gained).
+    #[serde(serialize_with = "sorted")]
+    pub mixture: Option<MixtureEntry>,
+    /// Every metric of the run.
+    #[serde(serialize_with = "sorted")]
+    pub metrics: Metrics,
+    /// Notes for the reader.
+    pub notes: Vec<String>,
+}
+
+/// The base model of a handoff.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// Its content hash ([`Checkpoint::content_hash`]).
+    pub content_hash: String,
+    /// Its file, relative to the handoff directory.
+    pub file: String,
+    /// The format it was read from.
+    pub format: String,
+    /// Its name (the path given, or the embedded model's).
+    pub name: String,
+}
 
 /// One trained expert as the manifest lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,32 +102,189 @@ pub struct ExpertEntry {
     pub training: TrainSummary,
 }
 
-/// The manifest of a handoff directory.
+/// The mixture α* the search chose.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    /// [`MANIFEST_FORMAT`].
-    pub format: String,
-    /// bitsvf version that wrote it.
-    pub bitsvf_version: String,
-    /// The base model.
-    pub base_model: serde_json::Value,
-    /// The run settings.
-    pub options: RunConfig,
-    /// The experts.
-    pub experts: Vec<ExpertEntry>,
-    /// The classifier expert.
-    pub classifier: Option<ExpertEntry>,
-    /// The chosen mixture.
-    pub mixture: Option<serde_json::Value>,
-    /// Every metric: recovery, capability, search, CEM, test table, stages, bytes.
-    pub metrics: serde_json::Value,
-    /// Notes for the reader.
-    pub notes: Vec<String>,
+pub struct MixtureEntry {
+    /// α*, one weight per expert of `experts`.
+    pub alpha: Vec<f64>,
+    /// How it is deployed.
+    pub deployed_form: String,
+    /// Its experts' names, in α order.
+    pub experts: Vec<String>,
+    /// The mixed expert (full SVF), relative to the handoff directory.
+    pub file: String,
+    /// Singular directions of the deployed delta.
+    pub rank: usize,
+    /// Why this point of the front.
+    pub rule: String,
+    /// Its measurements on the validation items.
+    pub validation: Point,
 }
 
+/// Every metric of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Sizes of the forms of the model and of the files.
+    pub bytes: ByteCounts,
+    /// α fitted by few-shot CEM per source.
+    pub cem_alpha: BTreeMap<String, Vec<f64>>,
+    /// Stage 1's capability report and grouping.
+    pub discovery: Discovery,
+    /// The dequantization check of stage 1.
+    pub recovery: RecoveryReport,
+    /// The mixture search (`None`: no expert gained).
+    pub search: Option<SearchSummary>,
+    /// Wall time and peak memory per stage.
+    pub stages: Vec<StageRecord>,
+    /// The SVD of the targets.
+    pub svd: SvdStats,
+    /// The test table.
+    pub test: TestTable,
+}
+
+/// Sizes, bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ByteCounts {
+    /// `model/base.safetensors`.
+    pub base_file: u64,
+    /// The experts' files (classifier and mixture aside).
+    pub experts_files: u64,
+    /// The model with f32 linears.
+    pub f32_model: usize,
+    /// The model with packed ternary linears.
+    pub ternary_base_packed: usize,
+}
+
+/// What loading the SVD of the targets did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SvdStats {
+    /// Matrices read from the cache.
+    pub cache_hits: usize,
+    /// Matrices decomposed.
+    pub computed: usize,
+    /// Target matrices.
+    pub matrices: usize,
+    /// Largest `‖W − UΣVᵀ‖_F / ‖W‖_F`.
+    pub max_relative_error: f64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+impl From<&CacheStats> for SvdStats {
+    fn from(s: &CacheStats) -> Self {
+        SvdStats {
+            cache_hits: s.hits,
+            computed: s.computed,
+            matrices: s.hits + s.computed,
+            max_relative_error: s.max_relative_error,
+            seconds: s.seconds,
+        }
+    }
+}
+
+/// The mixture search, as the manifest keeps it (every evaluated point is in metrics.jsonl).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchSummary {
+    /// The bare base, measured the same way.
+    pub base: Point,
+    /// Genomes evaluated.
+    pub evaluations: usize,
+    /// The final Pareto front.
+    pub front: Vec<Point>,
+    /// Hypervolume and front size per generation.
+    pub history: Vec<GenerationRecord>,
+    /// Hypervolume reference point.
+    pub hv_reference: Vec<f64>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Whether the hypervolume stalled before the last generation.
+    pub stopped_early: bool,
+}
+
+impl From<&SearchReport> for SearchSummary {
+    fn from(s: &SearchReport) -> Self {
+        SearchSummary {
+            base: s.base.clone(),
+            evaluations: s.evaluated.len(),
+            front: s.front.clone(),
+            history: s.history.clone(),
+            hv_reference: s.hv_reference.clone(),
+            seconds: s.seconds,
+            stopped_early: s.stopped_early,
+        }
+    }
+}
+
+/// Serialize `value` with the keys of every object in sorted order, whatever the field order
+/// of its types: the layout of the parts of the manifest that 1.0 wrote as untyped JSON.
+fn sorted<T: Serialize, S: Serializer>(value: &T, s: S) -> std::result::Result<S::Ok, S::Error> {
+    let v = serde_json::to_value(value).map_err(serde::ser::Error::custom)?;
+    SortedKeys(&v).serialize(s)
+}
+
+struct SortedKeys<'a>(&'a serde_json::Value);
+
+impl Serialize for SortedKeys<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0 {
+            serde_json::Value::Object(m) => {
+                let mut entries: Vec<_> = m.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                let mut map = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    map.serialize_entry(k, &SortedKeys(v))?;
+                }
+                map.end()
+            }
+            serde_json::Value::Array(a) => s.collect_seq(a.iter().map(SortedKeys)),
+            v => v.serialize(s),
+        }
+    }
+}
+
+/// Error unless `value`, read from `path`, is a manifest of a layout this bitsvf reads.
+fn check_format(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != MANIFEST_FORMAT {
+        return Err(Error::config(
+            path,
+            "format",
+            format!("expected `{MANIFEST_FORMAT}`, found `{format}`"),
+        ));
+    }
+    let Some(v) = value.get("format_version") else {
+        return Ok(()); // 1.0
+    };
+    let ours = FORMAT_VERSION.split('.').next().unwrap_or_default();
+    let major = v.as_str().and_then(|s| {
+        let (major, minor) = s.split_once('.')?;
+        minor.parse::<u32>().ok()?;
+        major.parse::<u32>().ok().map(|_| major)
+    });
+    match major {
+        Some(m) if m == ours => Ok(()),
+        Some(_) => Err(Error::config(
+            path,
+            "format_version",
+            format!(
+                "version {v} is not supported: this bitsvf ({}) reads {ours}.x manifests; \
+                 use the bitsvf that wrote it",
+                env!("CARGO_PKG_VERSION")
+            ),
+        )),
+        None => Err(Error::config(
+            path,
+            "format_version",
+            format!("expected \"major.minor\", found {v}"),
+        )),
+    }
+}
+
+/// What the stages of a run hand to [`handoff`].
 pub(crate) struct HandoffParts<'a> {
-    pub recovery: serde_json::Value,
-    pub svd: serde_json::Value,
+    pub recovery: RecoveryReport,
+    pub svd: SvdStats,
     pub found: &'a Discovery,
     pub experts: &'a [Trained],
     pub classifier: ExpertEntry,
@@ -80,40 +293,22 @@ pub(crate) struct HandoffParts<'a> {
     pub table: &'a TestTable,
 }
 
-/// Write manifest.json, metrics.jsonl, the plots and report.md into `work`.
-pub(crate) fn handoff(
-    base: &Base,
-    model_name: &str,
-    cfg: &RunConfig,
-    work: &Path,
-    records: &[StageRecord],
-    p: HandoffParts,
-) -> Result<Manifest> {
-    // metrics.jsonl: capability, every training step, every search point and generation.
+/// metrics.jsonl: capability, every training step (moved here from the experts' own logs,
+/// which are deleted with their resumable state), every search point and generation, and the
+/// test table.
+fn write_metrics_log(work: &Path, p: &HandoffParts) -> Result<()> {
     let mut lines: Vec<serde_json::Value> = Vec::new();
     for (n, a) in p.found.names.iter().zip(&p.found.accuracy) {
         lines.push(serde_json::json!({ format!("stage1/capability/{n}/accuracy"): a }));
     }
-    let mut curves: Vec<Series<(f64, f64)>> = Vec::new();
-    let entries = p.experts.iter().map(|(e, _)| e).chain([&p.classifier]);
-    for e in entries {
+    for e in p.experts.iter().map(|(e, _)| e).chain([&p.classifier]) {
         let mp = work.join(&e.file).with_extension("metrics.jsonl");
         let text = std::fs::read_to_string(&mp).map_err(|err| Error::io(&mp, err))?;
-        // Step 0 is the base model, measured on the same validation items.
-        let mut curve = vec![(0.0, e.base_val_accuracy)];
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|err| Error::config(&mp, "line", err.to_string()))?;
-            let key = format!("stage2/expert_{}/val_accuracy", e.name);
-            if let (Some(step), Some(acc)) = (v["step"].as_f64(), v[&key].as_f64()) {
-                curve.push((step, acc));
-            }
             lines.push(v);
         }
-        curves.push(Series {
-            name: e.name.clone(),
-            values: curve,
-        });
         std::fs::remove_file(&mp).map_err(|err| Error::io(&mp, err))?;
         let state = work.join(&e.file).with_extension("train-state.safetensors");
         if state.exists() {
@@ -147,33 +342,36 @@ pub(crate) fn handoff(
         text.push_str(&l.to_string());
         text.push('\n');
     }
-    crate::io::write_atomic(&work.join("metrics.jsonl"), text.as_bytes())?;
+    crate::io::write_atomic(&work.join("metrics.jsonl"), text.as_bytes())
+}
 
-    draw_plots(work, p.table, p.found, &curves, p.searched, records)?;
-
-    // Manifest.
+/// Write metrics.jsonl, manifest.json, the plots and report.md into `work`.
+pub(crate) fn handoff(
+    base: &Base,
+    model_name: &str,
+    cfg: &RunConfig,
+    work: &Path,
+    records: &[StageRecord],
+    p: HandoffParts,
+) -> Result<Manifest> {
+    write_metrics_log(work, &p)?;
     let ck = base.ck();
     let file_bytes = |rel: &str| std::fs::metadata(work.join(rel)).map_or(0, |m| m.len());
-    let expert_bytes: u64 = p.experts.iter().map(|(e, _)| file_bytes(&e.file)).sum();
-    let mixture = p.searched.map(|s| {
-        serde_json::json!({
-            "file": "experts/mixture.safetensors",
-            "experts": s.experts,
-            "alpha": s.chosen.alpha,
-            "rank": s.chosen.rank,
-            "deployed_form": "hybrid: packed ternary base + rank-k SVF delta (f16 factors)",
-            "rule": s.rule,
-            "validation": s.chosen,
-        })
+    let mixture = p.searched.map(|s| MixtureEntry {
+        alpha: s.chosen.alpha.clone(),
+        deployed_form: "hybrid: packed ternary base + rank-k SVF delta (f16 factors)".into(),
+        experts: s.experts.clone(),
+        file: "experts/mixture.safetensors".into(),
+        rank: s.chosen.rank,
+        rule: s.rule.clone(),
+        validation: s.chosen.clone(),
     });
     let mut notes = vec![
         "Test accuracies are greedy decoding on the held-out test split; the search's \
          validation accuracy is greedy exact match by a teacher-forced pass."
             .to_string(),
     ];
-    let dropped: Vec<&str> = p
-        .experts
-        .iter()
+    let dropped: Vec<&str> = (p.experts.iter())
         .filter(|(e, _)| !e.in_mixture)
         .map(|(e, _)| e.name.as_str())
         .collect();
@@ -186,38 +384,38 @@ pub(crate) fn handoff(
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
+        format_version: FORMAT_VERSION.into(),
         bitsvf_version: env!("CARGO_PKG_VERSION").into(),
-        base_model: serde_json::json!({
-            "name": model_name, "content_hash": base.hash(), "format": ck.format.name(),
-            "file": "model/base.safetensors",
-        }),
+        base_model: BaseModel {
+            content_hash: base.hash().to_string(),
+            file: "model/base.safetensors".into(),
+            format: ck.format.name().to_string(),
+            name: model_name.to_string(),
+        },
         options: cfg.clone(),
         experts: p.experts.iter().map(|(e, _)| e.clone()).collect(),
-        classifier: Some(p.classifier.clone()),
+        classifier: Some(p.classifier),
         mixture,
-        metrics: serde_json::json!({
-            "recovery": p.recovery,
-            "svd": p.svd,
-            "discovery": p.found,
-            "search": p.searched.map(|s| serde_json::json!({
-                "history": s.history, "front": s.front, "base": s.base,
-                "evaluations": s.evaluated.len(), "seconds": s.seconds,
-                "stopped_early": s.stopped_early, "hv_reference": s.hv_reference,
-            })),
-            "cem_alpha": p.cem_alpha,
-            "test": p.table,
-            "stages": records,
-            "bytes": {
-                "ternary_base_packed": packed_bytes(ck),
-                "f32_model": f32_bytes(ck),
-                "experts_files": expert_bytes,
-                "base_file": file_bytes("model/base.safetensors"),
+        metrics: Metrics {
+            bytes: ByteCounts {
+                base_file: file_bytes("model/base.safetensors"),
+                experts_files: p.experts.iter().map(|(e, _)| file_bytes(&e.file)).sum(),
+                f32_model: f32_bytes(ck),
+                ternary_base_packed: packed_bytes(ck),
             },
-        }),
+            cem_alpha: p.cem_alpha.clone(),
+            discovery: p.found.clone(),
+            recovery: p.recovery,
+            search: p.searched.map(SearchSummary::from),
+            stages: records.to_vec(),
+            svd: p.svd,
+            test: p.table.clone(),
+        },
         notes,
     };
+    draw_plots(work, &manifest, p.searched)?;
     write_json(&work.join("manifest.json"), &manifest)?;
-    let report = report_markdown(&manifest, p.found, p.table, records, p.searched);
+    let report = report_markdown(&manifest);
     crate::io::write_atomic(&work.join("report.md"), report.as_bytes())?;
     Ok(manifest)
 }
@@ -259,27 +457,20 @@ impl Handoff {
                 dir.display()
             )));
         }
-        let manifest: Manifest = read_json(&mp)?;
-        if manifest.format != MANIFEST_FORMAT {
-            return Err(Error::config(
-                &mp,
-                "format",
-                format!("expected `{MANIFEST_FORMAT}`, found `{}`", manifest.format),
-            ));
-        }
-        let file = manifest.base_model["file"]
-            .as_str()
-            .ok_or_else(|| Error::config(&mp, "base_model.file", "missing"))?;
-        let ck = crate::engine::checkpoint::load(&dir.join(file))?;
+        let value: serde_json::Value = read_json(&mp)?;
+        check_format(&mp, &value)?;
+        let manifest: Manifest = from_json_value(&mp, value)?;
+        let file = dir.join(&manifest.base_model.file);
+        let ck = crate::engine::checkpoint::load(&file)?;
         let hash = ck.content_hash();
-        let want = manifest.base_model["content_hash"].as_str().unwrap_or("");
-        if hash != want {
+        let want = &manifest.base_model.content_hash;
+        if &hash != want {
             return Err(Error::config(
                 &mp,
                 "base_model.content_hash",
                 format!(
                     "{} has content hash {}…, the manifest says {}…",
-                    dir.join(file).display(),
+                    file.display(),
                     short(&hash),
                     short(want)
                 ),
@@ -314,9 +505,7 @@ impl Handoff {
 
     /// The classifier expert, if the run trained one.
     pub fn classifier(&self) -> Result<Option<Expert>> {
-        self.manifest
-            .classifier
-            .as_ref()
+        (self.manifest.classifier.as_ref())
             .map(|c| self.load_expert(&c.file))
             .transpose()
     }
@@ -327,16 +516,7 @@ impl Handoff {
             return Ok(None);
         };
         let mp = self.dir.join("manifest.json");
-        let names: Vec<String> = serde_json::from_value(m["experts"].clone())
-            .map_err(|e| Error::config(&mp, "mixture.experts", e.to_string()))?;
-        let alpha: Vec<f64> = serde_json::from_value(m["alpha"].clone())
-            .map_err(|e| Error::config(&mp, "mixture.alpha", e.to_string()))?;
-        let rank = m["rank"]
-            .as_u64()
-            .ok_or_else(|| Error::config(&mp, "mixture.rank", "missing"))?
-            as usize;
-        let experts = names
-            .iter()
+        let experts = (m.experts.iter())
             .map(|n| {
                 let entry = (self.manifest.experts.iter())
                     .find(|e| &e.name == n)
@@ -346,17 +526,17 @@ impl Handoff {
                 self.load_expert(&entry.file)
             })
             .collect::<Result<Vec<_>>>()?;
-        if alpha.len() != experts.len() {
+        if m.alpha.len() != experts.len() {
             return Err(Error::config(
                 &mp,
                 "mixture.alpha",
-                format!("{} weights for {} experts", alpha.len(), experts.len()),
+                format!("{} weights for {} experts", m.alpha.len(), experts.len()),
             ));
         }
         Ok(Some(HandoffMixture {
             experts,
-            alpha,
-            rank,
+            alpha: m.alpha.clone(),
+            rank: m.rank,
         }))
     }
 
@@ -375,8 +555,8 @@ impl Handoff {
             "bitsvf handoff {} (bitsvf {})\nbase model: {} ({}), content hash {}… — verified\n\nexperts:\n",
             self.dir.display(),
             m.bitsvf_version,
-            m.base_model["name"].as_str().unwrap_or("?"),
-            m.base_model["format"].as_str().unwrap_or("?"),
+            m.base_model.name,
+            m.base_model.format,
             short(&self.hash),
         );
         let experts = self.experts()?;
@@ -422,24 +602,14 @@ impl Handoff {
             }
             None => s += "\nno mixture\n",
         }
-        if let Ok(table) = serde_json::from_value::<TestTable>(m.metrics["test"].clone()) {
-            s += &format!(
-                "\ntest accuracy (%), mean over {} domains:\n",
-                table.accuracy.len()
-            );
-            for c in &table.columns {
-                let v: Vec<f64> = table
-                    .accuracy
-                    .values()
-                    .filter_map(|r| r.get(c))
-                    .copied()
-                    .collect();
-                if !v.is_empty() {
-                    s += &format!(
-                        "  {c:<28} {:>5.1}\n",
-                        100.0 * v.iter().sum::<f64>() / v.len() as f64
-                    );
-                }
+        let table = &m.metrics.test;
+        s += &format!(
+            "\ntest accuracy (%), mean over {} domains:\n",
+            table.accuracy.len()
+        );
+        for c in &table.columns {
+            if let Some(mean) = table.mean(c) {
+                s += &format!("  {c:<28} {:>5.1}\n", 100.0 * mean);
             }
         }
         Ok(s)
@@ -467,8 +637,7 @@ pub fn reproduce(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Reproduced>> {
     let mp = h.dir.join("manifest.json");
-    let table: TestTable = serde_json::from_value(h.manifest.metrics["test"].clone())
-        .map_err(|e| Error::config(&mp, "metrics.test", e.to_string()))?;
+    let table = &h.manifest.metrics.test;
     let HandoffMixture {
         experts,
         alpha,
@@ -482,7 +651,7 @@ pub fn reproduce(
     let sources = h.sources()?;
     let base = h.base(cache);
     let mut mixer = Mixer::new(&base, experts.clone())?;
-    let mut deployer = crate::adapt::mixture_search::Deployer::new(&base, &experts)?;
+    let mut deployer = Deployer::new(&base, &experts)?;
     let mut out = Vec::new();
     for (i, (d, row)) in table.accuracy.iter().enumerate() {
         progress(i, table.accuracy.len());
@@ -507,4 +676,70 @@ pub fn reproduce(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_dir(version: Option<&str>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/handoff-0.1/manifest.json");
+        let mut v: serde_json::Value = read_json(&fixture).unwrap();
+        if let Some(version) = version {
+            v["format_version"] = version.into();
+        }
+        let path = dir.path().join("manifest.json");
+        write_json(&path, &v).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_manifest_without_a_version_is_1_0_and_reads_back_as_written() {
+        let (_d, path) = manifest_dir(None);
+        let value: serde_json::Value = read_json(&path).unwrap();
+        check_format(&path, &value).unwrap();
+        let m: Manifest = from_json_value(&path, value.clone()).unwrap();
+        assert_eq!(m.format_version, FIRST_FORMAT_VERSION);
+        // Written again by the same types: the same JSON, plus the version.
+        let mut again = serde_json::to_value(&m).unwrap();
+        again.as_object_mut().unwrap().remove("format_version");
+        for e in again["experts"].as_array_mut().unwrap() {
+            e["training"].as_object_mut().unwrap().remove("val_curve");
+        }
+        (again["classifier"]["training"].as_object_mut().unwrap()).remove("val_curve");
+        assert_eq!(again, value);
+    }
+
+    #[test]
+    fn manifests_serialize_deterministically_with_sorted_metrics() {
+        let (_d, path) = manifest_dir(None);
+        let m: Manifest = read_json(&path).unwrap();
+        let a = serde_json::to_string_pretty(&m).unwrap();
+        assert_eq!(a, serde_json::to_string_pretty(&m).unwrap());
+        let metrics = a.find("\"metrics\"").unwrap();
+        let keys = [
+            "\"bytes\"",
+            "\"cem_alpha\"",
+            "\"discovery\"",
+            "\"recovery\"",
+        ];
+        let at: Vec<usize> = keys.iter().map(|k| a[metrics..].find(k).unwrap()).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}");
+    }
+
+    #[test]
+    fn a_newer_minor_version_reads_and_another_major_is_a_clear_error() {
+        let (_d, path) = manifest_dir(Some("1.7"));
+        check_format(&path, &read_json(&path).unwrap()).unwrap();
+        for bad in ["2.0", "one", "1"] {
+            let (d, _) = manifest_dir(Some(bad));
+            let err = Handoff::open(d.path()).err().unwrap().to_string();
+            assert!(
+                err.contains("manifest.json") && err.contains("format_version"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

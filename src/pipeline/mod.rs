@@ -21,7 +21,8 @@ pub mod table;
 
 pub use config::RunConfig;
 pub use handoff::{
-    reproduce, ExpertEntry, Handoff, HandoffMixture, Manifest, Reproduced, MANIFEST_FORMAT,
+    reproduce, BaseModel, ByteCounts, ExpertEntry, Handoff, HandoffMixture, Manifest, Metrics,
+    MixtureEntry, Reproduced, SearchSummary, SvdStats, FORMAT_VERSION, MANIFEST_FORMAT,
 };
 pub use run::run;
 pub use stages::{Event, StageRecord};

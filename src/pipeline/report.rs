@@ -1,24 +1,26 @@
 //! report.md, the run's summary for a reader: its tables, and the figures it shows (drawn with
-//! [`crate::pipeline::plot`] into `plots/`).
+//! [`crate::pipeline::plot`] into `plots/`), all from the typed manifest.
 
-use crate::adapt::discover::Discovery;
 use crate::adapt::mixture_search::SearchReport;
 use crate::error::Result;
-use crate::pipeline::handoff::Manifest;
+use crate::pipeline::handoff::{short, Manifest};
 use crate::pipeline::plot::{self, Series};
-use crate::pipeline::stages::StageRecord;
-use crate::pipeline::table::TestTable;
 use std::path::Path;
 
-/// Draw the run's figures into `work/plots/`.
-pub(crate) fn draw_plots(
-    work: &Path,
-    table: &TestTable,
-    found: &Discovery,
-    curves: &[Series<(f64, f64)>],
-    searched: Option<&SearchReport>,
-    records: &[StageRecord],
-) -> Result<()> {
+/// Draw the run's figures into `work/plots/`: every figure from the manifest, but the Pareto
+/// plot, which shows every point the search evaluated (`searched`).
+pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchReport>) -> Result<()> {
+    let (table, found, records) = (&m.metrics.test, &m.metrics.discovery, &m.metrics.stages);
+    // Step 0 is the base model, measured on the same validation items.
+    let curves: Vec<Series<(f64, f64)>> = (m.experts.iter().chain(&m.classifier))
+        .map(|e| Series {
+            name: e.name.clone(),
+            values: [(0.0, e.base_val_accuracy)]
+                .into_iter()
+                .chain((e.training.val_curve.iter()).map(|&(step, a)| (step as f64, a)))
+                .collect(),
+        })
+        .collect();
     let domains: Vec<String> = table.accuracy.keys().cloned().collect();
     let series: Vec<Series<f64>> = table
         .columns
@@ -53,7 +55,7 @@ pub(crate) fn draw_plots(
         "Validation accuracy while training",
         "step",
         "accuracy",
-        curves,
+        &curves,
     )?;
     if let Some(s) = searched {
         let all: Vec<(f64, f64)> = s.evaluated.iter().map(|q| (q.kl, q.accuracy)).collect();
@@ -113,17 +115,12 @@ fn pct(a: Option<&f64>) -> String {
 }
 
 /// report.md: the tables and the plots.
-pub(crate) fn report_markdown(
-    m: &Manifest,
-    found: &Discovery,
-    table: &TestTable,
-    records: &[StageRecord],
-    searched: Option<&SearchReport>,
-) -> String {
+pub(crate) fn report_markdown(m: &Manifest) -> String {
+    let (table, found, records) = (&m.metrics.test, &m.metrics.discovery, &m.metrics.stages);
     let mut s = format!(
         "# bitsvf run report\n\nBase model `{}` (content hash `{}…`).\n\n",
-        m.base_model["name"].as_str().unwrap_or(""),
-        crate::pipeline::handoff::short(m.base_model["content_hash"].as_str().unwrap_or(""))
+        m.base_model.name,
+        short(&m.base_model.content_hash)
     );
     s += "## Stage 1: capability and discovery\n\n![capability](plots/discovery.png)\n\n";
     s += &format!("{}\n\n", found.grouping.reason);
@@ -140,23 +137,23 @@ pub(crate) fn report_markdown(
         );
     }
     s += "\n![training](plots/training.png)\n\n## Stage 3: mixture search\n\n";
-    if let Some(r) = searched {
+    if let (Some(mix), Some(r)) = (&m.mixture, &m.metrics.search) {
         s += &format!(
             "NSGA-II, {} evaluations in {:.0} s; final front of {} points. Chosen: α = [{}] over [{}], rank {}: validation accuracy {:.1}%, KL {:.4}, {:.2} ms/token, {:.2} MB (base: {:.1}%, {:.2} ms/token, {:.2} MB). Rule: {}.\n\n![pareto](plots/pareto.png)\n\n![hypervolume](plots/hypervolume.png)\n\n",
-            r.evaluated.len(),
+            r.evaluations,
             r.seconds,
             r.front.len(),
-            r.chosen.alpha.iter().map(|a| format!("{a:.2}")).collect::<Vec<_>>().join(", "),
-            r.experts.join(", "),
-            r.chosen.rank,
-            100.0 * r.chosen.accuracy,
-            r.chosen.kl,
-            r.chosen.ms_per_token,
-            r.chosen.bytes as f64 / 1e6,
+            mix.alpha.iter().map(|a| format!("{a:.2}")).collect::<Vec<_>>().join(", "),
+            mix.experts.join(", "),
+            mix.rank,
+            100.0 * mix.validation.accuracy,
+            mix.validation.kl,
+            mix.validation.ms_per_token,
+            mix.validation.bytes as f64 / 1e6,
             100.0 * r.base.accuracy,
             r.base.ms_per_token,
             r.base.bytes as f64 / 1e6,
-            r.rule
+            mix.rule
         );
     } else {
         s += "No expert gained on validation, so there is no mixture.\n\n";
@@ -171,19 +168,8 @@ pub(crate) fn report_markdown(
         let cells: Vec<String> = table.columns.iter().map(|c| pct(row.get(c))).collect();
         s += &format!("| {d} | {} |\n", cells.join(" | "));
     }
-    let mean = |c: &str| {
-        let v: Vec<f64> = table
-            .accuracy
-            .values()
-            .filter_map(|r| r.get(c))
-            .copied()
-            .collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-    };
-    let cells: Vec<String> = table
-        .columns
-        .iter()
-        .map(|c| pct(mean(c).as_ref()))
+    let cells: Vec<String> = (table.columns.iter())
+        .map(|c| pct(table.mean(c).as_ref()))
         .collect();
     s += &format!("| **mean** | {} |\n\n", cells.join(" | "));
     for (k, v) in &table.routing {

@@ -9,9 +9,10 @@ use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::recovery;
+use crate::eval::recovery::RecoveryReport;
 use crate::io::{read_json, write_json};
 use crate::pipeline::config::{sources_of, RunConfig};
-use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest};
+use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest, SvdStats};
 use crate::pipeline::stages::{Event, Run};
 use crate::pipeline::table::{evaluate_all, TestTable};
 use crate::search::CemConfig;
@@ -188,7 +189,7 @@ fn load_verify(
     run: &mut Run,
     datasets: &[Dataset],
     model_files: &[PathBuf],
-) -> Result<serde_json::Value> {
+) -> Result<RecoveryReport> {
     let (ck, cfg, work) = (job.base.ck(), job.cfg, &job.work);
     run.stage("1-load-verify", |_| {
         let len = cfg.probe.1.min(ck.config.max_position_embeddings);
@@ -203,18 +204,16 @@ fn load_verify(
             let to = work.join("model").join(f.file_name().unwrap_or_default());
             std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
         }
-        serde_json::to_value(&report).map_err(|e| Error::Input(e.to_string()))
+        Ok(report)
     })
 }
 
 /// Stage 2: the SVD of the targets (cached across runs by content hash), loaded into the base.
-fn svd_stats(job: &Job, run: &mut Run) -> Result<serde_json::Value> {
+fn svd_stats(job: &Job, run: &mut Run) -> Result<SvdStats> {
     run.stage("2-svd", |_| {
-        let s = &job.base.factors(job.cfg.train.targets)?.stats;
-        Ok(serde_json::json!({
-            "matrices": s.hits + s.computed, "cache_hits": s.hits, "computed": s.computed,
-            "seconds": s.seconds, "max_relative_error": s.max_relative_error,
-        }))
+        Ok(SvdStats::from(
+            &job.base.factors(job.cfg.train.targets)?.stats,
+        ))
     })
 }
 

@@ -34,6 +34,17 @@ pub struct TestTable {
     pub routing: BTreeMap<String, f64>,
 }
 
+impl TestTable {
+    /// Mean accuracy of `column` over the domains that have it.
+    pub fn mean(&self, column: &str) -> Option<f64> {
+        let v: Vec<f64> = (self.accuracy.values())
+            .filter_map(|r| r.get(column))
+            .copied()
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
 /// The column names of the test table.
 pub mod columns {
     /// The packed base model.

@@ -181,6 +181,10 @@ pub struct TrainSummary {
     pub early_stopped: bool,
     /// Wall time, seconds.
     pub seconds: f64,
+    /// Validation accuracy after each validation, as (step, accuracy), the resumed part of
+    /// an interrupted run included (empty in summaries written before bitsvf recorded it).
+    #[serde(default)]
+    pub val_curve: Vec<(usize, f64)>,
 }
 
 impl TrainSummary {
@@ -328,11 +332,16 @@ fn train(
         z_values(&vars)?,
     );
     let mut since_best = 0;
+    let mut val_curve: Vec<(usize, f64)> = Vec::new();
     if resume {
         if let Some(state) = ResumeState::open(out, "train_config", cfg)? {
             first = state.step;
             opt.load_state(state.files(), first)?;
             since_best = state.get("since_best")?;
+            if let Some(curve) = state.files().metadata("val_curve") {
+                val_curve = serde_json::from_str(curve)
+                    .map_err(|e| Error::config(&state.path, "val_curve", e.to_string()))?;
+            }
             let mut bz = BTreeMap::new();
             for (n, _) in &vars {
                 bz.insert(
@@ -441,13 +450,14 @@ fn train(
         if step % cfg.eval_every == 0 || step == cfg.steps {
             let acc = validate(&mut frozen_model, &vars)?;
             record[key("val_accuracy")] = acc.into();
+            val_curve.push((step, acc));
             if acc > best.0 {
                 best = (acc, step, zs);
                 since_best = 0;
             } else {
                 since_best += 1;
             }
-            save_state(&opt, cfg, step, &best, since_best, out)?;
+            save_state(&opt, cfg, step, &best, since_best, &val_curve, out)?;
             if since_best >= cfg.patience {
                 early = true;
             }
@@ -462,6 +472,7 @@ fn train(
                 best_step: best.1,
                 early_stopped: false,
                 seconds: start.elapsed().as_secs_f64(),
+                val_curve,
             });
         }
         if early {
@@ -489,6 +500,7 @@ fn train(
         best_step: best.1,
         early_stopped: early,
         seconds: start.elapsed().as_secs_f64(),
+        val_curve,
     })
 }
 
@@ -498,6 +510,7 @@ fn save_state(
     step: usize,
     best: &(f64, usize, BTreeMap<String, Vec<f32>>),
     since_best: usize,
+    val_curve: &[(usize, f64)],
     out: &Path,
 ) -> Result<()> {
     let tensors = best
@@ -509,6 +522,7 @@ fn save_state(
         ("since_best", since_best.to_string()),
         ("best_val_accuracy", best.0.to_string()),
         ("best_step", best.1.to_string()),
+        ("val_curve", serde_json::to_string(val_curve).expect("json")),
     ];
     ResumeState::save(out, opt, step, ("train_config", cfg), &meta, tensors)
 }
@@ -696,14 +710,18 @@ mod tests {
             tmp.path().join("a.safetensors"),
             tmp.path().join("b.safetensors"),
         );
-        train_expert(&ck, &targets, &tok, &data, &cfg, &a, false, |_, _| true).unwrap();
+        let full = train_expert(&ck, &targets, &tok, &data, &cfg, &a, false, |_, _| true).unwrap();
         let s = train_expert(&ck, &targets, &tok, &data, &cfg, &b, false, |step, _| {
             step < 3
         })
         .unwrap();
         assert_eq!(s.steps, 3);
         assert!(!b.exists());
-        train_expert(&ck, &targets, &tok, &data, &cfg, &b, true, |_, _| true).unwrap();
+        let resumed =
+            train_expert(&ck, &targets, &tok, &data, &cfg, &b, true, |_, _| true).unwrap();
+        // The validation curve survives the interruption.
+        assert_eq!(full.val_curve.len(), 2, "validations at steps 2 and 4");
+        assert_eq!(resumed.val_curve, full.val_curve);
         let state = |p: &Path| {
             let tf = crate::engine::checkpoint::st::TensorFiles::open(&[
                 p.with_extension("train-state.safetensors")
