@@ -238,7 +238,7 @@ impl AdaptedLinear for ScaleWeight {
     }
     /// diag(z)·γ·W_t is ternary with per-channel scales γ·z: exact when z is per channel.
     fn requant_per_channel(&self, _asked: bool) -> bool {
-        self.z.dims1().map_or(false, |n| n > 1)
+        self.z.dims1().is_ok_and(|n| n > 1)
     }
     fn clone_box(&self) -> Box<dyn AdaptedLinear> {
         Box::new(self.clone())
