@@ -1,5 +1,5 @@
-//! [`run`], the main job, one function per stage: load and verify → SVD → discover → train
-//! the experts and the classifier → search the mixture → fit few-shot CEM → evaluate → hand off.
+//! [`run`], the main job, one function per stage. The handoff directory is assembled in
+//! `<out>.partial` and renamed to `<out>` last, so `<out>` is either absent or complete.
 
 use crate::adapt::discover::{discover, Discovery};
 use crate::adapt::dispatch::{classifier_items, Mixer};

@@ -1,5 +1,6 @@
-//! The stage runner of `bitsvf run`: each stage's result saved atomically under
-//! `stages/<name>.json` with its wall time and peak memory, and skipped when a rerun finds it.
+//! The stage runner of `bitsvf run`: each stage's result saved atomically to
+//! `<out>.partial/stages/<name>.json` with its wall time and peak memory when it finishes; a
+//! rerun of the same command skips finished stages (an interrupted expert resumes in its own).
 
 use crate::error::Result;
 use crate::io::{read_json, write_json};
@@ -48,8 +49,11 @@ struct Saved<T> {
 
 /// The run in progress: its directory and finished stages.
 pub(crate) struct Run<'a> {
+    /// `<out>.partial`.
     pub work: PathBuf,
+    /// The stages finished so far, in order (this run's or a previous one's).
     pub records: Vec<StageRecord>,
+    /// Where the caller hears about the run.
     pub events: &'a mut dyn FnMut(Event),
 }
 
