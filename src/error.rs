@@ -104,6 +104,20 @@ pub enum Error {
     Module(Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
+/// `impl From<$ty> for Error` through [`Error::Module`], written once: each module with its
+/// own error type invokes it beside the type, so this file names nothing above it.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! module_error {
+    ($ty:ty) => {
+        impl From<$ty> for $crate::Error {
+            fn from(e: $ty) -> Self {
+                $crate::Error::module(e)
+            }
+        }
+    };
+}
+
 /// Result alias used across the library.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -193,11 +193,7 @@ pub enum TaskError {
     },
 }
 
-impl From<TaskError> for crate::Error {
-    fn from(e: TaskError) -> Self {
-        crate::Error::module(e)
-    }
-}
+crate::module_error!(TaskError);
 
 #[cfg(test)]
 mod tests {

@@ -530,11 +530,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SvdError> {
     })
 }
 
-impl From<SvdError> for crate::Error {
-    fn from(e: SvdError) -> Self {
-        crate::Error::module(e)
-    }
-}
+crate::module_error!(SvdError);
 
 #[cfg(test)]
 mod tests {

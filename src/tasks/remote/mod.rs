@@ -278,11 +278,7 @@ pub fn generate_items(
     })
 }
 
-impl From<RemoteError> for crate::Error {
-    fn from(e: RemoteError) -> Self {
-        crate::Error::module(e)
-    }
-}
+crate::module_error!(RemoteError);
 
 #[cfg(test)]
 mod tests;
