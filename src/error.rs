@@ -74,6 +74,15 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// Settings (a run configuration, training options) that cannot work, every problem with
+    /// the JSON path of its field; found before any work starts.
+    #[error("{path}: invalid settings: {}", problems.iter().map(|(f, m)| format!("`{f}`: {m}")).collect::<Vec<_>>().join("; "))]
+    Settings {
+        /// Where the settings came from (a file, or a word such as `settings`).
+        path: PathBuf,
+        /// (JSON path of the field, what is wrong), in the order of the fields.
+        problems: Vec<(String, String)>,
+    },
     /// The files do not match any supported model format.
     #[error("{path}: unknown model format: {msg}")]
     UnknownFormat {
@@ -158,6 +167,72 @@ impl Error {
             path: path.into(),
             field: field.into(),
             msg: msg.into(),
+        }
+    }
+}
+
+/// The problems found in a settings structure, each with the JSON path of its field
+/// (`train.steps`, `search.alpha_bounds.count`), gathered by one walk over every field so a
+/// user sees them all at once. [`Checks::into_result`] turns them into an [`Error::Settings`].
+#[derive(Debug, Default)]
+pub struct Checks {
+    prefix: Vec<String>,
+    found: Vec<(String, String)>,
+}
+
+impl Checks {
+    /// No problems yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Check the fields of a nested structure under `key` (`c.nested("train", |c| …)`).
+    pub fn nested(&mut self, key: &str, f: impl FnOnce(&mut Checks)) {
+        self.prefix.push(key.to_string());
+        f(self);
+        self.prefix.pop();
+    }
+
+    /// Record a problem with `field` unless `ok`.
+    pub fn that(&mut self, ok: bool, field: &str, msg: impl FnOnce() -> String) {
+        if !ok {
+            let path = (self.prefix.iter().map(String::as_str))
+                .chain((!field.is_empty()).then_some(field))
+                .collect::<Vec<_>>()
+                .join(".");
+            self.found.push((path, msg()));
+        }
+    }
+
+    /// `field` must be a count in `1..=max`.
+    pub fn count(&mut self, field: &str, v: usize, max: usize) {
+        self.that((1..=max).contains(&v), field, || {
+            format!("got {v}; expected between 1 and {max}")
+        });
+    }
+
+    /// `field` must be a finite number in `[lo, hi]`.
+    pub fn number(&mut self, field: &str, v: f64, lo: f64, hi: f64) {
+        self.that(v.is_finite() && lo <= v && v <= hi, field, || {
+            format!("got {v}; expected a finite value in [{lo}, {hi}]")
+        });
+    }
+
+    /// The problems found so far, as (JSON path, what is wrong).
+    pub fn problems(&self) -> &[(String, String)] {
+        &self.found
+    }
+
+    /// `Ok` when nothing was found, else an [`Error::Settings`] naming `source` (the file the
+    /// settings came from, or a word such as `settings`).
+    pub fn into_result(self, source: impl Into<PathBuf>) -> Result<()> {
+        if self.found.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Settings {
+                path: source.into(),
+                problems: self.found,
+            })
         }
     }
 }

@@ -291,3 +291,50 @@ fn huge_scale_is_an_error_not_nan_logits() {
     assert_names(&String::from_utf8_lossy(&out.stderr), &["not finite"]);
     assert!(!dir.join("l.safetensors").exists());
 }
+
+/// Run settings that cannot work are refused before any work: no `DIR.partial`, and the
+/// message names the settings file and the field.
+#[test]
+fn a_bad_run_config_fails_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (text, field)) in [
+        (r#"{"search": {"population": 1}}"#, "search.population"),
+        (r#"{"cem": {"elites": 0}}"#, "cem.elites"),
+        (r#"{"shots": 0}"#, "shots"),
+        (r#"{"test_n": 0}"#, "test_n"),
+        (r#"{"train": {"eval_every": 0}}"#, "train.eval_every"),
+        (r#"{"data_source": "openai"}"#, "data_source"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = tmp.path().join(format!("bad-{i}.json"));
+        std::fs::write(&cfg, text).unwrap();
+        let out = tmp.path().join(format!("out-{i}"));
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args(["run", "--quick", "--config", cfg.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!run.status.success());
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_names(&err, &[&format!("bad-{i}.json"), field]);
+        assert!(!tmp.path().join(format!("out-{i}.partial")).exists());
+    }
+}
+
+/// A quantization_config of another method (or not an object) is not read as BitNet.
+#[test]
+fn another_quantization_method_is_refused() {
+    let (_t, dir) = variant("gptq", |_, c| {
+        c["quantization_config"]["quant_method"] = "gptq".into()
+    });
+    assert_names(&load_error(&dir), &["config.json", "quant_method", "gptq"]);
+    let (_t, dir) = variant("not-object", |_, c| {
+        c["quantization_config"] = "bitnet".into()
+    });
+    assert_names(
+        &load_error(&dir),
+        &["config.json", "quantization_config", "object"],
+    );
+}

@@ -15,7 +15,7 @@
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{ModelOptions, WeightMode};
 use crate::engine::tokenizer::Tokenizer;
-use crate::error::Result;
+use crate::error::{Checks, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
 use crate::svf::expert::{init_vars, svf_model, var_tensors};
 use crate::svf::svd::Svd;
@@ -112,6 +112,27 @@ impl Default for GroupRule {
         }
     }
 }
+
+impl GroupRule {
+    /// 1 ≤ `min_experts` ≤ `max_experts` ≤ [`MAX_EXPERTS`], a threshold in [−1, 1].
+    pub fn check(&self, c: &mut Checks) {
+        c.count("max_experts", self.max_experts, MAX_EXPERTS);
+        c.that(
+            (1..=self.max_experts.max(1)).contains(&self.min_experts),
+            "min_experts",
+            || {
+                format!(
+                    "got {}; expected between 1 and max_experts = {}",
+                    self.min_experts, self.max_experts
+                )
+            },
+        );
+        c.number("threshold", self.threshold, -1.0, 1.0);
+    }
+}
+
+/// Most experts a run may train.
+pub const MAX_EXPERTS: usize = 64;
 
 /// The experts discovery settles on.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -24,7 +24,7 @@
 
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
-use crate::error::{Error, Result};
+use crate::error::{Checks, Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, Batch};
 use crate::eval::speed::decode_speed;
 use crate::eval::teacher_forced;
@@ -78,9 +78,11 @@ pub struct SearchConfig {
     pub generations: usize,
     /// Stop when the hypervolume has not grown for this many generations.
     pub stall_generations: usize,
-    /// Upper bound of every α (the lower bound is 0) unless `alpha_bounds` names the expert.
+    /// Upper bound of every α (the lower bound is 0) unless `alpha_bounds` names the expert
+    /// or one of its domains.
     pub alpha_max: f64,
-    /// (lo, hi) bounds of α per expert name, overriding [0, `alpha_max`].
+    /// (lo, hi) bounds of α by expert name or by a domain the expert covers, overriding
+    /// [0, `alpha_max`].
     #[serde(default)]
     pub alpha_bounds: BTreeMap<String, (f64, f64)>,
     /// Seed of the search.
@@ -111,6 +113,65 @@ impl Default for SearchConfig {
         }
     }
 }
+
+impl SearchConfig {
+    /// Every field's range, and every α bound a finite pair 0 ≤ lo ≤ hi, recorded in `c`.
+    pub fn check(&self, c: &mut Checks) {
+        c.count("population", self.population, MAX_POPULATION);
+        c.that(self.population >= 2, "population", || {
+            format!("got {}; NSGA-II needs at least 2", self.population)
+        });
+        c.that(self.generations <= MAX_GENERATIONS, "generations", || {
+            format!(
+                "got {}; expected at most {MAX_GENERATIONS}",
+                self.generations
+            )
+        });
+        c.count("stall_generations", self.stall_generations, MAX_GENERATIONS);
+        c.that(
+            self.alpha_max.is_finite() && self.alpha_max > 0.0 && self.alpha_max <= MAX_ALPHA,
+            "alpha_max",
+            || {
+                format!(
+                    "got {}; expected a finite value in (0, {MAX_ALPHA}]",
+                    self.alpha_max
+                )
+            },
+        );
+        c.nested("alpha_bounds", |c| {
+            for (name, &(lo, hi)) in &self.alpha_bounds {
+                c.that(
+                    lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi <= MAX_ALPHA,
+                    name,
+                    || {
+                        format!(
+                            "got [{lo}, {hi}]; expected [lo, hi] with 0 <= lo <= hi <= {MAX_ALPHA}"
+                        )
+                    },
+                );
+            }
+        });
+        c.count("latency_tokens", self.latency_tokens, 4096);
+        c.count("latency_runs", self.latency_runs, 1000);
+        for (field, v) in [
+            ("max_bytes_ratio", self.max_bytes_ratio),
+            ("max_latency_ratio", self.max_latency_ratio),
+        ] {
+            c.that(v.is_finite() && v > 0.0, field, || {
+                format!("got {v}; expected a finite ratio > 0")
+            });
+        }
+    }
+}
+
+/// Largest NSGA-II population a setting may ask for.
+pub const MAX_POPULATION: usize = 10_000;
+
+/// Most generations a setting may ask for.
+pub const MAX_GENERATIONS: usize = 100_000;
+
+/// Largest mixture weight α a setting may allow.
+pub const MAX_ALPHA: f64 = 100.0;
 
 /// One measured candidate.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -340,28 +401,28 @@ pub fn search(
 ) -> Result<SearchReport> {
     let t0 = Instant::now();
     let k = problem.deployer.experts.len();
-    let names: Vec<String> = problem
-        .deployer
-        .experts
-        .iter()
-        .map(|e| e.meta.name.clone())
-        .collect();
-    let base = problem.measure(&vec![0.0; k], 0)?;
-    on_point(&base);
-    let mut bounds: Vec<(f64, f64)> = (names.iter())
-        .map(|n| {
-            cfg.alpha_bounds
-                .get(n)
+    let experts = &problem.deployer.experts;
+    let names: Vec<String> = experts.iter().map(|e| e.meta.name.clone()).collect();
+    let covers =
+        |e: &Expert, key: &str| e.meta.name == key || e.meta.domains.iter().any(|d| d == key);
+    if let Some(n) = (cfg.alpha_bounds.keys()).find(|n| !experts.iter().any(|e| covers(e, n))) {
+        return Err(Error::Input(format!(
+            "search.alpha_bounds names `{n}`, which is neither one of the searched experts ({}) \
+             nor a domain one of them covers",
+            names.join(", ")
+        )));
+    }
+    // A bound by expert name wins over one by a domain the expert covers.
+    let mut bounds: Vec<(f64, f64)> = (experts.iter())
+        .map(|e| {
+            (cfg.alpha_bounds.get(&e.meta.name))
+                .or_else(|| (e.meta.domains.iter()).find_map(|d| cfg.alpha_bounds.get(d)))
                 .copied()
                 .unwrap_or((0.0, cfg.alpha_max))
         })
         .collect();
-    if let Some(n) = cfg.alpha_bounds.keys().find(|n| !names.contains(n)) {
-        return Err(Error::Input(format!(
-            "search.alpha_bounds names `{n}`, which is not one of the searched experts ({})",
-            names.join(", ")
-        )));
-    }
+    let base = problem.measure(&vec![0.0; k], 0)?;
+    on_point(&base);
     bounds.push((0.0, RANKS.len() as f64 - 1e-9));
     // Start from every expert alone and the uniform mixture, at 64 directions.
     let gene64 = RANKS.iter().position(|&r| r == 64).unwrap_or(1) as f64 + 0.5;

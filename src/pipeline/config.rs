@@ -3,12 +3,15 @@
 
 use crate::adapt::discover::GroupRule;
 use crate::adapt::mixture_search::SearchConfig;
-use crate::error::{Error, Result};
-use crate::search::CemConfig;
+use crate::adapt::mixture_search::{MAX_GENERATIONS, MAX_POPULATION};
+use crate::error::{Checks, Error, Result};
+use crate::search::{CemConfig, SearchError};
 use crate::tasks::{DataSource, Dataset, Domain};
+use crate::train::expert::MAX_ITEMS;
 use crate::train::TrainConfig;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
 
 /// Settings of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,15 +178,197 @@ impl RunConfig {
     /// `self` with the settings of a JSON file laid over it (any subset of the fields of
     /// [`RunConfig`], nested objects included, e.g. `{"search": {"population": 32}}`).
     pub fn with_file(&self, path: &Path) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let overrides: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::config(path, "json", e.to_string()))?;
-        let mut v = serde_json::to_value(self).map_err(|e| Error::Input(e.to_string()))?;
-        merge(&mut v, &overrides, "")
-            .map_err(|e| Error::config(path, "settings", e.to_string()))?;
+        self.overlay(path, &read_settings(path)?)
+    }
+
+    /// `self` with `overrides` (read from `path`) laid over it.
+    fn overlay(&self, path: &Path, overrides: &serde_json::Value) -> Result<RunConfig> {
+        let mut v = serde_json::to_value(self)?;
+        merge(&mut v, overrides, "").map_err(|e| Error::config(path, "settings", e.to_string()))?;
         serde_path_to_error::deserialize(v)
             .map_err(|e| Error::config(path, e.path().to_string(), e.inner().to_string()))
     }
+}
+
+/// Most bytes of a settings file (a few hundred are typical).
+const MAX_SETTINGS_BYTES: u64 = 1 << 20;
+
+/// The JSON object of a settings file, size-checked before it is read.
+fn read_settings(path: &Path) -> Result<serde_json::Value> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_SETTINGS_BYTES {
+        return Err(Error::config(
+            path,
+            "",
+            format!("expected a JSON file of at most {MAX_SETTINGS_BYTES} bytes"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(path, "json", e.to_string()))?;
+    if !v.is_object() {
+        return Err(Error::config(
+            path,
+            "",
+            "expected a JSON object of settings",
+        ));
+    }
+    Ok(v)
+}
+
+impl RunConfig {
+    /// Every field checked before any work starts (ranges, counts bounded so no setting can
+    /// ask for an unbounded allocation, cross-field rules); every problem is reported at once,
+    /// each with its JSON path, naming `source` (the settings file, or a word).
+    pub fn validate(&self, source: impl Into<PathBuf>) -> Result<()> {
+        let mut c = Checks::new();
+        c.count("probe", self.probe.0, 1024);
+        c.count("probe", self.probe.1, 1 << 16);
+        c.that(
+            !self.domains.is_empty() || !self.datasets.is_empty(),
+            "domains",
+            || "no domain and no dataset; a run needs at least one source".into(),
+        );
+        let mut names: Vec<&str> = (self.domains.iter().map(|d| d.name()))
+            .chain(self.datasets.iter().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            c.that(false, "datasets", || {
+                format!(
+                    "`{}` is named twice (domains and datasets share one namespace)",
+                    w[0]
+                )
+            });
+        }
+        for (field, v) in [
+            ("discover_n", self.discover_n),
+            ("grad_items", self.grad_items),
+            ("classifier_items", self.classifier_items),
+            ("search_val_n", self.search_val_n),
+            ("preserve_n", self.preserve_n),
+            ("shots", self.shots),
+            ("test_n", self.test_n),
+            ("generated_items", self.generated_items),
+        ] {
+            c.count(field, v, MAX_ITEMS);
+        }
+        c.nested("rule", |c| self.rule.check(c));
+        c.nested("train", |c| self.train.check(c));
+        c.nested("search", |c| {
+            self.search.check(c);
+            // α bounds name a source (or a group `a+b`); discovery decides which are searched.
+            for key in self.search.alpha_bounds.keys() {
+                let known = key.split('+').all(|n| names.binary_search(&n).is_ok());
+                c.that(known, &format!("alpha_bounds.{key}"), || {
+                    format!(
+                        "names no domain or dataset of this run ({})",
+                        names.join(", ")
+                    )
+                });
+            }
+        });
+        c.nested("cem", |c| {
+            if let Err(SearchError::InvalidConfig { field, reason }) =
+                self.cem.validate::<Infallible>()
+            {
+                c.that(false, &field, || reason);
+            }
+            c.count("population", self.cem.population, MAX_POPULATION);
+            c.count("iterations", self.cem.iterations, MAX_GENERATIONS);
+        });
+        c.number("min_gain", self.min_gain, -1.0, 1.0);
+        c.that(self.generator_endpoint().is_ok(), "data_source", || {
+            format!(
+                "got `{}`; expected `procedural` or `generator <url> <model>`",
+                self.data_source
+            )
+        });
+        c.into_result(source)
+    }
+
+    /// The generator endpoint `data_source` names (`generator <url> <model>`), or `None` for
+    /// `procedural`; anything else is an error.
+    pub fn generator_endpoint(&self) -> Result<Option<(String, String)>> {
+        let words: Vec<&str> = self.data_source.split_whitespace().collect();
+        match words.as_slice() {
+            ["procedural"] => Ok(None),
+            ["generator", url, model] => Ok(Some((url.to_string(), model.to_string()))),
+            _ => Err(Error::Input(format!(
+                "data_source `{}`: expected `procedural` or `generator <url> <model>`",
+                self.data_source
+            ))),
+        }
+    }
+
+    /// The settings of `bitsvf run`: the preset (`quick`, from the flag or the file's
+    /// `quick`), the settings file laid over it, then the command line's values, validated
+    /// as a whole; errors name the file (or `command line`).
+    pub fn resolve(o: &RunOverrides) -> Result<RunConfig> {
+        let mut cfg = RunConfig::new(o.quick);
+        if let Some(path) = &o.config {
+            let file = read_settings(path)?;
+            match file.get("quick") {
+                Some(serde_json::Value::Bool(false)) if o.quick => {
+                    return Err(Error::config(path, "quick", "false contradicts --quick"));
+                }
+                Some(serde_json::Value::Bool(true)) if !o.quick => cfg = RunConfig::new(true),
+                _ => {}
+            }
+            cfg = cfg.overlay(path, &file)?;
+            if file.get("datasets").is_some() && cfg.datasets != o.datasets {
+                return Err(Error::config(
+                    path,
+                    "datasets",
+                    format!(
+                        "names {:?}, but the datasets given with --data are {:?}; datasets \
+                         come from --data files",
+                        cfg.datasets, o.datasets
+                    ),
+                ));
+            }
+        }
+        if let Some(s) = o.seed {
+            cfg.seed = s;
+        }
+        if let Some(s) = o.steps {
+            cfg.train.steps = s;
+        }
+        if let Some(n) = o.test_n {
+            cfg.test_n = n;
+        }
+        if let Some((url, model)) = &o.generator {
+            cfg.data_source = format!("generator {url} {model}");
+        }
+        if let Some(n) = o.generated_items {
+            cfg.generated_items = n;
+        }
+        cfg.datasets = o.datasets.clone();
+        let source = (o.config.clone()).unwrap_or_else(|| PathBuf::from("command line"));
+        cfg.validate(source)?;
+        Ok(cfg)
+    }
+}
+
+/// What the command line sets over a run's settings (see [`RunConfig::resolve`]).
+#[derive(Debug, Clone, Default)]
+pub struct RunOverrides {
+    /// `--quick`: the quick preset.
+    pub quick: bool,
+    /// `--config`: a JSON settings file laid over the preset.
+    pub config: Option<PathBuf>,
+    /// `--seed`.
+    pub seed: Option<u64>,
+    /// `--steps`: training steps per expert.
+    pub steps: Option<usize>,
+    /// `--test-n`: held-out test items per domain.
+    pub test_n: Option<usize>,
+    /// The names of the `--data` datasets, in order.
+    pub datasets: Vec<String>,
+    /// `--generator-url` and `--generator-model`.
+    pub generator: Option<(String, String)>,
+    /// `--generator-items`.
+    pub generated_items: Option<usize>,
 }
 
 /// The data sources of a run: the built-in domains, then the user datasets.
@@ -196,7 +381,6 @@ pub(crate) fn sources_of(domains: &[Domain], datasets: &[Dataset]) -> Vec<DataSo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn settings(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -242,5 +426,108 @@ mod tests {
                 assert!(err.contains(part), "`{err}` should mention `{part}`");
             }
         }
+    }
+
+    /// Every bad value the hostile-input report found, refused by `resolve` before any work,
+    /// naming the file and the JSON path.
+    #[test]
+    fn bad_values_are_refused_with_the_file_and_the_path() {
+        for (text, field) in [
+            (
+                r#"{"search": {"alpha_bounds": {"count": [1.5, 0.5]}}}"#,
+                "search.alpha_bounds.count",
+            ),
+            (
+                r#"{"search": {"alpha_bounds": {"count": [-1, 0.5]}}}"#,
+                "search.alpha_bounds.count",
+            ),
+            (
+                r#"{"search": {"alpha_bounds": {"poetry": [0, 1]}}}"#,
+                "search.alpha_bounds.poetry",
+            ),
+            (r#"{"train": {"eval_every": 0}}"#, "train.eval_every"),
+            (
+                r#"{"rule": {"min_experts": 0, "max_experts": 0}}"#,
+                "rule.max_experts",
+            ),
+            (
+                r#"{"rule": {"min_experts": 4, "max_experts": 3}}"#,
+                "rule.min_experts",
+            ),
+            (r#"{"train": {"batch_prompts": 0}}"#, "train.batch_prompts"),
+            (r#"{"train": {"val_n": 0}}"#, "train.val_n"),
+            (r#"{"train": {"lr": -0.01}}"#, "train.lr"),
+            (r#"{"train": {"max_grad_norm": -1}}"#, "train.max_grad_norm"),
+            (
+                r#"{"search": {"max_bytes_ratio": -0.5}}"#,
+                "search.max_bytes_ratio",
+            ),
+            (r#"{"search": {"population": 1}}"#, "search.population"),
+            (
+                r#"{"search": {"population": 1099511627776}}"#,
+                "search.population",
+            ),
+            (r#"{"cem": {"elites": 0}}"#, "cem.elites"),
+            (r#"{"cem": {"population": 0}}"#, "cem.population"),
+            (r#"{"shots": 0}"#, "shots"),
+            (r#"{"test_n": 0}"#, "test_n"),
+            (r#"{"data_source": "openai"}"#, "data_source"),
+            (r#"{"datasets": ["missing.jsonl"]}"#, "datasets"),
+            (r#"{"quick": false}"#, "quick"),
+            ("[1, 2]", "run.json"),
+        ] {
+            let (_d, p) = settings(text);
+            let err = RunConfig::resolve(&RunOverrides {
+                quick: true,
+                config: Some(p),
+                ..RunOverrides::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("run.json") && err.contains(field),
+                "{text}: `{err}`"
+            );
+        }
+    }
+
+    #[test]
+    fn the_documented_example_and_every_preset_validate() {
+        for quick in [false, true] {
+            RunConfig::new(quick).validate("preset").unwrap();
+            let (_d, p) = settings(
+                r#"{"search": {"population": 32, "alpha_bounds": {"count": [0, 1]}},
+                    "train": {"steps": 300}}"#,
+            );
+            let o = RunOverrides {
+                quick,
+                config: Some(p),
+                ..RunOverrides::default()
+            };
+            let cfg = RunConfig::resolve(&o).unwrap();
+            assert_eq!((cfg.quick, cfg.train.steps), (quick, 300));
+        }
+    }
+
+    #[test]
+    fn the_quick_preset_is_recorded_as_chosen() {
+        let (_d, p) = settings(r#"{"quick": true, "seed": 3}"#);
+        let o = RunOverrides {
+            config: Some(p),
+            seed: Some(5),
+            ..RunOverrides::default()
+        };
+        let cfg = RunConfig::resolve(&o).unwrap();
+        assert!(cfg.quick);
+        assert_eq!(cfg.test_n, RunConfig::new(true).test_n);
+        assert_eq!(cfg.seed, 5, "a flag wins over the file");
+        let (_d, p) = settings(r#"{"data_source": "generator http://127.0.0.1:9/v1 m"}"#);
+        let cfg = RunConfig::resolve(&RunOverrides {
+            config: Some(p),
+            ..RunOverrides::default()
+        })
+        .unwrap();
+        let endpoint = cfg.generator_endpoint().unwrap();
+        assert_eq!(endpoint, Some(("http://127.0.0.1:9/v1".into(), "m".into())));
     }
 }

@@ -493,6 +493,7 @@ impl Handoff {
         let path = self.dir.join(file);
         let e = Expert::load(&path)?;
         e.check_hash(&self.hash, &path)?;
+        e.check_shapes(&self.ck, &path)?;
         Ok(e)
     }
 

@@ -11,7 +11,7 @@ mod run;
 pub mod stages;
 pub mod table;
 
-pub use config::RunConfig;
+pub use config::{RunConfig, RunOverrides};
 pub use handoff::{
     reproduce, BaseModel, ByteCounts, ExpertEntry, Handoff, HandoffMixture, Manifest, Metrics,
     MixtureEntry, Reproduced, SearchSummary, SvdStats, FORMAT_VERSION, MANIFEST_FORMAT,

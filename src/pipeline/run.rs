@@ -3,7 +3,7 @@
 
 use crate::adapt::discover::{discover, Discovery};
 use crate::adapt::dispatch::{classifier_items, Mixer};
-use crate::adapt::mixture_search::{search, Problem, SearchReport};
+use crate::adapt::mixture_search::{search, Problem, SearchConfig, SearchReport};
 use crate::engine::checkpoint::{save_native, Checkpoint};
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
@@ -56,6 +56,7 @@ pub fn run(
     model_files: &[PathBuf],
     events: &mut dyn FnMut(Event),
 ) -> Result<Manifest> {
+    cfg.validate("settings")?;
     check_datasets(cfg, datasets)?;
     // One base for every stage: hashed once, SVD factors and the packed model built once.
     let base = Base::new(ck, cache);
@@ -333,6 +334,21 @@ fn train_experts(
     Ok(experts)
 }
 
+/// The search settings with the α bounds that name no expert of `pool` (by name or domain)
+/// left out: the settings may name any source, and discovery decides which are searched.
+fn bounds_for(search: &SearchConfig, pool: &[Expert]) -> SearchConfig {
+    let mut s = search.clone();
+    s.alpha_bounds.retain(|key, _| {
+        let used =
+            (pool.iter()).any(|e| e.meta.name == *key || e.meta.domains.iter().any(|d| d == key));
+        if !used {
+            tracing::warn!("search.alpha_bounds.{key}: no searched expert covers it; unused");
+        }
+        used
+    });
+    s
+}
+
 /// Stage 4, last: the classifier expert, which labels a prompt with its expert (or none).
 fn train_classifier(
     job: &Job,
@@ -399,7 +415,7 @@ fn search_mixture(
         let total = cfg.search.generations;
         let report = search(
             &mut problem,
-            &cfg.search,
+            &bounds_for(&cfg.search, pool),
             |r| {
                 ev(Event::Progress(
                     r.generation,

@@ -55,6 +55,53 @@ impl Default for CemConfig {
     }
 }
 
+impl CemConfig {
+    /// Rejects settings CEM cannot run with, naming the field at fault (bounds and `mu0` are
+    /// checked by [`cem`] itself).
+    pub fn validate<E>(&self) -> Result<(), SearchError<E>> {
+        let invalid = |field: &str, reason: String| {
+            Err(SearchError::InvalidConfig {
+                field: field.to_string(),
+                reason,
+            })
+        };
+        if self.population == 0 {
+            return invalid("population", "got 0; expected at least 1".into());
+        }
+        if !(1..=self.population).contains(&self.elites) {
+            return invalid(
+                "elites",
+                format!(
+                    "got {}; expected between 1 and `population` = {}",
+                    self.elites, self.population
+                ),
+            );
+        }
+        if self.iterations == 0 {
+            return invalid("iterations", "got 0; expected at least 1".into());
+        }
+        if !(self.sigma0.is_finite() && self.sigma0 >= 0.0) {
+            return invalid(
+                "sigma0",
+                format!("got {}; expected a finite value >= 0", self.sigma0),
+            );
+        }
+        if !(self.sigma_smoothing > 0.0 && self.sigma_smoothing <= 1.0) {
+            return invalid(
+                "sigma_smoothing",
+                format!("got {}; expected a weight in (0, 1]", self.sigma_smoothing),
+            );
+        }
+        if !(self.sigma_tolerance.is_finite() && self.sigma_tolerance >= 0.0) {
+            return invalid(
+                "sigma_tolerance",
+                format!("got {}; expected a finite value >= 0", self.sigma_tolerance),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// A sample's score, compared lexicographically: `primary` first, then `secondary` to break
 /// ties (e.g. few-shot accuracy, then mean log-likelihood of the correct answers). Larger is
 /// better; `-inf` marks an infeasible sample, NaN is an error.
@@ -254,46 +301,7 @@ fn validate_config<E>(
             );
         }
     }
-    if config.population == 0 {
-        return invalid("population", "got 0; expected at least 1".into());
-    }
-    if !(1..=config.population).contains(&config.elites) {
-        return invalid(
-            "elites",
-            format!(
-                "got {}; expected between 1 and `population` = {}",
-                config.elites, config.population
-            ),
-        );
-    }
-    if config.iterations == 0 {
-        return invalid("iterations", "got 0; expected at least 1".into());
-    }
-    if !(config.sigma0.is_finite() && config.sigma0 >= 0.0) {
-        return invalid(
-            "sigma0",
-            format!("got {}; expected a finite value >= 0", config.sigma0),
-        );
-    }
-    if !(config.sigma_smoothing > 0.0 && config.sigma_smoothing <= 1.0) {
-        return invalid(
-            "sigma_smoothing",
-            format!(
-                "got {}; expected a weight in (0, 1]",
-                config.sigma_smoothing
-            ),
-        );
-    }
-    if !(config.sigma_tolerance.is_finite() && config.sigma_tolerance >= 0.0) {
-        return invalid(
-            "sigma_tolerance",
-            format!(
-                "got {}; expected a finite value >= 0",
-                config.sigma_tolerance
-            ),
-        );
-    }
-    Ok(())
+    config.validate()
 }
 
 fn check_scores<E>(scores: &[Score], expected: usize, round: usize) -> Result<(), SearchError<E>> {

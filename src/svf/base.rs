@@ -92,9 +92,10 @@ impl<'a> Base<'a> {
         Ok(f)
     }
 
-    /// Error unless `expert` (read from `path`) was trained on this model.
+    /// Error unless `expert` (read from `path`) was trained on this model and fits it.
     pub fn check(&self, expert: &Expert, path: &Path) -> Result<()> {
-        expert.check_hash(&self.hash, path)
+        expert.check_hash(&self.hash, path)?;
+        expert.check_shapes(self.ck, path)
     }
 }
 

@@ -88,9 +88,75 @@ impl Expert {
             let Some(base) = n.strip_suffix(".z") else {
                 continue;
             };
-            z.insert(base.to_string(), tf.get(&n)?.to_f32()?);
+            let t = tf.get(&n)?;
+            if t.shape.len() != 1 {
+                return Err(Error::Shape {
+                    path: path.to_path_buf(),
+                    tensor: n.clone(),
+                    expected: vec![t.shape.iter().product()],
+                    got: t.shape.to_vec(),
+                });
+            }
+            let v = t.to_f32()?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::bad_value(path, &n, format!("entry {i} is {}", v[i])));
+            }
+            z.insert(base.to_string(), v);
+        }
+        if z.is_empty() {
+            return Err(Error::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: "<linear>.z (the file holds no z at all)".into(),
+            });
         }
         Ok(Expert { meta, z })
+    }
+
+    /// Error unless this expert fits `ck`: a z for every target matrix of its target set and
+    /// for nothing else, each of the length its parameterization needs on that matrix
+    /// (paper/official: min(rows, cols); alpha-layer: 1; alpha-channel: rows; low-rank: the
+    /// expert's own width k, or min(rows, cols) where that is smaller).
+    pub fn check_shapes(&self, ck: &Checkpoint, path: &Path) -> Result<()> {
+        let param = self.meta.parameterization;
+        let k = self.z.values().map(Vec::len).max().unwrap_or(0);
+        let mut want = BTreeMap::new();
+        for (name, _, l) in ck
+            .linears()
+            .filter(|(_, kind, _)| self.meta.targets.includes(*kind))
+        {
+            let (rows, cols) = (l.matrix.rows, l.matrix.cols);
+            want.insert(name, param.z_len(rows, rows.min(cols), k));
+        }
+        if let Some(name) = self.z.keys().find(|n| !want.contains_key(*n)) {
+            return Err(Error::bad_value(
+                path,
+                format!("{name}.z"),
+                format!(
+                    "not a linear of the expert's target set `{}` on this model",
+                    self.meta.targets.name()
+                ),
+            ));
+        }
+        for (name, &n) in &want {
+            let Some(z) = self.z.get(name) else {
+                return Err(Error::MissingTensor {
+                    path: path.to_path_buf(),
+                    tensor: format!("{name}.z (targets `{}`)", self.meta.targets.name()),
+                });
+            };
+            if z.len() != n {
+                return Err(Error::bad_value(
+                    path,
+                    format!("{name}.z"),
+                    format!(
+                        "has {} entries; a {} expert of this model needs {n}",
+                        z.len(),
+                        param.name()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Read an expert file and check that it was trained on `ck` ([`Expert::check_base`]).
@@ -100,9 +166,10 @@ impl Expert {
         Ok(e)
     }
 
-    /// Error unless this expert was trained on `ck`.
+    /// Error unless this expert was trained on `ck` and fits it ([`Expert::check_shapes`]).
     pub fn check_base(&self, ck: &Checkpoint, path: &Path) -> Result<()> {
-        self.check_hash(&ck.content_hash(), path)
+        self.check_hash(&ck.content_hash(), path)?;
+        self.check_shapes(ck, path)
     }
 
     /// Error unless this expert was trained on the model of content hash `hash`.
@@ -375,23 +442,16 @@ pub fn adapted_model(base: &Base, expert: &Expert, options: ModelOptions) -> Res
         &no_factors
     };
     // Low-rank experts carry their own width k; the others must match the matrix exactly.
+    expert.check_shapes(ck, Path::new(&format!("expert `{}`", expert.meta.name)))?;
     let k = expert.z.values().map(Vec::len).max().unwrap_or(0);
     let want = z_lengths(ck, expert.meta.targets, param, f, k)?;
-    for (name, z) in &expert.z {
-        let Some(&n) = want.get(name) else {
-            return Err(Error::Input(format!(
-                "expert `{}` has a z for `{name}`, which is not a {:?} target of this model",
-                expert.meta.name, expert.meta.targets
-            )));
-        };
-        if z.len() != n {
-            return Err(Error::Input(format!(
-                "expert `{}`: z of `{name}` has {} entries, a {} expert of this model needs {n}",
-                expert.meta.name,
-                z.len(),
-                param.name()
-            )));
-        }
+    if let Some((name, z)) = (expert.z.iter()).find(|(n, z)| want.get(*n) != Some(&z.len())) {
+        return Err(Error::Input(format!(
+            "expert `{}`: z of `{name}` has {} entries; the SVD factors of this model give {:?}",
+            expert.meta.name,
+            z.len(),
+            want.get(name)
+        )));
     }
     svf_model(ck, options, f, &z_tensors(&expert.z, options)?, param)
 }
@@ -683,5 +743,84 @@ mod tests {
         b.meta.parameterization = Parameterization::AlphaLayer;
         assert!(mixture(&[&a, &b], &[0.5, 0.5], &f).is_err());
         assert!(mixture(&[&a], &[0.5, 0.5], &f).is_err());
+    }
+
+    /// Expert files that do not fit the base are refused by name: a z of the wrong shape,
+    /// no z at all, one z missing, a target set the z do not cover.
+    #[test]
+    fn expert_files_that_do_not_fit_the_base_are_refused() {
+        let ck = Checkpoint::tiny(16, 24, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().join("cache"));
+        let (f, _) = factors(&ck, Targets::Mlp, &cache).unwrap();
+        let good = flat_paper_expert(&ck, &f, "good", 1.0);
+        let path = dir.path().join("e.safetensors");
+        good.save(&path).unwrap();
+        Expert::load_for(&path, &ck).unwrap();
+        let first = good.z.keys().next().unwrap().clone();
+        type Edit = Box<dyn Fn(&mut Expert)>;
+        let cases: Vec<(&str, Edit, &str)> = vec![
+            (
+                "short",
+                Box::new(|e: &mut Expert| {
+                    e.z.values_mut().next().unwrap().pop();
+                }),
+                "entries",
+            ),
+            (
+                "missing",
+                Box::new(|e: &mut Expert| {
+                    e.z.pop_first();
+                }),
+                "missing tensor",
+            ),
+            (
+                "all",
+                Box::new(|e: &mut Expert| e.meta.targets = Targets::All),
+                "missing tensor",
+            ),
+            (
+                "extra",
+                Box::new(|e: &mut Expert| {
+                    e.z.insert("model.nowhere".into(), vec![1.0]);
+                }),
+                "model.nowhere",
+            ),
+        ];
+        for (name, edit, says) in cases {
+            let mut e = good.clone();
+            edit(&mut e);
+            let p = dir.path().join(format!("{name}.safetensors"));
+            e.save(&p).unwrap();
+            let err = Expert::load_for(&p, &ck).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains(&format!("{name}.safetensors")),
+                "{name}: {err}"
+            );
+        }
+        // No z at all, a 2-D z, a NaN z: refused when read.
+        let write = |name: &str, t: BTreeMap<String, OwnedTensor>| {
+            let p = dir.path().join(format!("{name}.safetensors"));
+            let meta = HashMap::from([
+                ("format".to_string(), EXPERT_FORMAT.to_string()),
+                (
+                    "expert".to_string(),
+                    serde_json::to_string(&good.meta).unwrap(),
+                ),
+            ]);
+            write_safetensors(&p, &t, Some(meta)).unwrap();
+            Expert::load(&p).unwrap_err().to_string()
+        };
+        assert!(write("none", BTreeMap::new()).contains("no z at all"));
+        let n = good.z[&first].len();
+        let flat2 = OwnedTensor::f32(vec![1, n], &good.z[&first]);
+        assert!(
+            write("matrix", BTreeMap::from([(format!("{first}.z"), flat2)]))
+                .contains("has shape [1,")
+        );
+        let mut nan = good.z[&first].clone();
+        nan[0] = f32::NAN;
+        let t = OwnedTensor::f32(vec![n], &nan);
+        assert!(write("nan", BTreeMap::from([(format!("{first}.z"), t)])).contains("NaN"));
     }
 }

@@ -11,7 +11,7 @@ use crate::engine::checkpoint::st::OwnedTensor;
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar};
 use crate::engine::tokenizer::Tokenizer;
-use crate::error::{Error, Result};
+use crate::error::{Checks, Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
 use crate::eval::{prompt_ids, score_items};
 use crate::svf::base::Base;
@@ -109,6 +109,12 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// Most steps any setting may ask for (a bound on untrusted numbers, far above any real run).
+pub const MAX_STEPS: usize = 10_000_000;
+
+/// Most items any setting may ask for.
+pub const MAX_ITEMS: usize = 1_000_000;
+
 /// The low-rank width k when none is given.
 pub const DEFAULT_RANK: usize = 64;
 
@@ -125,6 +131,53 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Every field's range (counts at least 1 and bounded, rates finite and positive),
+    /// recorded in `c` under the field's name.
+    pub fn check(&self, c: &mut Checks) {
+        c.count("rank", self.rank, 1 << 16);
+        c.count("steps", self.steps, MAX_STEPS);
+        c.count("batch_prompts", self.batch_prompts, 1 << 16);
+        c.count("samples", self.samples, 1024);
+        c.that(
+            self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0,
+            "lr",
+            || format!("got {}; expected a finite rate in (0, 10]", self.lr),
+        );
+        if let Some(n) = self.max_grad_norm {
+            c.that(n.is_finite() && n > 0.0, "max_grad_norm", || {
+                format!("got {n}; expected a finite norm > 0, or null for no clipping")
+            });
+        }
+        c.number("weight_decay", self.weight_decay, 0.0, 1e3);
+        c.number("kl_coeff", self.kl_coeff, 0.0, 1e6);
+        if let Some((a, l)) = self.grokfast {
+            c.that((0.0..1.0).contains(&a), "grokfast", || {
+                format!("got α = {a}; expected an EMA weight in [0, 1)")
+            });
+            c.number("grokfast", l, 0.0, 1e6);
+        }
+        c.that(
+            self.temperature.is_finite() && self.temperature > 0.0 && self.temperature <= 100.0,
+            "temperature",
+            || {
+                format!(
+                    "got {}; expected a finite value in (0, 100]",
+                    self.temperature
+                )
+            },
+        );
+        c.count("eval_every", self.eval_every, MAX_STEPS);
+        c.count("val_n", self.val_n, MAX_ITEMS);
+        c.count("patience", self.patience, MAX_STEPS);
+    }
+
+    /// [`TrainConfig::check`] as a result naming `source` (where the settings came from).
+    pub fn validate(&self, source: &str) -> Result<()> {
+        let mut c = Checks::new();
+        self.check(&mut c);
+        c.into_result(source)
+    }
+
     /// Measured defaults per objective (README, "SVF experts"). SFT: 64 prompts per step,
     /// lr 1e-2 with cosine decay, 500 steps, patience 10. REINFORCE: the official recipe (16 prompts × 4
     /// samples, lr 2e-3, clip 1e-3, λ = 0.1), 200 steps. Both validate on 300 items.
@@ -264,6 +317,7 @@ pub fn train_expert_on(
     resume: bool,
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
+    cfg.validate("training settings")?;
     let held;
     let no_factors = BTreeMap::new();
     let factors = if cfg.parameterization.uses_svd() {

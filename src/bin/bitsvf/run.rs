@@ -3,7 +3,7 @@
 use crate::common::step_bar;
 use anyhow::Result;
 use bitsvf::engine::{checkpoint, tokenizer};
-use bitsvf::pipeline::{self, Event, RunConfig};
+use bitsvf::pipeline::{self, Event, RunConfig, RunOverrides};
 use bitsvf::svf::svd::SvdCache;
 use bitsvf::tasks::remote::{api_key_from_env, GeneratorConfig, DEFAULT_KEY_ENV};
 use bitsvf::tasks::Dataset;
@@ -127,33 +127,25 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The run's settings — the defaults (or `--quick`'s), the `--config` file, then the flags —
-/// and the generator endpoint, if any. (Flags over a [`RunConfig`]; this belongs beside it in
-/// `pipeline`, which is being split up now.)
+/// The run's settings ([`RunConfig::resolve`]) and the generator endpoint, if any (from the
+/// flags, or from the settings file's `data_source`).
 fn config(
     a: &Args,
     datasets: &[Dataset],
     cache_root: &Path,
 ) -> Result<(RunConfig, Option<GeneratorConfig>)> {
-    let mut cfg = RunConfig::new(a.quick);
-    if let Some(path) = &a.config {
-        cfg = cfg.with_file(path)?;
-    }
-    if let Some(s) = a.seed {
-        cfg.seed = s;
-    }
-    cfg.datasets = datasets.iter().map(|d| d.name.clone()).collect();
-    if let Some(s) = a.steps {
-        anyhow::ensure!(s > 0, "--steps must be positive");
-        cfg.train.steps = s;
-    }
-    if let Some(n) = a.test_n {
-        anyhow::ensure!(n > 0, "--test-n must be positive");
-        cfg.test_n = n;
-    }
-    let generator = a.generator_url.as_ref().map(|url| {
-        cfg.data_source = format!("generator {url} {}", a.generator_model);
-        let mut g = GeneratorConfig::new(url, &a.generator_model, cache_root.join("generated"));
+    let cfg = RunConfig::resolve(&RunOverrides {
+        quick: a.quick,
+        config: a.config.clone(),
+        seed: a.seed,
+        steps: a.steps,
+        test_n: a.test_n,
+        datasets: datasets.iter().map(|d| d.name.clone()).collect(),
+        generator: (a.generator_url.clone()).map(|url| (url, a.generator_model.clone())),
+        generated_items: a.generator_items,
+    })?;
+    let generator = cfg.generator_endpoint()?.map(|(url, model)| {
+        let mut g = GeneratorConfig::new(url, model, cache_root.join("generated"));
         g.api_key = api_key_from_env(&a.generator_key_env);
         if let Some(v) = a.generator_max_requests {
             g.max_requests = v;
@@ -163,9 +155,5 @@ fn config(
         }
         g
     });
-    if let Some(n) = a.generator_items {
-        anyhow::ensure!(n > 0, "--generator-items must be positive");
-        cfg.generated_items = n;
-    }
     Ok((cfg, generator))
 }

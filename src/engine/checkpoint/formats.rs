@@ -122,6 +122,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let raw: Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(&config_path, "(json)", e.to_string()))?;
     let config = ModelConfig::from_json(&text, &config_path)?;
+    check_quantization_config(&raw, &config_path)?;
 
     let probe = linear_name(0, LinearKind::Q);
     let quantized = format!("{probe}.quantized_weight");
@@ -648,4 +649,29 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// A `quantization_config` must be an object and, when it names a `quant_method`, name
+/// BitNet's: another method (gptq, awq, bitsandbytes…) packs its weights differently, and
+/// reading them as BitNet would be silently wrong.
+fn check_quantization_config(raw: &Value, config_path: &Path) -> Result<()> {
+    let Some(qc) = raw.get("quantization_config") else {
+        return Ok(());
+    };
+    let Some(obj) = qc.as_object() else {
+        return Err(Error::config(
+            config_path,
+            "quantization_config",
+            format!("expected an object, got `{qc}`"),
+        ));
+    };
+    match obj.get("quant_method") {
+        None => Ok(()),
+        Some(Value::String(m)) if m == "bitnet" => Ok(()),
+        Some(other) => Err(Error::config(
+            config_path,
+            "quantization_config.quant_method",
+            format!("`{other}` is not BitNet b1.58 (expected \"bitnet\"); bitsvf reads ternary BitNet checkpoints"),
+        )),
+    }
 }
