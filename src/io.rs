@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 
 /// The directory `path` lives in (`.` for a bare file name).
-fn parent_of(path: &Path) -> &Path {
+pub fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -28,10 +28,28 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Error if `path` exists and is not a regular file: a rename would replace a device, a fifo,
+/// a link or a directory that is not ours (run as root, `--out /dev/full` used to replace the
+/// device node).
+pub fn check_writable(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a regular file (a device, fifo, link or directory); bitsvf \
+                 writes only regular files, choose another path",
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Write `bytes` to `path` atomically: readers (and a crash) see the old file or the new one,
 /// never a prefix. The bytes go to a temporary file in the same directory, which is synced,
 /// persisted (renamed) over `path`, and then the directory is synced so the rename lasts.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_writable(path)?;
     let dir = parent_of(path);
     let name = path
         .file_name()
@@ -153,5 +171,29 @@ mod tests {
         std::fs::write(&p, "{not json").unwrap();
         let err = read_json::<S>(&p).unwrap_err().to_string();
         assert!(err.contains("s.json"), "{err}");
+    }
+
+    /// A directory, a link and a fifo in the way are refused, and left as they were.
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_regular_file_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("target"), &link).unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        let mut paths = vec![sub, link];
+        if made.is_ok_and(|s| s.success()) {
+            paths.push(fifo);
+        }
+        for p in paths {
+            let before = std::fs::symlink_metadata(&p).unwrap().file_type();
+            let err = write_atomic(&p, b"x").unwrap_err().to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+            assert_eq!(std::fs::symlink_metadata(&p).unwrap().file_type(), before);
+        }
+        assert!(!dir.path().join("target").exists());
     }
 }

@@ -338,3 +338,59 @@ fn another_quantization_method_is_refused() {
         &["config.json", "quantization_config", "object"],
     );
 }
+
+/// A dataset that cannot work is refused before any work, the same way by every command: a
+/// prompt longer than the context (eval used to score it as a silent 0%), and a file too
+/// small to have a validation split (train used to "train" on an empty one).
+#[test]
+fn datasets_that_cannot_work_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bitsvf = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let long = tmp.path().join("long.jsonl");
+    let mut lines: Vec<String> = (0..40)
+        .map(|i| format!(r#"{{"prompt": "add {i} 1", "answer": "{}"}}"#, i + 1))
+        .collect();
+    lines.push(format!(
+        r#"{{"prompt": "{}", "answer": "1"}}"#,
+        "a ".repeat(400)
+    ));
+    std::fs::write(&long, lines.join("\n")).unwrap();
+    for cmd in [
+        vec!["eval", "--data", long.to_str().unwrap()],
+        vec!["train", "--data", long.to_str().unwrap(), "--steps", "1"],
+    ] {
+        let mut args = cmd.clone();
+        let out = tmp.path().join("e.safetensors");
+        if cmd[0] == "train" {
+            args.extend(["--out", out.to_str().unwrap()]);
+        }
+        let r = bitsvf(&args);
+        assert!(!r.status.success(), "{cmd:?}");
+        assert_names(
+            &String::from_utf8_lossy(&r.stderr),
+            &["dataset `long`", "item 41", "context"],
+        );
+        assert!(!out.exists());
+    }
+    let tiny = tmp.path().join("tiny.jsonl");
+    std::fs::write(&tiny, "{\"prompt\": \"add 1 1\", \"answer\": \"2\"}\n").unwrap();
+    let out = tmp.path().join("tiny.safetensors");
+    let r = bitsvf(&[
+        "train",
+        "--data",
+        tiny.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!r.status.success());
+    assert_names(
+        &String::from_utf8_lossy(&r.stderr),
+        &["dataset `tiny`", "split"],
+    );
+    assert!(!out.exists());
+}

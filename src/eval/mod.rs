@@ -7,8 +7,8 @@ pub mod speed;
 use crate::engine::model::{GenerateOptions, Model};
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::tasks::eval_items;
 use crate::tasks::{answer_from_completion, Dataset, Domain, Item, Split, MAX_ANSWER_CHARS};
+use crate::tasks::{eval_items, DataSource};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -67,6 +67,44 @@ pub fn prompt_ids(tok: &dyn Tokenizer, prompt: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Error unless every item of every dataset in `source` fits the model's context: its prompt
+/// plus an answer of [`MAX_ANSWER_CHARS`] + 2 tokens within `max_positions`. Checked before
+/// any work, the same way by `train`, `eval` and `run`, so a long prompt is never scored as a
+/// silent failure.
+pub fn check_fits(max_positions: usize, tok: &dyn Tokenizer, source: &DataSource) -> Result<()> {
+    match source {
+        DataSource::Domain(_) => Ok(()),
+        DataSource::Dataset(d) => check_items(max_positions, tok, &d.name, &d.items),
+        DataSource::Group(ds) => (ds.iter()).try_for_each(|d| check_fits(max_positions, tok, d)),
+        DataSource::Pool { of, items } => {
+            check_fits(max_positions, tok, of)?;
+            check_items(max_positions, tok, &of.name(), items)
+        }
+    }
+}
+
+/// [`check_fits`] of the items of the data named `name`.
+fn check_items(
+    max_positions: usize,
+    tok: &dyn Tokenizer,
+    name: &str,
+    items: &[Item],
+) -> Result<()> {
+    for (i, item) in items.iter().enumerate() {
+        let need = prompt_ids(tok, &item.prompt)?.len() + MAX_ANSWER_CHARS + 2;
+        if need > max_positions {
+            let start: String = item.prompt.chars().take(40).collect();
+            return Err(Error::Input(format!(
+                "dataset `{name}`, item {} (prompt \"{start}…\"): its prompt and an answer take \
+                 {need} positions, more than the model's context of {max_positions}; shorten or \
+                 remove it",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The model's greedy answer to `prompt` (cut at the terminator).
 pub fn answer(model: &Model, tok: &dyn Tokenizer, prompt: &str) -> Result<String> {
     let ids = prompt_ids(tok, prompt)?;
@@ -111,6 +149,12 @@ pub fn evaluate_dataset(
     split: Split,
     progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
+    check_items(
+        model.config.max_position_embeddings,
+        tok,
+        &data.name,
+        &data.items,
+    )?;
     let items: Vec<&Item> = data.split(split).into_iter().take(n).collect();
     if items.is_empty() {
         return Err(Error::Input(format!(

@@ -461,6 +461,7 @@ where
                 .into(),
         ));
     }
+    crate::io::check_writable(path)?;
     let tmp = temp_sibling(path);
     // Creating the file first turns an unwritable directory into a plain I/O error naming
     // `path`, rather than an image-encoder error after the whole render.
@@ -474,10 +475,14 @@ where
         let _ = std::fs::remove_file(&tmp);
         return Err(failed(format!("cannot draw the plot: {e}")));
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    let synced = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
+    synced
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })?;
+    crate::io::sync_dir(crate::io::parent_of(path))
 }
 
 #[cfg(test)]

@@ -58,6 +58,11 @@ pub fn run(
 ) -> Result<Manifest> {
     cfg.validate("settings")?;
     check_datasets(cfg, datasets)?;
+    for d in datasets {
+        let source = DataSource::Dataset(d.clone());
+        crate::eval::check_fits(ck.config.max_position_embeddings, tok, &source)?;
+        source.check_splits()?;
+    }
     // One base for every stage: hashed once, SVD factors and the packed model built once.
     let base = Base::new(ck, cache);
     let work = open_work_dir(base.hash(), cfg, out)?;

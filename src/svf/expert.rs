@@ -823,4 +823,24 @@ mod tests {
         let t = OwnedTensor::f32(vec![n], &nan);
         assert!(write("nan", BTreeMap::from([(format!("{first}.z"), t)])).contains("NaN"));
     }
+
+    /// The same expert always gives the same bytes (header metadata in key order).
+    #[test]
+    fn expert_files_are_deterministic_bytes() {
+        let ck = Checkpoint::tiny(16, 24, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(dir.path().join("cache"));
+        let (f, _) = factors(&ck, Targets::Mlp, &cache).unwrap();
+        let e = flat_paper_expert(&ck, &f, "same", 1.0);
+        let bytes: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let p = dir.path().join(format!("{i}.safetensors"));
+                e.save(&p).unwrap();
+                std::fs::read(&p).unwrap()
+            })
+            .collect();
+        assert!(bytes.windows(2).all(|w| w[0] == w[1]));
+        let back = Expert::load(&dir.path().join("0.safetensors")).unwrap();
+        assert_eq!((back.meta, back.z), (e.meta, e.z));
+    }
 }

@@ -101,12 +101,13 @@ impl DataSource {
     pub fn validation(&self, n: usize, seed: u64) -> Result<Vec<Item>> {
         match self {
             DataSource::Domain(d) => eval_items(*d, Split::Validation, n, seed),
-            DataSource::Dataset(d) => Ok(d
-                .split(Split::Validation)
-                .into_iter()
-                .take(n)
-                .cloned()
-                .collect()),
+            DataSource::Dataset(d) => {
+                let items = d.split(Split::Validation);
+                if items.is_empty() {
+                    return Err(empty_split(d, Split::Validation));
+                }
+                Ok(items.into_iter().take(n).cloned().collect())
+            }
             DataSource::Group(ds) => {
                 let mut out = Vec::with_capacity(n);
                 for (i, d) in ds.iter().enumerate() {
@@ -118,13 +119,35 @@ impl DataSource {
         }
     }
 
+    /// Error unless every dataset in this source has items in each of its three splits (a
+    /// tiny file can leave one empty); built-in domains always do.
+    pub fn check_splits(&self) -> Result<()> {
+        match self {
+            DataSource::Domain(_) => Ok(()),
+            DataSource::Dataset(d) => {
+                for split in [Split::Train, Split::Validation, Split::Test] {
+                    if d.split(split).is_empty() {
+                        return Err(empty_split(d, split));
+                    }
+                }
+                Ok(())
+            }
+            DataSource::Group(ds) => ds.iter().try_for_each(DataSource::check_splits),
+            DataSource::Pool { of, .. } => of.check_splits(),
+        }
+    }
+
     /// `n` held-out test items (a domain's test split spread over levels; a dataset's test
     /// split in file order; a group's split evenly).
     pub fn test(&self, n: usize, seed: u64) -> Result<Vec<Item>> {
         match self {
             DataSource::Domain(d) => eval_items(*d, Split::Test, n, seed),
             DataSource::Dataset(d) => {
-                Ok(d.split(Split::Test).into_iter().take(n).cloned().collect())
+                let items = d.split(Split::Test);
+                if items.is_empty() {
+                    return Err(empty_split(d, Split::Test));
+                }
+                Ok(items.into_iter().take(n).cloned().collect())
             }
             DataSource::Group(ds) => {
                 let mut out = Vec::with_capacity(n);
@@ -140,6 +163,16 @@ impl DataSource {
 
 /// The evaluation items of `domain`: `n` items of `split`, spread evenly over difficulty levels
 /// 1..=5 and interleaved, seeded. An easy level whose split holds fewer distinct prompts than
+/// The error of a dataset with no items in `split`.
+fn empty_split(d: &Dataset, split: Split) -> Error {
+    Error::Input(format!(
+        "dataset `{}` has no items in its {split} split ({} items in all; splits are 80/10/10 by \
+         a hash of the prompt): add lines to the file",
+        d.name,
+        d.items.len()
+    ))
+}
+
 /// its share gives all it has, and the shortfall moves to the harder levels (larger spaces).
 pub fn eval_items(domain: Domain, split: Split, n: usize, seed: u64) -> Result<Vec<Item>> {
     let levels: Vec<Difficulty> = Difficulty::all().collect();

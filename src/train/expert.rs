@@ -345,6 +345,7 @@ fn train(
 ) -> Result<TrainSummary> {
     let start = std::time::Instant::now();
     let name = data.name();
+    crate::eval::check_fits(ck.config.max_position_embeddings, tok, data)?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }

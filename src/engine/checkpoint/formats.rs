@@ -608,6 +608,14 @@ pub fn save_native(ck: &Checkpoint, path: &Path) -> Result<()> {
 /// The directory is assembled under a temporary name and renamed into place; an existing
 /// non-empty `dir` is an error unless `overwrite`.
 pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<()> {
+    if let Ok(m) = std::fs::symlink_metadata(dir) {
+        if !m.is_dir() {
+            return Err(Error::Input(format!(
+                "{} exists and is not a directory; choose a new directory",
+                dir.display()
+            )));
+        }
+    }
     let exists_nonempty = dir.is_dir()
         && std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -616,6 +624,25 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
     if exists_nonempty && !overwrite {
         return Err(Error::Input(format!(
             "{} already exists and is not empty; choose a new directory or pass --force",
+            dir.display()
+        )));
+    }
+    // --force replaces only a directory this command wrote: never a user's other files.
+    let ours = || -> Option<()> {
+        let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v.get("bitsvf")?.get("dequantized_from")?;
+        let names = std::fs::read_dir(dir).ok()?;
+        for e in names {
+            let name = e.ok()?.file_name();
+            (name == "config.json" || name == "model.safetensors").then_some(())?;
+        }
+        Some(())
+    };
+    if exists_nonempty && ours().is_none() {
+        return Err(Error::Input(format!(
+            "{} holds files bitsvf did not write (only model.safetensors and a config.json \
+             with bitsvf.dequantized_from are replaced by --force); choose a new directory",
             dir.display()
         )));
     }
@@ -648,7 +675,8 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    crate::io::sync_dir(crate::io::parent_of(dir))
 }
 
 /// A `quantization_config` must be an object and, when it names a `quant_method`, name

@@ -373,5 +373,27 @@ pub fn write_safetensors(
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &sorted_header(bytes))
+}
+
+/// `bytes` (a serialized safetensors file) with its JSON header's keys sorted, so the same
+/// tensors and metadata always give the same bytes (the safetensors crate writes its metadata
+/// map in hash order). Same length: only the order of the header's entries changes.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("the header safetensors just wrote");
+    let sorted = |v: &serde_json::Value| match v.as_object() {
+        Some(m) => serde_json::to_value(m.iter().collect::<BTreeMap<_, _>>()).expect("json"),
+        None => v.clone(),
+    };
+    let header: BTreeMap<&String, serde_json::Value> =
+        header.iter().map(|(k, v)| (k, sorted(v))).collect();
+    let mut text = serde_json::to_vec(&header).expect("json");
+    if text.len() > n {
+        return bytes; // cannot happen (same entries, same compact form); keep the crate's order
+    }
+    text.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&text);
+    bytes
 }
