@@ -394,3 +394,34 @@ fn datasets_that_cannot_work_are_refused() {
     );
     assert!(!out.exists());
 }
+
+/// A second run on the same --out is refused at once, naming the pid of the one running.
+#[test]
+fn a_second_run_on_the_same_out_is_refused() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let partial = tmp.path().join("out.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    let mut lock = std::fs::File::create(partial.join("lock")).unwrap();
+    lock.try_lock().unwrap();
+    write!(lock, "4242").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args([
+            "run",
+            "--quick",
+            "--out",
+            tmp.path().join("out").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_names(
+        &String::from_utf8_lossy(&out.stderr),
+        &["out.partial", "in use by another bitsvf run", "pid 4242"],
+    );
+    assert_eq!(
+        std::fs::read_dir(&partial).unwrap().count(),
+        1,
+        "nothing else created"
+    );
+}

@@ -293,26 +293,54 @@ pub(crate) struct HandoffParts<'a> {
     pub table: &'a TestTable,
 }
 
-/// metrics.jsonl: capability, every training step (moved here from the experts' own logs,
-/// which are deleted with their resumable state), every search point and generation, and the
-/// test table.
+/// The experts' own training logs and resumable states, moved into metrics.jsonl (logs) or
+/// no longer needed (states) once the handoff is written.
+fn training_leftovers(work: &Path, p: &HandoffParts) -> Vec<PathBuf> {
+    let files = p
+        .experts
+        .iter()
+        .map(|(e, _)| &e.file)
+        .chain([&p.classifier.file]);
+    files
+        .flat_map(|f| {
+            ["metrics.jsonl", "train-state.safetensors"].map(|x| work.join(f).with_extension(x))
+        })
+        .collect()
+}
+
+/// Delete [`training_leftovers`]; the last step of stage 8, so a rerun of an interrupted
+/// stage 8 finds what it reads (or, once deletion began, the metrics.jsonl made from it).
+fn remove_training_leftovers(work: &Path, leftovers: &[PathBuf]) -> Result<()> {
+    for f in leftovers {
+        match std::fs::remove_file(f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(f, e)),
+            _ => {}
+        }
+    }
+    crate::io::sync_dir(&work.join("experts"))
+}
+
+/// metrics.jsonl: capability, every training step (moved here from the experts' own logs),
+/// every search point and generation, and the test table. Rerun after its leftovers began to
+/// be deleted, it keeps the metrics.jsonl already written.
 fn write_metrics_log(work: &Path, p: &HandoffParts) -> Result<()> {
+    let out = work.join("metrics.jsonl");
+    let logs: Vec<PathBuf> = (training_leftovers(work, p).into_iter())
+        .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    if out.is_file() && logs.iter().any(|l| !l.exists()) {
+        return Ok(());
+    }
     let mut lines: Vec<serde_json::Value> = Vec::new();
     for (n, a) in p.found.names.iter().zip(&p.found.accuracy) {
         lines.push(serde_json::json!({ format!("stage1/capability/{n}/accuracy"): a }));
     }
-    for e in p.experts.iter().map(|(e, _)| e).chain([&p.classifier]) {
-        let mp = work.join(&e.file).with_extension("metrics.jsonl");
-        let text = std::fs::read_to_string(&mp).map_err(|err| Error::io(&mp, err))?;
+    for mp in &logs {
+        let text = std::fs::read_to_string(mp).map_err(|err| Error::io(mp, err))?;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|err| Error::config(&mp, "line", err.to_string()))?;
+                .map_err(|err| Error::config(mp, "line", err.to_string()))?;
             lines.push(v);
-        }
-        std::fs::remove_file(&mp).map_err(|err| Error::io(&mp, err))?;
-        let state = work.join(&e.file).with_extension("train-state.safetensors");
-        if state.exists() {
-            std::fs::remove_file(&state).map_err(|err| Error::io(&state, err))?;
         }
     }
     if let Some(s) = p.searched {
@@ -342,7 +370,7 @@ fn write_metrics_log(work: &Path, p: &HandoffParts) -> Result<()> {
         text.push_str(&l.to_string());
         text.push('\n');
     }
-    crate::io::write_atomic(&work.join("metrics.jsonl"), text.as_bytes())
+    crate::io::write_atomic(&out, text.as_bytes())
 }
 
 /// Write metrics.jsonl, manifest.json, the plots and report.md into `work`.
@@ -355,6 +383,7 @@ pub(crate) fn handoff(
     p: HandoffParts,
 ) -> Result<Manifest> {
     write_metrics_log(work, &p)?;
+    let leftovers = training_leftovers(work, &p);
     let ck = base.ck();
     let file_bytes = |rel: &str| std::fs::metadata(work.join(rel)).map_or(0, |m| m.len());
     let mixture = p.searched.map(|s| MixtureEntry {
@@ -417,6 +446,7 @@ pub(crate) fn handoff(
     write_json(&work.join("manifest.json"), &manifest)?;
     let report = report_markdown(&manifest);
     crate::io::write_atomic(&work.join("report.md"), report.as_bytes())?;
+    remove_training_leftovers(work, &leftovers)?;
     Ok(manifest)
 }
 

@@ -388,8 +388,22 @@ fn train(
     );
     let mut since_best = 0;
     let mut val_curve: Vec<(usize, f64)> = Vec::new();
+    // What the state must have been saved for: this data (its name, and its validation items
+    // as a fingerprint of the file's contents) on this base.
+    let data_id = data_fingerprint(&name, hash, &val);
     if resume {
         if let Some(state) = ResumeState::open(out, "train_config", cfg)? {
+            let saved = state.files().metadata("data").unwrap_or("(none)");
+            if saved != data_id {
+                return Err(Error::config(
+                    &state.path,
+                    "data",
+                    format!(
+                        "the saved run trained on `{saved}`, not on `{data_id}` (another domain, \
+                         dataset or base model); rerun without --resume, or with another --out"
+                    ),
+                ));
+            }
             first = state.step;
             opt.load_state(state.files(), first)?;
             since_best = state.get("since_best")?;
@@ -408,6 +422,7 @@ fn train(
         }
     }
     let mp = out.with_extension("metrics.jsonl");
+    trim_metrics(&mp, first)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -512,7 +527,9 @@ fn train(
             } else {
                 since_best += 1;
             }
-            save_state(&opt, cfg, step, &best, since_best, &val_curve, out)?;
+            save_state(
+                &opt, cfg, step, &best, since_best, &val_curve, &data_id, out,
+            )?;
             if since_best >= cfg.patience {
                 early = true;
             }
@@ -559,6 +576,44 @@ fn train(
     })
 }
 
+/// `name` and a short hash of the base and of the validation items: what a resumed run must
+/// train on.
+fn data_fingerprint(name: &str, base_hash: &str, val: &[Item]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(base_hash.as_bytes());
+    for it in val {
+        for part in [&it.domain, &it.prompt, &it.answer] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name} {hex}")
+}
+
+/// Keep only the lines of the metrics log `path` up to `step` (all of them gone for 0): the
+/// steps after the resumed state are run again, and must not be logged twice.
+fn trim_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let kept: String = (text.lines())
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v.get("step")
+                .and_then(|s| s.as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::write_atomic(path, kept.as_bytes())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn save_state(
     opt: &Adam,
     cfg: &TrainConfig,
@@ -566,6 +621,7 @@ fn save_state(
     best: &(f64, usize, BTreeMap<String, Vec<f32>>),
     since_best: usize,
     val_curve: &[(usize, f64)],
+    data_id: &str,
     out: &Path,
 ) -> Result<()> {
     let tensors = best
@@ -578,6 +634,7 @@ fn save_state(
         ("best_val_accuracy", best.0.to_string()),
         ("best_step", best.1.to_string()),
         ("val_curve", serde_json::to_string(val_curve).expect("json")),
+        ("data", data_id.to_string()),
     ];
     ResumeState::save(out, opt, step, ("train_config", cfg), &meta, tensors)
 }
@@ -796,6 +853,32 @@ mod tests {
             "z, m, v and best z for 6 matrices"
         );
         assert_eq!(sa, sb);
+        // Every step logged once, as in the uninterrupted run.
+        let steps = |p: &Path| -> Vec<u64> {
+            let text = std::fs::read_to_string(p.with_extension("metrics.jsonl")).unwrap();
+            (text.lines())
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(steps(&b), vec![1, 2, 3, 4]);
+        assert_eq!(steps(&a), steps(&b));
+        // A state saved for another domain is refused, naming the file and both.
+        let s = train_expert(&ck, &targets, &tok, &data, &cfg, &b, false, |step, _| {
+            step < 3
+        });
+        assert_eq!(s.unwrap().steps, 3);
+        let other = DataSource::Domain(Domain::Reverse);
+        let err = train_expert(&ck, &targets, &tok, &other, &cfg, &b, true, |_, _| true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train-state") && err.contains("copy") && err.contains("reverse"),
+            "{err}"
+        );
         // The run moved z away from its initial value.
         let z = &sa
             .iter()

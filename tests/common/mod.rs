@@ -52,3 +52,63 @@ pub fn load_error(dir: &Path) -> String {
 pub fn flat(t: candle_core::Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
+
+/// Keys of the manifest whose values depend on the clock or the machine.
+pub const VOLATILE_KEYS: [&str; 8] = [
+    "seconds",
+    "ms_per_token",
+    "peak_rss_mb",
+    "hypervolume",
+    "hv_reference",
+    "cache_hits",
+    "computed",
+    "bitsvf_version",
+];
+
+/// Fields the manifest gained after bitsvf 0.1.0 (absent from the fixtures).
+pub const ADDED_KEYS: [&str; 2] = ["format_version", "val_curve"];
+
+/// Every difference between two manifests outside [`VOLATILE_KEYS`] and [`ADDED_KEYS`]: the
+/// same keys and array lengths, strings and flags equal, numbers equal to 1e-9 relative.
+pub fn manifest_differences(
+    want: &serde_json::Value,
+    got: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, wv) in w
+                .iter()
+                .filter(|(k, _)| !VOLATILE_KEYS.contains(&k.as_str()))
+            {
+                match g.get(k) {
+                    Some(gv) => manifest_differences(wv, gv, &format!("{path}.{k}"), out),
+                    None => out.push(format!("{path}.{k}: missing")),
+                }
+            }
+            for k in g.keys() {
+                let known = w.contains_key(k)
+                    || VOLATILE_KEYS.contains(&k.as_str())
+                    || ADDED_KEYS.contains(&k.as_str());
+                if !known {
+                    out.push(format!("{path}.{k}: not in the fixture"));
+                }
+            }
+        }
+        (Value::Array(w), Value::Array(g)) if w.len() == g.len() => {
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                manifest_differences(wv, gv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Value::Number(w), Value::Number(g)) => {
+            let (a, b) = (w.as_f64().unwrap(), g.as_f64().unwrap());
+            if a != b && (a - b).abs() > 1e-9 * a.abs().max(b.abs()) {
+                out.push(format!("{path}: {a} in the fixture, {b} now"));
+            }
+        }
+        (w, g) if w == g => {}
+        (w, g) => out.push(format!("{path}: {w} in the fixture, {g} now")),
+    }
+}
