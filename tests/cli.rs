@@ -640,20 +640,7 @@ fn run_quick_with_a_generator_endpoint_uses_and_caches_its_items() {
 fn run_quick_seed_0_reproduces_the_golden_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
-        .args([
-            "run",
-            "--quick",
-            "--seed",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .args(["--cache-dir", tmp.path().join("cache").to_str().unwrap()])
-        .env(
-            bitsvf::adapt::mixture_search::LATENCY_ENV,
-            "0:5.088868249999999,64:6.0887235,128:5.344725",
-        )
+    let o = golden_quick_run(&out, &tmp.path().join("cache"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

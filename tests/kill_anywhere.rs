@@ -15,23 +15,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The latencies of the golden run, so the mixture search is deterministic.
-const LATENCIES: &str = "0:5.088868249999999,64:6.0887235,128:5.344725";
-
 fn command(out: &Path, cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bitsvf"));
-    c.args([
-        "run",
-        "--quick",
-        "--seed",
-        "0",
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .args(["--cache-dir", cache.to_str().unwrap()])
-    .env(bitsvf::adapt::mixture_search::LATENCY_ENV, LATENCIES)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut c = golden_quick_run(out, cache);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 

@@ -745,15 +745,21 @@ mod tests {
         assert!(mixture(&[&a], &[0.5, 0.5], &f).is_err());
     }
 
-    /// Expert files that do not fit the base are refused by name: a z of the wrong shape,
-    /// no z at all, one z missing, a target set the z do not cover.
-    #[test]
-    fn expert_files_that_do_not_fit_the_base_are_refused() {
+    /// A tiny model, a scratch directory and a flat paper expert on it.
+    fn flat_expert_in_tempdir(name: &str) -> (Checkpoint, tempfile::TempDir, Expert) {
         let ck = Checkpoint::tiny(16, 24, 2);
         let dir = tempfile::tempdir().unwrap();
         let cache = SvdCache::new(dir.path().join("cache"));
         let (f, _) = factors(&ck, Targets::Mlp, &cache).unwrap();
-        let good = flat_paper_expert(&ck, &f, "good", 1.0);
+        let e = flat_paper_expert(&ck, &f, name, 1.0);
+        (ck, dir, e)
+    }
+
+    /// Expert files that do not fit the base are refused by name: a z of the wrong shape,
+    /// no z at all, one z missing, a target set the z do not cover.
+    #[test]
+    fn expert_files_that_do_not_fit_the_base_are_refused() {
+        let (ck, dir, good) = flat_expert_in_tempdir("good");
         let path = dir.path().join("e.safetensors");
         good.save(&path).unwrap();
         Expert::load_for(&path, &ck).unwrap();
@@ -827,11 +833,7 @@ mod tests {
     /// The same expert always gives the same bytes (header metadata in key order).
     #[test]
     fn expert_files_are_deterministic_bytes() {
-        let ck = Checkpoint::tiny(16, 24, 2);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = SvdCache::new(dir.path().join("cache"));
-        let (f, _) = factors(&ck, Targets::Mlp, &cache).unwrap();
-        let e = flat_paper_expert(&ck, &f, "same", 1.0);
+        let (_, dir, e) = flat_expert_in_tempdir("same");
         let bytes: Vec<Vec<u8>> = (0..8)
             .map(|i| {
                 let p = dir.path().join(format!("{i}.safetensors"));

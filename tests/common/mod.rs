@@ -112,3 +112,23 @@ pub fn manifest_differences(
         (w, g) => out.push(format!("{path}: {w} in the fixture, {g} now")),
     }
 }
+
+/// `bitsvf run --quick --seed 0` into `out`, with the latencies the golden run measured (from
+/// its metrics.jsonl) so its mixture search does not depend on a busy machine's clock.
+pub fn golden_quick_run(out: &Path, cache: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_bitsvf"));
+    c.args([
+        "run",
+        "--quick",
+        "--seed",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .args(["--cache-dir", cache.to_str().unwrap()])
+    .env(
+        bitsvf::adapt::mixture_search::LATENCY_ENV,
+        "0:5.088868249999999,64:6.0887235,128:5.344725",
+    );
+    c
+}
