@@ -8,7 +8,7 @@
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{Model, ModelOptions, WeightMode};
 use crate::engine::tokenizer::Tokenizer;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::eval::score_items;
 use crate::eval::speed::decode_speed;
 use crate::eval::speed::median;
@@ -42,6 +42,50 @@ pub struct CompareConfig {
     pub decode_runs: usize,
     /// Seed of the evaluation draw.
     pub seed: u64,
+}
+
+impl CompareConfig {
+    /// The full comparison, or the quick one (the first domain, 40 items, the trainer's quick
+    /// settings), with `rank`, and `steps`, `n` and `experts_dir` where given.
+    pub fn preset(
+        quick: bool,
+        mut domains: Vec<Domain>,
+        rank: usize,
+        steps: Option<usize>,
+        n: Option<usize>,
+        experts_dir: Option<PathBuf>,
+    ) -> Result<CompareConfig> {
+        if domains.is_empty() {
+            return Err(Error::Input("--domains is empty".into()));
+        }
+        let mut train = TrainConfig {
+            rank,
+            ..TrainConfig::default()
+        };
+        if quick {
+            domains.truncate(1);
+            train = train.quick();
+        }
+        if let Some(s) = steps {
+            train.steps = s;
+        }
+        train.validate("compare-options settings")?;
+        Ok(CompareConfig {
+            domains,
+            n: n.unwrap_or(if quick { 40 } else { 500 }),
+            train,
+            experts_dir: experts_dir.unwrap_or_else(|| {
+                PathBuf::from(if quick {
+                    "compare-options/experts-quick"
+                } else {
+                    "compare-options/experts"
+                })
+            }),
+            decode_tokens: if quick { 32 } else { 96 },
+            decode_runs: if quick { 3 } else { 7 },
+            seed: 0,
+        })
+    }
 }
 
 /// One option's measurements.

@@ -660,6 +660,29 @@ pub struct Reproduced {
     pub measured: f64,
 }
 
+/// The figures side by side as a text table, those that differ marked.
+pub fn reproduced_table(rows: &[Reproduced]) -> String {
+    let mut s = format!(
+        "{:<12} {:<26} {:>9} {:>9}\n",
+        "domain", "form", "manifest", "measured"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<12} {:<26} {:>8.1}% {:>8.1}%{}\n",
+            r.domain,
+            r.column,
+            100.0 * r.manifest,
+            100.0 * r.measured,
+            if r.manifest == r.measured {
+                ""
+            } else {
+                "  ← differs"
+            }
+        );
+    }
+    s
+}
+
 /// Re-measure the mixture columns of the handoff's test table (same items, same forms).
 pub fn reproduce(
     h: &Handoff,

@@ -13,8 +13,9 @@ pub mod table;
 
 pub use config::{RunConfig, RunOverrides};
 pub use handoff::{
-    reproduce, BaseModel, ByteCounts, ExpertEntry, Handoff, HandoffMixture, Manifest, Metrics,
-    MixtureEntry, Reproduced, SearchSummary, SvdStats, FORMAT_VERSION, MANIFEST_FORMAT,
+    reproduce, reproduced_table, BaseModel, ByteCounts, ExpertEntry, Handoff, HandoffMixture,
+    Manifest, Metrics, MixtureEntry, Reproduced, SearchSummary, SvdStats, FORMAT_VERSION,
+    MANIFEST_FORMAT,
 };
 pub use run::run;
 pub use stages::{Event, StageRecord};

@@ -5,7 +5,7 @@ use anyhow::Result;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::pipeline::compare::{compare_options, CompareConfig, Event};
 use bitsvf::tasks::Domain;
-use bitsvf::train::{TrainConfig, DEFAULT_RANK};
+use bitsvf::train::DEFAULT_RANK;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -71,39 +71,16 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The comparison's settings: the full one or `--quick`, with the flags laid over. (A preset
-/// of [`CompareConfig`]; it belongs beside it in `pipeline::compare`, which is being split up
-/// now.)
+/// The comparison's settings ([`CompareConfig::preset`]) from the flags.
 fn config(a: &Args) -> Result<CompareConfig> {
     let names: Vec<&str> = a.domains.split(',').collect();
-    let mut domains = Domain::list(Some(&names))?;
-    anyhow::ensure!(!domains.is_empty(), "--domains is empty");
-    let mut train = TrainConfig {
-        rank: a.rank,
-        ..TrainConfig::default()
-    };
-    if a.quick {
-        domains.truncate(1);
-        train = train.quick();
-    }
-    if let Some(s) = a.steps {
-        anyhow::ensure!(s > 0, "--steps must be positive");
-        train.steps = s;
-    }
-    let quick = a.quick;
-    Ok(CompareConfig {
+    let domains = Domain::list(Some(&names))?;
+    Ok(CompareConfig::preset(
+        a.quick,
         domains,
-        n: a.n.unwrap_or(if quick { 40 } else { 500 }),
-        train,
-        experts_dir: a.experts.clone().unwrap_or_else(|| {
-            PathBuf::from(if quick {
-                "compare-options/experts-quick"
-            } else {
-                "compare-options/experts"
-            })
-        }),
-        decode_tokens: if quick { 32 } else { 96 },
-        decode_runs: if quick { 3 } else { 7 },
-        seed: 0,
-    })
+        a.rank,
+        a.steps,
+        a.n,
+        a.experts.clone(),
+    )?)
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use bitsvf::engine::model::{Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::{evaluate, evaluate_dataset, EvalSpec};
-use bitsvf::pipeline::{self, Handoff, Reproduced};
+use bitsvf::pipeline::{self, Handoff};
 use bitsvf::svf::expert;
 use bitsvf::tasks::{Dataset, Domain, Split};
 use std::path::{Path, PathBuf};
@@ -100,7 +100,7 @@ fn mixture(dir: &Path, cache_dir: Option<PathBuf>, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        print!("{}", reproduced_table(&rows));
+        print!("{}", pipeline::reproduced_table(&rows));
     }
     let differ = rows.iter().filter(|r| r.manifest != r.measured).count();
     anyhow::ensure!(
@@ -113,28 +113,4 @@ fn mixture(dir: &Path, cache_dir: Option<PathBuf>, json: bool) -> Result<()> {
         rows.len()
     );
     Ok(())
-}
-
-/// The figures side by side, those that differ marked. (A text form of [`Reproduced`] rows;
-/// it belongs beside them in `pipeline`, which is being split up now.)
-fn reproduced_table(rows: &[Reproduced]) -> String {
-    let mut s = format!(
-        "{:<12} {:<26} {:>9} {:>9}\n",
-        "domain", "form", "manifest", "measured"
-    );
-    for r in rows {
-        s += &format!(
-            "{:<12} {:<26} {:>8.1}% {:>8.1}%{}\n",
-            r.domain,
-            r.column,
-            100.0 * r.manifest,
-            100.0 * r.measured,
-            if r.manifest == r.measured {
-                ""
-            } else {
-                "  ← differs"
-            }
-        );
-    }
-    s
 }
