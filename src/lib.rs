@@ -6,6 +6,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod names;
 pub mod pipeline;
 pub mod search;
 pub mod svf;

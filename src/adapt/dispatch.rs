@@ -61,52 +61,16 @@ pub enum Strategy {
     None,
 }
 
-impl Strategy {
-    /// Every strategy.
-    pub const ALL: [Strategy; 4] = [
-        Strategy::Prompt,
-        Strategy::Classifier,
-        Strategy::Cem,
-        Strategy::None,
-    ];
-
-    /// Its name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Prompt => "prompt",
-            Strategy::Classifier => "classifier",
-            Strategy::Cem => "cem",
-            Strategy::None => "none",
-        }
-    }
-}
-
-/// The names of [`Strategy::name`], for a typed clap argument. (`bitsvf generate --dispatch`
-/// parses through [`FromStr`](std::str::FromStr) after clap, so its help and errors stay as
-/// they were.)
-impl clap::ValueEnum for Strategy {
-    fn value_variants<'a>() -> &'a [Self] {
-        &Self::ALL
-    }
-
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.name()))
-    }
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Strategy::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .ok_or_else(|| {
-                Error::Input(format!(
-                    "unknown dispatch strategy `{s}`; valid: prompt, classifier, cem, none"
-                ))
-            })
-    }
-}
+crate::value_names!(
+    Strategy,
+    "dispatch strategy",
+    [
+        (Prompt, "prompt", ""),
+        (Classifier, "classifier", ""),
+        (Cem, "cem", ""),
+        (None, "none", ""),
+    ]
+);
 
 /// The classifier expert's training items: `n` prompts per label, drawn from the training
 /// data of each expert (label [`class_label`]) and of `others` (label [`OTHER_CLASS`]).

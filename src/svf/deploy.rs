@@ -42,29 +42,20 @@ pub enum DeployOption {
     RequantizeChannel,
 }
 
+crate::value_names!(
+    DeployOption,
+    "option",
+    [
+        (Dequantize, "dequantize", ""),
+        (AlphaLayer, "alpha-layer", ""),
+        (AlphaChannel, "alpha-channel", ""),
+        (HybridLowRank, "hybrid-lowrank", ""),
+        (Requantize, "requantize", ""),
+        (RequantizeChannel, "requantize-channel", ""),
+    ]
+);
+
 impl DeployOption {
-    /// Every option, in report order.
-    pub const ALL: [DeployOption; 6] = [
-        DeployOption::Dequantize,
-        DeployOption::AlphaLayer,
-        DeployOption::AlphaChannel,
-        DeployOption::HybridLowRank,
-        DeployOption::Requantize,
-        DeployOption::RequantizeChannel,
-    ];
-
-    /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            DeployOption::Dequantize => "dequantize",
-            DeployOption::AlphaLayer => "alpha-layer",
-            DeployOption::AlphaChannel => "alpha-channel",
-            DeployOption::HybridLowRank => "hybrid-lowrank",
-            DeployOption::Requantize => "requantize",
-            DeployOption::RequantizeChannel => "requantize-channel",
-        }
-    }
-
     /// The parameterization its experts are trained with.
     pub fn parameterization(self) -> Parameterization {
         match self {
@@ -89,21 +80,6 @@ impl DeployOption {
             DeployOption::Dequantize => WeightMode::Dense,
             _ => WeightMode::Ternary,
         }
-    }
-}
-
-impl std::str::FromStr for DeployOption {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        DeployOption::ALL
-            .into_iter()
-            .find(|o| o.name() == s)
-            .ok_or_else(|| {
-                Error::Input(format!(
-                    "option `{s}`: expected dequantize, alpha-layer, alpha-channel, \
-                     hybrid-lowrank, requantize or requantize-channel"
-                ))
-            })
     }
 }
 

@@ -18,7 +18,6 @@
 //!   as it is: y = x·Wᵀ + ((x V_k) ⊙ σ_k⊙(z − 1)) U_kᵀ, so W' = W + U_k diag(σ_k⊙(z−1)) V_kᵀ.
 
 use crate::engine::checkpoint::LinearKind;
-use crate::error::{Error, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -38,16 +37,37 @@ pub enum Parameterization {
     LowRank,
 }
 
-impl Parameterization {
-    /// Every parameterization, in the order reports list them.
-    pub const ALL: [Parameterization; 5] = [
-        Parameterization::Paper,
-        Parameterization::Official,
-        Parameterization::AlphaLayer,
-        Parameterization::AlphaChannel,
-        Parameterization::LowRank,
-    ];
+crate::value_names!(
+    Parameterization,
+    "parameterization",
+    [
+        (Paper, "paper", "W' = U diag(σ⊙z) Vᵀ, z₀ = 1 (the paper)"),
+        (
+            Official,
+            "official",
+            "Sigmoid scales with the Σσ-preserving rescale (the official code)"
+        ),
+        (
+            AlphaLayer,
+            "alpha-layer",
+            "W' = z·W, one z per matrix (BitNet-aware, Option 2)"
+        ),
+        (
+            AlphaChannel,
+            "alpha-channel",
+            "W' = diag(z)·W, one z per output channel (BitNet-aware, Option 2)"
+        ),
+        (
+            LowRank,
+            "low-rank",
+            "W + SVF delta on the top-k singular directions (hybrid, Option 3; k = --rank)"
+        ),
+    ]
+);
 
+/// Command-line names are [`Parameterization::name`]; files keep their serde names (e.g.
+/// `alpha_layer`) for compatibility.
+impl Parameterization {
     /// Whether z acts on singular directions (and so needs the SVD of each target).
     pub fn uses_svd(self) -> bool {
         !matches!(
@@ -64,56 +84,6 @@ impl Parameterization {
             Parameterization::AlphaChannel => rows,
             Parameterization::LowRank => k.min(r),
         }
-    }
-
-    /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Parameterization::Paper => "paper",
-            Parameterization::Official => "official",
-            Parameterization::AlphaLayer => "alpha-layer",
-            Parameterization::AlphaChannel => "alpha-channel",
-            Parameterization::LowRank => "low-rank",
-        }
-    }
-}
-
-/// `--parameterization` on the command line: the names of [`Parameterization::name`] (files keep
-/// their serde names, e.g. `alpha_layer`, for compatibility).
-impl clap::ValueEnum for Parameterization {
-    fn value_variants<'a>() -> &'a [Self] {
-        &Self::ALL
-    }
-
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        let help = match self {
-            Parameterization::Paper => "W' = U diag(σ⊙z) Vᵀ, z₀ = 1 (the paper)",
-            Parameterization::Official => {
-                "Sigmoid scales with the Σσ-preserving rescale (the official code)"
-            }
-            Parameterization::AlphaLayer => "W' = z·W, one z per matrix (BitNet-aware, Option 2)",
-            Parameterization::AlphaChannel => {
-                "W' = diag(z)·W, one z per output channel (BitNet-aware, Option 2)"
-            }
-            Parameterization::LowRank => {
-                "W + SVF delta on the top-k singular directions (hybrid, Option 3; k = --rank)"
-            }
-        };
-        Some(clap::builder::PossibleValue::new(self.name()).help(help))
-    }
-}
-
-impl std::str::FromStr for Parameterization {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Parameterization::ALL
-            .into_iter()
-            .find(|p| p.name() == s)
-            .ok_or_else(|| {
-                Error::Input(format!(
-                    "parameterization `{s}`: expected paper, official, alpha-layer, alpha-channel or low-rank"
-                ))
-            })
     }
 }
 
@@ -132,19 +102,13 @@ pub enum Targets {
     All,
 }
 
+crate::value_names!(
+    Targets,
+    "targets",
+    [(Mlp, "mlp", ""), (Attn, "attn", ""), (All, "all", "")]
+);
+
 impl Targets {
-    /// Every target set.
-    pub const ALL: [Targets; 3] = [Targets::Mlp, Targets::Attn, Targets::All];
-
-    /// The name used on the command line (`--targets`) and in files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Targets::Mlp => "mlp",
-            Targets::Attn => "attn",
-            Targets::All => "all",
-        }
-    }
-
     /// Whether `kind` is a target.
     pub fn includes(self, kind: LinearKind) -> bool {
         match self {
@@ -152,28 +116,6 @@ impl Targets {
             Targets::Attn => !kind.is_mlp(),
             Targets::All => true,
         }
-    }
-}
-
-/// The names of [`Targets::name`], for a typed clap argument. (`bitsvf train --targets` parses
-/// through [`FromStr`](std::str::FromStr) after clap, so its help and errors stay as they were.)
-impl clap::ValueEnum for Targets {
-    fn value_variants<'a>() -> &'a [Self] {
-        &Self::ALL
-    }
-
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.name()))
-    }
-}
-
-impl std::str::FromStr for Targets {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Targets::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| Error::Input(format!("targets `{s}`: expected mlp, attn or all")))
     }
 }
 

@@ -39,29 +39,11 @@ pub enum Objective {
     Sft,
 }
 
-impl Objective {
-    /// Both objectives.
-    pub const ALL: [Objective; 2] = [Objective::Reinforce, Objective::Sft];
-
-    /// The name used on the command line (`--objective`) and in files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Objective::Reinforce => "reinforce",
-            Objective::Sft => "sft",
-        }
-    }
-}
-
-/// `--objective` on the command line: the names of [`Objective::name`].
-impl clap::ValueEnum for Objective {
-    fn value_variants<'a>() -> &'a [Self] {
-        &Self::ALL
-    }
-
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.name()))
-    }
-}
+crate::value_names!(
+    Objective,
+    "objective",
+    [(Reinforce, "reinforce", ""), (Sft, "sft", "")]
+);
 
 /// Settings of one expert's training. Defaults work on the default model without tuning.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

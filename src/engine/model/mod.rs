@@ -38,33 +38,14 @@ pub enum WeightMode {
     Dense,
 }
 
-impl WeightMode {
-    /// Both modes.
-    pub const ALL: [WeightMode; 2] = [WeightMode::Ternary, WeightMode::Dense];
-
-    /// The name used on the command line (`--mode`).
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightMode::Ternary => "ternary",
-            WeightMode::Dense => "dense",
-        }
-    }
-}
-
-/// `--mode` on the command line: the names of [`WeightMode::name`].
-impl clap::ValueEnum for WeightMode {
-    fn value_variants<'a>() -> &'a [Self] {
-        &Self::ALL
-    }
-
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        let help = match self {
-            WeightMode::Ternary => "Packed 2-bit weights, integer kernel",
-            WeightMode::Dense => "Dequantized f32 weights",
-        };
-        Some(clap::builder::PossibleValue::new(self.name()).help(help))
-    }
-}
+crate::value_names!(
+    WeightMode,
+    "weight mode",
+    [
+        (Ternary, "ternary", "Packed 2-bit weights, integer kernel"),
+        (Dense, "dense", "Dequantized f32 weights"),
+    ]
+);
 
 /// Options for building a [`Model`].
 #[derive(Debug, Clone, Copy)]
