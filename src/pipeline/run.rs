@@ -538,3 +538,44 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
         Ok(out)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::svf::expert::ExpertMeta;
+    use crate::svf::{Parameterization, Targets};
+
+    fn expert(name: &str, domains: &[&str]) -> Expert {
+        Expert {
+            meta: ExpertMeta {
+                name: name.into(),
+                base_hash: String::new(),
+                parameterization: Parameterization::Paper,
+                targets: Targets::Mlp,
+                domains: domains.iter().map(|d| d.to_string()).collect(),
+                val_accuracy: 0.0,
+                training: serde_json::Value::Null,
+            },
+            z: BTreeMap::new(),
+        }
+    }
+
+    /// The documented `alpha_bounds {"count": …}` works whatever discovery settles on: a
+    /// bound by domain applies to the expert covering it, and one no searched expert covers
+    /// is left out (it failed the quick run's search before).
+    #[test]
+    fn alpha_bounds_name_experts_or_their_domains_and_unused_ones_are_left_out() {
+        let mut search = SearchConfig::default();
+        search.alpha_bounds.insert("count".into(), (0.0, 1.0));
+        search.alpha_bounds.insert("sort".into(), (0.5, 1.5));
+        search.alpha_bounds.insert("parity".into(), (0.0, 0.5));
+        let pool = [
+            expert("count+sort", &["count", "sort"]),
+            expert("parity", &["parity"]),
+        ];
+        assert_eq!(bounds_for(&search, &pool).alpha_bounds, search.alpha_bounds);
+        let pool = [expert("parity", &["parity"])];
+        let kept = bounds_for(&search, &pool).alpha_bounds;
+        assert_eq!(kept.keys().collect::<Vec<_>>(), vec!["parity"]);
+    }
+}
