@@ -304,8 +304,7 @@ impl Library {
 mod tests {
     use super::*;
     use crate::engine::tokenizer::ByteTokenizer;
-    use crate::svf::expert::flat_paper_expert;
-    use crate::svf::Targets;
+    use crate::svf::expert::flat_fixture;
     use crate::tasks::Domain;
 
     #[test]
@@ -352,23 +351,10 @@ mod tests {
     /// Routing returns the model it says it picked; CEM stays in its box and is reproducible.
     #[test]
     fn routes_and_cem_on_a_tiny_model() {
-        let ck = Checkpoint::tiny(32, 48, 4);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = SvdCache::new(dir.path().to_path_buf());
-        let f = crate::svf::expert::factors(&ck, Targets::Mlp, &cache)
-            .unwrap()
-            .0;
-        let experts = vec![
-            flat_paper_expert(&ck, &f, "a", 1.0),
-            flat_paper_expert(&ck, &f, "b", 0.5),
-        ];
-        let mut lib = Library::new(
-            &ck,
-            experts,
-            Some(&flat_paper_expert(&ck, &f, "c", 1.0)),
-            &cache,
-        )
-        .unwrap();
+        let fx = flat_fixture((32, 48, 4), &[("a", 1.0), ("b", 0.5), ("c", 1.0)]);
+        let (ck, cache) = (&fx.ck, &fx.cache);
+        let (experts, classifier) = (fx.experts[..2].to_vec(), &fx.experts[2]);
+        let mut lib = Library::new(ck, experts, Some(classifier), cache).unwrap();
         let tok = ByteTokenizer;
         let prompt = "count a in aab?";
         let pick = lib.pick_by_prompt(&tok, prompt).unwrap();

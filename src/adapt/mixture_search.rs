@@ -530,7 +530,7 @@ mod tests {
     use super::*;
     use crate::engine::checkpoint::Checkpoint;
     use crate::engine::tokenizer::ByteTokenizer;
-    use crate::svf::expert::flat_paper_expert;
+    use crate::svf::expert::{flat_fixture, flat_paper_expert};
     use crate::svf::svd::SvdCache;
     use crate::svf::Targets;
     use crate::tasks::Domain;
@@ -574,23 +574,15 @@ mod tests {
     /// directions and drifts.
     #[test]
     fn measurements_follow_the_deployed_mixture() {
-        let ck = Checkpoint::tiny(32, 48, 2);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = SvdCache::new(dir.path().to_path_buf());
-        let f = crate::svf::expert::factors(&ck, Targets::Mlp, &cache)
-            .unwrap()
-            .0;
-        let experts = vec![
-            flat_paper_expert(&ck, &f, "a", 1.0),
-            flat_paper_expert(&ck, &f, "b", 1.0),
-        ];
+        let fx = flat_fixture((32, 48, 2), &[("a", 1.0), ("b", 1.0)]);
+        let (ck, experts) = (&fx.ck, &fx.experts);
         let (val, preserve) = (items(Domain::Count, 6), items(Domain::Sort, 4));
         let tok = ByteTokenizer;
         let cfg = quick();
-        let base = Base::new(&ck, &cache);
-        let mut p = Problem::new(&base, &tok, &experts, &val, &preserve, &cfg).unwrap();
+        let base = Base::new(ck, &fx.cache);
+        let mut p = Problem::new(&base, &tok, experts, &val, &preserve, &cfg).unwrap();
         let base = p.measure(&[0.0, 0.0], 0).unwrap();
-        assert_eq!((base.kl, base.bytes), (0.0, packed_bytes(&ck)));
+        assert_eq!((base.kl, base.bytes), (0.0, packed_bytes(ck)));
         let same = p.measure(&[0.5, 0.5], 16).unwrap();
         assert_eq!(same.accuracy, base.accuracy);
         assert!(same.kl.abs() < 1e-6, "kl {}", same.kl);
@@ -604,21 +596,13 @@ mod tests {
 
     #[test]
     fn search_reports_a_front_a_history_and_a_measured_choice() {
-        let ck = Checkpoint::tiny(32, 48, 3);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = SvdCache::new(dir.path().to_path_buf());
-        let f = crate::svf::expert::factors(&ck, Targets::Mlp, &cache)
-            .unwrap()
-            .0;
-        let experts = vec![
-            flat_paper_expert(&ck, &f, "a", 1.2),
-            flat_paper_expert(&ck, &f, "b", 0.8),
-        ];
+        let fx = flat_fixture((32, 48, 3), &[("a", 1.2), ("b", 0.8)]);
+        let (ck, experts) = (&fx.ck, &fx.experts);
         let (val, preserve) = (items(Domain::Count, 4), items(Domain::Sort, 2));
         let tok = ByteTokenizer;
         let cfg = quick();
-        let base = Base::new(&ck, &cache);
-        let mut p = Problem::new(&base, &tok, &experts, &val, &preserve, &cfg).unwrap();
+        let base = Base::new(ck, &fx.cache);
+        let mut p = Problem::new(&base, &tok, experts, &val, &preserve, &cfg).unwrap();
         let mut seen = 0;
         let r = search(&mut p, &cfg, |_| {}, |_| seen += 1).unwrap();
         assert_eq!(r.evaluated.len(), 8);

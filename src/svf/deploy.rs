@@ -426,7 +426,7 @@ fn svf_form(w: &LinearWeight) -> Option<&SvfWeight> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::svf::expert::{expert_model, factors, z_lengths, ExpertMeta};
+    use crate::svf::expert::{expert_model, factors, z_lengths};
     use crate::svf::svd::SvdCache;
     use crate::svf::Targets;
     use std::collections::BTreeMap;
@@ -452,18 +452,7 @@ mod tests {
                 (n, z)
             })
             .collect();
-        Expert {
-            meta: ExpertMeta {
-                name: format!("e{seed}"),
-                base_hash: ck.content_hash(),
-                parameterization: param,
-                targets: Targets::Mlp,
-                domains: vec![],
-                val_accuracy: 0.0,
-                training: serde_json::Value::Null,
-            },
-            z,
-        }
+        crate::svf::expert::test_expert(ck, &format!("e{seed}"), param, z)
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -572,17 +572,57 @@ pub(crate) fn flat_paper_expert(
         .into_iter()
         .map(|(n, len)| (n, vec![value; len]))
         .collect();
+    test_expert(ck, name, Parameterization::Paper, z)
+}
+
+/// An MLP expert of `ck` named `name` with these z vectors, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_expert(
+    ck: &Checkpoint,
+    name: &str,
+    parameterization: Parameterization,
+    z: BTreeMap<String, Vec<f32>>,
+) -> Expert {
     Expert {
         meta: ExpertMeta {
             name: name.into(),
             base_hash: ck.content_hash(),
-            parameterization: Parameterization::Paper,
+            parameterization,
             targets: Targets::Mlp,
             domains: vec![],
             val_accuracy: 0.0,
             training: serde_json::Value::Null,
         },
         z,
+    }
+}
+
+/// A tiny model (`hidden`, `intermediate`, `seed`), its SVD cache in a scratch directory,
+/// and flat paper experts `(name, z value)` on it, for unit tests.
+#[cfg(test)]
+pub(crate) struct FlatFixture {
+    pub ck: Checkpoint,
+    pub dir: tempfile::TempDir,
+    pub cache: SvdCache,
+    pub experts: Vec<Expert>,
+}
+
+#[cfg(test)]
+pub(crate) fn flat_fixture(dims: (usize, usize, u64), experts: &[(&str, f32)]) -> FlatFixture {
+    let ck = Checkpoint::tiny(dims.0, dims.1, dims.2);
+    let dir = tempfile::tempdir().expect("scratch directory");
+    let cache = SvdCache::new(dir.path().to_path_buf());
+    let factors = factors(&ck, Targets::Mlp, &cache)
+        .expect("factors of a test model")
+        .0;
+    let experts = (experts.iter())
+        .map(|&(name, v)| flat_paper_expert(&ck, &factors, name, v))
+        .collect();
+    FlatFixture {
+        ck,
+        dir,
+        cache,
+        experts,
     }
 }
 
@@ -656,18 +696,7 @@ mod tests {
             .collect();
         let first = z.keys().next().unwrap().clone();
         z.get_mut(&first).unwrap().push(1.0);
-        let expert = Expert {
-            meta: ExpertMeta {
-                name: "x".into(),
-                base_hash: ck.content_hash(),
-                parameterization: Parameterization::AlphaChannel,
-                targets: Targets::Mlp,
-                domains: vec![],
-                val_accuracy: 0.0,
-                training: serde_json::Value::Null,
-            },
-            z,
-        };
+        let expert = test_expert(&ck, "x", Parameterization::AlphaChannel, z);
         let err = expert_model(&ck, &expert, &cache, OPTIONS)
             .unwrap_err()
             .to_string();
@@ -685,25 +714,16 @@ mod tests {
         let f = factors(&ck, Targets::Mlp, &cache).unwrap().0;
         for param in [Parameterization::Official, Parameterization::AlphaChannel] {
             let lengths = z_lengths(&ck, Targets::Mlp, param, &f, 0).unwrap();
-            let make = |k: f32| Expert {
-                meta: ExpertMeta {
-                    name: format!("e{k}"),
-                    base_hash: ck.content_hash(),
-                    parameterization: param,
-                    targets: Targets::Mlp,
-                    domains: vec![],
-                    val_accuracy: 0.0,
-                    training: serde_json::Value::Null,
-                },
-                z: lengths
-                    .iter()
+            let make = |k: f32| {
+                let z = (lengths.iter())
                     .map(|(n, &len)| {
                         (
                             n.clone(),
                             (0..len).map(|i| 0.5 + k * (i % 5) as f32).collect(),
                         )
                     })
-                    .collect(),
+                    .collect();
+                test_expert(&ck, &format!("e{k}"), param, z)
             };
             let (a, b) = (make(0.1), make(0.2));
             let m = mixture(&[&a, &b], &[0.0, 1.0], &f).unwrap();
@@ -747,12 +767,8 @@ mod tests {
 
     /// A tiny model, a scratch directory and a flat paper expert on it.
     fn flat_expert_in_tempdir(name: &str) -> (Checkpoint, tempfile::TempDir, Expert) {
-        let ck = Checkpoint::tiny(16, 24, 2);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = SvdCache::new(dir.path().join("cache"));
-        let (f, _) = factors(&ck, Targets::Mlp, &cache).unwrap();
-        let e = flat_paper_expert(&ck, &f, name, 1.0);
-        (ck, dir, e)
+        let mut fx = flat_fixture((16, 24, 2), &[(name, 1.0)]);
+        (fx.ck, fx.dir, fx.experts.remove(0))
     }
 
     /// Expert files that do not fit the base are refused by name: a z of the wrong shape,

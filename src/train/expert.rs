@@ -634,6 +634,21 @@ mod tests {
         Checkpoint::tiny(16, 24, 11)
     }
 
+    /// The tiny model, the factors of all its linears and dense options.
+    fn dense_setup(
+        act_quant: bool,
+        dtype: DType,
+    ) -> (Checkpoint, BTreeMap<String, Svd>, ModelOptions) {
+        let ck = tiny();
+        let f = all_factors(&ck);
+        let options = ModelOptions {
+            mode: crate::engine::model::WeightMode::Dense,
+            act_quant,
+            dtype,
+        };
+        (ck, f, options)
+    }
+
     fn all_factors(ck: &Checkpoint) -> BTreeMap<String, Svd> {
         target_matrices(ck, Targets::All)
             .into_iter()
@@ -692,13 +707,7 @@ mod tests {
     fn gradients_match_finite_differences() {
         // f64, activation quantization off (the STE is not differentiable): ∂loss/∂z from
         // autograd vs central differences, every parameterization and both objectives.
-        let ck = tiny();
-        let f = all_factors(&ck);
-        let options = ModelOptions {
-            mode: crate::engine::model::WeightMode::Dense,
-            act_quant: false,
-            dtype: DType::F64,
-        };
+        let (ck, f, options) = dense_setup(false, DType::F64);
         for param in Parameterization::ALL {
             for objective in [Objective::Sft, Objective::Reinforce] {
                 let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
@@ -756,13 +765,7 @@ mod tests {
     #[test]
     fn every_z_receives_a_nonzero_gradient() {
         // With BitNet's int8 activations (STE) and f32, as in training.
-        let ck = tiny();
-        let f = all_factors(&ck);
-        let options = ModelOptions {
-            mode: crate::engine::model::WeightMode::Dense,
-            act_quant: true,
-            dtype: DType::F32,
-        };
+        let (ck, f, options) = dense_setup(true, DType::F32);
         for param in Parameterization::ALL {
             let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
             let vars = init_vars(&lengths, param, options, 1).unwrap();
