@@ -403,9 +403,9 @@ pub fn search(
     let k = problem.deployer.experts.len();
     let experts = &problem.deployer.experts;
     let names: Vec<String> = experts.iter().map(|e| e.meta.name.clone()).collect();
-    let covers =
-        |e: &Expert, key: &str| e.meta.name == key || e.meta.domains.iter().any(|d| d == key);
-    if let Some(n) = (cfg.alpha_bounds.keys()).find(|n| !experts.iter().any(|e| covers(e, n))) {
+    if let Some(n) =
+        (cfg.alpha_bounds.keys()).find(|n| !experts.iter().any(|e| e.meta.answers_to(n)))
+    {
         return Err(Error::Input(format!(
             "search.alpha_bounds names `{n}`, which is neither one of the searched experts ({}) \
              nor a domain one of them covers",

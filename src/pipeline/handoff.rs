@@ -522,8 +522,7 @@ impl Handoff {
     fn load_expert(&self, file: &str) -> Result<Expert> {
         let path = self.dir.join(file);
         let e = Expert::load(&path)?;
-        e.check_hash(&self.hash, &path)?;
-        e.check_shapes(&self.ck, &path)?;
+        e.check_base_hashed(&self.ck, &self.hash, &path)?;
         Ok(e)
     }
 

@@ -58,9 +58,9 @@ pub fn run(
 ) -> Result<Manifest> {
     cfg.validate("settings")?;
     check_datasets(cfg, datasets)?;
-    for d in datasets {
-        let source = DataSource::Dataset(d.clone());
-        crate::eval::check_fits(ck.config.max_position_embeddings, tok, &source)?;
+    let sources = sources_of(&cfg.domains, datasets);
+    for source in &sources {
+        crate::eval::check_fits(ck.config.max_position_embeddings, tok, source)?;
         source.check_splits()?;
     }
     // One base for every stage: hashed once, SVD factors and the packed model built once.
@@ -74,7 +74,7 @@ pub fn run(
         base: &base,
         tok,
         cfg,
-        sources: sources_of(&cfg.domains, datasets),
+        sources,
         work: work.clone(),
     };
     let mut run = Run {
@@ -409,8 +409,7 @@ fn train_experts(
 fn bounds_for(search: &SearchConfig, pool: &[Expert]) -> SearchConfig {
     let mut s = search.clone();
     s.alpha_bounds.retain(|key, _| {
-        let used =
-            (pool.iter()).any(|e| e.meta.name == *key || e.meta.domains.iter().any(|d| d == key));
+        let used = pool.iter().any(|e| e.meta.answers_to(key));
         if !used {
             tracing::warn!("search.alpha_bounds.{key}: no searched expert covers it; unused");
         }
@@ -542,22 +541,14 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::svf::expert::ExpertMeta;
-    use crate::svf::{Parameterization, Targets};
+    use crate::svf::expert::test_expert;
+    use crate::svf::Parameterization;
 
     fn expert(name: &str, domains: &[&str]) -> Expert {
-        Expert {
-            meta: ExpertMeta {
-                name: name.into(),
-                base_hash: String::new(),
-                parameterization: Parameterization::Paper,
-                targets: Targets::Mlp,
-                domains: domains.iter().map(|d| d.to_string()).collect(),
-                val_accuracy: 0.0,
-                training: serde_json::Value::Null,
-            },
-            z: BTreeMap::new(),
-        }
+        let ck = Checkpoint::tiny(16, 24, 1);
+        let mut e = test_expert(&ck, name, Parameterization::Paper, BTreeMap::new());
+        e.meta.domains = domains.iter().map(|d| d.to_string()).collect();
+        e
     }
 
     /// The documented `alpha_bounds {"count": …}` works whatever discovery settles on: a

@@ -94,8 +94,7 @@ impl<'a> Base<'a> {
 
     /// Error unless `expert` (read from `path`) was trained on this model and fits it.
     pub fn check(&self, expert: &Expert, path: &Path) -> Result<()> {
-        expert.check_hash(&self.hash, path)?;
-        expert.check_shapes(self.ck, path)
+        expert.check_base_hashed(self.ck, &self.hash, path)
     }
 }
 

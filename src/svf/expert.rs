@@ -40,6 +40,14 @@ pub struct ExpertMeta {
     pub training: serde_json::Value,
 }
 
+impl ExpertMeta {
+    /// Whether `key` names this expert or one of the domains it was trained on (how settings
+    /// such as `search.alpha_bounds` address experts).
+    pub fn answers_to(&self, key: &str) -> bool {
+        self.name == key || self.domains.iter().any(|d| d == key)
+    }
+}
+
 fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
@@ -168,7 +176,12 @@ impl Expert {
 
     /// Error unless this expert was trained on `ck` and fits it ([`Expert::check_shapes`]).
     pub fn check_base(&self, ck: &Checkpoint, path: &Path) -> Result<()> {
-        self.check_hash(&ck.content_hash(), path)?;
+        self.check_base_hashed(ck, &ck.content_hash(), path)
+    }
+
+    /// [`Expert::check_base`] of `ck`, whose content hash `hash` the caller holds already.
+    pub fn check_base_hashed(&self, ck: &Checkpoint, hash: &str, path: &Path) -> Result<()> {
+        self.check_hash(hash, path)?;
         self.check_shapes(ck, path)
     }
 

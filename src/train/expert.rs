@@ -299,7 +299,6 @@ pub fn train_expert_on(
     resume: bool,
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
-    cfg.validate("training settings")?;
     let held;
     let no_factors = BTreeMap::new();
     let factors = if cfg.parameterization.uses_svd() {
@@ -325,6 +324,7 @@ fn train(
     resume: bool,
     mut on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
+    cfg.validate("training settings")?;
     let start = std::time::Instant::now();
     let name = data.name();
     crate::eval::check_fits(ck.config.max_position_embeddings, tok, data)?;
