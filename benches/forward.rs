@@ -2,24 +2,20 @@
 //! shape (d 512, 8 layers, FFN 1536, 8 heads / 4 kv, vocab 32000): prefill of 128 tokens and
 //! one decode step against a 127-token KV cache. Run: `cargo bench --bench forward`.
 
+mod common;
+
 use bitsvf::engine::checkpoint::Checkpoint;
-use bitsvf::engine::config::ModelConfig;
-use bitsvf::engine::model::{default_arch, Model, ModelOptions, WeightMode};
+use bitsvf::engine::config::{Activation, ModelConfig};
+use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
 use candle_core::{DType, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+/// The reference shape with 4 kv heads, the default model's squared-ReLU FFN and sub-norms.
 fn config() -> ModelConfig {
     ModelConfig {
-        vocab_size: 32000,
-        hidden_size: 512,
-        intermediate_size: 1536,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: Some(4),
-        max_position_embeddings: 256,
-        bos_token_id: None,
-        eos_token_id: None,
-        ..default_arch()
+        hidden_act: Activation::Relu2,
+        sub_norms: Some(true),
+        ..common::reference_shape(Some(4), 256)
     }
 }
 

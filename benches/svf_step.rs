@@ -8,12 +8,14 @@
 //! every fresh page costs a fault; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge
 //! pages for malloc) made the step about 10% faster on the 2-core reference machine.
 
+mod common;
+
 use bitsvf::engine::checkpoint::Checkpoint;
-use bitsvf::engine::config::{Activation, ModelConfig};
-use bitsvf::engine::model::{default_arch, ModelOptions, WeightMode};
+use bitsvf::engine::config::ModelConfig;
+use bitsvf::engine::model::{ModelOptions, WeightMode};
 use bitsvf::eval::batch::batch_from_pairs;
-use bitsvf::svf::expert::{init_vars, svf_model, target_matrices, var_tensors};
-use bitsvf::svf::svd::thin_svd;
+use bitsvf::svf::attach::{init_vars, svf_model, var_tensors};
+use bitsvf::svf::factors::decompose;
 use bitsvf::svf::{Parameterization, Targets};
 use bitsvf::train::loss::masked_cross_entropy;
 use candle_core::DType;
@@ -21,28 +23,12 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use std::collections::BTreeMap;
 
 fn config() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 32000,
-        hidden_size: 512,
-        intermediate_size: 1536,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: None,
-        hidden_act: Activation::Silu,
-        max_position_embeddings: 128,
-        bos_token_id: None,
-        eos_token_id: None,
-        sub_norms: Some(false),
-        ..default_arch()
-    }
+    common::reference_shape(None, 128)
 }
 
 fn bench(c: &mut Criterion) {
     let ck = Checkpoint::random(config(), 0);
-    let factors: BTreeMap<_, _> = target_matrices(&ck, Targets::All)
-        .into_iter()
-        .map(|(n, w, r, col)| (n, thin_svd(&w, r, col)))
-        .collect();
+    let factors: BTreeMap<_, _> = decompose(&ck, Targets::All);
     let options = ModelOptions {
         mode: WeightMode::Dense,
         act_quant: false,

@@ -17,7 +17,7 @@ use crate::engine::model::{ModelOptions, WeightMode};
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Checks, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
-use crate::svf::expert::{init_vars, svf_model, var_tensors};
+use crate::svf::attach::{init_vars, svf_model, var_tensors};
 use crate::svf::svd::Svd;
 use crate::svf::Parameterization;
 use crate::tasks::DataSource;
@@ -297,7 +297,7 @@ pub fn discover_domains(
     rule: GroupRule,
     progress: impl FnMut(usize, &str),
 ) -> Result<Discovery> {
-    let (factors, _) = crate::svf::expert::factors(ck, crate::svf::Targets::Mlp, cache)?;
+    let (factors, _) = crate::svf::factors::factors(ck, crate::svf::Targets::Mlp, cache)?;
     let base = crate::engine::model::Model::new(ck, ModelOptions::default())?;
     let sources: Vec<DataSource> = (crate::tasks::Domain::ALL.iter())
         .map(|&d| DataSource::Domain(d))
@@ -426,10 +426,7 @@ mod tests {
         let ck = Checkpoint::tiny(16, 24, 5);
         let tok = crate::engine::tokenizer::for_model(None, &ck.config).unwrap();
         let f: BTreeMap<String, Svd> =
-            crate::svf::expert::target_matrices(&ck, crate::svf::Targets::Mlp)
-                .into_iter()
-                .map(|(n, w, r, c)| (n, crate::svf::svd::thin_svd(&w, r, c)))
-                .collect();
+            crate::svf::factors::decompose(&ck, crate::svf::Targets::Mlp);
         let data = DataSource::Domain(crate::tasks::Domain::by_name("count").unwrap());
         let a = gradient_direction(&ck, &f, tok.as_ref(), &data, 8, 3).unwrap();
         let b = gradient_direction(&ck, &f, tok.as_ref(), &data, 8, 3).unwrap();

@@ -558,7 +558,7 @@ mod tests {
         let ck = Checkpoint::tiny(32, 48, 1);
         let dir = tempfile::tempdir().unwrap();
         let cache = SvdCache::new(dir.path().to_path_buf());
-        let f = crate::svf::expert::factors(&ck, Targets::Mlp, &cache)
+        let f = crate::svf::factors::factors(&ck, Targets::Mlp, &cache)
             .unwrap()
             .0;
         let t = truncated(&flat_paper_expert(&ck, &f, "a", 1.5), 16);

@@ -12,14 +12,15 @@ use crate::error::{Error, Result};
 use crate::eval::score_items;
 use crate::eval::speed::decode_speed;
 use crate::eval::speed::median;
+use crate::svf::attach::adapted_model;
 use crate::svf::base::Base;
 use crate::svf::deploy::{f32_bytes, packed_bytes, DeployOption, Deployment};
-use crate::svf::expert::{adapted_model, mixture, Expert};
+use crate::svf::expert::{mixture, Expert};
 use crate::svf::svd::SvdCache;
 use crate::tasks::eval_items;
 use crate::tasks::DataSource;
 use crate::tasks::{Domain, Item, Split};
-use crate::train::{train_expert_on, TrainConfig};
+use crate::train::{train_expert, TrainConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -174,7 +175,7 @@ fn expert_for(
             parameterization: param,
             ..cfg.train.clone()
         };
-        train_expert_on(
+        train_expert(
             base,
             tok,
             &DataSource::Domain(domain),

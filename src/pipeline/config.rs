@@ -7,7 +7,7 @@ use crate::adapt::mixture_search::{MAX_GENERATIONS, MAX_POPULATION};
 use crate::error::{Checks, Error, Result};
 use crate::search::{CemConfig, SearchError};
 use crate::tasks::{DataSource, Dataset, Domain};
-use crate::train::expert::MAX_ITEMS;
+use crate::train::config::MAX_ITEMS;
 use crate::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;

@@ -4,7 +4,7 @@
 use crate::adapt::mixture_search::SearchReport;
 use crate::error::Result;
 use crate::pipeline::handoff::{short, Manifest};
-use crate::pipeline::plot::{self, Series};
+use crate::pipeline::plot::{self, Labels, Series};
 use std::path::Path;
 
 /// Draw the run's figures into `work/plots/`: every figure from the manifest, but the Pareto
@@ -35,15 +35,13 @@ pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchRepo
         .collect();
     plot::bars(
         &work.join("plots/capability.png"),
-        "Test accuracy per domain",
-        "accuracy (%)",
+        Labels::new("Test accuracy per domain", "", "accuracy (%)"),
         &domains,
         &series,
     )?;
     plot::bars(
         &work.join("plots/discovery.png"),
-        "Base model capability (validation)",
-        "accuracy (%)",
+        Labels::new("Base model capability (validation)", "", "accuracy (%)"),
         &found.names,
         &[Series {
             name: "base".into(),
@@ -52,9 +50,7 @@ pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchRepo
     )?;
     plot::lines(
         &work.join("plots/training.png"),
-        "Validation accuracy while training",
-        "step",
-        "accuracy",
+        Labels::new("Validation accuracy while training", "step", "accuracy"),
         &curves,
     )?;
     if let Some(s) = searched {
@@ -62,9 +58,11 @@ pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchRepo
         let front: Vec<(f64, f64)> = s.front.iter().map(|q| (q.kl, q.accuracy)).collect();
         plot::scatter(
             &work.join("plots/pareto.png"),
-            "Mixture search: accuracy vs KL drift",
-            "KL(base ‖ deployed) per token",
-            "validation accuracy",
+            Labels::new(
+                "Mixture search: accuracy vs KL drift",
+                "KL(base ‖ deployed) per token",
+                "validation accuracy",
+            ),
             &[
                 Series {
                     name: "evaluated".into(),
@@ -79,9 +77,7 @@ pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchRepo
         )?;
         plot::lines(
             &work.join("plots/hypervolume.png"),
-            "Hypervolume per generation",
-            "generation",
-            "hypervolume",
+            Labels::new("Hypervolume per generation", "generation", "hypervolume"),
             &[Series {
                 name: "first front".into(),
                 values: s
@@ -95,8 +91,7 @@ pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchRepo
     let stage_names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
     plot::bars(
         &work.join("plots/memory.png"),
-        "Peak resident memory per stage",
-        "MB",
+        Labels::new("Peak resident memory per stage", "", "MB"),
         &stage_names,
         &[Series {
             name: "peak RSS".into(),

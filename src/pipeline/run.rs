@@ -21,7 +21,7 @@ use crate::svf::expert::Expert;
 use crate::svf::svd::{Svd, SvdCache};
 use crate::tasks::remote::{generate_items, GeneratorConfig};
 use crate::tasks::{DataSource, Dataset, Domain, Item, Verifier};
-use crate::train::{train_expert_on, TrainConfig, TrainSummary};
+use crate::train::{train_expert, TrainConfig, TrainSummary};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -336,7 +336,7 @@ fn train_one(job: &Job, run: &mut Run, data: &DataSource, path: &Path) -> Result
             seed: cfg.seed,
             ..cfg.train.clone()
         };
-        train_expert_on(job.base, job.tok, data, &train, path, true, |step, s| {
+        train_expert(job.base, job.tok, data, &train, path, true, |step, s| {
             ev(Event::Progress(
                 step,
                 train.steps,

@@ -338,6 +338,7 @@ fn standard_normal(rng: &mut StdRng) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::search::test_support::{failing_on, scoring, ModelError};
     use std::convert::Infallible;
 
     fn squared_distance(x: &[f64], c: &[f64]) -> f64 {
@@ -351,25 +352,21 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
+    /// CEM with the default settings over [0, 1]^n from μ₀ = `mu0`, scoring each genome alone.
+    fn maximise(mu0: &[f64], score: impl Fn(&[f64]) -> Score) -> CemResult {
+        let bounds = vec![(0.0, 1.0); mu0.len()];
+        let batch =
+            |b: &[Vec<f64>]| -> Result<_, Infallible> { Ok(b.iter().map(|x| score(x)).collect()) };
+        cem(mu0, &bounds, &CemConfig::default(), batch, |_| {}).unwrap()
+    }
+
     #[test]
     fn finds_shifted_sphere_optimum_clamped_to_the_box() {
         // Maximise −‖x − c‖² over [0, 1]^5 from μ₀ = 1/K; two coordinates of c lie outside the
         // box, so the optimum is c clamped: (0.3, 0.7, 0.1, 1.0, 0.0).
         let c = [0.3, 0.7, 0.1, 1.3, -0.2];
         let optimum = [0.3, 0.7, 0.1, 1.0, 0.0];
-        let result = cem(
-            &[0.2; 5],
-            &[(0.0, 1.0); 5],
-            &CemConfig::default(),
-            |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-                Ok(batch
-                    .iter()
-                    .map(|x| Score::primary(-squared_distance(x, &c)))
-                    .collect())
-            },
-            |_| {},
-        )
-        .unwrap();
+        let result = maximise(&[0.2; 5], |x| Score::primary(-squared_distance(x, &c)));
         let error = max_abs_error(&result.best, &optimum);
         eprintln!(
             "CEM sphere: max error {error:.2e} after {} evaluations",
@@ -392,23 +389,11 @@ mod tests {
         // lexicographic optimum is c.
         let c = [0.3, 0.7, 0.25, 0.6, 0.45];
         let run = |tie_breaker: bool| {
-            cem(
-                &[0.2; 5],
-                &[(0.0, 1.0); 5],
-                &CemConfig::default(),
-                |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-                    Ok(batch
-                        .iter()
-                        .map(|x| {
-                            let d = squared_distance(x, &c);
-                            let primary = -(10.0 * d).floor() / 10.0;
-                            Score::new(primary, if tie_breaker { -d } else { 0.0 })
-                        })
-                        .collect())
-                },
-                |_| {},
-            )
-            .unwrap()
+            maximise(&[0.2; 5], |x| {
+                let d = squared_distance(x, &c);
+                let primary = -(10.0 * d).floor() / 10.0;
+                Score::new(primary, if tie_breaker { -d } else { 0.0 })
+            })
         };
         let with = run(true);
         let without = run(false);
@@ -433,18 +418,10 @@ mod tests {
         // with c2 outside the disc, pulling samples out of it. The lexicographic optimum is the
         // disc's point nearest c2: c1 + 0.25·(c2 − c1)/‖c2 − c1‖ = (0.65, 0.6).
         let (c1, c2) = ([0.4, 0.6], [0.9, 0.6]);
-        let score = |x: &Vec<f64>| {
+        let result = maximise(&[0.5, 0.5], |x| {
             let inside = squared_distance(x, &c1) < 0.25f64.powi(2);
             Score::new(if inside { 1.0 } else { 0.0 }, -squared_distance(x, &c2))
-        };
-        let result = cem(
-            &[0.5, 0.5],
-            &[(0.0, 1.0); 2],
-            &CemConfig::default(),
-            |batch: &[Vec<f64>]| -> Result<_, Infallible> { Ok(batch.iter().map(score).collect()) },
-            |_| {},
-        )
-        .unwrap();
+        });
         assert_eq!(result.best_score.primary, 1.0);
         let error = max_abs_error(&result.best, &[0.65, 0.6]);
         eprintln!("CEM disc boundary: max error {error:.2e}");
@@ -534,9 +511,7 @@ mod tests {
             &[0.5],
             &[(0.0, 1.0)],
             &config,
-            |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-                Ok(batch.iter().map(|x| Score::primary(x[0])).collect())
-            },
+            scoring(|batch| batch.iter().map(|x| Score::primary(x[0])).collect()),
             |_| {},
         )
         .unwrap();
@@ -546,69 +521,36 @@ mod tests {
         assert_eq!(result.mean, result.best);
     }
 
-    #[derive(Debug, PartialEq, thiserror::Error)]
-    #[error("model evaluation failed")]
-    struct ModelError;
-
     #[test]
     fn errors_propagate_and_bad_results_are_rejected() {
         let bounds = [(0.0, 1.0); 2];
         let config = CemConfig::default();
-        let mut calls = 0;
-        let err = cem(
-            &[0.5; 2],
-            &bounds,
-            &config,
-            |batch: &[Vec<f64>]| {
-                calls += 1;
-                if calls == 2 {
-                    Err(ModelError)
-                } else {
-                    Ok(vec![Score::primary(0.0); batch.len()])
-                }
-            },
-            |_| {},
-        )
-        .unwrap_err();
-        assert!(matches!(
-            err,
-            SearchError::Objective {
-                round: 1,
-                source: ModelError
-            }
-        ));
+        let fails = failing_on(2, |batch| vec![Score::primary(0.0); batch.len()]);
+        let err = cem(&[0.5; 2], &bounds, &config, fails, |_| {}).unwrap_err();
+        let source = ModelError(2);
+        assert_eq!(err, SearchError::Objective { round: 1, source });
         let short = cem(
             &[0.5; 2],
             &bounds,
             &config,
-            |_: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![Score::primary(0.0)]) },
+            scoring(|_| vec![Score::primary(0.0)]),
             |_| {},
         );
-        assert!(matches!(
-            short,
-            Err(SearchError::BatchSize {
-                round: 0,
-                expected: 32,
-                got: 1
-            })
-        ));
+        assert_eq!(
+            format!("{:?}", short.unwrap_err()),
+            "BatchSize { round: 0, expected: 32, got: 1 }"
+        );
         let nan = cem(
             &[0.5; 2],
             &bounds,
             &config,
-            |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-                Ok(vec![Score::new(1.0, f64::NAN); batch.len()])
-            },
+            scoring(|batch| vec![Score::new(1.0, f64::NAN); batch.len()]),
             |_| {},
         );
-        assert!(matches!(
-            nan,
-            Err(SearchError::NotANumber {
-                round: 0,
-                genome: 0,
-                objective: 1
-            })
-        ));
+        assert_eq!(
+            format!("{:?}", nan.unwrap_err()),
+            "NotANumber { round: 0, genome: 0, objective: 1 }"
+        );
     }
 
     #[test]
@@ -617,7 +559,7 @@ mod tests {
             mu0,
             &[(0.0, 1.0); 2],
             config,
-            |b: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![Score::primary(0.0); b.len()]) },
+            scoring(|b| vec![Score::primary(0.0); b.len()]),
             |_| {},
         ) {
             Err(SearchError::InvalidConfig { field, .. }) => field,

@@ -33,7 +33,7 @@ pub use self::pareto::{
 ///
 /// `E` is the error type of the caller's objective function; it is kept whole as the
 /// [`std::error::Error::source`] of [`SearchError::Objective`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum SearchError<E> {
     /// The objective function returned an error; the search stops at once.
     #[error("objective evaluation failed in round {round} of the search (round 0 evaluates the initial population)")]
@@ -114,4 +114,35 @@ fn validate_bounds<E>(bounds: &[(f64, f64)]) -> Result<(), SearchError<E>> {
         }
     }
     Ok(())
+}
+
+/// What the optimisers' tests share: an objective function that fails on a given call.
+#[cfg(test)]
+mod test_support {
+    /// The error of a failing objective: the call (1-based) that failed.
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("model evaluation failed on call {0}")]
+    pub(crate) struct ModelError(pub usize);
+
+    /// An objective function that returns `score(batch)` and never fails.
+    pub(crate) fn scoring<T>(
+        score: impl Fn(&[Vec<f64>]) -> T,
+    ) -> impl FnMut(&[Vec<f64>]) -> Result<T, std::convert::Infallible> {
+        move |batch| Ok(score(batch))
+    }
+
+    /// An objective function that returns `score(batch)` except on call `fail_on`.
+    pub(crate) fn failing_on<T>(
+        fail_on: usize,
+        score: impl Fn(&[Vec<f64>]) -> T,
+    ) -> impl FnMut(&[Vec<f64>]) -> Result<T, ModelError> {
+        let mut calls = 0;
+        move |batch| {
+            calls += 1;
+            match calls == fail_on {
+                true => Err(ModelError(calls)),
+                false => Ok(score(batch)),
+            }
+        }
+    }
 }

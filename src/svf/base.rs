@@ -5,7 +5,8 @@
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{Model, ModelOptions};
 use crate::error::Result;
-use crate::svf::expert::{factors_hashed, Expert};
+use crate::svf::expert::Expert;
+use crate::svf::factors::factors_hashed;
 use crate::svf::svd::{CacheStats, Svd, SvdCache};
 use crate::svf::Targets;
 use std::collections::BTreeMap;

@@ -18,8 +18,9 @@ use crate::engine::model::{LinearWeight, Model, ModelOptions, WeightMode};
 use crate::engine::ternary::requant::requantize;
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::{Error, Result};
+use crate::svf::attach::adapted_model;
 use crate::svf::base::Base;
-use crate::svf::expert::{adapted_model, Expert};
+use crate::svf::expert::Expert;
 use crate::svf::svd::Svd;
 use crate::svf::{Parameterization, SvfWeight};
 use candle_core::{DType, Device, Tensor};
@@ -426,7 +427,8 @@ fn svf_form(w: &LinearWeight) -> Option<&SvfWeight> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::svf::expert::{expert_model, factors, z_lengths};
+    use crate::svf::attach::expert_model;
+    use crate::svf::factors::{factors, z_lengths};
     use crate::svf::svd::SvdCache;
     use crate::svf::Targets;
     use std::collections::BTreeMap;

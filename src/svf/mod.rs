@@ -2,9 +2,11 @@
 //! its cache, how z maps to the applied singular-value scale, the adapted linear forms, expert
 //! files and their mixtures, and the deployed forms of the seed's three integration options.
 
+pub mod attach;
 pub mod base;
 pub mod deploy;
 pub mod expert;
+pub mod factors;
 pub mod forms;
 pub mod param;
 pub mod svd;

@@ -198,6 +198,7 @@ pub fn mix(param: Parameterization, sigma: &[f32], experts: &[&[f32]], alpha: &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::model::AdaptedLinear;
     use crate::svf::forms::{ScaleWeight, SvfWeight};
     use crate::svf::svd::Svd;
     use candle_core::{DType, Device, Tensor};
@@ -302,6 +303,12 @@ mod tests {
         (w, svd)
     }
 
+    /// `w`'s output for `x`, flattened.
+    fn output(w: &dyn AdaptedLinear, x: &Tensor) -> Vec<f32> {
+        let y = w.forward(x).unwrap();
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn dense_t(w: &[f32], rows: usize, cols: usize) -> Tensor {
         Tensor::from_slice(w, (rows, cols), &Device::Cpu)
             .unwrap()
@@ -335,13 +342,7 @@ mod tests {
             SvfWeight::low_rank(&svd, ones, dense_t(&w, rows, cols), DType::F32, &dev).unwrap();
         assert_eq!(lr.adapted_weight().unwrap(), w);
         let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.0, 1.5], (1, 5), &dev).unwrap();
-        let y: Vec<f32> = lr
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = output(&lr, &x);
         for (r, yr) in y.iter().enumerate() {
             let want: f32 = (0..5)
                 .map(|c| w[r * 5 + c] * [0.5, -1.0, 2.0, 0.0, 1.5][c])
@@ -366,13 +367,7 @@ mod tests {
             )
             .unwrap();
             let wp = s.adapted_weight().unwrap();
-            let y: Vec<f32> = s
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let y = output(&s, &x);
             for r in 0..rows {
                 let zr = z[if z.len() == 1 { 0 } else { r }];
                 for c in 0..cols {

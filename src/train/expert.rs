@@ -11,15 +11,17 @@ use crate::engine::checkpoint::st::OwnedTensor;
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar};
 use crate::engine::tokenizer::Tokenizer;
-use crate::error::{Checks, Error, Result};
+use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
 use crate::eval::{prompt_ids, score_items};
+use crate::svf::attach::{init_vars, set_z, svf_model, var_tensors};
 use crate::svf::base::Base;
-use crate::svf::expert::{init_vars, set_z, svf_model, var_tensors, z_lengths, Expert, ExpertMeta};
+use crate::svf::expert::{Expert, ExpertMeta};
+use crate::svf::factors::z_lengths;
 use crate::svf::svd::Svd;
-use crate::svf::{Parameterization, Targets};
 use crate::tasks::DataSource;
 use crate::tasks::{answer_from_completion, Item, MAX_ANSWER_CHARS};
+use crate::train::config::{Objective, TrainConfig};
 use crate::train::loss::{advantages, masked_kl, masked_nll, reinforce_loss};
 use crate::train::optim::{Adam, AdamConfig, ResumeState};
 use candle_core::{DType, Tensor};
@@ -28,176 +30,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-
-/// The training objective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Objective {
-    /// Policy gradient with verifier rewards and a KL penalty.
-    Reinforce,
-    /// Next-token cross-entropy on the reference answers.
-    Sft,
-}
-
-crate::value_names!(
-    Objective,
-    "objective",
-    [(Reinforce, "reinforce", ""), (Sft, "sft", "")]
-);
-
-/// Settings of one expert's training. Defaults work on the default model without tuning.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TrainConfig {
-    /// Objective.
-    pub objective: Objective,
-    /// z parameterization.
-    pub parameterization: Parameterization,
-    /// Target matrices.
-    pub targets: Targets,
-    /// Width k of the low-rank parameterization (top-k singular directions).
-    #[serde(default = "default_rank")]
-    pub rank: usize,
-    /// Most optimizer steps.
-    pub steps: usize,
-    /// Prompts per step.
-    pub batch_prompts: usize,
-    /// Sampled completions per prompt (REINFORCE).
-    pub samples: usize,
-    /// Peak Adam learning rate (official: 2e-3).
-    pub lr: f64,
-    /// Decay the learning rate along a half cosine to 10% of `lr` by the last step
-    /// (false: constant, as in the official code).
-    #[serde(default)]
-    pub cosine: bool,
-    /// Global grad-norm clip (official: 1e-3).
-    pub max_grad_norm: Option<f64>,
-    /// AdamW weight decay (0 = Adam).
-    pub weight_decay: f64,
-    /// KL coefficient λ.
-    pub kl_coeff: f64,
-    /// Subtract the per-prompt mean reward.
-    pub baseline: bool,
-    /// Grokfast EMA gradient filter (α, λ); None = off.
-    pub grokfast: Option<(f64, f64)>,
-    /// Sampling temperature for REINFORCE rollouts.
-    pub temperature: f64,
-    /// Validate every this many steps (an "epoch").
-    pub eval_every: usize,
-    /// Validation items.
-    pub val_n: usize,
-    /// Stop after this many validations without improvement.
-    pub patience: usize,
-    /// Seed of init, data and sampling.
-    pub seed: u64,
-}
-
-/// Most steps any setting may ask for (a bound on untrusted numbers, far above any real run).
-pub const MAX_STEPS: usize = 10_000_000;
-
-/// Most items any setting may ask for.
-pub const MAX_ITEMS: usize = 1_000_000;
-
-/// The low-rank width k when none is given.
-pub const DEFAULT_RANK: usize = 64;
-
-fn default_rank() -> usize {
-    DEFAULT_RANK
-}
-
-impl Default for TrainConfig {
-    /// The SFT recipe: on the default model it is the objective that gains (README, "SVF
-    /// experts"), and one expert trains in a few minutes.
-    fn default() -> Self {
-        TrainConfig::for_objective(Objective::Sft)
-    }
-}
-
-impl TrainConfig {
-    /// Every field's range (counts at least 1 and bounded, rates finite and positive),
-    /// recorded in `c` under the field's name.
-    pub fn check(&self, c: &mut Checks) {
-        c.count("rank", self.rank, 1 << 16);
-        c.count("steps", self.steps, MAX_STEPS);
-        c.count("batch_prompts", self.batch_prompts, 1 << 16);
-        c.count("samples", self.samples, 1024);
-        c.that(
-            self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0,
-            "lr",
-            || format!("got {}; expected a finite rate in (0, 10]", self.lr),
-        );
-        if let Some(n) = self.max_grad_norm {
-            c.that(n.is_finite() && n > 0.0, "max_grad_norm", || {
-                format!("got {n}; expected a finite norm > 0, or null for no clipping")
-            });
-        }
-        c.number("weight_decay", self.weight_decay, 0.0, 1e3);
-        c.number("kl_coeff", self.kl_coeff, 0.0, 1e6);
-        if let Some((a, l)) = self.grokfast {
-            c.that((0.0..1.0).contains(&a), "grokfast", || {
-                format!("got α = {a}; expected an EMA weight in [0, 1)")
-            });
-            c.number("grokfast", l, 0.0, 1e6);
-        }
-        c.that(
-            self.temperature.is_finite() && self.temperature > 0.0 && self.temperature <= 100.0,
-            "temperature",
-            || {
-                format!(
-                    "got {}; expected a finite value in (0, 100]",
-                    self.temperature
-                )
-            },
-        );
-        c.count("eval_every", self.eval_every, MAX_STEPS);
-        c.count("val_n", self.val_n, MAX_ITEMS);
-        c.count("patience", self.patience, MAX_STEPS);
-    }
-
-    /// [`TrainConfig::check`] as a result naming `source` (where the settings came from).
-    pub fn validate(&self, source: &str) -> Result<()> {
-        let mut c = Checks::new();
-        self.check(&mut c);
-        c.into_result(source)
-    }
-
-    /// Measured defaults per objective (README, "SVF experts"). SFT: 64 prompts per step,
-    /// lr 1e-2 with cosine decay, 500 steps, patience 10. REINFORCE: the official recipe (16 prompts × 4
-    /// samples, lr 2e-3, clip 1e-3, λ = 0.1), 200 steps. Both validate on 300 items.
-    pub fn for_objective(objective: Objective) -> Self {
-        let common = TrainConfig {
-            objective,
-            parameterization: Parameterization::Paper,
-            targets: Targets::Mlp,
-            rank: DEFAULT_RANK,
-            steps: 200,
-            batch_prompts: 16,
-            samples: 4,
-            lr: 2e-3,
-            cosine: true,
-            max_grad_norm: Some(1e-3),
-            weight_decay: 0.0,
-            kl_coeff: 0.1,
-            baseline: true,
-            grokfast: None,
-            temperature: 1.0,
-            eval_every: 20,
-            val_n: 300,
-            patience: 4,
-            seed: 0,
-        };
-        match objective {
-            Objective::Reinforce => common,
-            Objective::Sft => TrainConfig {
-                steps: 500,
-                batch_prompts: 64,
-                lr: 1e-2,
-                eval_every: 25,
-                patience: 10,
-                ..common
-            },
-        }
-    }
-}
 
 /// What a training run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -271,26 +103,9 @@ pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
     crate::train::optim::cosine_lr(cfg.lr, 0.1, step as f64 / cfg.steps.max(1) as f64)
 }
 
-/// Train one expert on `data`; writes it to `out` (and resumable state beside it).
-#[allow(clippy::too_many_arguments)]
+/// Train one expert of `base` on `data` (with the base's factors of `cfg.targets` when the
+/// parameterization uses them); writes it to `out` (and resumable state beside it).
 pub fn train_expert(
-    ck: &Checkpoint,
-    factors: &BTreeMap<String, Svd>,
-    tok: &dyn Tokenizer,
-    data: &DataSource,
-    cfg: &TrainConfig,
-    out: &Path,
-    resume: bool,
-    on_step: impl FnMut(usize, &StepStats) -> bool,
-) -> Result<TrainSummary> {
-    let hash = ck.content_hash();
-    train(ck, &hash, factors, tok, data, cfg, out, resume, on_step)
-}
-
-/// [`train_expert`] on `base`, with its factors of `cfg.targets` when the parameterization
-/// uses them.
-#[allow(clippy::too_many_arguments)]
-pub fn train_expert_on(
     base: &Base,
     tok: &dyn Tokenizer,
     data: &DataSource,
@@ -311,7 +126,7 @@ pub fn train_expert_on(
     train(ck, hash, factors, tok, data, cfg, out, resume, on_step)
 }
 
-/// [`train_expert`] of `ck`, whose content hash is `hash`.
+/// [`train_expert`] of `ck`, whose content hash is `hash`, with these factors.
 #[allow(clippy::too_many_arguments)]
 fn train(
     ck: &Checkpoint,
@@ -625,10 +440,8 @@ fn save_state(
 mod tests {
     use super::*;
     use crate::eval::batch::Batch;
+    use crate::svf::{Parameterization, Targets};
     use crate::tasks::Domain;
-
-    use crate::svf::expert::target_matrices;
-    use crate::svf::svd::thin_svd;
 
     fn tiny() -> Checkpoint {
         Checkpoint::tiny(16, 24, 11)
@@ -650,10 +463,7 @@ mod tests {
     }
 
     fn all_factors(ck: &Checkpoint) -> BTreeMap<String, Svd> {
-        target_matrices(ck, Targets::All)
-            .into_iter()
-            .map(|(n, w, r, c)| (n, thin_svd(&w, r, c)))
-            .collect()
+        crate::svf::factors::decompose(ck, Targets::All)
     }
 
     fn batch() -> Batch {
@@ -689,17 +499,6 @@ mod tests {
                     .unwrap()
                     .0
             }
-        }
-    }
-
-    #[test]
-    fn objective_names_are_its_serde_names() {
-        for o in Objective::ALL {
-            assert_eq!(
-                <Objective as clap::ValueEnum>::from_str(o.name(), false),
-                Ok(o)
-            );
-            assert_eq!(serde_json::to_value(o).unwrap(), o.name());
         }
     }
 
@@ -786,10 +585,9 @@ mod tests {
         // The z vectors and Adam moments after 4 steps equal those of a run interrupted after
         // step 3 (state saved at step 2) and resumed.
         let ck = tiny();
-        let targets: BTreeMap<String, Svd> = target_matrices(&ck, Targets::Mlp)
-            .into_iter()
-            .map(|(n, w, r, c)| (n, thin_svd(&w, r, c)))
-            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = crate::svf::svd::SvdCache::new(tmp.path().join("svd"));
+        let base = Base::new(&ck, &cache);
         let cfg = TrainConfig {
             objective: Objective::Reinforce,
             steps: 4,
@@ -802,20 +600,15 @@ mod tests {
         };
         let data = DataSource::Domain(Domain::Copy);
         let tok = crate::engine::tokenizer::ByteTokenizer;
-        let tmp = tempfile::tempdir().unwrap();
         let (a, b) = (
             tmp.path().join("a.safetensors"),
             tmp.path().join("b.safetensors"),
         );
-        let full = train_expert(&ck, &targets, &tok, &data, &cfg, &a, false, |_, _| true).unwrap();
-        let s = train_expert(&ck, &targets, &tok, &data, &cfg, &b, false, |step, _| {
-            step < 3
-        })
-        .unwrap();
+        let full = train_expert(&base, &tok, &data, &cfg, &a, false, |_, _| true).unwrap();
+        let s = train_expert(&base, &tok, &data, &cfg, &b, false, |step, _| step < 3).unwrap();
         assert_eq!(s.steps, 3);
         assert!(!b.exists());
-        let resumed =
-            train_expert(&ck, &targets, &tok, &data, &cfg, &b, true, |_, _| true).unwrap();
+        let resumed = train_expert(&base, &tok, &data, &cfg, &b, true, |_, _| true).unwrap();
         // The validation curve survives the interruption.
         assert_eq!(full.val_curve.len(), 2, "validations at steps 2 and 4");
         assert_eq!(resumed.val_curve, full.val_curve);
@@ -852,12 +645,10 @@ mod tests {
         assert_eq!(steps(&b), vec![1, 2, 3, 4]);
         assert_eq!(steps(&a), steps(&b));
         // A state saved for another domain is refused, naming the file and both.
-        let s = train_expert(&ck, &targets, &tok, &data, &cfg, &b, false, |step, _| {
-            step < 3
-        });
+        let s = train_expert(&base, &tok, &data, &cfg, &b, false, |step, _| step < 3);
         assert_eq!(s.unwrap().steps, 3);
         let other = DataSource::Domain(Domain::Reverse);
-        let err = train_expert(&ck, &targets, &tok, &other, &cfg, &b, true, |_, _| true)
+        let err = train_expert(&base, &tok, &other, &cfg, &b, true, |_, _| true)
             .unwrap_err()
             .to_string();
         assert!(

@@ -7,7 +7,7 @@ use bitsvf::engine::model::{Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::{evaluate, evaluate_dataset, EvalSpec};
 use bitsvf::pipeline::{self, Handoff};
-use bitsvf::svf::expert;
+use bitsvf::svf::attach;
 use bitsvf::tasks::{Dataset, Domain, Split};
 use std::path::{Path, PathBuf};
 
@@ -56,7 +56,7 @@ pub fn run(a: Args) -> Result<()> {
     let domains = Domain::list(a.domains.as_deref())?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let net = match &a.expert {
-        Some(p) => expert::load_expert_model(&ck, p, &svd_cache(a.cache_dir))?,
+        Some(p) => attach::load_expert_model(&ck, p, &svd_cache(a.cache_dir))?,
         None => Model::new(&ck, ModelOptions::default())?,
     };
     let name = checkpoint::display_name(a.model.as_deref());

@@ -3,7 +3,8 @@
 use crate::common::{step_bar, svd_cache};
 use anyhow::Result;
 use bitsvf::engine::{checkpoint, tokenizer};
-use bitsvf::svf::{expert, Parameterization};
+use bitsvf::svf::factors::FactorsReport;
+use bitsvf::svf::{Base, Parameterization};
 use bitsvf::tasks::{DataSource, Dataset, Domain};
 use bitsvf::train::{train_expert, Objective, TrainConfig, TrainOverrides, DEFAULT_RANK};
 use std::path::PathBuf;
@@ -109,14 +110,17 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let cache = svd_cache(a.cache_dir);
     anyhow::ensure!(a.rank > 0, "--rank must be positive");
-    let (factors, svd) = expert::factors_for(&ck, cfg.parameterization, cfg.targets, &cache)?;
+    let base = Base::new(&ck, &cache);
+    let svd = match cfg.parameterization.uses_svd() {
+        true => FactorsReport::from(&*base.factors(cfg.targets)?),
+        false => FactorsReport::default(),
+    };
     if !a.json && cfg.parameterization.uses_svd() {
         println!("{svd}");
     }
     let bar = step_bar(cfg.steps)?;
     let summary = train_expert(
-        &ck,
-        &factors,
+        &base,
         tok.as_ref(),
         &data,
         &cfg,

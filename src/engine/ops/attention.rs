@@ -3,7 +3,7 @@
 
 use super::composable;
 use super::kernels::{
-    dot, flush, flush_subnormals, gemm_raw, simd_fn, softmax_in_place, task_rows, Real, SendPtr,
+    dot, flush, flush_subnormals, simd_fn, softmax_in_place, task_rows, tile_gemm, Real, SendPtr,
     View, NEGLIGIBLE_PROB,
 };
 use super::storage::{
@@ -12,7 +12,6 @@ use super::storage::{
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Rotate-half RoPE (HF convention) of `x` `[B, L, n·hd]`, position `first + l` for row l of
@@ -80,7 +79,7 @@ pub fn causal_attention(
     sin: &Tensor,
 ) -> Result<Tensor> {
     if !fast(&[q, k, v, cos, sin]) {
-        return composable::causal_attention(q, k, v, heads, kv_heads, cos, sin);
+        return composable::causal_attention((q, k, v), (heads, kv_heads), (cos, sin));
     }
     let (b, t, qw) = q.dims3()?;
     let (b2, s, kw) = k.dims3()?;
@@ -200,7 +199,7 @@ impl Attention {
     fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], d: AttnDims) -> (Vec<T>, Vec<T>) {
         let (b, t, s, h, kv, hd) = d;
         let (rep, offset) = (h / kv, s - t);
-        let scale = T::from_f64(self.scale);
+        let (scale, one) = (T::from_f64(self.scale), T::ONE);
         let mut out = vec![T::ZERO; b * t * h * hd];
         let mut probs = vec![T::ZERO; b * h * t * s];
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -209,48 +208,20 @@ impl Attention {
                 let (bi, hi) = (bh / h, bh % h);
                 let q_off = bi * t * h * hd + hi * hd;
                 let kv_off = bi * s * kv * hd + (hi / rep) * hd;
-                let qm = View {
-                    ptr: q[q_off..].as_ptr(),
-                    rs: h * hd,
-                    cs: 1,
-                };
-                let km = View {
-                    ptr: k[kv_off..].as_ptr(),
-                    rs: kv * hd,
-                    cs: 1,
-                };
-                let vm = View {
-                    ptr: v[kv_off..].as_ptr(),
-                    rs: kv * hd,
-                    cs: 1,
-                };
+                let qm = View::rows(&q[q_off..], h * hd);
+                let km = View::rows(&k[kv_off..], kv * hd);
+                let vm = View::rows(&v[kv_off..], kv * hd);
                 // Safety: q/k/v views stay inside their slices for these shapes (checked
                 // in `causal_attention`); `p` is this task's own chunk and each task writes
                 // the disjoint columns of head `hi` in batch `bi` of `out`.
                 unsafe {
-                    gemm_raw(
-                        (t, s, hd),
-                        p.as_mut_ptr(),
-                        s,
-                        false,
-                        qm,
-                        km.t(),
-                        scale,
-                        Parallelism::None,
-                    );
+                    tile_gemm((t, s, hd), (p.as_mut_ptr(), s), false, (qm, km.t()), scale);
                 }
                 causal_softmax_rows(p, s, offset);
                 unsafe {
-                    gemm_raw(
-                        (t, hd, s),
-                        out_ptr.at(q_off),
-                        h * hd,
-                        false,
-                        View::rows(p, s),
-                        vm,
-                        T::ONE,
-                        Parallelism::None,
-                    );
+                    let pm = View::rows(p, s);
+                    let out_at = (out_ptr.at(q_off), h * hd);
+                    tile_gemm((t, hd, s), out_at, false, (pm, vm), one);
                 }
             });
         }
@@ -267,7 +238,7 @@ impl Attention {
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (b, t, s, h, kv, hd) = d;
         let rep = h / kv;
-        let scale = T::from_f64(self.scale);
+        let (scale, one) = (T::from_f64(self.scale), T::ONE);
         let (mut dq, mut dk, mut dv) = (
             vec![T::ZERO; q.len()],
             vec![T::ZERO; k.len()],
@@ -285,82 +256,32 @@ impl Attention {
         (0..b * kv).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / kv, bg % kv);
             let kv_off = bi * s * kv * hd + g * hd;
-            let km = View {
-                ptr: k[kv_off..].as_ptr(),
-                rs: kv * hd,
-                cs: 1,
-            };
-            let vm = View {
-                ptr: v[kv_off..].as_ptr(),
-                rs: kv * hd,
-                cs: 1,
-            };
+            let km = View::rows(&k[kv_off..], kv * hd);
+            let vm = View::rows(&v[kv_off..], kv * hd);
             let mut ds = vec![T::ZERO; t * s];
+            let (dk_at, dv_at) = ((dk_ptr.at(kv_off), kv * hd), (dv_ptr.at(kv_off), kv * hd));
             for hi in g * rep..(g + 1) * rep {
                 let p = &probs[(bi * h + hi) * t * s..][..t * s];
                 let q_off = bi * t * h * hd + hi * hd;
-                let qm = View {
-                    ptr: q[q_off..].as_ptr(),
-                    rs: h * hd,
-                    cs: 1,
-                };
-                let dom = View {
-                    ptr: dout[q_off..].as_ptr(),
-                    rs: h * hd,
-                    cs: 1,
-                };
+                let qm = View::rows(&q[q_off..], h * hd);
+                let dom = View::rows(&dout[q_off..], h * hd);
                 let pm = View::rows(p, s);
                 // Safety: views as in the forward pass; this task alone writes the columns of
                 // kv head `g` in batch `bi` of dk, dv and those of its query heads in dq.
                 unsafe {
                     // dv += pᵀ · dout
-                    gemm_raw(
-                        (s, hd, t),
-                        dv_ptr.at(kv_off),
-                        kv * hd,
-                        true,
-                        pm.t(),
-                        dom,
-                        T::ONE,
-                        Parallelism::None,
-                    );
+                    tile_gemm((s, hd, t), dv_at, true, (pm.t(), dom), one);
                     // dp = dout · vᵀ
-                    gemm_raw(
-                        (t, s, hd),
-                        ds.as_mut_ptr(),
-                        s,
-                        false,
-                        dom,
-                        vm.t(),
-                        T::ONE,
-                        Parallelism::None,
-                    );
+                    tile_gemm((t, s, hd), (ds.as_mut_ptr(), s), false, (dom, vm.t()), one);
                 }
                 attention_score_grads(&mut ds, p, s, scale);
                 let dsm = View::rows(&ds, s);
                 unsafe {
                     // dq = ds · k
-                    gemm_raw(
-                        (t, hd, s),
-                        dq_ptr.at(q_off),
-                        h * hd,
-                        false,
-                        dsm,
-                        km,
-                        T::ONE,
-                        Parallelism::None,
-                    );
+                    let dq_at = (dq_ptr.at(q_off), h * hd);
+                    tile_gemm((t, hd, s), dq_at, false, (dsm, km), one);
                     // dk += dsᵀ · q
-                    gemm_raw(
-                        (s, hd, t),
-                        dk_ptr.at(kv_off),
-                        kv * hd,
-                        true,
-                        dsm.t(),
-                        qm,
-                        T::ONE,
-                        Parallelism::None,
-                    );
+                    tile_gemm((s, hd, t), dk_at, true, (dsm.t(), qm), one);
                 }
             }
         });
@@ -461,7 +382,7 @@ mod tests {
             same_forward(
                 &inputs,
                 &fused,
-                &|a| composable::causal_attention(&a[0], &a[1], &a[2], h, kv, &a[3], &a[4]),
+                &|a| composable::causal_attention((&a[0], &a[1], &a[2]), (h, kv), (&a[3], &a[4])),
                 1e-6,
             );
             check_gradients(&inputs, &[true, true, true, false, false], &fused);

@@ -78,15 +78,12 @@ fn causal_mask(t: usize, s: usize, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(m, (t, s), like.device())?.to_dtype(like.dtype())?)
 }
 
-/// Causal grouped-query attention with RoPE, q `[B, T, H·hd]`, k, v `[B, S, KV·hd]`.
+/// Causal grouped-query attention with RoPE, q `[B, T, H·hd]`, k, v `[B, S, KV·hd]`, the
+/// RoPE tables `(cos, sin)` `[≥S, hd]`.
 pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    cos: &Tensor,
-    sin: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
 ) -> Result<Tensor> {
     let (b, t, qw) = q.dims3()?;
     let s = k.dim(1)?;

@@ -40,70 +40,46 @@ pub(super) trait Real:
     fn into_storage(v: Vec<Self>) -> CpuStorage;
 }
 
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const MIN_NORMAL: Self = f32::MIN_POSITIVE;
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f32::abs(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f32::max(self, other)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
+/// [`Real`] for a float type `$t` held in `CpuStorage::$variant`, with `$exp` as e^x.
+macro_rules! impl_real {
+    ($t:ident, $variant:ident, $exp:path) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const MIN_NORMAL: Self = $t::MIN_POSITIVE;
+            #[inline(always)]
+            fn abs(self) -> Self {
+                $t::abs(self)
+            }
+            fn ln(self) -> Self {
+                $t::ln(self)
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                $exp(self)
+            }
+            #[inline(always)]
+            fn max(self, other: Self) -> Self {
+                $t::max(self, other)
+            }
+            fn slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn into_storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
         }
-    }
-    fn into_storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
+    };
 }
 
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const MIN_NORMAL: Self = f64::MIN_POSITIVE;
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f64::abs(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f64::max(self, other)
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn into_storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
+impl_real!(f32, F32, exp_f32);
+impl_real!(f64, F64, f64::exp);
 
 /// e^x in f32 without a libm call, so loops over it vectorize: Cody–Waite reduction
 /// x = k·ln2 + r with |r| ≤ ln2/2, then the degree-7 Taylor polynomial of e^r (truncation
@@ -401,6 +377,22 @@ fn split(m: usize, n: usize, k: usize) -> Split {
     } else {
         Split::Gemm(threads)
     }
+}
+
+/// [`gemm_raw`] on the calling thread alone (one tile of work inside a rayon task), `dst` with
+/// row stride `dst_rs`.
+///
+/// # Safety
+/// As for [`gemm_raw`].
+pub(super) unsafe fn tile_gemm<T: Real>(
+    mnk: (usize, usize, usize),
+    (dst, dst_rs): (*mut T, usize),
+    accumulate: bool,
+    (lhs, rhs): (View<T>, View<T>),
+    scale: T,
+) {
+    let par = Parallelism::None;
+    gemm_raw(mnk, dst, dst_rs, accumulate, lhs, rhs, scale, par)
 }
 
 /// dst (m × n, element (i, j) at `dst + i·dst_rs + j`) ← [dst +] scale · lhs · rhs.

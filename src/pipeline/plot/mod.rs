@@ -62,6 +62,24 @@ const PALETTE: [RGBColor; 10] = [
 /// (a single evaluation, one generation) is visible and sparse curves show where data lies.
 const MARKER_MAX_POINTS: usize = 40;
 
+/// A plot's title and axis descriptions (a bar chart has no x description).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Labels<'a> {
+    /// The caption above the plot.
+    pub title: &'a str,
+    /// The x axis description.
+    pub x: &'a str,
+    /// The y axis description.
+    pub y: &'a str,
+}
+
+impl<'a> Labels<'a> {
+    /// The labels `title`, `x`, `y`.
+    pub fn new(title: &'a str, x: &'a str, y: &'a str) -> Self {
+        Labels { title, x, y }
+    }
+}
+
 /// A grouped bar chart: one group per category, one bar per series, y from 0 to the largest
 /// value × (1.1 + 0.09 per series beyond the first, room for the legend).
 /// `series[s].values[i]` is series `s`'s value in `categories[i]`; missing,
@@ -70,30 +88,19 @@ const MARKER_MAX_POINTS: usize = 40;
 /// Errors name `path`: its directory is missing or unwritable, or drawing failed.
 pub fn bars(
     path: &Path,
-    title: &str,
-    y_label: &str,
+    labels: Labels,
     categories: &[String],
     series: &[Series<f64>],
 ) -> Result<()> {
-    write_png(path, |root| {
-        draw_bars(root, title, y_label, categories, series)
-    })
+    write_png(path, |root| draw_bars(root, labels, categories, series))
 }
 
 /// A line chart with one line per series and a legend, e.g. validation accuracy against step
 /// per expert. Points are joined in the order given.
 ///
 /// Errors name `path`: its directory is missing or unwritable, or drawing failed.
-pub fn lines(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series<(f64, f64)>],
-) -> Result<()> {
-    write_png(path, |root| {
-        draw_lines(root, title, x_label, y_label, series)
-    })
+pub fn lines(path: &Path, labels: Labels, series: &[Series<(f64, f64)>]) -> Result<()> {
+    write_png(path, |root| draw_lines(root, labels, series))
 }
 
 /// A scatter plot with one point cloud per series and a legend, e.g. every evaluated genome
@@ -103,15 +110,11 @@ pub fn lines(
 /// Errors name `path`: its directory is missing or unwritable, or drawing failed.
 pub fn scatter(
     path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+    labels: Labels,
     series: &[Series<(f64, f64)>],
     highlight: Option<(f64, f64)>,
 ) -> Result<()> {
-    write_png(path, |root| {
-        draw_scatter(root, title, x_label, y_label, series, highlight)
-    })
+    write_png(path, |root| draw_scatter(root, labels, series, highlight))
 }
 
 /// What drawing on backend `DB` returns.
@@ -127,8 +130,7 @@ type XyChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCo
 
 fn draw_bars<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    title: &str,
-    y_label: &str,
+    labels: Labels,
     categories: &[String],
     series: &[Series<f64>],
 ) -> DrawResult<DB> {
@@ -144,7 +146,7 @@ fn draw_bars<DB: DrawingBackend>(
     let headroom = 1.1 + 0.09 * series.len().saturating_sub(1) as f64;
     let y_top = if y_max > 0.0 { y_max * headroom } else { 1.0 };
     let mut chart = ChartBuilder::on(root)
-        .caption(title, (FONT, TITLE_PX))
+        .caption(labels.title, (FONT, TITLE_PX))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -156,7 +158,7 @@ fn draw_bars<DB: DrawingBackend>(
         .disable_x_mesh()
         .x_labels(0)
         .y_label_formatter(&tick_label)
-        .y_desc(y_label)
+        .y_desc(labels.y)
         .label_style((FONT, LABEL_PX))
         .axis_desc_style((FONT, AXIS_DESC_PX))
         .draw()?;
@@ -208,19 +210,12 @@ fn draw_bars<DB: DrawingBackend>(
 
 fn draw_lines<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+    labels: Labels,
     series: &[Series<(f64, f64)>],
 ) -> DrawResult<DB> {
-    root.fill(&WHITE)?;
     let points: Vec<Vec<(f64, f64)>> = series.iter().map(|s| finite(&s.values)).collect();
     let all: Vec<(f64, f64)> = points.iter().flatten().copied().collect();
-    let (x_range, y_range) = (
-        axis_range(all.iter().map(|p| p.0)),
-        axis_range(all.iter().map(|p| p.1)),
-    );
-    let mut chart = cartesian(root, title, x_label, y_label, &x_range, &y_range)?;
+    let (mut chart, corner) = cartesian(root, labels, &all)?;
     for (s, (one, points)) in series.iter().zip(&points).enumerate() {
         let color = PALETTE[s % PALETTE.len()];
         let marker_px = if points.len() <= MARKER_MAX_POINTS {
@@ -236,28 +231,20 @@ fn draw_lines<DB: DrawingBackend>(
             .label(one.name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
     }
-    let corner = emptiest_corner(&all, &x_range, &y_range);
     draw_legend(&mut chart, corner, !series.is_empty())?;
     root.present()
 }
 
 fn draw_scatter<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+    labels: Labels,
     series: &[Series<(f64, f64)>],
     highlight: Option<(f64, f64)>,
 ) -> DrawResult<DB> {
-    root.fill(&WHITE)?;
     let points: Vec<Vec<(f64, f64)>> = series.iter().map(|s| finite(&s.values)).collect();
     let highlight = highlight.filter(|(x, y)| x.is_finite() && y.is_finite());
     let all: Vec<(f64, f64)> = points.iter().flatten().chain(&highlight).copied().collect();
-    let (x_range, y_range) = (
-        axis_range(all.iter().map(|p| p.0)),
-        axis_range(all.iter().map(|p| p.1)),
-    );
-    let mut chart = cartesian(root, title, x_label, y_label, &x_range, &y_range)?;
+    let (mut chart, corner) = cartesian(root, labels, &all)?;
     for (s, (one, points)) in series.iter().zip(&points).enumerate() {
         let color = PALETTE[s % PALETTE.len()];
         chart
@@ -278,7 +265,6 @@ fn draw_scatter<DB: DrawingBackend>(
             .label("chosen")
             .legend(|(x, y)| Circle::new((x + 7, y), 6, BLACK.stroke_width(2)));
     }
-    let corner = emptiest_corner(&all, &x_range, &y_range);
     draw_legend(
         &mut chart,
         corner,
@@ -287,17 +273,21 @@ fn draw_scatter<DB: DrawingBackend>(
     root.present()
 }
 
-/// The shared frame of [`lines`] and [`scatter`]: title, labelled axes, light grid.
+/// The shared frame of [`lines`] and [`scatter`] on a white page: title, labelled axes
+/// spanning `all` points, light grid; and the corner where the legend hides the fewest points.
 fn cartesian<'a, DB: DrawingBackend>(
     root: &'a DrawingArea<DB, Shift>,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    x_range: &Range<f64>,
-    y_range: &Range<f64>,
-) -> Drawn<XyChart<'a, DB>, DB> {
+    labels: Labels,
+    all: &[(f64, f64)],
+) -> Drawn<(XyChart<'a, DB>, SeriesLabelPosition), DB> {
+    root.fill(&WHITE)?;
+    let (x_range, y_range) = (
+        axis_range(all.iter().map(|p| p.0)),
+        axis_range(all.iter().map(|p| p.1)),
+    );
+    let corner = emptiest_corner(all, &x_range, &y_range);
     let mut chart = ChartBuilder::on(root)
-        .caption(title, (FONT, TITLE_PX))
+        .caption(labels.title, (FONT, TITLE_PX))
         .margin(15)
         .x_label_area_size(50)
         .y_label_area_size(70)
@@ -306,12 +296,12 @@ fn cartesian<'a, DB: DrawingBackend>(
         .configure_mesh()
         .x_label_formatter(&tick_label)
         .y_label_formatter(&tick_label)
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_desc(labels.x)
+        .y_desc(labels.y)
         .label_style((FONT, LABEL_PX))
         .axis_desc_style((FONT, AXIS_DESC_PX))
         .draw()?;
-    Ok(chart)
+    Ok((chart, corner))
 }
 
 fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(

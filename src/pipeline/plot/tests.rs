@@ -109,18 +109,20 @@ fn each_plot_writes_a_png_of_the_set_size_and_no_temp_file() {
     );
     bars(
         &b,
-        "Accuracy per domain",
-        "accuracy",
+        Labels::new("Accuracy per domain", "", "accuracy"),
         &domains(),
         &accuracy(),
     )
     .unwrap();
-    lines(&l, "Validation accuracy", "step", "accuracy", &curves()).unwrap();
+    lines(
+        &l,
+        Labels::new("Validation accuracy", "step", "accuracy"),
+        &curves(),
+    )
+    .unwrap();
     scatter(
         &s,
-        "Genomes",
-        "bytes",
-        "accuracy",
+        Labels::new("Genomes", "bytes", "accuracy"),
         &curves(),
         Some((100.0, 0.3)),
     )
@@ -136,34 +138,19 @@ fn each_plot_writes_a_png_of_the_set_size_and_no_temp_file() {
 #[test]
 fn different_data_and_titles_give_different_files() {
     let dir = tempfile::tempdir().unwrap();
-    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let read = |name: &str| std::fs::read(path(name)).unwrap();
+    let (t, u, xy) = (
+        Labels::new("T", "", "acc"),
+        Labels::new("U", "", "acc"),
+        Labels::new("T", "x", "y"),
+    );
     let mut other = accuracy();
     other[1].values[0] = 0.9;
-    bars(
-        &dir.path().join("a.png"),
-        "T",
-        "acc",
-        &domains(),
-        &accuracy(),
-    )
-    .unwrap();
-    bars(&dir.path().join("b.png"), "T", "acc", &domains(), &other).unwrap();
-    bars(
-        &dir.path().join("c.png"),
-        "U",
-        "acc",
-        &domains(),
-        &accuracy(),
-    )
-    .unwrap();
-    bars(
-        &dir.path().join("d.png"),
-        "T",
-        "acc",
-        &domains(),
-        &accuracy(),
-    )
-    .unwrap();
+    bars(&path("a.png"), t, &domains(), &accuracy()).unwrap();
+    bars(&path("b.png"), t, &domains(), &other).unwrap();
+    bars(&path("c.png"), u, &domains(), &accuracy()).unwrap();
+    bars(&path("d.png"), t, &domains(), &accuracy()).unwrap();
     assert_ne!(read("a.png"), read("b.png"), "data did not change the bars");
     assert_ne!(
         read("a.png"),
@@ -178,16 +165,16 @@ fn different_data_and_titles_give_different_files() {
 
     let mut moved = curves();
     moved[0].values[2].1 = 0.9;
-    lines(&dir.path().join("e.png"), "T", "x", "y", &curves()).unwrap();
-    lines(&dir.path().join("f.png"), "T", "x", "y", &moved).unwrap();
+    lines(&path("e.png"), xy, &curves()).unwrap();
+    lines(&path("f.png"), xy, &moved).unwrap();
     assert_ne!(
         read("e.png"),
         read("f.png"),
         "data did not change the lines"
     );
 
-    scatter(&dir.path().join("g.png"), "T", "x", "y", &curves(), None).unwrap();
-    scatter(&dir.path().join("h.png"), "T", "x", "y", &moved, None).unwrap();
+    scatter(&path("g.png"), xy, &curves(), None).unwrap();
+    scatter(&path("h.png"), xy, &moved, None).unwrap();
     assert_ne!(
         read("g.png"),
         read("h.png"),
@@ -200,8 +187,9 @@ fn title_is_drawn_with_the_bundled_font() {
     // The caption's band is sized by the font, not the text, so two titles must give
     // identical images below it and more glyphs must give more ink in it.
     const CAPTION_ROWS: u32 = 45;
-    let with_title =
-        |title: &str| render(|root| draw_lines(root, title, "step", "accuracy", &curves()));
+    let with_title = |title: &str| {
+        render(|root| draw_lines(root, Labels::new(title, "step", "accuracy"), &curves()))
+    };
     let (short, long) = (with_title("A"), with_title("Validation accuracy"));
     let below = (CAPTION_ROWS * SIZE_PX.0 * 3) as usize;
     assert_eq!(short[below..], long[below..], "the title moved the plot");
@@ -239,7 +227,7 @@ fn bar_heights_are_proportional_to_values() {
     // One series, so each half of the image holds one bar in PALETTE[0].
     let categories = ["left", "right"].map(String::from);
     let series = [named("only", &[1.0, 0.5])];
-    let rgb = render(|root| draw_bars(root, "T", "acc", &categories, &series));
+    let rgb = render(|root| draw_bars(root, Labels::new("T", "", "acc"), &categories, &series));
     let (w, _) = SIZE_PX;
     let left = tallest_run(&rgb, PALETTE[0], 0..w / 2);
     let right = tallest_run(&rgb, PALETTE[0], w / 2..w);
@@ -255,14 +243,14 @@ fn bar_heights_are_proportional_to_values() {
 
 #[test]
 fn each_series_gets_its_own_colour() {
-    let rgb = render(|root| draw_bars(root, "T", "acc", &domains(), &accuracy()));
+    let rgb = render(|root| draw_bars(root, Labels::new("T", "", "acc"), &domains(), &accuracy()));
     for (s, color) in PALETTE.iter().take(2).enumerate() {
         assert!(
             count_color(&rgb, *color) > 1_000,
             "bar series {s} not drawn"
         );
     }
-    let rgb = render(|root| draw_lines(root, "T", "x", "y", &curves()));
+    let rgb = render(|root| draw_lines(root, Labels::new("T", "x", "y"), &curves()));
     for (s, color) in PALETTE.iter().take(2).enumerate() {
         assert!(count_color(&rgb, *color) > 200, "line series {s} not drawn");
     }
@@ -276,7 +264,8 @@ fn each_series_gets_its_own_colour() {
 #[test]
 fn scatter_marks_the_chosen_point() {
     let black = |highlight| {
-        let rgb = render(|root| draw_scatter(root, "T", "x", "y", &curves(), highlight));
+        let rgb =
+            render(|root| draw_scatter(root, Labels::new("T", "x", "y"), &curves(), highlight));
         count_color(&rgb, BLACK)
     };
     let (without, with) = (black(None), black(Some((100.0, 0.3))));
@@ -325,10 +314,16 @@ fn degenerate_data_still_writes_a_plot() {
     ];
     for (case, series) in &point_cases {
         let line = dir.path().join(format!("lines_{case}.png"));
-        lines(&line, case, "x", "y", series).unwrap();
+        lines(&line, Labels::new(case, "x", "y"), series).unwrap();
         assert_eq!(png_dimensions(&line), SIZE_PX, "{case}");
         let cloud = dir.path().join(format!("scatter_{case}.png"));
-        scatter(&cloud, case, "x", "y", series, Some((3.0, 0.5))).unwrap();
+        scatter(
+            &cloud,
+            Labels::new(case, "x", "y"),
+            series,
+            Some((3.0, 0.5)),
+        )
+        .unwrap();
         assert_eq!(png_dimensions(&cloud), SIZE_PX, "{case}");
     }
     let bar_cases: Vec<BarCase> = vec![
@@ -352,7 +347,7 @@ fn degenerate_data_still_writes_a_plot() {
     ];
     for (case, categories, series) in &bar_cases {
         let path = dir.path().join(format!("bars_{case}.png"));
-        bars(&path, case, "y", categories, series).unwrap();
+        bars(&path, Labels::new(case, "", "y"), categories, series).unwrap();
         assert_eq!(png_dimensions(&path), SIZE_PX, "{case}");
     }
 }
@@ -394,9 +389,9 @@ fn unwritable_path_is_an_error_naming_it() {
     let path = dir.path().join("no_such_dir").join("plot.png");
     let shown = path.display().to_string();
     let errors = [
-        bars(&path, "T", "y", &domains(), &accuracy()).unwrap_err(),
-        lines(&path, "T", "x", "y", &curves()).unwrap_err(),
-        scatter(&path, "T", "x", "y", &curves(), None).unwrap_err(),
+        bars(&path, Labels::new("T", "", "y"), &domains(), &accuracy()).unwrap_err(),
+        lines(&path, Labels::new("T", "x", "y"), &curves()).unwrap_err(),
+        scatter(&path, Labels::new("T", "x", "y"), &curves(), None).unwrap_err(),
     ];
     for e in errors {
         assert!(
@@ -412,7 +407,7 @@ fn rewriting_replaces_the_old_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plot.png");
     std::fs::write(&path, b"stale").unwrap();
-    lines(&path, "T", "x", "y", &curves()).unwrap();
+    lines(&path, Labels::new("T", "x", "y"), &curves()).unwrap();
     assert_eq!(png_dimensions(&path), SIZE_PX);
     assert_only(dir.path(), &["plot.png"]);
 }

@@ -2,8 +2,18 @@
 //! observers and early stopping, error reporting, and the variation operators.
 
 use super::*;
+use crate::search::test_support::{failing_on, scoring, ModelError};
 use std::convert::Infallible;
 use std::f64::consts::PI;
+
+/// Default settings with this population and number of generations.
+fn sized(population: usize, generations: usize) -> Nsga2Config {
+    Nsga2Config {
+        population,
+        generations,
+        ..Nsga2Config::default()
+    }
+}
 
 /// ZDT problems (Zitzler, Deb & Thiele 2000) on 30 variables in [0, 1]; `shape` maps
 /// (f1, g) to h so that f2 = g·h.
@@ -45,11 +55,9 @@ fn run_zdt(shape: fn(f64, f64) -> f64, config: &Nsga2Config) -> Nsga2Result {
 
 fn zdt_config() -> Nsga2Config {
     Nsga2Config {
-        population: 100,
-        generations: 250,
         seed: 7,
         hv_reference: Some(vec![1.1, 1.1]),
-        ..Nsga2Config::default()
+        ..sized(100, 250)
     }
 }
 
@@ -101,18 +109,14 @@ fn dtlz2_three_objectives_reaches_the_sphere() {
         ]
     }
     let config = Nsga2Config {
-        population: 100,
-        generations: 150,
         seed: 3,
         hv_reference: Some(vec![1.1; 3]),
-        ..Nsga2Config::default()
+        ..sized(100, 150)
     };
     let result = nsga2(
         &[(0.0, 1.0); 12],
         &config,
-        |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-            Ok(batch.iter().map(|x| dtlz2(x)).collect())
-        },
+        scoring(|batch| batch.iter().map(|x| dtlz2(x)).collect()),
         |_, _| {},
     )
     .unwrap();
@@ -138,10 +142,8 @@ fn dtlz2_three_objectives_reaches_the_sphere() {
 #[test]
 fn same_seed_same_result_bit_for_bit() {
     let config = Nsga2Config {
-        population: 20,
-        generations: 15,
         seed: 42,
-        ..Nsga2Config::default()
+        ..sized(20, 15)
     };
     let a = run_zdt(zdt1, &config);
     let b = run_zdt(zdt1, &config);
@@ -159,11 +161,7 @@ fn same_seed_same_result_bit_for_bit() {
 
 #[test]
 fn history_observer_and_counts_agree() {
-    let config = Nsga2Config {
-        population: 11, // odd: the last SBX pair loses a child
-        generations: 6,
-        ..Nsga2Config::default()
-    };
+    let config = sized(11, 6); // odd population: the last SBX pair loses a child
     let mut batches = Vec::new();
     let mut observed = Vec::new();
     let result = nsga2(
@@ -203,15 +201,13 @@ fn history_observer_and_counts_agree() {
 fn stall_stops_after_the_window() {
     // Constant objectives: the hypervolume never moves, so the run stops at generation 5.
     let config = Nsga2Config {
-        population: 8,
-        generations: 100,
         stall_generations: Some(5),
-        ..Nsga2Config::default()
+        ..sized(8, 100)
     };
     let result = nsga2(
         &[(0.0, 1.0); 2],
         &config,
-        |batch: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![vec![0.0, 0.0]; batch.len()]) },
+        scoring(|batch| vec![vec![0.0, 0.0]; batch.len()]),
         |_, _| {},
     )
     .unwrap();
@@ -227,10 +223,8 @@ fn stall_stops_after_the_window() {
 fn initial_genomes_come_first() {
     let seeds = vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0]];
     let config = Nsga2Config {
-        population: 6,
-        generations: 1,
         initial_genomes: seeds.clone(),
-        ..Nsga2Config::default()
+        ..sized(6, 1)
     };
     let mut first = None;
     nsga2(
@@ -250,115 +244,52 @@ fn initial_genomes_come_first() {
         .all(|g| g.iter().all(|&x| (0.0..=2.0).contains(&x))));
 }
 
-#[derive(Debug, PartialEq, thiserror::Error)]
-#[error("model evaluation failed")]
-struct ModelError(usize);
-
 #[test]
 fn objective_errors_propagate_with_their_round() {
-    let config = Nsga2Config {
-        population: 4,
-        generations: 10,
-        ..Nsga2Config::default()
-    };
-    let mut calls = 0;
-    let err = nsga2(
-        &[(0.0, 1.0); 2],
-        &config,
-        |batch: &[Vec<f64>]| {
-            calls += 1;
-            if calls == 3 {
-                return Err(ModelError(calls));
-            }
-            Ok(batch.to_vec())
-        },
-        |_, _| {},
-    )
-    .unwrap_err();
-    match &err {
-        SearchError::Objective { round, source } => {
-            assert_eq!(*round, 2);
-            assert_eq!(source, &ModelError(3));
-        }
-        other => panic!("unexpected error {other:?}"),
-    }
+    let config = sized(4, 10);
+    let fails = failing_on(3, |batch| batch.to_vec());
+    let err = nsga2(&[(0.0, 1.0); 2], &config, fails, |_, _| {}).unwrap_err();
+    let source = ModelError(3);
+    assert_eq!(err, SearchError::Objective { round: 2, source });
     assert!(std::error::Error::source(&err).is_some());
     assert!(err.to_string().contains("round 2"));
 }
 
 #[test]
 fn malformed_objective_results_are_errors() {
-    let config = Nsga2Config {
-        population: 4,
-        generations: 2,
-        ..Nsga2Config::default()
+    type Objectives = fn(&[Vec<f64>]) -> Vec<Vec<f64>>;
+    let error_of = |config: &Nsga2Config, objectives: Objectives| {
+        let run = nsga2(&[(0.0, 1.0); 2], config, scoring(objectives), |_, _| {});
+        format!("{:?}", run.unwrap_err())
     };
-    let bounds = [(0.0, 1.0); 2];
-    let short = nsga2(
-        &bounds,
-        &config,
-        |batch: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![vec![0.0]; batch.len() - 1]) },
-        |_, _| {},
-    );
-    assert!(matches!(
-        short,
-        Err(SearchError::BatchSize {
-            round: 0,
-            expected: 4,
-            got: 3
-        })
-    ));
-    let ragged = nsga2(
-        &bounds,
-        &config,
-        |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-            Ok((0..batch.len()).map(|i| vec![0.0; 1 + i % 2]).collect())
-        },
-        |_, _| {},
-    );
-    assert!(matches!(
-        ragged,
-        Err(SearchError::ObjectiveCount {
-            round: 0,
-            genome: 1,
-            expected: 1,
-            got: 2
-        })
-    ));
-    let nan = nsga2(
-        &bounds,
-        &config,
-        |batch: &[Vec<f64>]| -> Result<_, Infallible> {
-            Ok(vec![vec![0.0, f64::NAN]; batch.len()])
-        },
-        |_, _| {},
-    );
-    assert!(matches!(
-        nan,
-        Err(SearchError::NotANumber {
-            round: 0,
-            genome: 0,
-            objective: 1
-        })
-    ));
+    let config = sized(4, 2);
+    let cases: [(Objectives, &str); 3] = [
+        (
+            |batch| vec![vec![0.0]; batch.len() - 1],
+            "BatchSize { round: 0, expected: 4, got: 3 }",
+        ),
+        (
+            |batch| (0..batch.len()).map(|i| vec![0.0; 1 + i % 2]).collect(),
+            "ObjectiveCount { round: 0, genome: 1, expected: 1, got: 2 }",
+        ),
+        (
+            |batch| vec![vec![0.0, f64::NAN]; batch.len()],
+            "NotANumber { round: 0, genome: 0, objective: 1 }",
+        ),
+    ];
+    for (objectives, want) in cases {
+        assert_eq!(error_of(&config, objectives), want);
+    }
+    // Two objectives against a three-point hypervolume reference.
     let wrong_reference = Nsga2Config {
         hv_reference: Some(vec![1.0; 3]),
         ..config.clone()
     };
-    let mismatch = nsga2(
-        &bounds,
-        &wrong_reference,
-        |batch: &[Vec<f64>]| -> Result<_, Infallible> { Ok(vec![vec![0.0, 0.0]; batch.len()]) },
-        |_, _| {},
+    let mismatch = error_of(&wrong_reference, |batch| vec![vec![0.0, 0.0]; batch.len()]);
+    assert!(
+        mismatch.starts_with("ObjectiveCount {") && mismatch.ends_with("expected: 3, got: 2 }"),
+        "{mismatch}"
     );
-    assert!(matches!(
-        mismatch,
-        Err(SearchError::ObjectiveCount {
-            expected: 3,
-            got: 2,
-            ..
-        })
-    ));
 }
 
 #[test]

@@ -342,16 +342,23 @@ fn a_rerun_is_served_from_the_cache_and_requests_only_the_shortfall() {
     assert_eq!(mock.requests(), 2);
 }
 
-#[test]
-fn running_out_of_requests_reports_what_was_obtained() {
+/// Two one-item replies of `tokens` tokens each against a request or a token budget: the run
+/// stops with a budget error after both, keeps both items cached, and reports (items got,
+/// items wanted, requests, tokens) and its message.
+fn run_out_of_budget(
+    tokens: u64,
+    limit: impl Fn(&mut GeneratorConfig),
+) -> ((usize, usize, usize, u64), String) {
     let mock = Mock::start(vec![
-        completion(&good_lines(0, 1), Some(10)),
-        completion(&good_lines(1, 1), Some(10)),
+        completion(&good_lines(0, 1), Some(tokens)),
+        completion(&good_lines(1, 1), Some(tokens)),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&mock, dir.path());
-    cfg.max_requests = 2;
+    limit(&mut cfg);
     let error = generate_items(&cfg, Domain::Count, 5, 0, |_| {}).unwrap_err();
+    assert_eq!(cache_lines(&cfg, Domain::Count), 2);
+    assert_eq!(mock.requests(), 2);
     match &error {
         RemoteError::Budget {
             got,
@@ -359,42 +366,21 @@ fn running_out_of_requests_reports_what_was_obtained() {
             requests,
             tokens,
             ..
-        } => assert_eq!((*got, *wanted, *requests, *tokens), (2, 5, 2, 20)),
+        } => ((*got, *wanted, *requests, *tokens), error.to_string()),
         other => panic!("expected a budget error, got {other}"),
     }
-    let message = error.to_string();
-    assert!(
-        message.contains("raise the request or token budget"),
-        "{message}"
-    );
-    assert!(message.contains("`count`"), "{message}");
-    // The two items stay cached for the next run.
-    assert_eq!(cache_lines(&cfg, Domain::Count), 2);
-    assert_eq!(mock.requests(), 2);
 }
 
 #[test]
-fn running_out_of_tokens_stops_before_the_next_request() {
-    let mock = Mock::start(vec![
-        completion(&good_lines(0, 1), Some(30)),
-        completion(&good_lines(1, 1), Some(30)),
-    ]);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&mock, dir.path());
-    cfg.max_tokens = 50;
-    let error = generate_items(&cfg, Domain::Count, 5, 0, |_| {}).unwrap_err();
-    assert!(
-        matches!(
-            error,
-            RemoteError::Budget {
-                got: 2,
-                requests: 2,
-                tokens: 60,
-                ..
-            }
-        ),
-        "{error}"
-    );
+fn running_out_of_requests_or_tokens_reports_what_was_obtained() {
+    let (counts, message) = run_out_of_budget(10, |cfg| cfg.max_requests = 2);
+    assert_eq!(counts, (2, 5, 2, 20));
+    for part in ["raise the request or token budget", "`count`"] {
+        assert!(message.contains(part), "`{part}` missing from: {message}");
+    }
+    // 60 tokens spent after two requests of a 50-token budget: no third request.
+    let (counts, _) = run_out_of_budget(30, |cfg| cfg.max_tokens = 50);
+    assert_eq!(counts, (2, 5, 2, 60));
 }
 
 #[test]
