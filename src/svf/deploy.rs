@@ -227,7 +227,7 @@ impl Deployment {
                     let factor_elems =
                         delta.u_t.elem_count() + delta.v.elem_count() + delta.sigma.elem_count();
                     model.blocks[layer].linears[kind as usize].weight =
-                        LinearWeight::Hybrid(Arc::new(lin.matrix.clone()), Box::new(delta));
+                        LinearWeight::Hybrid(Arc::clone(&lin.matrix), Box::new(delta));
                     Resident::Delta { factor_elems }
                 }
                 DeployOption::Requantize | DeployOption::RequantizeChannel => {
@@ -542,7 +542,12 @@ mod tests {
                         panic!("MLP targets are SVF linears")
                     };
                     let m = &mut layer.linears[kind as usize].matrix;
-                    *m = requantize(&svf.adapted_weight().unwrap(), m.rows, m.cols, true);
+                    *m = Arc::new(requantize(
+                        &svf.adapted_weight().unwrap(),
+                        m.rows,
+                        m.cols,
+                        true,
+                    ));
                     assert_eq!(m.scales.len(), m.rows);
                 }
             }

@@ -1,7 +1,7 @@
 //! Readers for every supported layout and writers for the native and dequantized formats.
 
 use super::st::{write_atomic, write_safetensors, OwnedTensor, RawTensor, TensorFiles};
-use super::{linear_name, Checkpoint, Layer, Linear, LinearKind, SourceFormat};
+use super::{linear_name, Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat};
 use crate::engine::config::ModelConfig;
 use crate::engine::ternary::{
     native_row_bytes, unpack_hf, unpack_native, Quantization, TernaryMatrix,
@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Header metadata key/value marking a bitsvf native file.
 const NATIVE_FORMAT: &str = "bitsvf";
@@ -395,12 +396,12 @@ fn assemble(
             format!("config says {n} layers but the weights have tensor `{extra}`"),
         ));
     }
-    let embed_tokens = read_float(tf, "model.embed_tokens.weight", &[v, d])?;
+    let embed_tokens = FloatMatrix::read(&tf.get("model.embed_tokens.weight")?, v, d)?;
     let norm = read_float(tf, "model.norm.weight", &[d])?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(read_float(tf, "lm_head.weight", &[v, d])?)
+        Some(FloatMatrix::read(&tf.get("lm_head.weight")?, v, d)?)
     };
     let q_width = config.num_attention_heads * config.head_dim();
     // Not `with_capacity(n)`: n is the config's untrusted number; a layer the weights lack
@@ -413,8 +414,12 @@ fn assemble(
             let name = linear_name(l, kind);
             let (rows, cols) = kind.shape(&config);
             let matrix = read_matrix(&name, rows, cols)?;
+            tf.release(&format!("{name}."));
             let bias = read_optional(tf, &format!("{name}.bias"), &[rows])?;
-            linears.push(Linear { matrix, bias });
+            linears.push(Linear {
+                matrix: Arc::new(matrix),
+                bias,
+            });
         }
         layers.push(Layer {
             input_layernorm: read_float(tf, &format!("{p}.input_layernorm.weight"), &[d])?,
@@ -538,14 +543,17 @@ fn float_tensors(ck: &Checkpoint) -> BTreeMap<String, OwnedTensor> {
     let mut t = BTreeMap::new();
     t.insert(
         "model.embed_tokens.weight".into(),
-        OwnedTensor::f32(vec![v, d], &ck.embed_tokens),
+        OwnedTensor::f32(vec![v, d], &ck.embed_tokens.to_f32()),
     );
     t.insert(
         "model.norm.weight".into(),
         OwnedTensor::f32(vec![d], &ck.norm),
     );
     if let Some(h) = &ck.lm_head {
-        t.insert("lm_head.weight".into(), OwnedTensor::f32(vec![v, d], h));
+        t.insert(
+            "lm_head.weight".into(),
+            OwnedTensor::f32(vec![v, d], &h.to_f32()),
+        );
     }
     for (l, layer) in ck.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");

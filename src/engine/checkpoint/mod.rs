@@ -9,8 +9,11 @@
 //! - **HF float master**: float `<linear>.weight`, ternarized on load (per-tensor absmean), or
 //!   recovered exactly when `config.json` marks it as dequantized by bitsvf.
 
+mod float_matrix;
 mod formats;
 pub mod st;
+
+pub use float_matrix::{FloatMatrix, StoredDtype};
 
 pub use formats::{
     display_name, load, load_default, load_or_default, save_dequantized, save_native,
@@ -22,6 +25,7 @@ use crate::engine::ternary::{Quantization, TernaryMatrix};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The seven linear layers of a decoder block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -127,8 +131,8 @@ impl SourceFormat {
 /// One ternary linear layer with its optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// W_t and γ.
-    pub matrix: TernaryMatrix,
+    /// W_t and γ, shared with the models built over this checkpoint.
+    pub matrix: Arc<TernaryMatrix>,
     /// Bias of length `out` (Phase 4 checkpoints may have one).
     pub bias: Option<Vec<f32>>,
 }
@@ -168,20 +172,20 @@ pub struct Checkpoint {
     pub source: PathBuf,
     /// Bytes of the weight files.
     pub bytes_on_disk: u64,
-    /// Token embeddings `[vocab, d]`.
-    pub embed_tokens: Vec<f32>,
+    /// Token embeddings `[vocab, d]`, in their stored dtype.
+    pub embed_tokens: FloatMatrix,
     /// Final RMSNorm `[d]`.
     pub norm: Vec<f32>,
-    /// Untied output head `[vocab, d]` (None when tied to the embeddings).
-    pub lm_head: Option<Vec<f32>>,
+    /// Untied output head `[vocab, d]` in its stored dtype (None when tied to the embeddings).
+    pub lm_head: Option<FloatMatrix>,
     /// Decoder blocks.
     pub layers: Vec<Layer>,
 }
 
 impl Checkpoint {
     /// The output head `[vocab, d]` (the embeddings when tied).
-    pub fn lm_head(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
+    pub fn lm_head(&self) -> &FloatMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     /// All linears with their HF names, in layer order.
@@ -205,10 +209,10 @@ impl Checkpoint {
                 h.update(x.to_le_bytes());
             }
         };
-        floats(&mut h, &self.embed_tokens);
+        self.embed_tokens.for_each_row(|row| floats(&mut h, row));
         floats(&mut h, &self.norm);
         if let Some(w) = &self.lm_head {
-            floats(&mut h, w);
+            w.for_each_row(|row| floats(&mut h, row));
         }
         for layer in &self.layers {
             floats(&mut h, &layer.input_layernorm);
@@ -257,7 +261,7 @@ impl Checkpoint {
     /// Parameters actually stored (embeddings, linears, norms, head, biases).
     pub fn parameter_count(&self) -> usize {
         let mut n = self.embed_tokens.len() + self.norm.len();
-        n += self.lm_head.as_ref().map_or(0, Vec::len);
+        n += self.lm_head.as_ref().map_or(0, FloatMatrix::len);
         for layer in &self.layers {
             n += layer.input_layernorm.len() + layer.post_attention_layernorm.len();
             n += layer.attn_sub_norm.as_ref().map_or(0, Vec::len);
@@ -293,8 +297,9 @@ impl Checkpoint {
                 })
                 .collect()
         };
-        let embed_tokens = normal(v * d, 0.5, &mut rng);
-        let lm_head = (!config.tie_word_embeddings).then(|| normal(v * d, 0.05, &mut rng));
+        let embed_tokens = FloatMatrix::from_f32(normal(v * d, 0.5, &mut rng), v, d);
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| FloatMatrix::from_f32(normal(v * d, 0.05, &mut rng), v, d));
         let norm_vec = |n: usize, rng: &mut StdRng| -> Vec<f32> {
             (0..n)
                 .map(|_| 1.0 + 0.1 * (rng.gen::<f32>() - 0.5))
@@ -313,7 +318,12 @@ impl Checkpoint {
                             (0..rows * cols).map(|_| rng.gen_range(-1i8..=1)).collect();
                         let scale = 0.5 + rng.gen::<f32>();
                         Linear {
-                            matrix: TernaryMatrix::from_values(&values, rows, cols, vec![scale]),
+                            matrix: Arc::new(TernaryMatrix::from_values(
+                                &values,
+                                rows,
+                                cols,
+                                vec![scale],
+                            )),
                             bias: None,
                         }
                     })

@@ -7,6 +7,7 @@ use safetensors::SafeTensors;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The bytes of one file: memory-mapped, or compiled into the binary.
 enum Backing {
@@ -24,9 +25,25 @@ impl std::ops::Deref for Backing {
     }
 }
 
+/// Bytes shared with the file they came from: cloning shares the mapping, which stays alive
+/// while any clone does.
+#[derive(Clone)]
+pub struct SharedBytes {
+    backing: Arc<Backing>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.backing[self.start..self.start + self.len]
+    }
+}
+
 struct StFile {
     path: PathBuf,
-    mmap: Backing,
+    mmap: Arc<Backing>,
     data_start: usize,
     meta: Metadata,
 }
@@ -49,6 +66,8 @@ pub struct RawTensor<'a> {
     pub shape: &'a [usize],
     /// Little-endian bytes.
     pub data: &'a [u8],
+    backing: &'a Arc<Backing>,
+    start: usize,
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -115,6 +134,33 @@ impl TensorFiles {
         self.files.iter().map(|f| f.mmap.len() as u64).sum()
     }
 
+    /// Give back the memory of the mapped pages of every tensor whose name starts with
+    /// `prefix`, once they are read into another layout: the pages leave this process's
+    /// resident set (they stay in the page cache, and reading them again maps them again).
+    /// Best effort: a failed advice changes nothing but the memory figure.
+    pub fn release(&self, prefix: &str) {
+        for (name, &i) in &self.index {
+            let f = &self.files[i];
+            let (Backing::Mmap(map), true) = (&*f.mmap, name.starts_with(prefix)) else {
+                continue;
+            };
+            let Some(info) = f.meta.info(name) else {
+                continue;
+            };
+            let (a, b) = info.data_offsets;
+            // SAFETY: the map is a read-only private file mapping, so dropping its pages
+            // loses nothing: a later read faults them in again from the file. Rounding the
+            // start down to a page may drop a neighbour's pages, with the same effect.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    f.data_start + a,
+                    b - a,
+                )
+            };
+        }
+    }
+
     /// A tensor, or [`Error::MissingTensor`].
     pub fn get<'a>(&'a self, name: &'a str) -> Result<RawTensor<'a>> {
         let Some(&i) = self.index.get(name) else {
@@ -132,6 +178,8 @@ impl TensorFiles {
             dtype: info.dtype,
             shape: &info.shape,
             data: &f.mmap[f.data_start + a..f.data_start + b],
+            backing: &f.mmap,
+            start: f.data_start + a,
         })
     }
 }
@@ -144,7 +192,7 @@ impl StFile {
         })?;
         Ok(StFile {
             path,
-            mmap,
+            mmap: Arc::new(mmap),
             data_start: 8 + n,
             meta,
         })
@@ -231,6 +279,15 @@ impl RawTensor<'_> {
             return Err(self.dtype_error("I8"));
         }
         Ok(self.data.iter().map(|&b| b as i8).collect())
+    }
+
+    /// The bytes, shared with the mapped file (no copy).
+    pub fn shared(&self) -> SharedBytes {
+        SharedBytes {
+            backing: self.backing.clone(),
+            start: self.start,
+            len: self.data.len(),
+        }
     }
 
     /// An owned copy.

@@ -20,7 +20,7 @@ pub use linear::{ternarize_ste, AdaptedLinear, BitLinear, LinearWeight};
 use rope::Rope;
 pub use sampling::{argmax, sample, GenerateOptions};
 
-use crate::engine::checkpoint::{Checkpoint, LinearKind};
+use crate::engine::checkpoint::{Checkpoint, FloatMatrix, LinearKind};
 use crate::engine::config::ModelConfig;
 use crate::engine::ops::{self, matmul_const, rms_norm};
 use crate::engine::ternary::TernaryMatrix;
@@ -107,14 +107,55 @@ pub struct Model {
     pub config: ModelConfig,
     /// Options it was built with.
     pub options: ModelOptions,
-    embed: Tensor,
+    embed: Table,
     /// Decoder blocks.
     pub blocks: Vec<Block>,
     norm: Tensor,
-    /// lm_head transposed, `[d, vocab]`.
-    lm_head_t: Tensor,
+    head: Table,
     rope: Rope,
     device: Device,
+}
+
+/// The embeddings or the output head.
+#[derive(Debug, Clone)]
+enum Table {
+    /// The checkpoint's `[vocab, d]` matrix in its stored dtype, shared (f32 models: the
+    /// embeddings, and a bf16 / f16 head).
+    Stored(FloatMatrix),
+    /// A tensor: `[vocab, d]` embeddings, or the head transposed `[d, vocab]` — trained from
+    /// scratch, or converted to a dtype other than f32.
+    Tensor(Tensor),
+}
+
+impl Table {
+    /// The checkpoint's `m` for an f32 model, else `m` (transposed when `head`) in `dt`.
+    /// An f32 head is the exception: it is held transposed, because the product with the
+    /// transposed copy is the one every figure so far was computed with, to the bit (a
+    /// product over `m` in place rounds differently); bf16 and f16 heads stay stored.
+    fn new(m: &FloatMatrix, head: bool, dt: DType, dev: &Device) -> Result<Self> {
+        let exact_f32_head = head && m.as_f32().is_some();
+        if dt == DType::F32 && !exact_f32_head {
+            return Ok(Table::Stored(m.clone()));
+        }
+        let t = Tensor::from_vec(m.to_f32(), (m.rows, m.cols), dev)?.to_dtype(dt)?;
+        Ok(Table::Tensor(match head {
+            true => t.t()?.contiguous()?,
+            false => t,
+        }))
+    }
+
+    /// As a `[vocab, d]` matrix (`head`: a tensor holds the transposed head).
+    fn to_matrix(&self, head: bool) -> Result<FloatMatrix> {
+        match self {
+            Table::Stored(m) => Ok(m.clone()),
+            Table::Tensor(t) => {
+                let t = if head { t.t()? } else { t.clone() };
+                let (v, d) = t.dims2()?;
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Ok(FloatMatrix::from_f32(values, v, d))
+            }
+        }
+    }
 }
 
 fn vec_tensor(v: &[f32], dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -126,13 +167,9 @@ impl Model {
     pub fn new(ck: &Checkpoint, options: ModelOptions) -> Result<Self> {
         let dev = Device::Cpu;
         let cfg = ck.config.clone();
-        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let dt = options.dtype;
-        let embed = Tensor::from_slice(&ck.embed_tokens, (v, d), &dev)?.to_dtype(dt)?;
-        let lm_head_t = Tensor::from_slice(ck.lm_head(), (v, d), &dev)?
-            .to_dtype(dt)?
-            .t()?
-            .contiguous()?;
+        let embed = Table::new(&ck.embed_tokens, false, dt, &dev)?;
+        let head = Table::new(ck.lm_head(), true, dt, &dev)?;
         let mut blocks = Vec::with_capacity(ck.layers.len());
         for layer in &ck.layers {
             let mut linears = Vec::with_capacity(7);
@@ -140,7 +177,7 @@ impl Model {
                 let lin = layer.linear(kind);
                 let m = &lin.matrix;
                 let weight = match options.mode {
-                    WeightMode::Ternary => LinearWeight::Ternary(Arc::new(m.clone())),
+                    WeightMode::Ternary => LinearWeight::Ternary(Arc::clone(m)),
                     WeightMode::Dense => LinearWeight::Dense(
                         Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &dev)?
                             .to_dtype(dt)?
@@ -176,7 +213,7 @@ impl Model {
             options,
             embed,
             blocks,
-            lm_head_t,
+            head,
             device: dev,
         })
     }
@@ -220,7 +257,10 @@ impl Model {
     /// silent NaN answer.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let h = self.hidden_states(ids, cache)?;
-        let logits = matmul_const(&h, &self.lm_head_t)?;
+        let logits = match &self.head {
+            Table::Stored(w) => ops::matmul_rows(&h, w)?,
+            Table::Tensor(wt) => matmul_const(&h, wt)?,
+        };
         // One pass over the logits: NaN and ±inf make the sum non-finite.
         let total = logits
             .detach()
@@ -248,16 +288,35 @@ impl Model {
                 self.config.max_position_embeddings
             )));
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?;
+        let mut x = self.embed(ids)?.reshape((b, t, self.config.hidden_size))?;
         for (l, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.kv[l]);
             x = self.block_forward(block, &x, slot)?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The embeddings of `ids` (any shape), `[n, d]` for n ids.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.flatten_all()?;
+        match &self.embed {
+            Table::Tensor(e) => Ok(e.index_select(&ids, 0)?),
+            Table::Stored(m) => {
+                let ids: Vec<u32> = ids.to_dtype(DType::U32)?.to_vec1()?;
+                let d = m.cols;
+                let mut x = vec![0f32; ids.len() * d];
+                for (row, &id) in x.chunks_mut(d.max(1)).zip(&ids) {
+                    if id as usize >= m.rows {
+                        return Err(Error::Input(format!(
+                            "token id {id} is out of range for a vocabulary of {}",
+                            m.rows
+                        )));
+                    }
+                    m.row_into(id as usize, row);
+                }
+                Ok(Tensor::from_vec(x, (ids.len(), d), &self.device)?)
+            }
+        }
     }
 
     fn block_forward(
@@ -479,10 +538,10 @@ impl Model {
         Ok((
             Model {
                 rope: Rope::new(&config, DType::F32, &dev)?,
-                lm_head_t: lm_head.t()?,
+                head: Table::Tensor(lm_head.t()?),
                 config,
                 options,
-                embed,
+                embed: Table::Tensor(embed),
                 blocks,
                 norm,
                 device: dev,
@@ -537,7 +596,10 @@ impl Model {
                     }
                 };
                 let bias = lin.bias.as_ref().map(flat).transpose()?;
-                linears.push(Linear { matrix, bias });
+                linears.push(Linear {
+                    matrix: Arc::new(matrix),
+                    bias,
+                });
             }
             layers.push(Layer {
                 input_layernorm: flat(&b.input_layernorm)?,
@@ -547,8 +609,8 @@ impl Model {
                 linears,
             });
         }
-        let embed_tokens = flat(&self.embed)?;
-        let lm_head = flat(&self.lm_head_t.t()?)?;
+        let embed_tokens = self.embed.to_matrix(false)?;
+        let lm_head = self.head.to_matrix(true)?;
         let tied = self.config.tie_word_embeddings;
         // Per-row scales (alpha-channel experts folded in) are recorded as per-channel.
         let per_row = layers

@@ -8,6 +8,7 @@
 //! (llm.c style), matrix products through `gemm` on the storage slices, rows spread over rayon:
 //!
 //! - [`matmul_const`], [`svf_linear`]: x·W and ((x·V) ⊙ s)·Uᵀ with constant factors;
+//! - [`matmul_rows`]: x·Wᵀ over a matrix kept in its stored dtype (the output head);
 //! - [`rms_norm`], [`softmax`], [`log_softmax`], [`target_log_probs`], [`gated_activation`],
 //!   [`fake_quant_ste`]: row-wise and element-wise layers;
 //! - [`causal_attention`]: RoPE, grouped-query causal attention and the head layout in one op.
@@ -23,6 +24,7 @@ mod fake_quant;
 mod gated;
 mod kernels;
 mod matmul_const;
+mod matmul_rows;
 mod rms_norm;
 mod softmax;
 mod storage;
@@ -35,6 +37,7 @@ pub use attention::causal_attention;
 pub use fake_quant::fake_quant_ste;
 pub use gated::gated_activation;
 pub use matmul_const::matmul_const;
+pub use matmul_rows::matmul_rows;
 pub use rms_norm::rms_norm;
 pub use softmax::{log_softmax, softmax};
 pub use svf_linear::svf_linear;

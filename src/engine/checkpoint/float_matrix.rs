@@ -1,0 +1,246 @@
+//! A float matrix kept in its stored dtype: the embeddings and the output head of a model,
+//! read row by row (f32, or bf16 / f16 straight from the memory-mapped file) instead of being
+//! expanded to f32 in memory. At microsoft/bitnet-b1.58-2B-4T's shapes the tied
+//! 128256 × 2560 embedding is 0.66 GB as bf16 and would be 1.31 GB as f32, twice over when
+//! the head is a transposed copy.
+
+use super::st::{RawTensor, SharedBytes};
+use crate::error::Result;
+use safetensors::tensor::Dtype;
+use std::sync::Arc;
+
+/// The element type a [`FloatMatrix`] is held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    /// 32-bit float, held in memory.
+    F32,
+    /// bfloat16, the bytes of the weight file.
+    Bf16,
+    /// IEEE half, the bytes of the weight file.
+    F16,
+}
+
+impl StoredDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::Bf16 | StoredDtype::F16 => 2,
+        }
+    }
+
+    /// The dtype's usual name.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "f32",
+            StoredDtype::Bf16 => "bf16",
+            StoredDtype::F16 => "f16",
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Data {
+    F32(Arc<Vec<f32>>),
+    Half(StoredDtype, SharedBytes),
+}
+
+/// A `rows × cols` row-major float matrix in its stored dtype; cloning shares the data.
+#[derive(Clone)]
+pub struct FloatMatrix {
+    /// Rows (the vocabulary for embeddings and heads).
+    pub rows: usize,
+    /// Columns (the hidden size).
+    pub cols: usize,
+    data: Data,
+}
+
+impl std::fmt::Debug for FloatMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FloatMatrix({}×{} {})",
+            self.rows,
+            self.cols,
+            self.dtype().name()
+        )
+    }
+}
+
+impl FloatMatrix {
+    /// An f32 matrix held in memory. Panics unless `values` has `rows · cols` elements.
+    pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "values of a {rows}×{cols} matrix"
+        );
+        FloatMatrix {
+            rows,
+            cols,
+            data: Data::F32(Arc::new(values)),
+        }
+    }
+
+    /// The 2-D float tensor `t` of shape `[rows, cols]`: bf16 and f16 stay in the mapped file,
+    /// F32 and F64 are read into memory as f32. Errors name the file and the tensor: another
+    /// shape or dtype, a non-finite value.
+    pub fn read(t: &RawTensor, rows: usize, cols: usize) -> Result<Self> {
+        t.expect_shape(&[rows, cols])?;
+        let half = match t.dtype {
+            Dtype::BF16 => StoredDtype::Bf16,
+            Dtype::F16 => StoredDtype::F16,
+            _ => return Ok(Self::from_f32(t.to_f32()?, rows, cols)),
+        };
+        let m = FloatMatrix {
+            rows,
+            cols,
+            data: Data::Half(half, t.shared()),
+        };
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            m.row_into(r, &mut row);
+            if let Some(c) = row.iter().position(|x| !x.is_finite()) {
+                return Err(t.bad(format!(
+                    "non-finite value {} at index {}",
+                    row[c],
+                    r * cols + c
+                )));
+            }
+        }
+        Ok(m)
+    }
+
+    /// The stored element type.
+    pub fn dtype(&self) -> StoredDtype {
+        match &self.data {
+            Data::F32(_) => StoredDtype::F32,
+            Data::Half(d, _) => *d,
+        }
+    }
+
+    /// Elements (`rows · cols`).
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Whether the matrix has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held (or mapped).
+    pub fn stored_bytes(&self) -> usize {
+        self.len() * self.dtype().size()
+    }
+
+    /// The f32 values when the matrix is held as f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            Data::Half(..) => None,
+        }
+    }
+
+    /// Row `r` as f32 into `out` (`cols` long).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        self.rows_into(r, out);
+    }
+
+    /// Rows `r0..r0 + out.len() / cols` as f32 into `out`.
+    pub fn rows_into(&self, r0: usize, out: &mut [f32]) {
+        let start = r0 * self.cols;
+        match &self.data {
+            Data::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Data::Half(d, bytes) => {
+                let src = &bytes[2 * start..2 * (start + out.len())];
+                let pairs = src
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]));
+                match d {
+                    StoredDtype::Bf16 => {
+                        for (o, b) in out.iter_mut().zip(pairs) {
+                            *o = f32::from_bits((b as u32) << 16);
+                        }
+                    }
+                    _ => {
+                        for (o, b) in out.iter_mut().zip(pairs) {
+                            *o = half::f16::from_bits(b).to_f32();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// All values as f32 (a copy: `rows · cols · 4` bytes).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            Data::F32(v) => v.as_ref().clone(),
+            Data::Half(..) => {
+                let mut out = vec![0f32; self.len()];
+                self.rows_into(0, &mut out);
+                out
+            }
+        }
+    }
+
+    /// Call `f` with each row as f32, in order (one row's buffer at a time).
+    pub fn for_each_row(&self, mut f: impl FnMut(&[f32])) {
+        if let Some(v) = self.as_f32() {
+            v.chunks(self.cols.max(1)).for_each(f);
+            return;
+        }
+        let mut row = vec![0f32; self.cols];
+        for r in 0..self.rows {
+            self.row_into(r, &mut row);
+            f(&row);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_rows_read_back_as_their_f32_values() {
+        let values = [1.0f32, -2.5, 0.0, 3.0e-3, 65504.0, -1.0e-4];
+        for (dtype, enc) in [
+            (
+                Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+            (
+                Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        ] {
+            let owned = super::super::st::OwnedTensor::raw(dtype, vec![2, 3], enc);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.safetensors");
+            let mut map = std::collections::BTreeMap::new();
+            map.insert("t".to_string(), owned);
+            super::super::st::write_safetensors(&path, &map, None).unwrap();
+            let tf = super::super::st::TensorFiles::open(&[path]).unwrap();
+            let t = tf.get("t").unwrap();
+            let want = t.to_f32().unwrap();
+            let m = FloatMatrix::read(&t, 2, 3).unwrap();
+            assert_eq!(m.dtype().size(), 2);
+            assert_eq!(m.to_f32(), want);
+            let mut row = vec![0f32; 3];
+            m.row_into(1, &mut row);
+            assert_eq!(row, want[3..]);
+            let mut seen = Vec::new();
+            m.for_each_row(|r| seen.extend_from_slice(r));
+            assert_eq!(seen, want);
+            assert!(FloatMatrix::read(&t, 3, 2).is_err());
+        }
+    }
+}

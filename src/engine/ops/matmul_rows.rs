@@ -1,0 +1,187 @@
+//! x · Wᵀ for a constant W kept row by row in its stored dtype (the output head over the
+//! embedding matrix): `matmul_rows`, whose backward pass computes only ∂L/∂x.
+
+use super::kernels::{gemm_raw, matmul, tile_gemm, View};
+use super::matmul_const;
+use super::storage::{input, rows_cols, shape_error, tensor, with_last, CResult, CpuView};
+use crate::engine::checkpoint::FloatMatrix;
+use crate::error::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows of a bf16 / f16 matrix converted to f32 at a time by one task of the forward pass:
+/// 64 rows of 2560 are 640 KiB, which stay in the core's L2 between conversion and use.
+const FORWARD_BLOCK_ROWS: usize = 64;
+/// Rows converted at a time in the backward pass, whose product is split over all threads.
+const BACKWARD_BLOCK_ROWS: usize = 1024;
+
+/// `x` `[.., k]` times the transpose of `w` `[n, k]`: `[.., n]`. An f32 `w` is used in place;
+/// a bf16 / f16 `w` is converted to f32 a block of rows at a time (never as a whole), so the
+/// memory read per call is the stored matrix once. The backward pass returns only
+/// ∂L/∂x = ∂L/∂y · w. An `x` that is not f32 takes [`matmul_const`] over an f32 copy of `w`.
+pub fn matmul_rows(x: &Tensor, w: &FloatMatrix) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    if k != w.cols {
+        return Err(shape_error(format!(
+            "matmul_rows: x has {k} features, the weight {}",
+            w.cols
+        )));
+    }
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        let wt = Tensor::from_vec(w.to_f32(), (w.rows, w.cols), x.device())?.to_dtype(x.dtype())?;
+        return matmul_const(x, &wt.t()?);
+    }
+    Ok(x.contiguous()?.apply_op1(MatmulRows { w: w.clone() })?)
+}
+
+struct MatmulRows {
+    w: FloatMatrix,
+}
+
+impl MatmulRows {
+    /// y `[m, n]` = x `[m, k]` · wᵀ.
+    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.w.rows, self.w.cols);
+        if let Some(w) = self.w.as_f32() {
+            return matmul((m, n, k), x, false, w, true);
+        }
+        let mut y = vec![0f32; m * n];
+        let y_ptr = super::kernels::SendPtr(y.as_mut_ptr());
+        let blocks = n.div_ceil(FORWARD_BLOCK_ROWS);
+        (0..blocks).into_par_iter().for_each_init(
+            || vec![0f32; FORWARD_BLOCK_ROWS * k],
+            |tmp, b| {
+                let j0 = b * FORWARD_BLOCK_ROWS;
+                let rows = FORWARD_BLOCK_ROWS.min(n - j0);
+                let tmp = &mut tmp[..rows * k];
+                self.w.rows_into(j0, tmp);
+                // Safety: x is m × k, tmp is rows × k, and this task alone writes columns
+                // j0..j0 + rows of y (row stride n).
+                unsafe {
+                    let (lhs, rhs) = (View::rows(x, k), View::rows(tmp, k).t());
+                    tile_gemm((m, rows, k), (y_ptr.at(j0), n), false, (lhs, rhs), 1.0);
+                }
+            },
+        );
+        y
+    }
+
+    /// dx `[m, k]` = dy `[m, n]` · w.
+    fn backward(&self, dy: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.w.rows, self.w.cols);
+        if let Some(w) = self.w.as_f32() {
+            return matmul((m, k, n), dy, false, w, false);
+        }
+        let mut dx = vec![0f32; m * k];
+        let mut tmp = vec![0f32; BACKWARD_BLOCK_ROWS.min(n) * k];
+        let par = Parallelism::Rayon(rayon::current_num_threads());
+        for j0 in (0..n).step_by(BACKWARD_BLOCK_ROWS) {
+            let rows = BACKWARD_BLOCK_ROWS.min(n - j0);
+            let tmp = &mut tmp[..rows * k];
+            self.w.rows_into(j0, tmp);
+            // Safety: dy[:, j0..j0 + rows] (row stride n) is m × rows, tmp is rows × k, dx is
+            // m × k and written by this call alone.
+            unsafe {
+                let lhs = View::rows(&dy[j0..], n);
+                let (dst, acc) = (dx.as_mut_ptr(), j0 > 0);
+                gemm_raw((m, k, rows), dst, k, acc, lhs, View::rows(tmp, k), 1.0, par);
+            }
+        }
+        dx
+    }
+}
+
+impl CustomOp1 for MatmulRows {
+    fn name(&self) -> &'static str {
+        "matmul-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        if s.dtype() != DType::F32 {
+            bail!("{}: expected f32, got {:?}", self.name(), s.dtype());
+        }
+        let (m, _) = rows_cols(l.shape())?;
+        let y = self.forward(input::<f32>(s, l, self.name())?, m);
+        Ok((CpuStorage::F32(y), with_last(l.shape(), self.w.rows)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let (m, _) = rows_cols(x.shape())?;
+        let dy = dy.contiguous()?;
+        let dyv = CpuView::of(&dy)?;
+        let dx = self.backward(dyv.get::<f32>()?, m);
+        Ok(Some(tensor(dx, x.shape().clone())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ops::testing::*;
+
+    /// A `rows × cols` matrix in `dtype` (F32, BF16 or F16) and its f32 values.
+    fn stored(rows: usize, cols: usize, dtype: safetensors::Dtype) -> (FloatMatrix, Vec<f32>) {
+        use crate::engine::checkpoint::st::{write_safetensors, OwnedTensor, TensorFiles};
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 97) as f32 - 48.0) / 32.0)
+            .collect();
+        if dtype == safetensors::Dtype::F32 {
+            return (FloatMatrix::from_f32(values.clone(), rows, cols), values);
+        }
+        let bytes: Vec<u8> = match dtype {
+            safetensors::Dtype::BF16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            _ => values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let tensors = [(
+            "w".to_string(),
+            OwnedTensor::raw(dtype, vec![rows, cols], bytes),
+        )];
+        write_safetensors(&path, &tensors.into_iter().collect(), None).unwrap();
+        let tf = TensorFiles::open(&[path]).unwrap();
+        let m = FloatMatrix::read(&tf.get("w").unwrap(), rows, cols).unwrap();
+        let f = m.to_f32();
+        (m, f)
+    }
+
+    #[test]
+    fn matches_the_dense_product_and_differentiates() {
+        use safetensors::Dtype;
+        // 150 rows: two full forward blocks and a partial one.
+        for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let (w, values) = stored(150, 24, dtype);
+            let dense = Tensor::from_vec(values, (150, 24), &candle_core::Device::Cpu).unwrap();
+            for shape in [vec![1, 24], vec![3, 5, 24]] {
+                let x = uniform(&shape, 4).to_dtype(DType::F32).unwrap();
+                let dense_t = dense.t().unwrap();
+                let want = matmul_const(&x, &dense_t).unwrap();
+                let got = matmul_rows(&x, &w).unwrap();
+                let err = max_diff(&got, &want);
+                assert!(err < 1e-4, "{dtype:?} {shape:?}: {err}");
+                // ∂L/∂x against matmul_const's (checked by finite differences in its tests).
+                let r = uniform(got.dims(), 5).to_dtype(DType::F32).unwrap();
+                let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
+                    let v = candle_core::Var::from_tensor(&x).unwrap();
+                    let loss = (f(v.as_tensor()) * &r).unwrap().sum_all().unwrap();
+                    loss.backward().unwrap().get(v.as_tensor()).unwrap().clone()
+                };
+                let a = grad(&|x| matmul_rows(x, &w).unwrap());
+                let b = grad(&|x| matmul_const(x, &dense_t).unwrap());
+                let err = max_diff(&a, &b);
+                assert!(err < 1e-4, "{dtype:?} {shape:?} gradient: {err}");
+            }
+            // f64 inputs take the matmul_const path over an f32 copy, with its gradients.
+            let x = uniform(&[2, 24], 6);
+            check_gradients(&[x], &[true], &|a| matmul_rows(&a[0], &w));
+        }
+    }
+}
