@@ -1,27 +1,32 @@
-//! `bitsvf generate`: two-pass inference with the experts of a handoff directory.
+//! `bitsvf generate`: text from a model, streamed to stdout as it is produced — from the base
+//! model alone, or with two-pass adaptation over the experts of a handoff directory.
 
 use crate::common::svd_cache;
 use anyhow::Result;
 use bitsvf::adapt::dispatch::{Library, Strategy};
 use bitsvf::adapt::two_pass::{pass1, pass2};
+use bitsvf::engine::model::{GenerateOptions, Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::eval::prompt_ids;
 use bitsvf::pipeline::Handoff;
 use bitsvf::tasks::Dataset;
+use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The base model (default: the handoff's `model/`); it must be the model the experts
-    /// were trained on.
+    /// The model (default: the handoff's `model/` with --experts, else the embedded model);
+    /// with --experts it must be the model the experts were trained on.
     model: Option<PathBuf>,
-    /// Handoff directory of `bitsvf run` (its experts, classifier and base model).
+    /// Handoff directory of `bitsvf run`: adapt to the prompt with its experts (two passes).
     #[arg(long)]
-    experts: PathBuf,
+    experts: Option<PathBuf>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
-    /// How pass 1 chooses: prompt (the model labels its own prompt), classifier (the
-    /// classifier expert labels it), cem (α fitted on --shots), none (base model).
+    /// With --experts, how pass 1 chooses: prompt (the model labels its own prompt),
+    /// classifier (the classifier expert labels it), cem (α fitted on --shots), none (base).
     #[arg(long, default_value = "classifier")]
     dispatch: String,
     /// Labelled examples for --dispatch cem: JSONL lines {"prompt", "answer"}.
@@ -42,12 +47,15 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let Some(experts) = a.experts.clone() else {
+        return plain(a);
+    };
     let strategy: Strategy = a.dispatch.parse()?;
-    let h = Handoff::open(&a.experts)?;
+    let h = Handoff::open(&experts)?;
     if let Some(m) = &a.model {
-        checkpoint::load(m)?.check_is_base_of(m, &h.ck, &a.experts)?;
+        checkpoint::load(m)?.check_is_base_of(m, &h.ck, &experts)?;
     }
-    let model_dir = a.model.unwrap_or_else(|| a.experts.join("model"));
+    let model_dir = a.model.unwrap_or_else(|| experts.join("model"));
     let tok = tokenizer::for_model(Some(&model_dir), &h.ck.config)?;
     let cache = svd_cache(a.cache_dir);
     let classifier = h.classifier()?;
@@ -82,5 +90,57 @@ pub fn run(a: Args) -> Result<()> {
         a.seed,
     )?;
     println!("{answer}");
+    Ok(())
+}
+
+/// The model alone: the prompt (after the tokenizer's BOS), then each new token's text as soon
+/// as it is complete; prefill and decode speed on stderr.
+fn plain(a: Args) -> Result<()> {
+    let start = Instant::now();
+    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
+    let model = Model::new(&ck, ModelOptions::default())?;
+    let prompt = prompt_ids(tok.as_ref(), &a.prompt)?;
+    let room = ck.config.max_position_embeddings;
+    anyhow::ensure!(
+        prompt.len() < room,
+        "the prompt is {} tokens; the model's context holds {room}",
+        prompt.len()
+    );
+    let options = GenerateOptions {
+        max_new_tokens: a.max_tokens,
+        temperature: a.temperature,
+        seed: a.seed,
+        stop: tok.stop_ids(),
+        ..Default::default()
+    };
+    let (mut ids, mut shown, mut first) = (Vec::new(), 0, None);
+    let mut out = std::io::stdout().lock();
+    let stats = model.generate_streaming(&prompt, &options, |id| {
+        first.get_or_insert_with(|| start.elapsed());
+        if options.stop.contains(&id) {
+            return true;
+        }
+        ids.push(id);
+        // Decode everything so far and print what is new: a character split over several
+        // tokens appears once it is whole.
+        let text = tok.decode(&ids);
+        if let (Some(new), false) = (text.get(shown..), text.ends_with('\u{FFFD}')) {
+            let _ = out.write_all(new.as_bytes());
+            let _ = out.flush();
+            shown = text.len();
+        }
+        true
+    })?;
+    writeln!(out)?;
+    eprintln!(
+        "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.2} tok/s; first token after \
+         {:.2} s",
+        stats.prompt_tokens,
+        stats.prefill_rate(),
+        stats.new_tokens.saturating_sub(1),
+        stats.decode_rate(),
+        first.unwrap_or_default().as_secs_f64()
+    );
     Ok(())
 }

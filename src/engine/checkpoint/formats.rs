@@ -4,7 +4,7 @@ use super::st::{write_atomic, write_safetensors, OwnedTensor, RawTensor, TensorF
 use super::{linear_name, Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat};
 use crate::engine::config::ModelConfig;
 use crate::engine::ternary::{
-    native_row_bytes, unpack_hf, unpack_native, Quantization, TernaryMatrix,
+    hf_to_native, native_row_bytes, unpack_native, Quantization, TernaryMatrix,
 };
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -259,7 +259,7 @@ fn read_hf_packed(
     if !rows.is_multiple_of(4) {
         return Err(t.bad(format!("{rows} output rows cannot be packed 4 per byte")));
     }
-    let values = unpack_hf(t.as_u8()?, rows, cols).map_err(|m| t.bad(m))?;
+    let packed = hf_to_native(t.as_u8()?, rows, cols).map_err(|m| t.bad(m))?;
     let sname = format!("{name}.weight_scale");
     let s = tf.get(&sname)?;
     if s.shape.iter().product::<usize>() != 1 {
@@ -273,7 +273,12 @@ fn read_hf_packed(
     let ws = s.to_f32()?[0];
     let gamma = if divide { 1.0 / ws } else { ws };
     check_scales(&s, &[gamma])?;
-    Ok(TernaryMatrix::from_values(&values, rows, cols, vec![gamma]))
+    Ok(TernaryMatrix {
+        rows,
+        cols,
+        packed,
+        scales: vec![gamma],
+    })
 }
 
 /// Read Phase 4: int8 `quantized_weight [out, in]` + fp16 `scale_factor [out]`.

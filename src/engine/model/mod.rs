@@ -256,10 +256,23 @@ impl Model {
     /// Non-finite logits are an error (a finite but huge scale can overflow f32), never a
     /// silent NaN answer.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.logits(&self.hidden_states(ids, cache)?)
+    }
+
+    /// The logits of the last position of the single row `ids` `[1, T]`, `[vocab]` — what
+    /// generation needs, without the output head's product for the other T − 1 positions.
+    pub fn next_logits(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Vec<f32>> {
         let h = self.hidden_states(ids, cache)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+        let logits = self.logits(&last)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    /// The output head over final-normed hidden states, checked finite.
+    fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let logits = match &self.head {
-            Table::Stored(w) => ops::matmul_rows(&h, w)?,
-            Table::Tensor(wt) => matmul_const(&h, wt)?,
+            Table::Stored(w) => ops::matmul_rows(h, w)?,
+            Table::Tensor(wt) => matmul_const(h, wt)?,
         };
         // One pass over the logits: NaN and ±inf make the sum non-finite.
         let total = logits
@@ -366,29 +379,73 @@ impl Model {
     /// Generate up to `opts.max_new_tokens` after `prompt`, with a KV cache. Returns only the
     /// new tokens (stopping after `stop` tokens, which are included).
     pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        self.generate_streaming(prompt, opts, |id| {
+            out.push(id);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// [`Model::generate`], handing each new token to `on_token` as soon as it is chosen
+    /// (return false to stop), and timing the prompt (prefill) and the new tokens (decode).
+    pub fn generate_streaming(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<GenerateStats> {
         let mut cache = self.new_cache();
         let mut rng = StdRng::seed_from_u64(opts.seed);
-        let mut out = Vec::new();
+        let mut stats = GenerateStats {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
         let mut input = self.ids_tensor(&[prompt.to_vec()])?;
         let room = self
             .config
             .max_position_embeddings
             .saturating_sub(prompt.len());
-        for _ in 0..opts.max_new_tokens.min(room) {
-            let logits = self.forward(&input, Some(&mut cache))?;
-            let last: Vec<f32> = logits
-                .squeeze(0)?
-                .get(logits.dim(1)? - 1)?
-                .to_dtype(DType::F32)?
-                .to_vec1()?;
+        for step in 0..opts.max_new_tokens.min(room) {
+            let start = std::time::Instant::now();
+            let last = self.next_logits(&input, Some(&mut cache))?;
             let next = sample(&last, opts.temperature, opts.top_p, &mut rng);
-            out.push(next);
-            if opts.stop.contains(&next) {
+            match step {
+                0 => stats.prefill_seconds = start.elapsed().as_secs_f64(),
+                _ => stats.decode_seconds += start.elapsed().as_secs_f64(),
+            }
+            stats.new_tokens += 1;
+            if !on_token(next) || opts.stop.contains(&next) {
                 break;
             }
             input = Tensor::from_vec(vec![next], (1, 1), &self.device)?;
         }
-        Ok(out)
+        Ok(stats)
+    }
+}
+
+/// What one generation took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerateStats {
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated (the first comes from the prompt's pass).
+    pub new_tokens: usize,
+    /// Seconds of the prompt's pass, which also yields the first new token.
+    pub prefill_seconds: f64,
+    /// Seconds of the passes for the remaining new tokens.
+    pub decode_seconds: f64,
+}
+
+impl GenerateStats {
+    /// Prompt tokens per second.
+    pub fn prefill_rate(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_seconds
+    }
+
+    /// New tokens per second after the first.
+    pub fn decode_rate(&self) -> f64 {
+        self.new_tokens.saturating_sub(1) as f64 / self.decode_seconds
     }
 }
 

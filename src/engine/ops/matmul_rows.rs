@@ -1,7 +1,7 @@
 //! x · Wᵀ for a constant W kept row by row in its stored dtype (the output head over the
 //! embedding matrix): `matmul_rows`, whose backward pass computes only ∂L/∂x.
 
-use super::kernels::{gemm_raw, matmul, tile_gemm, View};
+use super::kernels::{dot, gemm_raw, matmul, tile_gemm, View};
 use super::matmul_const;
 use super::storage::{input, rows_cols, shape_error, tensor, with_last, CResult, CpuView};
 use crate::engine::checkpoint::FloatMatrix;
@@ -14,6 +14,11 @@ use rayon::prelude::*;
 /// Rows of a bf16 / f16 matrix converted to f32 at a time by one task of the forward pass:
 /// 64 rows of 2560 are 640 KiB, which stay in the core's L2 between conversion and use.
 const FORWARD_BLOCK_ROWS: usize = 64;
+/// Up to this many rows of x, the forward pass converts w row by row and takes dot products
+/// (a matrix–vector product streams w once; a block product would convert it in blocks).
+const FEW_ROWS: usize = 4;
+/// Rows of w per task of that path.
+const FEW_ROWS_TASK: usize = 512;
 /// Rows converted at a time in the backward pass, whose product is split over all threads.
 const BACKWARD_BLOCK_ROWS: usize = 1024;
 
@@ -47,6 +52,9 @@ impl MatmulRows {
         if let Some(w) = self.w.as_f32() {
             return matmul((m, n, k), x, false, w, true);
         }
+        if m <= FEW_ROWS {
+            return self.forward_few(x, m);
+        }
         let mut y = vec![0f32; m * n];
         let y_ptr = super::kernels::SendPtr(y.as_mut_ptr());
         let blocks = n.div_ceil(FORWARD_BLOCK_ROWS);
@@ -65,6 +73,33 @@ impl MatmulRows {
                 }
             },
         );
+        y
+    }
+
+    /// [`Self::forward`] for a few rows of x (decoding): each row of w is converted once into
+    /// an L1-sized buffer and dotted with every row of x, so w streams from memory once.
+    fn forward_few(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.w.rows, self.w.cols);
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(FEW_ROWS_TASK * m)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; k],
+                |buf, (c, out)| {
+                    for (jj, o) in out.chunks_mut(m).enumerate() {
+                        self.w.row_into(c * FEW_ROWS_TASK + jj, buf);
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = dot(&x[i * k..(i + 1) * k], buf);
+                        }
+                    }
+                },
+            );
+        let mut y = vec![0f32; m * n];
+        for (j, col) in yt.chunks(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                y[i * n + j] = v;
+            }
+        }
         y
     }
 

@@ -12,7 +12,7 @@ mod pack;
 pub mod requant;
 
 pub use kernels::Kernel;
-pub use pack::{native_row_bytes, pack_hf, pack_native, unpack_hf, unpack_native};
+pub use pack::{hf_to_native, native_row_bytes, pack_hf, pack_native, unpack_hf, unpack_native};
 
 use pack::decode_table;
 use serde::{Deserialize, Serialize};

@@ -126,6 +126,48 @@ pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result
     Ok(out)
 }
 
+/// Hugging Face's layout (see [`pack_hf`]) straight into the native one, without the values
+/// in between: equal to `pack_native(&unpack_hf(..)?, ..)`, rows converted in parallel.
+pub fn hf_to_native(
+    packed: &[u8],
+    rows: usize,
+    cols: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    use rayon::prelude::*;
+    if !rows.is_multiple_of(4) {
+        return Err(format!("{rows} output rows is not a multiple of 4"));
+    }
+    let pr = rows / 4;
+    // Checks the length and the codes, with unpack_hf's messages.
+    if packed.len() != pr * cols || find_code3(packed).is_some() {
+        return unpack_hf(packed, rows, cols).map(|_| unreachable!("a bad buffer fails"));
+    }
+    let rb = native_row_bytes(cols);
+    let mut out = vec![0u8; rows * rb];
+    out.par_chunks_mut(rb.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (i, p) = (r / pr.max(1), r % pr.max(1));
+            let src = &packed[p * cols..(p + 1) * cols];
+            let code = |c: usize| match src.get(c) {
+                Some(&b) => (b >> (2 * i)) & 3,
+                None => 1, // padding beyond `cols`: value 0
+            };
+            let whole = cols / 4;
+            for (o, q) in row.iter_mut().zip(src.chunks_exact(4)) {
+                *o = ((q[0] >> (2 * i)) & 3)
+                    | (((q[1] >> (2 * i)) & 3) << 2)
+                    | (((q[2] >> (2 * i)) & 3) << 4)
+                    | (((q[3] >> (2 * i)) & 3) << 6);
+            }
+            if whole < rb {
+                let c0 = 4 * whole;
+                row[whole] = (0..4).fold(0, |acc, k| acc | (code(c0 + k) << (2 * k)));
+            }
+        });
+    Ok(out)
+}
+
 /// 256-entry table: a packed byte → its four ternary values.
 pub(super) fn decode_table() -> &'static [[i8; 4]; 256] {
     static TABLE: std::sync::OnceLock<[[i8; 4]; 256]> = std::sync::OnceLock::new();
@@ -160,7 +202,8 @@ mod tests {
         fn hf_pack_roundtrip((rows, cols, v) in (1usize..5, 1usize..17)
             .prop_flat_map(|(r, c)| (Just(4 * r), Just(c), ternary_vec(4 * r * c)))) {
             let p = pack_hf(&v, rows, cols);
-            prop_assert_eq!(unpack_hf(&p, rows, cols).unwrap(), v);
+            prop_assert_eq!(unpack_hf(&p, rows, cols).unwrap(), v.clone());
+            prop_assert_eq!(hf_to_native(&p, rows, cols).unwrap(), pack_native(&v, rows, cols));
         }
     }
 
@@ -176,6 +219,11 @@ mod tests {
         // hf: rows 0..4 of one column → bits 2i..2i+1 hold row i
         assert_eq!(pack_hf(&[-1, 0, 1, 0], 4, 1), vec![0b01_10_01_00]);
         assert!(unpack_hf(&[0xFF], 4, 1).unwrap_err().contains("code 3"));
+        assert_eq!(
+            hf_to_native(&[0xFF], 4, 1).unwrap_err(),
+            unpack_hf(&[0xFF], 4, 1).unwrap_err()
+        );
+        assert!(hf_to_native(&[0x55; 3], 4, 1).is_err());
         assert!(unpack_native(&[0b1100_0000], 1, 4)
             .unwrap_err()
             .contains("code 3"));
