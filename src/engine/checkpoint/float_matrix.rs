@@ -142,6 +142,17 @@ impl FloatMatrix {
         }
     }
 
+    /// The raw 16-bit elements of a bf16 / f16 matrix, when the mapped bytes are 2-aligned
+    /// (safetensors data always is).
+    pub fn half_bits(&self) -> Option<(StoredDtype, &[u16])> {
+        let Data::Half(d, bytes) = &self.data else {
+            return None;
+        };
+        // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
+        let (head, mid, _) = unsafe { bytes.align_to::<u16>() };
+        (head.is_empty() && mid.len() == self.len()).then_some((*d, mid))
+    }
+
     /// Row `r` as f32 into `out` (`cols` long).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         self.rows_into(r, out);
@@ -152,6 +163,13 @@ impl FloatMatrix {
         let start = r0 * self.cols;
         match &self.data {
             Data::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Data::Half(StoredDtype::Bf16, _) if self.half_bits().is_some() => {
+                let (_, bits) = self.half_bits().expect("checked");
+                let n = out.len();
+                for (o, &b) in out.iter_mut().zip(&bits[start..start + n]) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+            }
             Data::Half(d, bytes) => {
                 let src = &bytes[2 * start..2 * (start + out.len())];
                 let pairs = src

@@ -4,7 +4,7 @@
 use super::kernels::{dot, gemm_raw, matmul, tile_gemm, View};
 use super::matmul_const;
 use super::storage::{input, rows_cols, shape_error, tensor, with_last, CResult, CpuView};
-use crate::engine::checkpoint::FloatMatrix;
+use crate::engine::checkpoint::{FloatMatrix, StoredDtype};
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
@@ -39,6 +39,39 @@ pub fn matmul_rows(x: &Tensor, w: &FloatMatrix) -> Result<Tensor> {
         return matmul_const(x, &wt.t()?);
     }
     Ok(x.contiguous()?.apply_op1(MatmulRows { w: w.clone() })?)
+}
+
+/// Σ x[i]·w[i] for bf16 bits `w`, with AVX-512 when the CPU has it.
+fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+    #[inline(always)]
+    fn body(x: &[f32], w: &[u16]) -> f32 {
+        const L: usize = 32;
+        let widen = |b: u16| f32::from_bits((b as u32) << 16);
+        let mut acc = [0f32; L];
+        let (xc, wc) = (x.chunks_exact(L), w.chunks_exact(L));
+        let tail: f32 = (xc.remainder().iter().zip(wc.remainder()))
+            .map(|(&a, &b)| a * widen(b))
+            .sum();
+        for (a, b) in xc.zip(wc) {
+            for i in 0..L {
+                acc[i] += a[i] * widen(b[i]);
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(x: &[f32], w: &[u16]) -> f32 {
+        body(x, w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // Safety: the CPU has the features `avx512` is compiled for.
+        return unsafe { avx512(x, w) };
+    }
+    body(x, w)
 }
 
 struct MatmulRows {
@@ -80,20 +113,27 @@ impl MatmulRows {
     /// an L1-sized buffer and dotted with every row of x, so w streams from memory once.
     fn forward_few(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.w.rows, self.w.cols);
+        let bf16 = self.w.half_bits().filter(|(d, _)| *d == StoredDtype::Bf16);
         let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(FEW_ROWS_TASK * m)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; k],
-                |buf, (c, out)| {
-                    for (jj, o) in out.chunks_mut(m).enumerate() {
-                        self.w.row_into(c * FEW_ROWS_TASK + jj, buf);
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = dot(&x[i * k..(i + 1) * k], buf);
-                        }
+        let task = |buf: &mut Vec<f32>, (c, out): (usize, &mut [f32])| {
+            for (jj, o) in out.chunks_mut(m).enumerate() {
+                let j = c * FEW_ROWS_TASK + jj;
+                if let Some((_, w)) = bf16 {
+                    // bf16 → f32 is a shift: fused into the dot product, no buffer.
+                    let row = &w[j * k..(j + 1) * k];
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = dot_bf16(&x[i * k..(i + 1) * k], row);
                     }
-                },
-            );
+                    continue;
+                }
+                self.w.row_into(j, buf);
+                for (i, oi) in o.iter_mut().enumerate() {
+                    *oi = dot(&x[i * k..(i + 1) * k], buf);
+                }
+            }
+        };
+        let chunks = yt.par_chunks_mut(FEW_ROWS_TASK * m).enumerate();
+        chunks.for_each_init(|| vec![0f32; k], task);
         let mut y = vec![0f32; m * n];
         for (j, col) in yt.chunks(m).enumerate() {
             for (i, &v) in col.iter().enumerate() {
