@@ -49,6 +49,15 @@ pub fn check_writable(path: &Path) -> Result<()> {
 /// never a prefix. The bytes go to a temporary file in the same directory, which is synced,
 /// persisted (renamed) over `path`, and then the directory is synced so the rename lasts.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes, streamed (through a buffer) into the temporary
+/// sibling: for outputs too large to hold in memory at once.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     check_writable(path)?;
     let dir = parent_of(path);
     let name = path
@@ -63,9 +72,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mode = std::os::unix::fs::PermissionsExt::from_mode(0o666);
     #[cfg(unix)]
     builder.permissions(mode);
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
-    let written = tmp.write_all(bytes).and_then(|()| tmp.as_file().sync_all());
-    if let Err(e) = written {
+    let tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
+    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, tmp);
+    let written = write(&mut buffered).and_then(|()| buffered.flush());
+    let tmp = match buffered.into_inner() {
+        Ok(tmp) => tmp,
+        Err(e) => return Err(Error::io(path, e.into_error())),
+    };
+    if let Err(e) = written.and_then(|()| tmp.as_file().sync_all()) {
         return Err(Error::io(tmp.path(), e)); // dropping `tmp` deletes it
     }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;

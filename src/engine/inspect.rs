@@ -41,6 +41,8 @@ pub struct InspectReport {
     pub bytes_f32: u64,
     /// Bytes of the packed ternary linears (2 bits/weight + scales).
     pub bytes_ternary_packed: u64,
+    /// How the embeddings and the output head are held: stored dtype, bytes, tied or not.
+    pub embeddings: String,
     /// Statistics over all ternary weights.
     pub ternary: TernaryStats,
     /// Per-matrix details.
@@ -84,6 +86,7 @@ pub fn inspect(ck: &Checkpoint) -> InspectReport {
         bytes_on_disk: ck.bytes_on_disk,
         bytes_f32: 4 * parameters as u64,
         bytes_ternary_packed: packed,
+        embeddings: embeddings_line(ck),
         ternary: TernaryStats {
             zeros: z / n,
             plus: p / n,
@@ -93,6 +96,32 @@ pub fn inspect(ck: &Checkpoint) -> InspectReport {
         },
         matrices,
     }
+}
+
+/// The embeddings' stored dtype and size, and whether the head is them or a matrix of its own.
+fn embeddings_line(ck: &Checkpoint) -> String {
+    let e = &ck.embed_tokens;
+    let held = |m: &crate::engine::checkpoint::FloatMatrix| match m.dtype() {
+        crate::engine::checkpoint::StoredDtype::F32 => "in memory",
+        _ => "mapped from the file, rows widened to f32 on use",
+    };
+    let head = match &ck.lm_head {
+        None => "the output head is the same matrix (tied)".to_string(),
+        Some(h) => format!(
+            "output head {} {}, {}",
+            h.dtype().name(),
+            human_bytes(h.stored_bytes() as u64),
+            held(h)
+        ),
+    };
+    format!(
+        "{} [{}×{}] {}, {}; {head}",
+        e.dtype().name(),
+        e.rows,
+        e.cols,
+        human_bytes(e.stored_bytes() as u64),
+        held(e)
+    )
 }
 
 /// Bytes in a human unit.
@@ -163,6 +192,7 @@ impl InspectReport {
                 human_bytes(self.bytes_ternary_packed)
             ),
         );
+        line("embeddings", self.embeddings.clone());
         line(
             "ternary values",
             format!(

@@ -1,6 +1,10 @@
 //! Readers for every supported layout and writers for the native and dequantized formats.
 
-use super::st::{write_atomic, write_safetensors, OwnedTensor, RawTensor, TensorFiles};
+use super::st::{
+    write_atomic, write_safetensors, write_safetensors_streamed, OwnedTensor, RawTensor, Streamed,
+    TensorFiles,
+};
+use safetensors::tensor::Dtype;
 use super::{linear_name, Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat};
 use crate::engine::config::ModelConfig;
 use crate::engine::ternary::{
@@ -542,19 +546,22 @@ fn load_native(source: &Path, tf: &TensorFiles) -> Result<Checkpoint> {
     )
 }
 
-/// The float tensors every output format shares, under HF names.
-fn float_tensors(ck: &Checkpoint) -> BTreeMap<String, OwnedTensor> {
+/// The float tensors every output format shares, under HF names: the norms, and with
+/// `tables` the embeddings and an untied head (as f32).
+fn float_tensors(ck: &Checkpoint, tables: bool) -> BTreeMap<String, OwnedTensor> {
     let (v, d) = (ck.config.vocab_size, ck.config.hidden_size);
     let mut t = BTreeMap::new();
-    t.insert(
-        "model.embed_tokens.weight".into(),
-        OwnedTensor::f32(vec![v, d], &ck.embed_tokens.to_f32()),
-    );
+    if tables {
+        t.insert(
+            "model.embed_tokens.weight".into(),
+            OwnedTensor::f32(vec![v, d], &ck.embed_tokens.to_f32()),
+        );
+    }
     t.insert(
         "model.norm.weight".into(),
         OwnedTensor::f32(vec![d], &ck.norm),
     );
-    if let Some(h) = &ck.lm_head {
+    if let (Some(h), true) = (&ck.lm_head, tables) {
         t.insert(
             "lm_head.weight".into(),
             OwnedTensor::f32(vec![v, d], &h.to_f32()),
@@ -590,7 +597,7 @@ fn float_tensors(ck: &Checkpoint) -> BTreeMap<String, OwnedTensor> {
 
 /// Write the native format to `path` (one safetensors file), atomically.
 pub fn save_native(ck: &Checkpoint, path: &Path) -> Result<()> {
-    let mut t = float_tensors(ck);
+    let mut t = float_tensors(ck, true);
     for (name, _, lin) in ck.linears() {
         let m = &lin.matrix;
         t.insert(
@@ -664,16 +671,43 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut t = float_tensors(ck);
+    // Streamed a matrix at a time: the f32 form of a 2B model (9.6 GB) need not fit in memory.
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (v, d) = (ck.config.vocab_size, ck.config.hidden_size);
+    let mut tensors = vec![Streamed {
+        name: "model.embed_tokens.weight".into(),
+        dtype: Dtype::F32,
+        shape: vec![v, d],
+        bytes: Box::new(|| f32_bytes(&ck.embed_tokens.to_f32())),
+    }];
+    if let Some(h) = &ck.lm_head {
+        tensors.push(Streamed {
+            name: "lm_head.weight".into(),
+            dtype: Dtype::F32,
+            shape: vec![v, d],
+            bytes: Box::new(move || f32_bytes(&h.to_f32())),
+        });
+    }
+    for (name, t) in float_tensors(ck, false) {
+        let shape = t.shape().to_vec();
+        tensors.push(Streamed {
+            name,
+            dtype: Dtype::F32,
+            shape,
+            bytes: Box::new(move || t.bytes().to_vec()),
+        });
+    }
     for (name, _, lin) in ck.linears() {
         let m = &lin.matrix;
-        t.insert(
-            format!("{name}.weight"),
-            OwnedTensor::f32(vec![m.rows, m.cols], &m.dequantize()),
-        );
+        tensors.push(Streamed {
+            name: format!("{name}.weight"),
+            dtype: Dtype::F32,
+            shape: vec![m.rows, m.cols],
+            bytes: Box::new(move || f32_bytes(&m.dequantize())),
+        });
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&tmp.join("model.safetensors"), &t, Some(meta))?;
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors_streamed(&tmp.join("model.safetensors"), tensors, Some(meta))?;
     let mut cfg = serde_json::to_value(&ck.config).expect("config serializes");
     cfg["architectures"] = serde_json::json!(["BitNetForCausalLM"]);
     cfg["model_type"] = serde_json::json!("bitnet");

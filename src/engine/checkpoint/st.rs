@@ -433,6 +433,65 @@ pub fn write_safetensors(
     write_atomic(path, &sorted_header(bytes))
 }
 
+/// One tensor of a [`write_safetensors_streamed`] file: its name, dtype, shape, and what makes
+/// its little-endian bytes when their turn comes.
+pub struct Streamed<'a> {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Produces the bytes (exactly shape · dtype size of them).
+    pub bytes: Box<dyn Fn() -> Vec<u8> + 'a>,
+}
+
+/// A safetensors file written one tensor at a time, atomically: only one tensor's bytes are
+/// in memory at once, for files larger than the memory (a dequantized 2B model is 9.6 GB).
+/// Tensors are laid out in name order and the header's keys are sorted, so the same tensors
+/// always give the same bytes.
+pub fn write_safetensors_streamed(
+    path: &Path,
+    mut tensors: Vec<Streamed>,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(m));
+    }
+    let mut offset = 0usize;
+    for t in &tensors {
+        let len = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+        let entry = serde_json::json!({
+            "dtype": dtype_name(t.dtype),
+            "shape": t.shape,
+            "data_offsets": [offset, offset + len],
+        });
+        header.insert(t.name.clone(), entry);
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header).expect("a header serializes");
+    head.resize(head.len().next_multiple_of(8), b' ');
+    crate::io::write_atomic_with(path, |w| {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for t in &tensors {
+            let bytes = (t.bytes)();
+            let want = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+            if bytes.len() != want {
+                return Err(std::io::Error::other(format!(
+                    "tensor `{}` made {} bytes, its header says {want}",
+                    t.name,
+                    bytes.len()
+                )));
+            }
+            w.write_all(&bytes)?;
+        }
+        Ok(())
+    })
+}
+
 /// `bytes` (a serialized safetensors file) with its JSON header's keys sorted, so the same
 /// tensors and metadata always give the same bytes (the safetensors crate writes its metadata
 /// map in hash order). Same length: only the order of the header's entries changes.
