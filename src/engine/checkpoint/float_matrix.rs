@@ -97,16 +97,30 @@ impl FloatMatrix {
             cols,
             data: Data::Half(half, t.shared()),
         };
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            m.row_into(r, &mut row);
-            if let Some(c) = row.iter().position(|x| !x.is_finite()) {
-                return Err(t.bad(format!(
-                    "non-finite value {} at index {}",
-                    row[c],
-                    r * cols + c
-                )));
+        // Non-finite halves have an all-ones exponent: checked on the bits, without widening.
+        let exponent: u16 = match half {
+            StoredDtype::Bf16 => 0x7F80,
+            _ => 0x7C00,
+        };
+        let bad = match m.half_bits() {
+            Some((_, bits)) => bits.iter().position(|&b| b & exponent == exponent),
+            None => {
+                let mut row = vec![0f32; cols];
+                (0..rows).find_map(|r| {
+                    m.row_into(r, &mut row);
+                    row.iter()
+                        .position(|x| !x.is_finite())
+                        .map(|c| r * cols + c)
+                })
             }
+        };
+        if let Some(i) = bad {
+            let mut row = vec![0f32; cols];
+            m.row_into(i / cols.max(1), &mut row);
+            return Err(t.bad(format!(
+                "non-finite value {} at index {i}",
+                row[i % cols.max(1)]
+            )));
         }
         Ok(m)
     }
@@ -259,6 +273,26 @@ mod tests {
             m.for_each_row(|r| seen.extend_from_slice(r));
             assert_eq!(seen, want);
             assert!(FloatMatrix::read(&t, 3, 2).is_err());
+            // A NaN or an infinity anywhere is refused, naming where.
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut data = t.data.to_vec();
+                let b = match dtype {
+                    Dtype::BF16 => half::bf16::from_f32(bad).to_le_bytes(),
+                    _ => half::f16::from_f32(bad).to_le_bytes(),
+                };
+                data[8..10].copy_from_slice(&b);
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("bad.safetensors");
+                let mut map = std::collections::BTreeMap::new();
+                map.insert(
+                    "t".to_string(),
+                    super::super::st::OwnedTensor::raw(dtype, vec![2, 3], data),
+                );
+                super::super::st::write_safetensors(&path, &map, None).unwrap();
+                let tf = super::super::st::TensorFiles::open(&[path]).unwrap();
+                let err = FloatMatrix::read(&tf.get("t").unwrap(), 2, 3).unwrap_err();
+                assert!(err.to_string().contains("index 4"), "{err}");
+            }
         }
     }
 }

@@ -4,13 +4,13 @@ use super::st::{
     write_atomic, write_safetensors, write_safetensors_streamed, OwnedTensor, RawTensor, Streamed,
     TensorFiles,
 };
-use safetensors::tensor::Dtype;
 use super::{linear_name, Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat};
 use crate::engine::config::ModelConfig;
 use crate::engine::ternary::{
     hf_to_native, native_row_bytes, unpack_native, Quantization, TernaryMatrix,
 };
 use crate::error::{Error, Result};
+use safetensors::tensor::Dtype;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
