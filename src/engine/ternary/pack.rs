@@ -34,10 +34,25 @@ pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
 
 /// Position of the first invalid code (3) in a packed buffer, as (byte index, bit position).
 fn find_code3(packed: &[u8]) -> Option<(usize, usize)> {
-    packed
-        .iter()
-        .enumerate()
-        .find_map(|(i, &b)| (0..4).find(|k| (b >> (2 * k)) & 3 == 3).map(|k| (i, 2 * k)))
+    // A field is 3 when both its bits are set: `b & (b >> 1)` has its low bit set. Scanned
+    // eight bytes at a time; the exact place is looked up only in a word that has one.
+    const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+    let has_code3 = |w: u64| w & (w >> 1) & LOW_BITS != 0;
+    let exact = |base: usize, bytes: &[u8]| {
+        bytes.iter().enumerate().find_map(|(i, &b)| {
+            (0..4)
+                .find(|k| (b >> (2 * k)) & 3 == 3)
+                .map(|k| (base + i, 2 * k))
+        })
+    };
+    let words = packed.chunks_exact(8);
+    let tail = words.remainder();
+    for (j, w) in words.enumerate() {
+        if has_code3(u64::from_le_bytes(w.try_into().expect("8 bytes"))) {
+            return exact(8 * j, w);
+        }
+    }
+    exact(packed.len() - tail.len(), tail)
 }
 
 /// Unpack the native layout. Errors with a description if a code 3 occurs.
@@ -224,6 +239,13 @@ mod tests {
             unpack_hf(&[0xFF], 4, 1).unwrap_err()
         );
         assert!(hf_to_native(&[0x55; 3], 4, 1).is_err());
+        // The word-at-a-time scan finds the exact byte and field, in a word and in the tail.
+        for at in [0, 7, 13, 17] {
+            let mut buf = vec![0x55u8; 18];
+            buf[at] = 0b0011_0101;
+            assert_eq!(find_code3(&buf), Some((at, 4)));
+        }
+        assert_eq!(find_code3(&[0x55u8; 18]), None);
         assert!(unpack_native(&[0b1100_0000], 1, 4)
             .unwrap_err()
             .contains("code 3"));
