@@ -15,6 +15,8 @@
 set -euo pipefail
 M=$(cd "$1" && pwd); W=${2:-${TMPDIR:-/tmp}/llama-peer}; mkdir -p "$W"; cd "$W"
 HERE=$(cd "$(dirname "$0")" && pwd)
+# pip's metadata step for the sdist already needs CMake ≥ 3.21: install it first.
+command -v cmake >/dev/null || pip install -q cmake >/dev/null
 if [ ! -d llama_cpp_python-0.3.36 ]; then
   pip install -q scikit-build-core >/dev/null
   pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36 -d . 
