@@ -107,8 +107,9 @@ pub fn pack_hf(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
     out
 }
 
-/// Unpack Hugging Face's layout (see [`pack_hf`]) into row-major `rows × cols` values.
-pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result<Vec<i8>, String> {
+/// Error unless `packed` is a valid Hugging Face packing of a `rows × cols` matrix: rows a
+/// multiple of 4, the right length, no code 3.
+fn check_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result<(), String> {
     if !rows.is_multiple_of(4) {
         return Err(format!("{rows} output rows is not a multiple of 4"));
     }
@@ -129,6 +130,13 @@ pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result
             (bit / 2) * pr + i / cols.max(1)
         ));
     }
+    Ok(())
+}
+
+/// Unpack Hugging Face's layout (see [`pack_hf`]) into row-major `rows × cols` values.
+pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> std::result::Result<Vec<i8>, String> {
+    check_hf(packed, rows, cols)?;
+    let pr = rows / 4;
     let mut out = vec![0i8; rows * cols];
     for p in 0..pr {
         for c in 0..cols {
@@ -149,14 +157,8 @@ pub fn hf_to_native(
     cols: usize,
 ) -> std::result::Result<Vec<u8>, String> {
     use rayon::prelude::*;
-    if !rows.is_multiple_of(4) {
-        return Err(format!("{rows} output rows is not a multiple of 4"));
-    }
+    check_hf(packed, rows, cols)?;
     let pr = rows / 4;
-    // Checks the length and the codes, with unpack_hf's messages.
-    if packed.len() != pr * cols || find_code3(packed).is_some() {
-        return unpack_hf(packed, rows, cols).map(|_| unreachable!("a bad buffer fails"));
-    }
     let rb = native_row_bytes(cols);
     let mut out = vec![0u8; rows * rb];
     out.par_chunks_mut(rb.max(1))
