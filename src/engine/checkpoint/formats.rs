@@ -554,7 +554,7 @@ fn float_tensors(ck: &Checkpoint, tables: bool) -> BTreeMap<String, OwnedTensor>
     if tables {
         t.insert(
             "model.embed_tokens.weight".into(),
-            OwnedTensor::f32(vec![v, d], &ck.embed_tokens.to_f32()),
+            OwnedTensor::raw(Dtype::F32, vec![v, d], ck.embed_tokens.to_f32_le_bytes()),
         );
     }
     t.insert(
@@ -564,7 +564,7 @@ fn float_tensors(ck: &Checkpoint, tables: bool) -> BTreeMap<String, OwnedTensor>
     if let (Some(h), true) = (&ck.lm_head, tables) {
         t.insert(
             "lm_head.weight".into(),
-            OwnedTensor::f32(vec![v, d], &h.to_f32()),
+            OwnedTensor::raw(Dtype::F32, vec![v, d], h.to_f32_le_bytes()),
         );
     }
     for (l, layer) in ck.layers.iter().enumerate() {
@@ -678,14 +678,14 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
         name: "model.embed_tokens.weight".into(),
         dtype: Dtype::F32,
         shape: vec![v, d],
-        bytes: Box::new(|| f32_bytes(&ck.embed_tokens.to_f32())),
+        bytes: Box::new(|| ck.embed_tokens.to_f32_le_bytes()),
     }];
     if let Some(h) = &ck.lm_head {
         tensors.push(Streamed {
             name: "lm_head.weight".into(),
             dtype: Dtype::F32,
             shape: vec![v, d],
-            bytes: Box::new(move || f32_bytes(&h.to_f32())),
+            bytes: Box::new(move || h.to_f32_le_bytes()),
         });
     }
     for (name, t) in float_tensors(ck, false) {
