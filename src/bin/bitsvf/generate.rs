@@ -133,14 +133,16 @@ fn plain(a: Args) -> Result<()> {
         true
     })?;
     writeln!(out)?;
+    let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
+    let first = first.map_or("no token generated".into(), |t| {
+        format!("first token after {:.2} s", t.as_secs_f64())
+    });
     eprintln!(
-        "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.2} tok/s; first token after \
-         {:.2} s",
+        "prefill {} tokens at {} tok/s; decode {} tokens at {} tok/s; {first}",
         stats.prompt_tokens,
-        stats.prefill_rate(),
+        rate(stats.prefill_rate()),
         stats.new_tokens.saturating_sub(1),
-        stats.decode_rate(),
-        first.unwrap_or_default().as_secs_f64()
+        rate(stats.decode_rate()),
     );
     Ok(())
 }

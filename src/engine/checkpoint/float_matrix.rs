@@ -282,7 +282,11 @@ mod tests {
                 r#"{{"t":{{"dtype":"{}","shape":[2,3],"data_offsets":[0,12]}}}}"#,
                 if dtype == Dtype::BF16 { "BF16" } else { "F16" }
             );
-            let header = if header.len() % 2 == 0 { header + " " } else { header };
+            let header = if header.len() % 2 == 0 {
+                header + " "
+            } else {
+                header
+            };
             let mut file = (header.len() as u64).to_le_bytes().to_vec();
             file.extend_from_slice(header.as_bytes());
             file.extend_from_slice(t.data);

@@ -438,14 +438,14 @@ pub struct GenerateStats {
 }
 
 impl GenerateStats {
-    /// Prompt tokens per second.
-    pub fn prefill_rate(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_seconds
+    /// Prompt tokens per second; None when the prompt's pass did not run (no new token asked).
+    pub fn prefill_rate(&self) -> Option<f64> {
+        (self.new_tokens > 0).then(|| self.prompt_tokens as f64 / self.prefill_seconds)
     }
 
-    /// New tokens per second after the first.
-    pub fn decode_rate(&self) -> f64 {
-        self.new_tokens.saturating_sub(1) as f64 / self.decode_seconds
+    /// New tokens per second after the first; None when there was no second token.
+    pub fn decode_rate(&self) -> Option<f64> {
+        (self.new_tokens > 1).then(|| (self.new_tokens - 1) as f64 / self.decode_seconds)
     }
 }
 
