@@ -460,9 +460,10 @@ pub fn write_safetensors_streamed(
     if let Some(m) = metadata {
         header.insert("__metadata__".into(), serde_json::json!(m));
     }
+    let byte_len = |t: &Streamed| t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
     let mut offset = 0usize;
     for t in &tensors {
-        let len = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+        let len = byte_len(t);
         let entry = serde_json::json!({
             "dtype": dtype_name(t.dtype),
             "shape": t.shape,
@@ -478,7 +479,7 @@ pub fn write_safetensors_streamed(
         w.write_all(&head)?;
         for t in &tensors {
             let bytes = (t.bytes)();
-            let want = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+            let want = byte_len(t);
             if bytes.len() != want {
                 return Err(std::io::Error::other(format!(
                     "tensor `{}` made {} bytes, its header says {want}",

@@ -426,16 +426,12 @@ fn font_registered() -> bool {
     })
 }
 
-/// A sibling of `path` to render into before the rename. It keeps the `.png` extension
-/// because plotters' encoder picks the image format from the file name.
+/// A sibling of `path` to render into before the rename: the atomic writers' temporary name
+/// with `.png` kept at the end, because plotters' encoder picks the format from the name.
 fn temp_sibling(path: &Path) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "plot".into());
-    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.tmp-{}-{k}.png", std::process::id()))
+    let mut name = crate::engine::checkpoint::st::temp_sibling(path).into_os_string();
+    name.push(".png");
+    PathBuf::from(name)
 }
 
 /// Render with `draw` into a temporary sibling of `path`, then rename it over `path`.
