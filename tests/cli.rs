@@ -79,6 +79,32 @@ fn inspect_json_reports_the_fixture() {
     );
 }
 
+/// The output head quantized to Q8_0: its change to the next-token distribution is measured
+/// by `inspect --head`, and `generate --head q8_0` decodes with it.
+#[test]
+fn a_q8_0_head_is_measured_and_generates() {
+    let o = bitsvf(&["inspect", "--head", "q8_0", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let head = &v["head"];
+    // 128 × 256: one byte per value and an f16 scale per 32.
+    assert_eq!(head["bytes"], 128 * 256 + 2 * 128 * 8);
+    assert_eq!(head["stored"], "f32");
+    assert_eq!(head["positions"], 8 * 64);
+    let agreement = head["argmax_agreement"].as_f64().unwrap();
+    let kl = head["mean_kl"].as_f64().unwrap();
+    assert!(agreement > 0.98 && agreement < 1.0 + 1e-12, "{agreement}");
+    assert!(kl > 0.0 && kl < 1e-3, "{kl}");
+    // Greedy text through either head: the same on this prompt.
+    let text = |head: &str| {
+        let o = bitsvf(&["generate", "--prompt", "12+7=", "--head", head]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("tok/s"));
+        o.stdout
+    };
+    assert_eq!(text("q8_0"), text("stored"));
+}
+
 #[test]
 fn dequantize_verify_writes_a_verified_float_model() {
     let tmp = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@
 //! training path may run that way).
 
 use crate::engine::checkpoint::Checkpoint;
-use crate::engine::model::{argmax, Model, ModelOptions, WeightMode};
+use crate::engine::model::{argmax, HeadFormat, Model, ModelOptions, WeightMode};
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::{Error, Result};
 use candle_core::DType;
@@ -139,6 +139,92 @@ pub fn compare_logits(
         mean_kl: kl / n.max(1) as f64,
         max_abs_logit_diff: max,
         passed: agreement >= MIN_AGREEMENT,
+    }
+}
+
+/// How closely the output head held as another format reproduces the stored head: both
+/// heads over the same final hidden states of the ternary model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadRecovery {
+    /// The format compared with the stored head.
+    pub format: String,
+    /// The stored head's dtype.
+    pub stored: String,
+    /// Bytes of the head in that format.
+    pub bytes: usize,
+    /// Bytes of the stored head.
+    pub stored_bytes: usize,
+    /// Probe positions compared.
+    pub positions: usize,
+    /// Share of positions whose argmax equals the stored head's.
+    pub argmax_agreement: f64,
+    /// Mean KL(stored ‖ format) over positions, in nats.
+    pub mean_kl: f64,
+    /// Largest |Δ logit|.
+    pub max_abs_logit_diff: f32,
+}
+
+/// [`HeadRecovery`] of `format` on a [`random_probe`] of `rows` sequences of `len` ids (capped
+/// by the model's context), one row at a time.
+pub fn head_recovery(
+    ck: &Checkpoint,
+    format: HeadFormat,
+    rows: usize,
+    len: usize,
+    seed: u64,
+) -> Result<HeadRecovery> {
+    let len = len.min(ck.config.max_position_embeddings);
+    let probe = random_probe(ck.config.vocab_size, rows, len, seed);
+    let stored = Model::new(ck, ModelOptions::default())?;
+    let other = stored.clone().with_head(format)?;
+    let vocab = ck.config.vocab_size;
+    let (mut agree, mut kl, mut max, mut n) = (0f64, 0f64, 0f32, 0usize);
+    for row in &probe {
+        let h = stored.hidden_states(&stored.ids_tensor(std::slice::from_ref(row))?, None)?;
+        let flat = |m: &Model| -> Result<Vec<f32>> {
+            Ok(m.logits(&h)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        };
+        let r = compare_logits(&flat(&stored)?, &flat(&other)?, vocab, true);
+        agree += r.argmax_agreement * row.len() as f64;
+        kl += r.mean_kl * row.len() as f64;
+        max = max.max(r.max_abs_logit_diff);
+        n += row.len();
+    }
+    let n_f = n.max(1) as f64;
+    let lm = ck.lm_head();
+    Ok(HeadRecovery {
+        format: format.name().to_string(),
+        stored: lm.dtype().name().to_string(),
+        bytes: match format {
+            HeadFormat::Stored => lm.stored_bytes(),
+            HeadFormat::Q8_0 => crate::engine::checkpoint::StoredDtype::Q8_0.bytes(lm.len()),
+        },
+        stored_bytes: lm.stored_bytes(),
+        positions: n,
+        argmax_agreement: agree / n_f,
+        mean_kl: kl / n_f,
+        max_abs_logit_diff: max,
+    })
+}
+
+impl HeadRecovery {
+    /// One line for `bitsvf inspect`.
+    pub fn to_text(&self) -> String {
+        format!(
+            "\nhead as {}: {} ({:.2}× the stored {}); against the stored head over {} probe \
+             positions: argmax agreement {:.2}%, mean KL {:.2e} nats, max |Δlogit| {:.2e}\n",
+            self.format,
+            crate::engine::inspect::human_bytes(self.bytes as u64),
+            self.bytes as f64 / self.stored_bytes.max(1) as f64,
+            self.stored,
+            self.positions,
+            100.0 * self.argmax_agreement,
+            self.mean_kl,
+            self.max_abs_logit_diff
+        )
     }
 }
 

@@ -5,7 +5,7 @@ use crate::common::svd_cache;
 use anyhow::Result;
 use bitsvf::adapt::dispatch::{Library, Strategy};
 use bitsvf::adapt::two_pass::{pass1, pass2};
-use bitsvf::engine::model::{GenerateOptions, Model, ModelOptions};
+use bitsvf::engine::model::{GenerateOptions, HeadFormat, Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::prompt_ids;
 use bitsvf::pipeline::Handoff;
@@ -41,6 +41,11 @@ pub struct Args {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How the output head is held: as stored, or quantized to q8_0 on load (about half the
+    /// bytes read per token of a bf16 head; `bitsvf inspect MODEL --head q8_0` measures the
+    /// change in the next-token distribution). The base model alone only.
+    #[arg(long, value_enum, default_value = "stored")]
+    head: HeadFormat,
     /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -50,6 +55,11 @@ pub fn run(a: Args) -> Result<()> {
     let Some(experts) = a.experts.clone() else {
         return plain(a);
     };
+    anyhow::ensure!(
+        a.head == HeadFormat::Stored,
+        "--head {} is for the base model alone; with --experts the head stays as stored",
+        a.head.name()
+    );
     let strategy: Strategy = a.dispatch.parse()?;
     let h = Handoff::open(&experts)?;
     if let Some(m) = &a.model {
@@ -99,7 +109,7 @@ fn plain(a: Args) -> Result<()> {
     let start = Instant::now();
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
-    let model = Model::new(&ck, ModelOptions::default())?;
+    let model = Model::new(&ck, ModelOptions::default())?.with_head(a.head)?;
     let prompt = prompt_ids(tok.as_ref(), &a.prompt)?;
     let room = ck.config.max_position_embeddings;
     anyhow::ensure!(

@@ -1,7 +1,9 @@
 //! `bitsvf inspect`: a model's report, or a handoff directory's summary.
 
 use anyhow::Result;
+use bitsvf::engine::model::HeadFormat;
 use bitsvf::engine::{checkpoint, inspect};
+use bitsvf::eval::recovery;
 use bitsvf::pipeline::Handoff;
 use std::path::PathBuf;
 
@@ -13,6 +15,19 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also measure the output head held in this format against the stored one (argmax
+    /// agreement and KL over a random probe set), as `generate --head` would use it.
+    #[arg(long, value_enum)]
+    head: Option<HeadFormat>,
+    /// Probe rows for --head.
+    #[arg(long, default_value_t = 8)]
+    probe_rows: usize,
+    /// Probe tokens per row for --head (capped by the model's context).
+    #[arg(long, default_value_t = 64)]
+    probe_len: usize,
+    /// Seed of the probe set.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -29,11 +44,23 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let report = inspect::inspect(&checkpoint::load_or_default(a.model.as_deref())?);
+    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let report = inspect::inspect(&ck);
+    let head = a
+        .head
+        .map(|f| recovery::head_recovery(&ck, f, a.probe_rows, a.probe_len, a.seed))
+        .transpose()?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(h) = &head {
+            v["head"] = serde_json::to_value(h)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", report.to_text());
+        if let Some(h) = &head {
+            print!("{}", h.to_text());
+        }
     }
     Ok(())
 }

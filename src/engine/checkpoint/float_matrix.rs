@@ -5,7 +5,8 @@
 //! the head is a transposed copy.
 
 use super::st::{RawTensor, SharedBytes};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 use std::sync::Arc;
 
@@ -18,14 +19,21 @@ pub enum StoredDtype {
     Bf16,
     /// IEEE half, the bytes of the weight file.
     F16,
+    /// ggml's Q8_0: blocks of 32 int8 values sharing one f16 scale (8.5 bits per value),
+    /// quantized in memory from the stored matrix.
+    Q8_0,
 }
 
+/// Values per Q8_0 block.
+pub const Q8_0_BLOCK: usize = 32;
+
 impl StoredDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes held for `n` elements (a whole number of blocks for Q8_0).
+    pub fn bytes(self, n: usize) -> usize {
         match self {
-            StoredDtype::F32 => 4,
-            StoredDtype::Bf16 | StoredDtype::F16 => 2,
+            StoredDtype::F32 => 4 * n,
+            StoredDtype::Bf16 | StoredDtype::F16 => 2 * n,
+            StoredDtype::Q8_0 => n + 2 * n.div_ceil(Q8_0_BLOCK),
         }
     }
 
@@ -35,6 +43,7 @@ impl StoredDtype {
             StoredDtype::F32 => "f32",
             StoredDtype::Bf16 => "bf16",
             StoredDtype::F16 => "f16",
+            StoredDtype::Q8_0 => "q8_0",
         }
     }
 }
@@ -43,6 +52,13 @@ impl StoredDtype {
 enum Data {
     F32(Arc<Vec<f32>>),
     Half(StoredDtype, SharedBytes),
+    Q8_0(Arc<Q8_0>),
+}
+
+/// Q8_0 values: value `i` is `qs[i] · scales[i / 32]`.
+struct Q8_0 {
+    scales: Vec<half::f16>,
+    qs: Vec<i8>,
 }
 
 /// A `rows × cols` row-major float matrix in its stored dtype; cloning shares the data.
@@ -130,6 +146,7 @@ impl FloatMatrix {
         match &self.data {
             Data::F32(_) => StoredDtype::F32,
             Data::Half(d, _) => *d,
+            Data::Q8_0(_) => StoredDtype::Q8_0,
         }
     }
 
@@ -145,14 +162,14 @@ impl FloatMatrix {
 
     /// Bytes held (or mapped).
     pub fn stored_bytes(&self) -> usize {
-        self.len() * self.dtype().size()
+        self.dtype().bytes(self.len())
     }
 
     /// The f32 values when the matrix is held as f32.
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             Data::F32(v) => Some(v),
-            Data::Half(..) => None,
+            _ => None,
         }
     }
 
@@ -178,6 +195,19 @@ impl FloatMatrix {
         let (d, bytes) = match &self.data {
             Data::F32(v) => return out.copy_from_slice(&v[start..start + n]),
             Data::Half(d, bytes) => (*d, bytes),
+            Data::Q8_0(q) => {
+                // Rows hold whole blocks, so `start` is a block boundary.
+                let qs = &q.qs[start..start + n];
+                let scales = &q.scales[start / Q8_0_BLOCK..];
+                let blocks = out.chunks_mut(Q8_0_BLOCK).zip(qs.chunks(Q8_0_BLOCK));
+                for ((o, b), s) in blocks.zip(scales) {
+                    let s = s.to_f32();
+                    for (o, &v) in o.iter_mut().zip(b) {
+                        *o = v as f32 * s;
+                    }
+                }
+                return;
+            }
         };
         let widen = |b: u16| match d {
             StoredDtype::Bf16 => f32::from_bits((b as u32) << 16),
@@ -198,6 +228,65 @@ impl FloatMatrix {
         }
     }
 
+    /// The int8 values and f16 block scales of a Q8_0 matrix.
+    pub fn q8_0(&self) -> Option<(&[i8], &[half::f16])> {
+        match &self.data {
+            Data::Q8_0(q) => Some((&q.qs, &q.scales)),
+            _ => None,
+        }
+    }
+
+    /// This matrix quantized to Q8_0 as ggml does it (per block of 32: scale = max|x| / 127
+    /// stored as f16, values rounded to nearest, ties away from zero), in parallel over rows.
+    /// Errors when a row is not a whole number of blocks.
+    pub fn to_q8_0(&self) -> Result<FloatMatrix> {
+        if !self.cols.is_multiple_of(Q8_0_BLOCK) {
+            return Err(Error::Input(format!(
+                "a {}×{} matrix cannot be held as q8_0: its rows of {} are not a whole number \
+                 of {Q8_0_BLOCK}-value blocks",
+                self.rows, self.cols, self.cols
+            )));
+        }
+        let (n, cols) = (self.len(), self.cols.max(1));
+        let mut q = Q8_0 {
+            scales: vec![half::f16::ZERO; n / Q8_0_BLOCK],
+            qs: vec![0i8; n],
+        };
+        let per_row = cols / Q8_0_BLOCK;
+        let rows =
+            q.qs.par_chunks_mut(cols)
+                .zip(q.scales.par_chunks_mut(per_row.max(1)));
+        rows.enumerate().for_each_init(
+            || vec![0f32; cols],
+            |row, (r, (qs, scales))| {
+                self.row_into(r, row);
+                let blocks = row.chunks(Q8_0_BLOCK).zip(qs.chunks_mut(Q8_0_BLOCK));
+                for ((x, q), s) in blocks.zip(scales) {
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    for (q, &v) in q.iter_mut().zip(x) {
+                        *q = (v * inv).round() as i8;
+                    }
+                    *s = half::f16::from_f32(d);
+                }
+            },
+        );
+        Ok(FloatMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            data: Data::Q8_0(Arc::new(q)),
+        })
+    }
+
+    /// Drop the resident pages of a memory-mapped matrix once nothing reads them for a
+    /// while (they are read from the file again when needed); nothing for one in memory.
+    pub fn release_pages(&self) {
+        if let Data::Half(_, bytes) = &self.data {
+            bytes.release();
+        }
+    }
+
     /// All values as little-endian f32 bytes (what an f32 tensor file holds), a row at a time:
     /// no f32 copy of the whole matrix in between.
     pub fn to_f32_le_bytes(&self) -> Vec<u8> {
@@ -210,7 +299,7 @@ impl FloatMatrix {
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             Data::F32(v) => v.as_ref().clone(),
-            Data::Half(..) => {
+            _ => {
                 let mut out = vec![0f32; self.len()];
                 self.rows_into(0, &mut out);
                 out
@@ -265,7 +354,7 @@ mod tests {
             let t = tf.get("t").unwrap();
             let want = t.to_f32().unwrap();
             let m = FloatMatrix::read(&t, 2, 3).unwrap();
-            assert_eq!(m.dtype().size(), 2);
+            assert_eq!(m.dtype().bytes(1), 2);
             assert_eq!(m.to_f32(), want);
             let le: Vec<u8> = want.iter().flat_map(|x| x.to_le_bytes()).collect();
             assert_eq!(m.to_f32_le_bytes(), le);
@@ -317,5 +406,40 @@ mod tests {
                 assert!(err.to_string().contains("index 4"), "{err}");
             }
         }
+    }
+
+    /// Q8_0 blocks byte for byte as the `gguf` Python package makes them
+    /// (scripts/reference/make_q8_0_fixture.py), and values read back as scale · q.
+    #[test]
+    fn q8_0_matches_ggml_and_reads_back_as_scale_times_q() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/q8_0");
+        let values: Vec<f32> = std::fs::read(dir.join("values.f32"))
+            .unwrap()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let want = std::fs::read(dir.join("q8_0.bin")).unwrap();
+        let m = FloatMatrix::from_f32(values, 6, 64).to_q8_0().unwrap();
+        assert_eq!(m.dtype(), StoredDtype::Q8_0);
+        assert_eq!(m.stored_bytes(), want.len());
+        let (qs, scales) = m.q8_0().unwrap();
+        let mut got = Vec::new();
+        for (b, s) in qs.chunks(Q8_0_BLOCK).zip(scales) {
+            got.extend(s.to_le_bytes());
+            got.extend(b.iter().map(|&q| q as u8));
+        }
+        assert_eq!(got, want);
+        let mut row = vec![0f32; 64];
+        m.row_into(5, &mut row);
+        for (c, &v) in row.iter().enumerate() {
+            let s = scales[5 * 2 + c / Q8_0_BLOCK].to_f32();
+            assert_eq!(v, qs[5 * 64 + c] as f32 * s);
+        }
+        assert_eq!(m.to_f32()[5 * 64..], row);
+        // Rows that are not whole blocks are refused.
+        let err = FloatMatrix::from_f32(vec![0.0; 40], 2, 20)
+            .to_q8_0()
+            .unwrap_err();
+        assert!(err.to_string().contains("2×20"), "{err}");
     }
 }

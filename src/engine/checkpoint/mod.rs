@@ -13,7 +13,7 @@ mod float_matrix;
 mod formats;
 pub mod st;
 
-pub use float_matrix::{FloatMatrix, StoredDtype};
+pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};
 
 pub use formats::{
     display_name, load, load_default, load_or_default, save_dequantized, save_native,

@@ -34,6 +34,20 @@ pub struct SharedBytes {
     len: usize,
 }
 
+impl SharedBytes {
+    /// Give back the resident pages of these bytes when they are memory-mapped (see
+    /// [`TensorFiles::release`]); best effort.
+    pub fn release(&self) {
+        if let Backing::Mmap(map) = &*self.backing {
+            // SAFETY: a read-only private file mapping: dropped pages are read again from
+            // the file when next touched.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.start, self.len)
+            };
+        }
+    }
+}
+
 impl std::ops::Deref for SharedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -12,6 +12,7 @@
 mod linear;
 mod rope;
 mod sampling;
+mod table;
 
 use crate::engine::config::Activation;
 use crate::engine::tokenizer::byte_ids;
@@ -19,8 +20,10 @@ use crate::engine::tokenizer::BYTE_VOCAB;
 pub use linear::{ternarize_ste, AdaptedLinear, BitLinear, LinearWeight};
 use rope::Rope;
 pub use sampling::{argmax, sample, GenerateOptions};
+pub use table::HeadFormat;
+use table::Table;
 
-use crate::engine::checkpoint::{Checkpoint, FloatMatrix, LinearKind};
+use crate::engine::checkpoint::{Checkpoint, LinearKind};
 use crate::engine::config::ModelConfig;
 use crate::engine::ops::{self, matmul_const, rms_norm};
 use crate::engine::ternary::TernaryMatrix;
@@ -114,48 +117,6 @@ pub struct Model {
     head: Table,
     rope: Rope,
     device: Device,
-}
-
-/// The embeddings or the output head.
-#[derive(Debug, Clone)]
-enum Table {
-    /// The checkpoint's `[vocab, d]` matrix in its stored dtype, shared (f32 models: the
-    /// embeddings, and a bf16 / f16 head).
-    Stored(FloatMatrix),
-    /// A tensor: `[vocab, d]` embeddings, or the head transposed `[d, vocab]` — trained from
-    /// scratch, or converted to a dtype other than f32.
-    Tensor(Tensor),
-}
-
-impl Table {
-    /// The checkpoint's `m` for an f32 model, else `m` (transposed when `head`) in `dt`.
-    /// An f32 head is the exception: it is held transposed, because the product with the
-    /// transposed copy is the one every figure so far was computed with, to the bit (a
-    /// product over `m` in place rounds differently); bf16 and f16 heads stay stored.
-    fn new(m: &FloatMatrix, head: bool, dt: DType, dev: &Device) -> Result<Self> {
-        let exact_f32_head = head && m.as_f32().is_some();
-        if dt == DType::F32 && !exact_f32_head {
-            return Ok(Table::Stored(m.clone()));
-        }
-        let t = Tensor::from_vec(m.to_f32(), (m.rows, m.cols), dev)?.to_dtype(dt)?;
-        Ok(Table::Tensor(match head {
-            true => t.t()?.contiguous()?,
-            false => t,
-        }))
-    }
-
-    /// As a `[vocab, d]` matrix (`head`: a tensor holds the transposed head).
-    fn to_matrix(&self, head: bool) -> Result<FloatMatrix> {
-        match self {
-            Table::Stored(m) => Ok(m.clone()),
-            Table::Tensor(t) => {
-                let t = if head { t.t()? } else { t.clone() };
-                let (v, d) = t.dims2()?;
-                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Ok(FloatMatrix::from_f32(values, v, d))
-            }
-        }
-    }
 }
 
 fn vec_tensor(v: &[f32], dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -268,8 +229,8 @@ impl Model {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
     }
 
-    /// The output head over final-normed hidden states, checked finite.
-    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+    /// The output head over final-normed hidden states `[.., d]`, checked finite.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let logits = match &self.head {
             Table::Stored(w) => ops::matmul_rows(h, w)?,
             Table::Tensor(wt) => matmul_const(h, wt)?,

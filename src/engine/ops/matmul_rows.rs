@@ -23,7 +23,7 @@ const FEW_ROWS_TASK: usize = 512;
 const BACKWARD_BLOCK_ROWS: usize = 1024;
 
 /// `x` `[.., k]` times the transpose of `w` `[n, k]`: `[.., n]`. An f32 `w` is used in place;
-/// a bf16 / f16 `w` is converted to f32 a block of rows at a time (never as a whole), so the
+/// a bf16 / f16 / Q8_0 `w` is converted to f32 a block of rows at a time (never as a whole), so the
 /// memory read per call is the stored matrix once. The backward pass returns only
 /// ∂L/∂x = ∂L/∂y · w. An `x` that is not f32 takes [`matmul_const`] over an f32 copy of `w`.
 pub fn matmul_rows(x: &Tensor, w: &FloatMatrix) -> Result<Tensor> {
@@ -74,6 +74,38 @@ fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
     body(x, w)
 }
 
+/// Σ x[i]·q[i]·scales[i / 32] for a Q8_0 row (`x.len()` a multiple of 32), with AVX-512 when
+/// the CPU has it. Each lane accumulates x·scale·q, so no block ends in a horizontal sum.
+fn dot_q8_0(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
+    #[inline(always)]
+    fn body(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
+        const B: usize = crate::engine::checkpoint::Q8_0_BLOCK;
+        let mut acc = [0f32; B];
+        let blocks = x.chunks_exact(B).zip(q.chunks_exact(B));
+        for ((xb, qb), s) in blocks.zip(scales) {
+            let s = s.to_f32();
+            for i in 0..B {
+                acc[i] += xb[i] * s * qb[i] as f32;
+            }
+        }
+        acc.iter().sum()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn avx512(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
+        body(x, q, scales)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // Safety: the CPU has the features `avx512` is compiled for.
+        return unsafe { avx512(x, q, scales) };
+    }
+    body(x, q, scales)
+}
+
 struct MatmulRows {
     w: FloatMatrix,
 }
@@ -114,10 +146,20 @@ impl MatmulRows {
     fn forward_few(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.w.rows, self.w.cols);
         let bf16 = self.w.half_bits().filter(|(d, _)| *d == StoredDtype::Bf16);
+        let q8 = self.w.q8_0();
+        let per_row = k / crate::engine::checkpoint::Q8_0_BLOCK;
         let mut yt = vec![0f32; n * m];
         let task = |buf: &mut Vec<f32>, (c, out): (usize, &mut [f32])| {
             for (jj, o) in out.chunks_mut(m).enumerate() {
                 let j = c * FEW_ROWS_TASK + jj;
+                if let Some((qs, scales)) = q8 {
+                    // Q8_0 is widened inside the dot product too.
+                    let (row, s) = (&qs[j * k..(j + 1) * k], &scales[j * per_row..]);
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = dot_q8_0(&x[i * k..(i + 1) * k], row, s);
+                    }
+                    continue;
+                }
                 if let Some((_, w)) = bf16 {
                     // bf16 → f32 is a shift: fused into the dot product, no buffer.
                     let row = &w[j * k..(j + 1) * k];
@@ -232,10 +274,20 @@ mod tests {
     fn matches_the_dense_product_and_differentiates() {
         use safetensors::Dtype;
         // 150 rows: two full forward blocks and a partial one.
-        for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
-            let (w, values) = stored(150, 24, dtype);
-            let dense = Tensor::from_vec(values, (150, 24), &candle_core::Device::Cpu).unwrap();
-            for shape in [vec![1, 24], vec![3, 5, 24]] {
+        // Q8_0 (blocks of 32, so 64 columns) against the product with its own f32 values.
+        let q8 = |(m, _): (FloatMatrix, Vec<f32>)| {
+            let q = m.to_q8_0().unwrap();
+            let f = q.to_f32();
+            (q, f)
+        };
+        let cases = [Dtype::F32, Dtype::BF16, Dtype::F16]
+            .map(|d| (format!("{d:?}"), stored(150, 24, d)))
+            .into_iter()
+            .chain([("Q8_0".into(), q8(stored(150, 64, Dtype::BF16)))]);
+        for (dtype, (w, values)) in cases {
+            let k = w.cols;
+            let dense = Tensor::from_vec(values, (150, k), &candle_core::Device::Cpu).unwrap();
+            for shape in [vec![1, k], vec![3, 5, k]] {
                 let x = uniform(&shape, 4).to_dtype(DType::F32).unwrap();
                 let dense_t = dense.t().unwrap();
                 let want = matmul_const(&x, &dense_t).unwrap();
@@ -255,7 +307,7 @@ mod tests {
                 assert!(err < 1e-4, "{dtype:?} {shape:?} gradient: {err}");
             }
             // f64 inputs take the matmul_const path over an f32 copy, with its gradients.
-            let x = uniform(&[2, 24], 6);
+            let x = uniform(&[2, k], 6);
             check_gradients(&[x], &[true], &|a| matmul_rows(&a[0], &w));
         }
     }
