@@ -106,6 +106,45 @@ fn a_q8_0_head_is_measured_and_generates() {
 }
 
 #[test]
+fn bench_measures_each_mode() {
+    let o = bitsvf(&[
+        "bench",
+        "--mode",
+        "ternary,dense",
+        "--head",
+        "q8_0",
+        "--repeats",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--bandwidth-mb",
+        "16",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (v, mode) in lines.iter().zip(["ternary", "dense"]) {
+        assert_eq!(v["mode"], mode);
+        assert_eq!(v["head"], "q8_0");
+        assert_eq!(
+            (v["prompt_tokens"].as_u64(), v["gen_tokens"].as_u64()),
+            (Some(8), Some(3))
+        );
+        assert!(v["decode"]["mean"].as_f64().unwrap() > 0.0);
+        assert!(v["read_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
+    }
+    // Dense linears read 4 bytes per weight, packed ones a quarter byte and their scales.
+    let bytes = |v: &serde_json::Value| v["weight_bytes_per_token"].as_f64().unwrap();
+    assert!(bytes(&lines[1]) > 10.0 * bytes(&lines[0]));
+}
+
+#[test]
 fn dequantize_verify_writes_a_verified_float_model() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("f32");

@@ -1,6 +1,7 @@
 //! Greedy accuracy per domain on held-out splits (`bitsvf eval`).
 
 pub mod batch;
+pub mod bench;
 pub mod recovery;
 pub mod speed;
 

@@ -3,6 +3,7 @@
 //! rerun of the same command skips finished stages (an interrupted expert resumes in its own).
 
 use crate::error::Result;
+use crate::eval::bench::{peak_rss_mb, reset_peak_rss};
 use crate::io::{read_json, write_json};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -26,19 +27,6 @@ pub struct StageRecord {
     pub seconds: f64,
     /// Peak resident memory during the stage, MB (`None` where the OS does not say).
     pub peak_rss_mb: Option<f64>,
-}
-
-/// Peak RSS since the last reset, from /proc (Linux).
-fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Reset the peak-RSS counter (Linux ≥ 4.0), so each stage reports its own peak.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 #[derive(Serialize, Deserialize)]

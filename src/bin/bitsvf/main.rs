@@ -2,6 +2,7 @@
 //! arguments, calls the library and prints the result; this file holds the command list,
 //! logging, and the huge-page re-exec of the training commands.
 
+mod bench;
 mod common;
 mod compare;
 mod convert;
@@ -64,6 +65,9 @@ enum Command {
     Generate(generate::Args),
     /// Convert any supported model to the bitsvf native format (one safetensors file).
     Convert(convert::Args),
+    /// Prefill and decode speed, resident memory and bandwidth use of a model (ternary and
+    /// dense), in the figures llama.cpp's llama-bench reports.
+    Bench(bench::Args),
 }
 
 /// On Linux/glibc, back large allocations with transparent huge pages: training allocates
@@ -120,6 +124,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(a) => run::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

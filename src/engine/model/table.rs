@@ -89,6 +89,26 @@ impl Model {
         Ok(self)
     }
 
+    /// Bytes of weights a decoded token reads: every linear (packed ternary or dense) and
+    /// the output head, in the form they are held (a hybrid linear counts its packed base;
+    /// a z-adapted one is not counted).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        use super::LinearWeight;
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let linears: usize = (self.blocks.iter().flat_map(|b| &b.linears))
+            .map(|l| match &l.weight {
+                LinearWeight::Ternary(m) | LinearWeight::Hybrid(m, _) => m.packed_bytes(),
+                LinearWeight::Dense(t) | LinearWeight::Qat(t) => tensor(t),
+                LinearWeight::Adapted(_) => 0,
+            })
+            .sum();
+        let head = match &self.head {
+            Table::Stored(m) => m.stored_bytes(),
+            Table::Tensor(t) => tensor(t),
+        };
+        linears + head
+    }
+
     /// How the output head is held now: its dtype's name.
     pub fn head_dtype(&self) -> String {
         match &self.head {
