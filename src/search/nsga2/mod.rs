@@ -476,7 +476,14 @@ fn tournament(population: &[Individual], rng: &mut StdRng) -> usize {
     }
 }
 
-/// λ = μ children: tournament-selected parent pairs, SBX, then polynomial mutation.
+/// Rounds of mating tried for children that are new genomes before duplicates are let in
+/// (pymoo's `n_max_iterations` for the same purpose).
+const MATING_ROUNDS: usize = 100;
+
+/// λ = μ children: tournament-selected parent pairs, SBX, then polynomial mutation. As in
+/// pymoo's default, a child equal to a member of the population or to an earlier child is
+/// dropped and mating repeats (up to [`MATING_ROUNDS`] times the population's worth), so no
+/// evaluation is spent on a genome already present and copies do not crowd out the front.
 fn offspring(
     population: &[Individual],
     bounds: &[(f64, f64)],
@@ -484,8 +491,16 @@ fn offspring(
     mutation_prob: f64,
     rng: &mut StdRng,
 ) -> Vec<Vec<f64>> {
-    let mut children = Vec::with_capacity(population.len() + 1);
-    while children.len() < population.len() {
+    let n = population.len();
+    let key = |g: &[f64]| g.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+    let mut seen: std::collections::HashSet<Vec<u64>> =
+        population.iter().map(|i| key(&i.genome)).collect();
+    let mut children = Vec::with_capacity(n + 1);
+    let mut copies = Vec::new();
+    for _ in 0..MATING_ROUNDS * n.div_ceil(2) {
+        if children.len() >= n {
+            break;
+        }
         let first = &population[tournament(population, rng)].genome;
         let second = &population[tournament(population, rng)].genome;
         let (mut c1, mut c2) = (first.clone(), second.clone());
@@ -494,10 +509,17 @@ fn offspring(
         }
         polynomial_mutation(&mut c1, bounds, config.mutation_eta, mutation_prob, rng);
         polynomial_mutation(&mut c2, bounds, config.mutation_eta, mutation_prob, rng);
-        children.push(c1);
-        children.push(c2);
+        for c in [c1, c2] {
+            match seen.insert(key(&c)) {
+                true => children.push(c),
+                false => copies.push(c),
+            }
+        }
     }
-    children.truncate(population.len());
+    // A search space too small for n new genomes: fill up with copies.
+    let short = n.saturating_sub(children.len());
+    children.extend(copies.into_iter().take(short));
+    children.truncate(n);
     children
 }
 

@@ -53,15 +53,23 @@ fn run_zdt(shape: fn(f64, f64) -> f64, config: &Nsga2Config) -> Nsga2Result {
     nsga2(&bounds, config, evaluate, |_, _| {}).unwrap()
 }
 
-fn zdt_config() -> Nsga2Config {
+fn zdt_config(seed: u64) -> Nsga2Config {
     Nsga2Config {
-        seed: 7,
+        seed,
         hv_reference: Some(vec![1.1, 1.1]),
         ..sized(100, 250)
     }
 }
 
-fn assert_reaches(name: &str, shape: fn(f64, f64) -> f64, closed_form: Option<f64>) {
+/// Seeds every benchmark is run with.
+const SEEDS: std::ops::Range<u64> = 0..5;
+
+/// At pymoo's budget for ZDT (population 100, 250 generations), every seed reaches `bar` of
+/// the true front's hypervolume. The bars sit just under what pymoo 0.6's NSGA-II reaches on
+/// seeds 0–4 (scripts/reference/pymoo_zdt.py): ZDT1 0.9920–0.9923, ZDT2 0.9861–0.9876, ZDT3
+/// 0.9967–0.9970. No 100-point set does much better on ZDT2: evenly spread points on its
+/// concave front reach about 0.992.
+fn assert_reaches(name: &str, shape: fn(f64, f64) -> f64, closed_form: Option<f64>, bar: f64) {
     let reference = [1.1, 1.1];
     let truth = analytic_hypervolume(shape, &reference);
     if let Some(exact) = closed_form {
@@ -70,29 +78,55 @@ fn assert_reaches(name: &str, shape: fn(f64, f64) -> f64, closed_form: Option<f6
             "{name}: sampled {truth} vs {exact}"
         );
     }
-    let result = run_zdt(shape, &zdt_config());
-    let found = hypervolume(&result.front_objectives(), &reference);
-    let ratio = found / truth;
-    eprintln!("{name}: HV {found:.6} / analytic {truth:.6} = {ratio:.4}");
-    assert!(ratio >= 0.98, "{name}: HV ratio {ratio} < 0.98");
-    assert_eq!(result.history.last().unwrap().hypervolume, found);
+    for seed in SEEDS {
+        let result = run_zdt(shape, &zdt_config(seed));
+        let found = hypervolume(&result.front_objectives(), &reference);
+        let ratio = found / truth;
+        eprintln!("{name} seed {seed}: HV {found:.6} / analytic {truth:.6} = {ratio:.4}");
+        assert!(ratio >= bar, "{name} seed {seed}: HV ratio {ratio} < {bar}");
+        assert_eq!(result.history.last().unwrap().hypervolume, found);
+    }
 }
 
 #[test]
-fn zdt1_reaches_98_percent_of_true_hypervolume() {
+fn zdt1_reaches_pymoos_hypervolume_on_every_seed() {
     // ∫0^1 (1.1 - (1 - √f1)) df1 + 0.1·1.1 = 0.1 + 2/3 + 0.11.
-    assert_reaches("ZDT1", zdt1, Some(0.11 + 0.1 + 2.0 / 3.0));
+    assert_reaches("ZDT1", zdt1, Some(0.11 + 0.1 + 2.0 / 3.0), 0.990);
 }
 
 #[test]
-fn zdt2_reaches_98_percent_of_true_hypervolume() {
+fn zdt2_reaches_pymoos_hypervolume_on_every_seed() {
     // ∫0^1 (1.1 - (1 - f1²)) df1 + 0.1·1.1 = 0.1 + 1/3 + 0.11.
-    assert_reaches("ZDT2", zdt2, Some(0.11 + 0.1 + 1.0 / 3.0));
+    assert_reaches("ZDT2", zdt2, Some(0.11 + 0.1 + 1.0 / 3.0), 0.985);
 }
 
 #[test]
-fn zdt3_reaches_98_percent_of_true_hypervolume() {
-    assert_reaches("ZDT3", zdt3, None);
+fn zdt3_reaches_pymoos_hypervolume_on_every_seed() {
+    assert_reaches("ZDT3", zdt3, None, 0.995);
+}
+
+/// Children are new genomes: with duplicates dropped, no generation re-evaluates a genome of
+/// the population or evaluates one twice.
+#[test]
+fn offspring_are_never_copies_of_the_population_or_each_other() {
+    let bounds = vec![(0.0, 1.0); 3];
+    let mut seen = std::collections::HashSet::new();
+    let evaluate = |batch: &[Vec<f64>]| -> Result<_, Infallible> {
+        for g in batch {
+            let key: Vec<u64> = g.iter().map(|x| x.to_bits()).collect();
+            assert!(seen.insert(key), "genome {g:?} evaluated twice");
+        }
+        Ok(batch
+            .iter()
+            .map(|x| vec![x[0], 1.0 - x[0] + x[1] + x[2]])
+            .collect())
+    };
+    let config = Nsga2Config {
+        // Few variables and a low crossover rate: copies of parents are common.
+        crossover_prob: 0.2,
+        ..sized(20, 30)
+    };
+    nsga2(&bounds, &config, evaluate, |_, _| {}).unwrap();
 }
 
 #[test]
