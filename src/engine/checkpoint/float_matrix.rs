@@ -26,6 +26,24 @@ pub enum StoredDtype {
 
 /// Values per Q8_0 block.
 pub const Q8_0_BLOCK: usize = 32;
+/// Bytes of a mapped matrix read (scanned, or quantized to Q8_0) between two releases of
+/// its pages.
+const RELEASE_CHUNK_BYTES: usize = 32 << 20;
+
+/// One row to Q8_0 as ggml's `quantize_row_q8_0_ref`: per block, scale = max|x| / 127 (kept
+/// as f16) and values rounded to nearest, ties away from zero.
+fn quantize_q8_0_row(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
+    let blocks = row.chunks(Q8_0_BLOCK).zip(qs.chunks_mut(Q8_0_BLOCK));
+    for ((x, q), s) in blocks.zip(scales) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = (v * inv).round() as i8;
+        }
+        *s = half::f16::from_f32(d);
+    }
+}
 
 impl StoredDtype {
     /// Bytes held for `n` elements (a whole number of blocks for Q8_0).
@@ -119,7 +137,16 @@ impl FloatMatrix {
             _ => 0x7C00,
         };
         let bad = match m.half_bits() {
-            Some((_, bits)) => bits.iter().position(|&b| b & exponent == exponent),
+            // A chunk at a time, its pages given back once scanned: checking a 0.66 GB
+            // embedding leaves none of it resident (rows are mapped in again when used).
+            Some((_, bits)) => {
+                let chunk = (RELEASE_CHUNK_BYTES / 2).max(1);
+                bits.chunks(chunk).enumerate().find_map(|(c, part)| {
+                    let found = part.iter().position(|&b| b & exponent == exponent);
+                    m.data_release(c * chunk * 2, part.len() * 2);
+                    found.map(|i| c * chunk + i)
+                })
+            }
             None => {
                 let mut row = vec![0f32; cols];
                 (0..rows).find_map(|r| {
@@ -252,26 +279,25 @@ impl FloatMatrix {
             scales: vec![half::f16::ZERO; n / Q8_0_BLOCK],
             qs: vec![0i8; n],
         };
-        let per_row = cols / Q8_0_BLOCK;
-        let rows =
-            q.qs.par_chunks_mut(cols)
-                .zip(q.scales.par_chunks_mut(per_row.max(1)));
-        rows.enumerate().for_each_init(
-            || vec![0f32; cols],
-            |row, (r, (qs, scales))| {
-                self.row_into(r, row);
-                let blocks = row.chunks(Q8_0_BLOCK).zip(qs.chunks_mut(Q8_0_BLOCK));
-                for ((x, q), s) in blocks.zip(scales) {
-                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let d = amax / 127.0;
-                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                    for (q, &v) in q.iter_mut().zip(x) {
-                        *q = (v * inv).round() as i8;
-                    }
-                    *s = half::f16::from_f32(d);
-                }
-            },
-        );
+        let per_row = (cols / Q8_0_BLOCK).max(1);
+        // A chunk of rows at a time, whose mapped pages are given back once quantized: the
+        // stored matrix and its Q8_0 copy are never both resident in full.
+        let chunk_rows = (RELEASE_CHUNK_BYTES / (cols * self.dtype().bytes(1))).max(1);
+        let qs = q.qs.chunks_mut(chunk_rows * cols);
+        for (c, (qs, scales)) in qs
+            .zip(q.scales.chunks_mut(chunk_rows * per_row))
+            .enumerate()
+        {
+            let rows = qs.par_chunks_mut(cols).zip(scales.par_chunks_mut(per_row));
+            rows.enumerate().for_each_init(
+                || vec![0f32; cols],
+                |row, (r, (qs, scales))| {
+                    self.row_into(c * chunk_rows + r, row);
+                    quantize_q8_0_row(row, qs, scales);
+                },
+            );
+            self.release_rows(c * chunk_rows, qs.len() / cols);
+        }
         Ok(FloatMatrix {
             rows: self.rows,
             cols: self.cols,
@@ -279,11 +305,18 @@ impl FloatMatrix {
         })
     }
 
-    /// Drop the resident pages of a memory-mapped matrix once nothing reads them for a
-    /// while (they are read from the file again when needed); nothing for one in memory.
-    pub fn release_pages(&self) {
+    /// Drop the resident pages of rows `r0..r0 + n` of a memory-mapped matrix once nothing
+    /// reads them for a while (they are read from the file again when needed); nothing for
+    /// one in memory.
+    pub fn release_rows(&self, r0: usize, n: usize) {
+        let row = self.dtype().bytes(self.cols);
+        self.data_release(r0 * row, n * row);
+    }
+
+    /// Give back the mapped pages of data bytes `offset..offset + len`.
+    fn data_release(&self, offset: usize, len: usize) {
         if let Data::Half(_, bytes) = &self.data {
-            bytes.release();
+            bytes.release_range(offset, len);
         }
     }
 

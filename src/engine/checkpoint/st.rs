@@ -35,14 +35,16 @@ pub struct SharedBytes {
 }
 
 impl SharedBytes {
-    /// Give back the resident pages of these bytes when they are memory-mapped (see
-    /// [`TensorFiles::release`]); best effort.
-    pub fn release(&self) {
-        if let Backing::Mmap(map) = &*self.backing {
+    /// Give back the resident pages of bytes `offset..offset + len` of these when they are
+    /// memory-mapped (see [`TensorFiles::release`]); best effort.
+    pub fn release_range(&self, offset: usize, len: usize) {
+        let len = len.min(self.len.saturating_sub(offset));
+        if let (Backing::Mmap(map), true) = (&*self.backing, len > 0) {
             // SAFETY: a read-only private file mapping: dropped pages are read again from
             // the file when next touched.
             let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.start, self.len)
+                let advice = memmap2::UncheckedAdvice::DontNeed;
+                map.unchecked_advise_range(advice, self.start + offset, len)
             };
         }
     }

@@ -78,13 +78,11 @@ impl Table {
 
 impl Model {
     /// This model with its output head held as `format`. Q8_0 quantizes the head (the
-    /// embedding matrix when tied; the embeddings themselves stay as they are) and lets go
-    /// of the resident pages of a memory-mapped one it read.
+    /// embedding matrix when tied; the embeddings themselves stay as they are), letting go
+    /// of the resident pages of a memory-mapped one as it reads them.
     pub fn with_head(mut self, format: HeadFormat) -> Result<Self> {
         if format == HeadFormat::Q8_0 {
-            let stored = self.head.to_matrix(true)?;
-            self.head = Table::Stored(stored.to_q8_0()?);
-            stored.release_pages();
+            self.head = Table::Stored(self.head.to_matrix(true)?.to_q8_0()?);
         }
         Ok(self)
     }
