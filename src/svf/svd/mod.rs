@@ -19,8 +19,10 @@
 //! unique and no rule can make them so; `U diag(σ) Vᵀ` still is.
 
 mod cache;
+mod partial;
 
 pub use cache::{CacheStats, SvdCache, SvdError};
+pub use partial::{partial_svd, PartialSvdOptions};
 
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
@@ -128,7 +130,15 @@ fn try_thin_svd(w: &[f32], rows: usize, cols: usize) -> Result<Svd, Failure> {
     )
     .map_err(|_| Failure::NoConvergence)?;
 
-    for i in 0..r {
+    let sigma: Vec<f64> = (0..r).map(|i| s[i]).collect();
+    Ok(signed_svd(u, &sigma, v))
+}
+
+/// The stored f32 [`Svd`] of f64 factors `u` `[m, r]`, `sigma` `[r]`, `v` `[n, r]`, with the
+/// sign convention of the module docs applied.
+fn signed_svd(mut u: Mat<f64>, sigma: &[f64], mut v: Mat<f64>) -> Svd {
+    let (rows, cols) = (u.nrows(), v.nrows());
+    for i in 0..sigma.len() {
         let col = u.col(i);
         let max_abs = (0..rows).map(|k| col[k].abs()).fold(0.0f64, f64::max);
         let lead = (0..rows)
@@ -143,16 +153,15 @@ fn try_thin_svd(w: &[f32], rows: usize, cols: usize) -> Result<Svd, Failure> {
             }
         }
     }
-
-    let sigma: Vec<f32> = (0..r).map(|i| s[i].max(0.0) as f32).collect();
+    let sigma: Vec<f32> = sigma.iter().map(|&s| s.max(0.0) as f32).collect();
     debug_assert!(sigma.windows(2).all(|p| p[0] >= p[1]), "faer sorts σ");
-    Ok(Svd {
+    Svd {
         rows,
         cols,
         u: to_row_major_f32(&u),
         sigma,
         v: to_row_major_f32(&v),
-    })
+    }
 }
 
 fn to_row_major_f32(m: &Mat<f64>) -> Vec<f32> {
