@@ -126,10 +126,32 @@ impl FloatMatrix {
             Dtype::F16 => StoredDtype::F16,
             _ => return Ok(Self::from_f32(t.to_f32()?, rows, cols)),
         };
+        Self::mapped(half, t.shared(), rows, cols).map_err(|m| t.bad(m))
+    }
+
+    /// A bf16 / f16 matrix over `bytes` (little-endian, `rows · cols` elements), checked for
+    /// non-finite values; the error says where one is.
+    pub fn mapped(
+        half: StoredDtype,
+        bytes: SharedBytes,
+        rows: usize,
+        cols: usize,
+    ) -> std::result::Result<Self, String> {
+        assert!(
+            matches!(half, StoredDtype::Bf16 | StoredDtype::F16),
+            "a mapped matrix is bf16 or f16"
+        );
+        if bytes.len() != 2 * rows * cols {
+            return Err(format!(
+                "{} bytes for a {rows}×{cols} {} matrix",
+                bytes.len(),
+                half.name()
+            ));
+        }
         let m = FloatMatrix {
             rows,
             cols,
-            data: Data::Half(half, t.shared()),
+            data: Data::Half(half, bytes),
         };
         // Non-finite halves have an all-ones exponent: checked on the bits, without widening.
         let exponent: u16 = match half {
@@ -160,10 +182,10 @@ impl FloatMatrix {
         if let Some(i) = bad {
             let mut row = vec![0f32; cols];
             m.row_into(i / cols.max(1), &mut row);
-            return Err(t.bad(format!(
+            return Err(format!(
                 "non-finite value {} at index {i}",
                 row[i % cols.max(1)]
-            )));
+            ));
         }
         Ok(m)
     }
@@ -253,6 +275,56 @@ impl FloatMatrix {
                 }
             }
         }
+    }
+
+    /// A `rows × cols` matrix from ggml Q8_0 blocks (34 bytes per 32 values: an f16 scale,
+    /// then 32 int8), as GGUF files store it. Errors on a length mismatch or a non-finite
+    /// scale.
+    pub fn from_q8_0_blocks(bytes: &[u8], rows: usize, cols: usize) -> Result<FloatMatrix> {
+        let n = rows * cols;
+        if !cols.is_multiple_of(Q8_0_BLOCK) || bytes.len() != StoredDtype::Q8_0.bytes(n) {
+            return Err(Error::Input(format!(
+                "{} bytes of q8_0 blocks for a {rows}×{cols} matrix (expected {} in blocks of \
+                 {Q8_0_BLOCK})",
+                bytes.len(),
+                StoredDtype::Q8_0.bytes(n)
+            )));
+        }
+        let mut q = Q8_0 {
+            scales: Vec::with_capacity(n / Q8_0_BLOCK),
+            qs: Vec::with_capacity(n),
+        };
+        for (i, b) in bytes.chunks_exact(2 + Q8_0_BLOCK).enumerate() {
+            let d = half::f16::from_le_bytes([b[0], b[1]]);
+            if !d.is_finite() {
+                return Err(Error::Input(format!(
+                    "q8_0 block {i} has a non-finite scale {d}"
+                )));
+            }
+            q.scales.push(d);
+            q.qs.extend(b[2..].iter().map(|&v| v as i8));
+        }
+        Ok(FloatMatrix {
+            rows,
+            cols,
+            data: Data::Q8_0(Arc::new(q)),
+        })
+    }
+
+    /// The matrix as ggml Q8_0 blocks (a Q8_0 matrix as it is held; any other quantized
+    /// first).
+    pub fn to_q8_0_blocks(&self) -> Result<Vec<u8>> {
+        let q = match self.q8_0() {
+            Some(_) => self.clone(),
+            None => self.to_q8_0()?,
+        };
+        let (qs, scales) = q.q8_0().expect("a Q8_0 matrix");
+        let mut out = Vec::with_capacity(StoredDtype::Q8_0.bytes(self.len()));
+        for (b, s) in qs.chunks(Q8_0_BLOCK).zip(scales) {
+            out.extend(s.to_le_bytes());
+            out.extend(b.iter().map(|&v| v as u8));
+        }
+        Ok(out)
     }
 
     /// The int8 values and f16 block scales of a Q8_0 matrix.

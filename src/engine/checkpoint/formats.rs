@@ -107,6 +107,9 @@ pub fn load_or_default(path: Option<&Path>) -> Result<Checkpoint> {
 
 /// Load a model from any supported format, detected from the files.
 pub fn load(path: &Path) -> Result<Checkpoint> {
+    if path.is_file() && super::gguf::Gguf::sniff(path) {
+        return super::from_gguf::load_gguf(path);
+    }
     let (files, config_path) = locate(path)?;
     let tf = TensorFiles::open(&files)?;
     if tf.metadata("format") == Some(NATIVE_FORMAT) {

@@ -10,10 +10,13 @@
 //!   recovered exactly when `config.json` marks it as dequantized by bitsvf.
 
 mod float_matrix;
+mod from_gguf;
+pub mod gguf;
 mod formats;
 pub mod st;
 
 pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};
+pub use from_gguf::save_gguf;
 
 pub use formats::{
     display_name, load, load_default, load_or_default, save_dequantized, save_native,
@@ -113,6 +116,11 @@ pub enum SourceFormat {
     Phase4,
     /// bitsvf's native packed format.
     Native,
+    /// A GGUF file (llama.cpp, bitnet.cpp) of this architecture.
+    Gguf {
+        /// `general.architecture`.
+        architecture: String,
+    },
 }
 
 impl SourceFormat {
@@ -124,6 +132,7 @@ impl SourceFormat {
             SourceFormat::Dequantized => "bitsvf-dequantized f32".into(),
             SourceFormat::Phase4 => "agent-forge phase4".into(),
             SourceFormat::Native => "bitsvf native".into(),
+            SourceFormat::Gguf { architecture } => format!("gguf ({architecture})"),
         }
     }
 }

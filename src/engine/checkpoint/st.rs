@@ -34,7 +34,32 @@ pub struct SharedBytes {
     len: usize,
 }
 
+/// The whole file at `path`, memory-mapped read-only.
+pub fn map_file(path: &Path) -> Result<SharedBytes> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: as in `TensorFiles::open`: a read-only map of a file nobody should change
+    // while it loads.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let len = mmap.len();
+    Ok(SharedBytes {
+        backing: Arc::new(Backing::Mmap(mmap)),
+        start: 0,
+        len,
+    })
+}
+
 impl SharedBytes {
+    /// Bytes `offset..offset + len` of these, sharing the mapping. Panics when out of range
+    /// (callers check ranges against the file first).
+    pub fn slice(&self, offset: usize, len: usize) -> SharedBytes {
+        assert!(offset + len <= self.len, "slice {offset}+{len} of {} bytes", self.len);
+        SharedBytes {
+            backing: Arc::clone(&self.backing),
+            start: self.start + offset,
+            len,
+        }
+    }
+
     /// Give back the resident pages of bytes `offset..offset + len` of these when they are
     /// memory-mapped (see [`TensorFiles::release`]); best effort.
     pub fn release_range(&self, offset: usize, len: usize) {

@@ -7,6 +7,7 @@
 //! x_q = clamp(round(x·s), −128, 127), and a linear layer outputs (x_q · W_tᵀ) · γ / s.
 //! Rounding is half-to-even, as `torch.round` does, so our codes match PyTorch-made ones.
 
+pub mod ggml;
 mod kernels;
 mod pack;
 pub mod requant;

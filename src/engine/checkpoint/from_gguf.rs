@@ -1,0 +1,458 @@
+//! Checkpoints from GGUF files: llama.cpp's `bitnet` architecture (SiLU-gated FFN, as
+//! llama.cpp computes it) and bitnet.cpp's `bitnet-b1.58` / `bitnet-25` (ReLU²), with the
+//! ternary linears as TQ1_0 or TQ2_0 (one scale per row, optionally times llama.cpp's
+//! per-tensor `.scale`) and the embeddings, head and norms as F32, F16, BF16 or (embeddings and
+//! head) Q8_0. Embeddings in F16 / BF16 stay in the mapped file, as with safetensors.
+
+use super::gguf::{GgmlType, Gguf, TensorInfo};
+use super::{Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat, StoredDtype};
+use crate::engine::config::{Activation, ModelConfig};
+use crate::engine::ternary::ggml::TernaryBlocks;
+use crate::engine::ternary::{Quantization, TernaryMatrix};
+use crate::error::{Error, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+/// GGUF architectures bitsvf reads, with the FFN activation each implies.
+const ARCHITECTURES: [(&str, Activation); 3] = [
+    ("bitnet", Activation::Silu),
+    ("bitnet-b1.58", Activation::Relu2),
+    ("bitnet-25", Activation::Relu2),
+];
+
+/// ggml's names of the seven linears of block `l`, in [`LinearKind::ALL`] order.
+fn linear_names(l: usize) -> [String; 7] {
+    ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+        .map(|n| format!("blk.{l}.{n}"))
+}
+
+/// Load the GGUF file at `path`.
+pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
+    let g = Gguf::open(path)?;
+    let arch = g
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::config(path, "general.architecture", "missing or not a string"))?
+        .to_string();
+    let Some(&(_, act)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
+        return Err(Error::UnknownFormat {
+            path: path.to_path_buf(),
+            msg: format!(
+                "GGUF architecture `{arch}`; bitsvf reads {}",
+                ARCHITECTURES.map(|(a, _)| a).join(", ")
+            ),
+        });
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let int = |k: &str, default: Option<usize>| -> Result<usize> {
+        match g.get(&key(k)) {
+            None => default.ok_or_else(|| Error::config(path, key(k), "missing")),
+            Some(v) => v
+                .as_u64()
+                .and_then(|v| usize::try_from(v).ok())
+                .filter(|&v| v > 0)
+                .ok_or_else(|| Error::config(path, key(k), format!("{v:?} is not a positive integer"))),
+        }
+    };
+    let float = |k: &str, default: f64| -> Result<f64> {
+        match g.get(&key(k)) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| Error::config(path, key(k), format!("{v:?} is not a positive number"))),
+        }
+    };
+    let embed = g.tensor("token_embd.weight")?;
+    let (vocab, d) = embed
+        .matrix_shape()
+        .ok_or_else(|| g.tensor_error(&embed.name, format!("dims {:?} are not a matrix", embed.dims)))?;
+    let heads = int("attention.head_count", None)?;
+    let token = |k: &str| {
+        g.get(&format!("tokenizer.ggml.{k}"))
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let config = ModelConfig {
+        vocab_size: vocab,
+        hidden_size: int("embedding_length", None)?,
+        intermediate_size: int("feed_forward_length", None)?,
+        num_hidden_layers: int("block_count", None)?,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(int("attention.head_count_kv", Some(heads))?),
+        head_dim: None,
+        hidden_act: act,
+        max_position_embeddings: int("context_length", Some(2048))?,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
+        rope_theta: float("rope.freq_base", 10000.0)?,
+        tie_word_embeddings: !g.tensors.iter().any(|t| t.name == "output.weight"),
+        bos_token_id: token("bos_token_id"),
+        eos_token_id: token("eos_token_id"),
+        sub_norms: Some(true),
+    };
+    config.validate(path)?;
+    if config.hidden_size != d {
+        return Err(Error::config(
+            path,
+            key("embedding_length"),
+            format!("{} but token_embd.weight has rows of {d}", config.hidden_size),
+        ));
+    }
+    let embed_tokens = read_table(&g, embed, vocab, d)?;
+    let lm_head = match config.tie_word_embeddings {
+        true => None,
+        false => Some(read_table(&g, g.tensor("output.weight")?, vocab, d)?),
+    };
+    let norm = read_vector(&g, "output_norm.weight", d)?;
+    let (n, q_width) = (config.num_hidden_layers, config.num_attention_heads * config.head_dim());
+    let kv_width = config.kv_heads() * config.head_dim();
+    let ff = config.intermediate_size;
+    // The layers the file declares must be those the metadata says.
+    if let Some(t) = g.tensors.iter().find(|t| {
+        t.name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= n)
+    }) {
+        return Err(Error::config(
+            path,
+            key("block_count"),
+            format!("{n} blocks but the file has tensor `{}`", t.name),
+        ));
+    }
+    let mut layers = Vec::new();
+    for l in 0..n {
+        let shapes = [
+            (q_width, d),
+            (kv_width, d),
+            (kv_width, d),
+            (d, q_width),
+            (ff, d),
+            (ff, d),
+            (d, ff),
+        ];
+        let mut linears = Vec::with_capacity(7);
+        for (name, (rows, cols)) in linear_names(l).into_iter().zip(shapes) {
+            linears.push(Linear {
+                matrix: Arc::new(read_ternary(&g, &name, rows, cols)?),
+                bias: None,
+            });
+        }
+        layers.push(Layer {
+            input_layernorm: read_vector(&g, &format!("blk.{l}.attn_norm.weight"), d)?,
+            post_attention_layernorm: read_vector(&g, &format!("blk.{l}.ffn_norm.weight"), d)?,
+            attn_sub_norm: Some(read_vector(&g, &format!("blk.{l}.attn_sub_norm.weight"), q_width)?),
+            ffn_sub_norm: Some(read_vector(&g, &format!("blk.{l}.ffn_sub_norm.weight"), ff)?),
+            linears,
+        });
+    }
+    let per_row = layers
+        .iter()
+        .flat_map(|l| &l.linears)
+        .any(|l| l.matrix.scales.len() > 1);
+    Ok(Checkpoint {
+        config,
+        quantization: if per_row {
+            Quantization::PerChannel { threshold: 0.5 }
+        } else {
+            Quantization::PerTensor
+        },
+        format: SourceFormat::Gguf { architecture: arch },
+        source: path.to_path_buf(),
+        bytes_on_disk: std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len(),
+        embed_tokens,
+        norm,
+        lm_head,
+        layers,
+    })
+}
+
+/// Check a tensor's ggml dims against `[cols, rows]`.
+fn expect_matrix(g: &Gguf, t: &TensorInfo, rows: usize, cols: usize) -> Result<()> {
+    if t.matrix_shape() != Some((rows, cols)) || t.dims.len() != 2 {
+        return Err(Error::Shape {
+            path: g.path.clone(),
+            tensor: t.name.clone(),
+            expected: vec![rows, cols],
+            got: t.dims.iter().rev().map(|&d| d as usize).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// The embeddings or the head `[rows, cols]`: F16 / BF16 mapped, F32 in memory, Q8_0 blocks.
+fn read_table(g: &Gguf, t: &TensorInfo, rows: usize, cols: usize) -> Result<FloatMatrix> {
+    expect_matrix(g, t, rows, cols)?;
+    let data = g.data(t)?;
+    let bad = |m: String| g.tensor_error(&t.name, m);
+    match t.ty {
+        GgmlType::F16 => FloatMatrix::mapped(StoredDtype::F16, data, rows, cols).map_err(bad),
+        GgmlType::Bf16 => FloatMatrix::mapped(StoredDtype::Bf16, data, rows, cols).map_err(bad),
+        GgmlType::F32 => Ok(FloatMatrix::from_f32(floats(g, t, &data)?, rows, cols)),
+        GgmlType::Q8_0 => {
+            FloatMatrix::from_q8_0_blocks(&data, rows, cols).map_err(|e| bad(e.to_string()))
+        }
+        other => Err(bad(format!(
+            "type {} for embeddings or the head; bitsvf reads F32, F16, BF16 and Q8_0",
+            other.name()
+        ))),
+    }
+}
+
+/// The values of an F32 / F16 / BF16 tensor, checked finite.
+fn floats(g: &Gguf, t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>> {
+    let v: Vec<f32> = match t.ty {
+        GgmlType::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        GgmlType::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        GgmlType::Bf16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(g.tensor_error(
+                &t.name,
+                format!("type {}; expected F32, F16 or BF16", other.name()),
+            ))
+        }
+    };
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(g.tensor_error(&t.name, format!("non-finite value {} at index {i}", v[i])));
+    }
+    Ok(v)
+}
+
+/// A norm's weights `[len]`.
+fn read_vector(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = g.tensor(name)?;
+    if t.dims != [len as u64] {
+        return Err(Error::Shape {
+            path: g.path.clone(),
+            tensor: name.to_string(),
+            expected: vec![len],
+            got: t.dims.iter().map(|&d| d as usize).collect(),
+        });
+    }
+    floats(g, t, &g.data(t)?)
+}
+
+/// A ternary linear `[rows, cols]` from TQ1_0 / TQ2_0 blocks, times its optional per-tensor
+/// `.scale` (llama.cpp multiplies the product by it).
+fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<TernaryMatrix> {
+    let name = format!("{prefix}.weight");
+    let t = g.tensor(&name)?;
+    expect_matrix(g, t, rows, cols)?;
+    let ty = match t.ty {
+        GgmlType::Tq1_0 => TernaryBlocks::Tq1_0,
+        GgmlType::Tq2_0 => TernaryBlocks::Tq2_0,
+        other => {
+            return Err(g.tensor_error(
+                &name,
+                format!(
+                    "type {}; bitsvf reads ternary linears as TQ1_0 or TQ2_0 (float linears \
+                     are not supported yet)",
+                    other.name()
+                ),
+            ))
+        }
+    };
+    let mut m = TernaryMatrix::from_ggml(ty, &g.data(t)?, rows, cols)
+        .map_err(|e| g.tensor_error(&name, e))?;
+    let scale_name = format!("{prefix}.scale");
+    if let Some(s) = g.tensors.iter().find(|t| t.name == scale_name) {
+        let s = floats(g, s, &g.data(s)?)?;
+        if s.len() != 1 {
+            return Err(g.tensor_error(&scale_name, format!("{} values; expected 1", s.len())));
+        }
+        m.scales.iter_mut().for_each(|x| *x *= s[0]);
+    }
+    if let Some(i) = m.scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(g.tensor_error(
+            &name,
+            format!("row scale {} at row {i} must be finite and > 0", m.scales[i]),
+        ));
+    }
+    Ok(m)
+}
+
+/// Write `ck` as a GGUF file with ternary linears as `ty` blocks: architecture `bitnet` for a
+/// SiLU model and `bitnet-b1.58` for a ReLU² one (the names llama.cpp and bitnet.cpp give
+/// them), the embeddings and head in their stored dtype (Q8_0 as Q8_0), norms as F32. A
+/// per-tensor γ is carried exactly: every block's scale is 1 and γ goes into llama.cpp's
+/// optional `.scale` tensor; per-row scales become the blocks' f16 scales (rounded to f16).
+/// Every linear's input width must be a multiple of 256. No tokenizer is written.
+pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> {
+    use super::gguf::{GgufWriter, MetaValue};
+    let cfg = &ck.config;
+    let arch = match cfg.hidden_act {
+        Activation::Silu => "bitnet",
+        Activation::Relu2 => "bitnet-b1.58",
+    };
+    let mut w = GgufWriter::new(arch);
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32_of = |v: usize| MetaValue::U32(v as u32);
+    w.meta("general.name", MetaValue::Str(format!("bitsvf {}", ck.source.display())));
+    w.meta(&key("block_count"), u32_of(cfg.num_hidden_layers));
+    w.meta(&key("context_length"), u32_of(cfg.max_position_embeddings));
+    w.meta(&key("embedding_length"), u32_of(cfg.hidden_size));
+    w.meta(&key("feed_forward_length"), u32_of(cfg.intermediate_size));
+    w.meta(&key("attention.head_count"), u32_of(cfg.num_attention_heads));
+    w.meta(&key("attention.head_count_kv"), u32_of(cfg.kv_heads()));
+    w.meta(&key("rope.dimension_count"), u32_of(cfg.head_dim()));
+    w.meta(&key("rope.freq_base"), MetaValue::F32(cfg.rope_theta as f32));
+    let eps = MetaValue::F32(cfg.rms_norm_eps as f32);
+    w.meta(&key("attention.layer_norm_rms_epsilon"), eps);
+    for (k, id) in [("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)] {
+        if let Some(id) = id {
+            w.meta(&format!("tokenizer.ggml.{k}"), MetaValue::U32(id));
+        }
+    }
+    let table = |w: &mut GgufWriter, name: &str, m: &FloatMatrix| -> Result<()> {
+        let dims = vec![m.cols as u64, m.rows as u64];
+        let (gt, bytes) = match m.dtype() {
+            StoredDtype::Q8_0 => (GgmlType::Q8_0, m.to_q8_0_blocks()?),
+            StoredDtype::F16 | StoredDtype::Bf16 => match m.half_bits() {
+                Some((d, bits)) => (
+                    if d == StoredDtype::F16 { GgmlType::F16 } else { GgmlType::Bf16 },
+                    bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+                ),
+                None => (GgmlType::F32, m.to_f32_le_bytes()),
+            },
+            StoredDtype::F32 => (GgmlType::F32, m.to_f32_le_bytes()),
+        };
+        w.tensor(name, gt, dims, bytes)
+    };
+    let vector = |w: &mut GgufWriter, name: &str, v: &[f32]| {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.tensor(name, GgmlType::F32, vec![v.len() as u64], bytes)
+    };
+    table(&mut w, "token_embd.weight", &ck.embed_tokens)?;
+    vector(&mut w, "output_norm.weight", &ck.norm)?;
+    if let Some(h) = &ck.lm_head {
+        table(&mut w, "output.weight", h)?;
+    }
+    let gt = match ty {
+        TernaryBlocks::Tq1_0 => GgmlType::Tq1_0,
+        TernaryBlocks::Tq2_0 => GgmlType::Tq2_0,
+    };
+    for (l, layer) in ck.layers.iter().enumerate() {
+        vector(&mut w, &format!("blk.{l}.attn_norm.weight"), &layer.input_layernorm)?;
+        vector(&mut w, &format!("blk.{l}.ffn_norm.weight"), &layer.post_attention_layernorm)?;
+        let subs = [("attn_sub_norm", &layer.attn_sub_norm), ("ffn_sub_norm", &layer.ffn_sub_norm)];
+        for (n, v) in subs {
+            let v = v.as_ref().ok_or_else(|| {
+                Error::Input(format!(
+                    "layer {l} has no {n}; GGUF BitNet architectures need the sub-norms"
+                ))
+            })?;
+            vector(&mut w, &format!("blk.{l}.{n}.weight"), v)?;
+        }
+        for (prefix, (kind, lin)) in linear_names(l).iter().zip(LinearKind::ALL.iter().zip(&layer.linears)) {
+            let m = &lin.matrix;
+            if lin.bias.is_some() {
+                return Err(Error::Input(format!(
+                    "{prefix} ({kind:?}) has a bias, which GGUF BitNet architectures lack"
+                )));
+            }
+            let per_tensor = m.scales.len() == 1;
+            let blocks = match per_tensor {
+                // Unit block scales and γ in `.scale`: exact.
+                true => TernaryMatrix { scales: vec![1.0], ..(**m).clone() }.to_ggml(ty),
+                false => m.to_ggml(ty),
+            }
+            .map_err(|e| Error::Input(format!("{prefix}: {e}")))?;
+            w.tensor(&format!("{prefix}.weight"), gt, vec![m.cols as u64, m.rows as u64], blocks)?;
+            if per_tensor {
+                vector(&mut w, &format!("{prefix}.scale"), &m.scales)?;
+            }
+        }
+    }
+    w.write(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::{test_arch, Model, ModelOptions};
+
+    /// A model written as GGUF (TQ1_0 and TQ2_0) reads back with the same weights and the
+    /// same logits, to the bit; per-row scales round to f16.
+    #[test]
+    fn gguf_round_trips_a_checkpoint() {
+        let mut cfg = test_arch(256, 512, 2, (4, 2), 64);
+        cfg.vocab_size = 300;
+        let ck = Checkpoint::random(cfg, 9);
+        let dir = tempfile::tempdir().unwrap();
+        let ids = vec![vec![1u32, 7, 299, 42, 5]];
+        let logits = |ck: &Checkpoint| {
+            let m = Model::new(ck, ModelOptions::default()).unwrap();
+            let l = m.forward(&m.ids_tensor(&ids).unwrap(), None).unwrap();
+            l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let want = logits(&ck);
+        for ty in [TernaryBlocks::Tq1_0, TernaryBlocks::Tq2_0] {
+            let path = dir.path().join(format!("m-{}.gguf", ty.name()));
+            save_gguf(&ck, &path, ty).unwrap();
+            let back = super::super::load(&path).unwrap();
+            assert_eq!(back.format.name(), "gguf (bitnet-b1.58)");
+            assert_eq!(back.config.num_hidden_layers, 2);
+            assert_eq!(back.content_hash(), ck.content_hash(), "{}", ty.name());
+            assert_eq!(logits(&back), want, "{}", ty.name());
+        }
+        // Per-row scales: each block carries its row's scale as f16.
+        let mut per_row = ck.clone();
+        let lin = &mut per_row.layers[0].linears[0];
+        let rows = lin.matrix.rows;
+        let mut m = (*lin.matrix).clone();
+        m.scales = (0..rows).map(|r| 0.5 + r as f32 / 64.0).collect();
+        lin.matrix = Arc::new(m);
+        let path = dir.path().join("per-row.gguf");
+        save_gguf(&per_row, &path, TernaryBlocks::Tq2_0).unwrap();
+        let back = super::super::load(&path).unwrap();
+        assert_eq!(back.layers[0].linears[0].matrix.scales, per_row.layers[0].linears[0].matrix.scales);
+    }
+
+    /// Files that are not what they claim are errors naming the tensor or field.
+    #[test]
+    fn bad_gguf_models_are_named_errors() {
+        let mut cfg = test_arch(256, 512, 1, (4, 2), 64);
+        cfg.vocab_size = 40;
+        let ck = Checkpoint::random(cfg, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        save_gguf(&ck, &path, TernaryBlocks::Tq2_0).unwrap();
+        let g = Gguf::open(&path).unwrap();
+        // Rewrite the file with one change.
+        let rewrite = |edit: &dyn Fn(&mut super::super::gguf::GgufWriter)| {
+            let mut w = super::super::gguf::GgufWriter::default();
+            for (k, v) in &g.metadata {
+                w.meta(k, v.clone());
+            }
+            for t in &g.tensors {
+                w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec()).unwrap();
+            }
+            edit(&mut w);
+            w.write(&path).unwrap();
+            super::super::load(&path).unwrap_err().to_string()
+        };
+        use super::super::gguf::MetaValue;
+        let err = rewrite(&|w| w.meta("general.architecture", MetaValue::Str("gpt2".into())));
+        assert!(err.contains("gpt2"), "{err}");
+        let err = rewrite(&|w| w.meta("bitnet-b1.58.block_count", MetaValue::U32(0)));
+        assert!(err.contains("block_count"), "{err}");
+        let err = rewrite(&|w| w.meta("bitnet-b1.58.embedding_length", MetaValue::U32(128)));
+        assert!(err.contains("embedding_length"), "{err}");
+        let err = rewrite(&|w| {
+            let bad = vec![0u8; 4 * 256];
+            w.meta("x", MetaValue::Bool(true));
+            let _ = w.tensor("blk.0.attn_norm.weight", GgmlType::F32, vec![256], bad.clone());
+        });
+        assert!(err.contains("twice"), "{err}");
+    }
+}
