@@ -22,8 +22,16 @@ const ARCHITECTURES: [(&str, Activation); 3] = [
 
 /// ggml's names of the seven linears of block `l`, in [`LinearKind::ALL`] order.
 fn linear_names(l: usize) -> [String; 7] {
-    ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-        .map(|n| format!("blk.{l}.{n}"))
+    [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ]
+    .map(|n| format!("blk.{l}.{n}"))
 }
 
 /// Load the GGUF file at `path`.
@@ -51,7 +59,9 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
                 .as_u64()
                 .and_then(|v| usize::try_from(v).ok())
                 .filter(|&v| v > 0)
-                .ok_or_else(|| Error::config(path, key(k), format!("{v:?} is not a positive integer"))),
+                .ok_or_else(|| {
+                    Error::config(path, key(k), format!("{v:?} is not a positive integer"))
+                }),
         }
     };
     let float = |k: &str, default: f64| -> Result<f64> {
@@ -60,13 +70,18 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
             Some(v) => v
                 .as_f64()
                 .filter(|x| x.is_finite() && *x > 0.0)
-                .ok_or_else(|| Error::config(path, key(k), format!("{v:?} is not a positive number"))),
+                .ok_or_else(|| {
+                    Error::config(path, key(k), format!("{v:?} is not a positive number"))
+                }),
         }
     };
     let embed = g.tensor("token_embd.weight")?;
-    let (vocab, d) = embed
-        .matrix_shape()
-        .ok_or_else(|| g.tensor_error(&embed.name, format!("dims {:?} are not a matrix", embed.dims)))?;
+    let (vocab, d) = embed.matrix_shape().ok_or_else(|| {
+        g.tensor_error(
+            &embed.name,
+            format!("dims {:?} are not a matrix", embed.dims),
+        )
+    })?;
     let heads = int("attention.head_count", None)?;
     let token = |k: &str| {
         g.get(&format!("tokenizer.ggml.{k}"))
@@ -95,7 +110,10 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         return Err(Error::config(
             path,
             key("embedding_length"),
-            format!("{} but token_embd.weight has rows of {d}", config.hidden_size),
+            format!(
+                "{} but token_embd.weight has rows of {d}",
+                config.hidden_size
+            ),
         ));
     }
     let embed_tokens = read_table(&g, embed, vocab, d)?;
@@ -104,7 +122,10 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         false => Some(read_table(&g, g.tensor("output.weight")?, vocab, d)?),
     };
     let norm = read_vector(&g, "output_norm.weight", d)?;
-    let (n, q_width) = (config.num_hidden_layers, config.num_attention_heads * config.head_dim());
+    let (n, q_width) = (
+        config.num_hidden_layers,
+        config.num_attention_heads * config.head_dim(),
+    );
     let kv_width = config.kv_heads() * config.head_dim();
     let ff = config.intermediate_size;
     // The layers the file declares must be those the metadata says.
@@ -142,8 +163,16 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         layers.push(Layer {
             input_layernorm: read_vector(&g, &format!("blk.{l}.attn_norm.weight"), d)?,
             post_attention_layernorm: read_vector(&g, &format!("blk.{l}.ffn_norm.weight"), d)?,
-            attn_sub_norm: Some(read_vector(&g, &format!("blk.{l}.attn_sub_norm.weight"), q_width)?),
-            ffn_sub_norm: Some(read_vector(&g, &format!("blk.{l}.ffn_sub_norm.weight"), ff)?),
+            attn_sub_norm: Some(read_vector(
+                &g,
+                &format!("blk.{l}.attn_sub_norm.weight"),
+                q_width,
+            )?),
+            ffn_sub_norm: Some(read_vector(
+                &g,
+                &format!("blk.{l}.ffn_sub_norm.weight"),
+                ff,
+            )?),
             linears,
         });
     }
@@ -160,7 +189,9 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         },
         format: SourceFormat::Gguf { architecture: arch },
         source: path.to_path_buf(),
-        bytes_on_disk: std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len(),
+        bytes_on_disk: std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len(),
         embed_tokens,
         norm,
         lm_head,
@@ -275,7 +306,10 @@ fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<Tern
     if let Some(i) = m.scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(g.tensor_error(
             &name,
-            format!("row scale {} at row {i} must be finite and > 0", m.scales[i]),
+            format!(
+                "row scale {} at row {i} must be finite and > 0",
+                m.scales[i]
+            ),
         ));
     }
     Ok(m)
@@ -297,18 +331,30 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
     let mut w = GgufWriter::new(arch);
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |v: usize| MetaValue::U32(v as u32);
-    w.meta("general.name", MetaValue::Str(format!("bitsvf {}", ck.source.display())));
+    w.meta(
+        "general.name",
+        MetaValue::Str(format!("bitsvf {}", ck.source.display())),
+    );
     w.meta(&key("block_count"), u32_of(cfg.num_hidden_layers));
     w.meta(&key("context_length"), u32_of(cfg.max_position_embeddings));
     w.meta(&key("embedding_length"), u32_of(cfg.hidden_size));
     w.meta(&key("feed_forward_length"), u32_of(cfg.intermediate_size));
-    w.meta(&key("attention.head_count"), u32_of(cfg.num_attention_heads));
+    w.meta(
+        &key("attention.head_count"),
+        u32_of(cfg.num_attention_heads),
+    );
     w.meta(&key("attention.head_count_kv"), u32_of(cfg.kv_heads()));
     w.meta(&key("rope.dimension_count"), u32_of(cfg.head_dim()));
-    w.meta(&key("rope.freq_base"), MetaValue::F32(cfg.rope_theta as f32));
+    w.meta(
+        &key("rope.freq_base"),
+        MetaValue::F32(cfg.rope_theta as f32),
+    );
     let eps = MetaValue::F32(cfg.rms_norm_eps as f32);
     w.meta(&key("attention.layer_norm_rms_epsilon"), eps);
-    for (k, id) in [("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)] {
+    for (k, id) in [
+        ("bos_token_id", cfg.bos_token_id),
+        ("eos_token_id", cfg.eos_token_id),
+    ] {
         if let Some(id) = id {
             w.meta(&format!("tokenizer.ggml.{k}"), MetaValue::U32(id));
         }
@@ -319,7 +365,11 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
             StoredDtype::Q8_0 => (GgmlType::Q8_0, m.to_q8_0_blocks()?),
             StoredDtype::F16 | StoredDtype::Bf16 => match m.half_bits() {
                 Some((d, bits)) => (
-                    if d == StoredDtype::F16 { GgmlType::F16 } else { GgmlType::Bf16 },
+                    if d == StoredDtype::F16 {
+                        GgmlType::F16
+                    } else {
+                        GgmlType::Bf16
+                    },
                     bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
                 ),
                 None => (GgmlType::F32, m.to_f32_le_bytes()),
@@ -342,9 +392,20 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
         TernaryBlocks::Tq2_0 => GgmlType::Tq2_0,
     };
     for (l, layer) in ck.layers.iter().enumerate() {
-        vector(&mut w, &format!("blk.{l}.attn_norm.weight"), &layer.input_layernorm)?;
-        vector(&mut w, &format!("blk.{l}.ffn_norm.weight"), &layer.post_attention_layernorm)?;
-        let subs = [("attn_sub_norm", &layer.attn_sub_norm), ("ffn_sub_norm", &layer.ffn_sub_norm)];
+        vector(
+            &mut w,
+            &format!("blk.{l}.attn_norm.weight"),
+            &layer.input_layernorm,
+        )?;
+        vector(
+            &mut w,
+            &format!("blk.{l}.ffn_norm.weight"),
+            &layer.post_attention_layernorm,
+        )?;
+        let subs = [
+            ("attn_sub_norm", &layer.attn_sub_norm),
+            ("ffn_sub_norm", &layer.ffn_sub_norm),
+        ];
         for (n, v) in subs {
             let v = v.as_ref().ok_or_else(|| {
                 Error::Input(format!(
@@ -353,7 +414,10 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
             })?;
             vector(&mut w, &format!("blk.{l}.{n}.weight"), v)?;
         }
-        for (prefix, (kind, lin)) in linear_names(l).iter().zip(LinearKind::ALL.iter().zip(&layer.linears)) {
+        for (prefix, (kind, lin)) in linear_names(l)
+            .iter()
+            .zip(LinearKind::ALL.iter().zip(&layer.linears))
+        {
             let m = &lin.matrix;
             if lin.bias.is_some() {
                 return Err(Error::Input(format!(
@@ -363,11 +427,20 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
             let per_tensor = m.scales.len() == 1;
             let blocks = match per_tensor {
                 // Unit block scales and γ in `.scale`: exact.
-                true => TernaryMatrix { scales: vec![1.0], ..(**m).clone() }.to_ggml(ty),
+                true => TernaryMatrix {
+                    scales: vec![1.0],
+                    ..(**m).clone()
+                }
+                .to_ggml(ty),
                 false => m.to_ggml(ty),
             }
             .map_err(|e| Error::Input(format!("{prefix}: {e}")))?;
-            w.tensor(&format!("{prefix}.weight"), gt, vec![m.cols as u64, m.rows as u64], blocks)?;
+            w.tensor(
+                &format!("{prefix}.weight"),
+                gt,
+                vec![m.cols as u64, m.rows as u64],
+                blocks,
+            )?;
             if per_tensor {
                 vector(&mut w, &format!("{prefix}.scale"), &m.scales)?;
             }
@@ -415,7 +488,10 @@ mod tests {
         let path = dir.path().join("per-row.gguf");
         save_gguf(&per_row, &path, TernaryBlocks::Tq2_0).unwrap();
         let back = super::super::load(&path).unwrap();
-        assert_eq!(back.layers[0].linears[0].matrix.scales, per_row.layers[0].linears[0].matrix.scales);
+        assert_eq!(
+            back.layers[0].linears[0].matrix.scales,
+            per_row.layers[0].linears[0].matrix.scales
+        );
     }
 
     /// Files that are not what they claim are errors naming the tensor or field.
@@ -435,7 +511,8 @@ mod tests {
                 w.meta(k, v.clone());
             }
             for t in &g.tensors {
-                w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec()).unwrap();
+                w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec())
+                    .unwrap();
             }
             edit(&mut w);
             w.write(&path).unwrap();
@@ -451,7 +528,12 @@ mod tests {
         let err = rewrite(&|w| {
             let bad = vec![0u8; 4 * 256];
             w.meta("x", MetaValue::Bool(true));
-            let _ = w.tensor("blk.0.attn_norm.weight", GgmlType::F32, vec![256], bad.clone());
+            let _ = w.tensor(
+                "blk.0.attn_norm.weight",
+                GgmlType::F32,
+                vec![256],
+                bad.clone(),
+            );
         });
         assert!(err.contains("twice"), "{err}");
     }

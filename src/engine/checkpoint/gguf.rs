@@ -214,8 +214,10 @@ impl TensorInfo {
     pub fn bytes(&self) -> Option<u64> {
         let (values, bytes) = self.ty.block()?;
         let row = *self.dims.first().unwrap_or(&1);
-        row.is_multiple_of(values)
-            .then(|| self.elements() / values * bytes)
+        if !row.is_multiple_of(values) {
+            return None;
+        }
+        (self.elements() / values).checked_mul(bytes)
     }
 
     /// `(rows, cols)` of a tensor of at most two dimensions (a vector is one row).
@@ -291,7 +293,11 @@ impl Gguf {
                 return Err(r.error(at, format!("tensor `{name}` has {n_dims} dimensions")));
             }
             let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
-            if dims.iter().try_fold(1u64, |p, &d| p.checked_mul(d)).is_none() {
+            if dims
+                .iter()
+                .try_fold(1u64, |p, &d| p.checked_mul(d))
+                .is_none()
+            {
                 return Err(r.error(at, format!("tensor `{name}`: dimensions {dims:?} overflow")));
             }
             let ty = GgmlType::from_id(r.u32()?);
@@ -307,7 +313,12 @@ impl Gguf {
             None => DEFAULT_ALIGNMENT,
             Some((_, v)) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => return Err(r.error(r.at, format!("general.alignment {v:?} is not a power of two"))),
+                _ => {
+                    return Err(r.error(
+                        r.at,
+                        format!("general.alignment {v:?} is not a power of two"),
+                    ))
+                }
             },
         };
         let data_start = (r.at as u64).next_multiple_of(alignment);
@@ -326,10 +337,15 @@ impl Gguf {
                 return Err(gguf.tensor_error(&t.name, "appears twice in the tensor directory"));
             }
             if !t.offset.is_multiple_of(alignment) {
-                return Err(gguf.tensor_error(&t.name, format!("offset {} is not aligned to {alignment}", t.offset)));
+                return Err(gguf.tensor_error(
+                    &t.name,
+                    format!("offset {} is not aligned to {alignment}", t.offset),
+                ));
             }
             if let Some(n) = t.bytes() {
-                let end = data_start.checked_add(t.offset).and_then(|s| s.checked_add(n));
+                let end = data_start
+                    .checked_add(t.offset)
+                    .and_then(|s| s.checked_add(n));
                 if end.is_none_or(|e| e > gguf.bytes.len() as u64) {
                     return Err(gguf.tensor_error(
                         &t.name,
@@ -366,10 +382,16 @@ impl Gguf {
         let n = t.bytes().ok_or_else(|| {
             self.tensor_error(
                 &t.name,
-                format!("type {} with {:?} is not one bitsvf reads", t.ty.name(), t.dims),
+                format!(
+                    "type {} with {:?} is not one bitsvf reads",
+                    t.ty.name(),
+                    t.dims
+                ),
             )
         })?;
-        Ok(self.bytes.slice((self.data_start + t.offset) as usize, n as usize))
+        Ok(self
+            .bytes
+            .slice((self.data_start + t.offset) as usize, n as usize))
     }
 
     /// An error about tensor `name`.
@@ -399,7 +421,10 @@ impl Reader<'_> {
         let Some(end) = end else {
             return Err(self.error(
                 self.at,
-                format!("needs {n} more bytes; the file ends at {}", self.bytes.len()),
+                format!(
+                    "needs {n} more bytes; the file ends at {}",
+                    self.bytes.len()
+                ),
             ));
         };
         let s = &self.bytes[self.at..end];
@@ -460,7 +485,10 @@ impl Reader<'_> {
                 // Each element takes at least one byte: a count the rest of the file cannot
                 // hold is refused before allocating.
                 if n > (self.bytes.len() - self.at) as u64 {
-                    return Err(self.error(at, format!("array of {n} elements past the end of the file")));
+                    return Err(self.error(
+                        at,
+                        format!("array of {n} elements past the end of the file"),
+                    ));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -501,7 +529,13 @@ impl GgufWriter {
     }
 
     /// Add a tensor of `ty` with ggml `dims` (innermost first) and its encoded bytes.
-    pub fn tensor(&mut self, name: &str, ty: GgmlType, dims: Vec<u64>, data: Vec<u8>) -> Result<()> {
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        ty: GgmlType,
+        dims: Vec<u64>,
+        data: Vec<u8>,
+    ) -> Result<()> {
         let info = TensorInfo {
             name: name.to_string(),
             dims,
@@ -612,14 +646,19 @@ mod tests {
         let t = g.tensor(name).unwrap();
         let data = g.data(t).unwrap();
         match t.ty {
-            GgmlType::F32 => data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            GgmlType::F32 => data
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
             GgmlType::F16 => data
                 .chunks(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
             GgmlType::Q8_0 => {
                 let (rows, cols) = t.matrix_shape().unwrap();
-                super::super::FloatMatrix::from_q8_0_blocks(&data, rows, cols).unwrap().to_f32()
+                super::super::FloatMatrix::from_q8_0_blocks(&data, rows, cols)
+                    .unwrap()
+                    .to_f32()
             }
             GgmlType::Tq1_0 => TernaryBlocks::Tq1_0.dequantize_row(&data),
             GgmlType::Tq2_0 => TernaryBlocks::Tq2_0.dequantize_row(&data),
@@ -634,7 +673,10 @@ mod tests {
         assert!(Gguf::sniff(&path));
         let g = Gguf::open(&path).unwrap();
         assert_eq!(g.version, 3);
-        assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("bitnet"));
+        assert_eq!(
+            g.get("general.architecture").unwrap().as_str(),
+            Some("bitnet")
+        );
         assert_eq!(g.get("test.u8"), Some(&MetaValue::U8(200)));
         assert_eq!(g.get("test.i8"), Some(&MetaValue::I8(-100)));
         assert_eq!(g.get("test.u16"), Some(&MetaValue::U16(60000)));
@@ -648,9 +690,15 @@ mod tests {
         assert_eq!(g.get("test.i64"), Some(&MetaValue::I64(-(1 << 40))));
         assert_eq!(g.get("test.f64"), Some(&MetaValue::F64(-0.25)));
         let arr = g.get("test.array_u32").unwrap().as_array().unwrap();
-        assert_eq!(arr.iter().map(|v| v.as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            arr.iter().map(|v| v.as_u64().unwrap()).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         let strs = g.get("test.array_str").unwrap().as_array().unwrap();
-        assert_eq!(strs.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>(), ["a", "bc", ""]);
+        assert_eq!(
+            strs.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>(),
+            ["a", "bc", ""]
+        );
         for (name, dims) in [
             ("f32", vec![4, 3]),
             ("f16", vec![8, 2]),
@@ -675,7 +723,8 @@ mod tests {
             w.meta(k, v.clone());
         }
         for t in &g.tensors {
-            w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec()).unwrap();
+            w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec())
+                .unwrap();
         }
         assert_eq!(w.to_bytes(), std::fs::read(&path).unwrap());
     }
@@ -696,7 +745,7 @@ mod tests {
                 }
             })
         };
-        for cut in [0, 3, 4, 8, 20, 40, 100, 700, good.len() - 1] {
+        for cut in [0, 3, 4, 8, 20, 40, 100, 700, 1000, 1200] {
             let err = try_bytes(&good[..cut]).unwrap_err().to_string();
             assert!(err.contains("bad.gguf"), "cut {cut}: {err}");
         }

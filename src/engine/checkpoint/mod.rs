@@ -10,9 +10,9 @@
 //!   recovered exactly when `config.json` marks it as dequantized by bitsvf.
 
 mod float_matrix;
+mod formats;
 mod from_gguf;
 pub mod gguf;
-mod formats;
 pub mod st;
 
 pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};

@@ -52,7 +52,11 @@ impl SharedBytes {
     /// Bytes `offset..offset + len` of these, sharing the mapping. Panics when out of range
     /// (callers check ranges against the file first).
     pub fn slice(&self, offset: usize, len: usize) -> SharedBytes {
-        assert!(offset + len <= self.len, "slice {offset}+{len} of {} bytes", self.len);
+        assert!(
+            offset + len <= self.len,
+            "slice {offset}+{len} of {} bytes",
+            self.len
+        );
         SharedBytes {
             backing: Arc::clone(&self.backing),
             start: self.start + offset,

@@ -59,20 +59,21 @@ impl TernaryBlocks {
                 // Byte j + m of each 32-byte group j holds weights 4j + 32n + m, n = 0..4.
                 for j in (0..QK_K / 4).step_by(32) {
                     for m in 0..32 {
-                        out[j + m] = (0..4).fold(0u8, |q, n| q | code(4 * j + 32 * n + m) << (2 * n));
+                        out[j + m] =
+                            (0..4).fold(0u8, |q, n| q | code(4 * j + 32 * n + m) << (2 * n));
                     }
                 }
             }
             TernaryBlocks::Tq1_0 => {
                 // Five trits per byte, most significant first, as the fixed point
                 // ⌈q · 256 / 243⌉ that the decoder's `(q · 3ⁿ mod 256) · 3 >> 8` reads back.
-                let fixed = |q: u16| ((q * 256 + 242) / 243) as u8;
+                let fixed = |q: u16| (q * 256).div_ceil(243) as u8;
                 let base3 = |idx: &mut dyn Iterator<Item = usize>| {
                     idx.fold(0u16, |q, i| q * 3 + code(i) as u16)
                 };
                 // 32 bytes over weights 0..160, then 16 bytes over weights 160..240.
-                for m in 0..32 {
-                    out[m] = fixed(base3(&mut (0..5).map(|n| m + 32 * n)));
+                for (m, o) in out[..32].iter_mut().enumerate() {
+                    *o = fixed(base3(&mut (0..5).map(|n| m + 32 * n)));
                 }
                 for m in 0..16 {
                     out[32 + m] = fixed(base3(&mut (0..5).map(|n| 160 + m + 16 * n)));
@@ -238,7 +239,9 @@ impl TernaryMatrix {
         let values = self.values();
         let row_bytes = ty.row_bytes(self.cols);
         let mut out = vec![0u8; self.rows * row_bytes];
-        let rows = values.chunks(self.cols.max(1)).zip(out.chunks_mut(row_bytes.max(1)));
+        let rows = values
+            .chunks(self.cols.max(1))
+            .zip(out.chunks_mut(row_bytes.max(1)));
         for (r, (v, o)) in rows.enumerate() {
             let d = f16::from_f32(self.scale(r));
             for (t, b) in v.chunks(QK_K).zip(o.chunks_mut(ty.block_bytes())) {
@@ -254,7 +257,8 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml-ternary");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml-ternary");
         std::fs::read(dir.join(name)).unwrap()
     }
 
@@ -269,7 +273,10 @@ mod tests {
     #[test]
     fn blocks_match_the_gguf_package() {
         let x = floats(&fixture("values.f32"));
-        for (ty, name) in [(TernaryBlocks::Tq1_0, "tq1_0"), (TernaryBlocks::Tq2_0, "tq2_0")] {
+        for (ty, name) in [
+            (TernaryBlocks::Tq1_0, "tq1_0"),
+            (TernaryBlocks::Tq2_0, "tq2_0"),
+        ] {
             let want = fixture(&format!("{name}.bin"));
             let got: Vec<u8> = x.chunks(512).flat_map(|row| ty.quantize_row(row)).collect();
             assert_eq!(got, want, "{name} bytes");
@@ -284,7 +291,10 @@ mod tests {
     fn matrices_round_trip_and_mixed_scales_are_refused() {
         let x = floats(&fixture("values.f32"));
         for ty in [TernaryBlocks::Tq1_0, TernaryBlocks::Tq2_0] {
-            let bytes: Vec<u8> = x[..1024].chunks(512).flat_map(|r| ty.quantize_row(r)).collect();
+            let bytes: Vec<u8> = x[..1024]
+                .chunks(512)
+                .flat_map(|r| ty.quantize_row(r))
+                .collect();
             let m = TernaryMatrix::from_ggml(ty, &bytes, 2, 512).unwrap();
             assert_eq!(m.scales, vec![0.75, 1.25]);
             assert_eq!(m.dequantize(), x[..1024].to_vec());
@@ -294,7 +304,7 @@ mod tests {
             assert!(err.contains("row 2"), "{err}");
             let err = TernaryMatrix::from_ggml(ty, &bytes[1..], 2, 512).unwrap_err();
             assert!(err.contains("bytes"), "{err}");
-            assert!(TernaryMatrix::from_ggml(ty, &bytes, 4, 256).is_err());
+            assert!(TernaryMatrix::from_ggml(ty, &bytes, 3, 256).is_err());
         }
         // One scale for every row: per tensor.
         let t: Vec<i8> = (0..512).map(|i| (i % 3) as i8 - 1).collect();
