@@ -1,4 +1,5 @@
-//! What several commands share: the progress bar of a training loop and the SVD cache.
+//! What several commands share: the progress bar of a training loop, the SVD cache and the
+//! probe set of a check.
 
 use bitsvf::svf::svd::SvdCache;
 use std::path::PathBuf;
@@ -15,4 +16,19 @@ pub fn step_bar(steps: usize) -> anyhow::Result<indicatif::ProgressBar> {
 /// The SVD cache in `--cache-dir`, else in $BITSVF_CACHE or ~/.cache/bitsvf.
 pub fn svd_cache(dir: Option<PathBuf>) -> SvdCache {
     SvdCache::new(dir.unwrap_or_else(SvdCache::default_dir))
+}
+
+/// The random probe set of a check (`dequantize --verify`, `inspect --head`): token rows drawn
+/// uniformly from the vocabulary, seeded.
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// Probe rows.
+    #[arg(long, default_value_t = 8)]
+    pub probe_rows: usize,
+    /// Probe tokens per row (capped by the model's context).
+    #[arg(long, default_value_t = 64)]
+    pub probe_len: usize,
+    /// Seed of the probe set.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

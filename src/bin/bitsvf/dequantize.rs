@@ -15,15 +15,8 @@ pub struct Args {
     /// Check exactness per matrix and argmax agreement ternary-vs-float (fails below 99%).
     #[arg(long)]
     verify: bool,
-    /// Probe rows for --verify.
-    #[arg(long, default_value_t = 8)]
-    probe_rows: usize,
-    /// Probe tokens per row for --verify (capped by the model's context).
-    #[arg(long, default_value_t = 64)]
-    probe_len: usize,
-    /// Seed of the probe set.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    probe: crate::common::ProbeArgs,
     /// Replace a non-empty output directory.
     #[arg(long)]
     force: bool,
@@ -35,7 +28,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
     if a.verify {
-        let r = recovery::verify_random(&ck, a.probe_rows, a.probe_len, a.seed)?;
+        let r = recovery::verify_random(&ck, a.probe.probe_rows, a.probe.probe_len, a.probe.seed)?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {

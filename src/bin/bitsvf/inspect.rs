@@ -19,15 +19,8 @@ pub struct Args {
     /// agreement and KL over a random probe set), as `generate --head` would use it.
     #[arg(long, value_enum)]
     head: Option<HeadFormat>,
-    /// Probe rows for --head.
-    #[arg(long, default_value_t = 8)]
-    probe_rows: usize,
-    /// Probe tokens per row for --head (capped by the model's context).
-    #[arg(long, default_value_t = 64)]
-    probe_len: usize,
-    /// Seed of the probe set.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    probe: crate::common::ProbeArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -48,7 +41,9 @@ pub fn run(a: Args) -> Result<()> {
     let report = inspect::inspect(&ck);
     let head = a
         .head
-        .map(|f| recovery::head_recovery(&ck, f, a.probe_rows, a.probe_len, a.seed))
+        .map(|f| {
+            recovery::head_recovery(&ck, f, a.probe.probe_rows, a.probe.probe_len, a.probe.seed)
+        })
         .transpose()?;
     if a.json {
         let mut v = serde_json::to_value(&report)?;
