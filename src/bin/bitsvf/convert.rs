@@ -11,8 +11,10 @@ enum OutType {
     /// bitsvf's native safetensors (2-bit packed).
     Native,
     /// GGUF with TQ2_0 ternary linears (2.06 bits per weight).
+    #[value(name = "tq2_0")]
     Tq2_0,
     /// GGUF with TQ1_0 ternary linears (1.69 bits per weight).
+    #[value(name = "tq1_0")]
     Tq1_0,
 }
 
