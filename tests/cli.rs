@@ -105,6 +105,19 @@ fn a_q8_0_head_is_measured_and_generates() {
     assert_eq!(text("q8_0"), text("stored"));
 }
 
+/// `convert --type tq2_0` on the default model, whose FFN rows (640) are not whole 256-weight
+/// blocks: a clear error naming the matrix, and no file.
+#[test]
+fn convert_to_gguf_refuses_rows_that_are_not_whole_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let o = bitsvf(&["convert", "--out", out.to_str().unwrap(), "--type", "tq2_0"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("640") && err.contains("TQ2_0"), "{err}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn bench_measures_each_mode() {
     let o = bitsvf(&[
