@@ -71,14 +71,14 @@ pub fn bench(model: &Model, o: &BenchOptions) -> Result<BenchReport> {
         model
             .config
             .max_position_embeddings
-            .saturating_sub(o.gen_tokens + 1)
+            .saturating_sub(o.gen_tokens.saturating_add(1))
             .max(1),
     );
     let vocab = model.config.vocab_size;
     let prompts = random_probe(vocab, o.repeats + 1, len, o.seed);
     let opts = GenerateOptions {
         // The first new token comes from the prompt's pass.
-        max_new_tokens: o.gen_tokens + 1,
+        max_new_tokens: o.gen_tokens.saturating_add(1),
         stop: vec![],
         ..Default::default()
     };

@@ -29,9 +29,9 @@ pub struct Args {
     /// How the output head is held.
     #[arg(long, value_enum, default_value = "stored")]
     head: HeadFormat,
-    /// MB read by the memory bandwidth probe (far more than the CPU's caches).
-    #[arg(long, default_value_t = 1024)]
-    bandwidth_mb: usize,
+    /// MB read by the memory bandwidth probe (far more than the CPU's caches; 1 to 65536).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    bandwidth_mb: u32,
     /// Seed of the prompt ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -43,7 +43,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     // The bandwidth probe first, and the peak counter reset after it, so that the memory
     // figures are the model's alone.
-    let bandwidth = bench::read_bandwidth_gb_s(a.bandwidth_mb.max(1) << 20);
+    let bandwidth = bench::read_bandwidth_gb_s((a.bandwidth_mb as usize) << 20);
     bench::reset_peak_rss();
     let t = Instant::now();
     let ck = checkpoint::load_or_default(a.model.as_deref())?;

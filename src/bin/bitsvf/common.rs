@@ -22,9 +22,9 @@ pub fn svd_cache(dir: Option<PathBuf>) -> SvdCache {
 /// uniformly from the vocabulary, seeded.
 #[derive(clap::Args)]
 pub struct ProbeArgs {
-    /// Probe rows.
-    #[arg(long, default_value_t = 8)]
-    pub probe_rows: usize,
+    /// Probe rows (1 to 65536).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub probe_rows: u32,
     /// Probe tokens per row (capped by the model's context).
     #[arg(long, default_value_t = 64)]
     pub probe_len: usize,

@@ -28,7 +28,12 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
     if a.verify {
-        let r = recovery::verify_random(&ck, a.probe.probe_rows, a.probe.probe_len, a.probe.seed)?;
+        let r = recovery::verify_random(
+            &ck,
+            a.probe.probe_rows as usize,
+            a.probe.probe_len,
+            a.probe.seed,
+        )?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&r)?);
         } else {

@@ -42,7 +42,13 @@ pub fn run(a: Args) -> Result<()> {
     let head = a
         .head
         .map(|f| {
-            recovery::head_recovery(&ck, f, a.probe.probe_rows, a.probe.probe_len, a.probe.seed)
+            recovery::head_recovery(
+                &ck,
+                f,
+                a.probe.probe_rows as usize,
+                a.probe.probe_len,
+                a.probe.seed,
+            )
         })
         .transpose()?;
     if a.json {

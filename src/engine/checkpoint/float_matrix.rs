@@ -528,12 +528,9 @@ mod tests {
         assert_eq!(m.dtype(), StoredDtype::Q8_0);
         assert_eq!(m.stored_bytes(), want.len());
         let (qs, scales) = m.q8_0().unwrap();
-        let mut got = Vec::new();
-        for (b, s) in qs.chunks(Q8_0_BLOCK).zip(scales) {
-            got.extend(s.to_le_bytes());
-            got.extend(b.iter().map(|&q| q as u8));
-        }
-        assert_eq!(got, want);
+        assert_eq!(m.to_q8_0_blocks().unwrap(), want);
+        let back = FloatMatrix::from_q8_0_blocks(&want, 6, 64).unwrap();
+        assert_eq!(back.to_f32(), m.to_f32());
         let mut row = vec![0f32; 64];
         m.row_into(5, &mut row);
         for (c, &v) in row.iter().enumerate() {

@@ -220,7 +220,7 @@ fn read_table(g: &Gguf, t: &TensorInfo, rows: usize, cols: usize) -> Result<Floa
     match t.ty {
         GgmlType::F16 => FloatMatrix::mapped(StoredDtype::F16, data, rows, cols).map_err(bad),
         GgmlType::Bf16 => FloatMatrix::mapped(StoredDtype::Bf16, data, rows, cols).map_err(bad),
-        GgmlType::F32 => Ok(FloatMatrix::from_f32(floats(g, t, &data)?, rows, cols)),
+        GgmlType::F32 => Ok(FloatMatrix::from_f32(floats(g, t)?, rows, cols)),
         GgmlType::Q8_0 => {
             FloatMatrix::from_q8_0_blocks(&data, rows, cols).map_err(|e| bad(e.to_string()))
         }
@@ -231,32 +231,33 @@ fn read_table(g: &Gguf, t: &TensorInfo, rows: usize, cols: usize) -> Result<Floa
     }
 }
 
-/// The values of an F32 / F16 / BF16 tensor, checked finite.
-fn floats(g: &Gguf, t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>> {
-    let v: Vec<f32> = match t.ty {
-        GgmlType::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        GgmlType::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        GgmlType::Bf16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+/// The values of an F32 / F16 / BF16 tensor, checked finite; halves are widened by
+/// [`FloatMatrix`], as the embeddings are.
+fn floats(g: &Gguf, t: &TensorInfo) -> Result<Vec<f32>> {
+    let data = g.data(t)?;
+    let bad = |m: String| g.tensor_error(&t.name, m);
+    let half = match t.ty {
+        GgmlType::F16 => StoredDtype::F16,
+        GgmlType::Bf16 => StoredDtype::Bf16,
+        GgmlType::F32 => {
+            let v: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(bad(format!("non-finite value {} at index {i}", v[i])));
+            }
+            return Ok(v);
+        }
         other => {
-            return Err(g.tensor_error(
-                &t.name,
-                format!("type {}; expected F32, F16 or BF16", other.name()),
-            ))
+            return Err(bad(format!(
+                "type {}; expected F32, F16 or BF16",
+                other.name()
+            )))
         }
     };
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(g.tensor_error(&t.name, format!("non-finite value {} at index {i}", v[i])));
-    }
-    Ok(v)
+    let n = data.len() / 2;
+    Ok(FloatMatrix::mapped(half, data, 1, n).map_err(bad)?.to_f32())
 }
 
 /// A norm's weights `[len]`.
@@ -270,7 +271,7 @@ fn read_vector(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
             got: t.dims.iter().map(|&d| d as usize).collect(),
         });
     }
-    floats(g, t, &g.data(t)?)
+    floats(g, t)
 }
 
 /// A ternary linear `[rows, cols]` from TQ1_0 / TQ2_0 blocks, times its optional per-tensor
@@ -297,7 +298,7 @@ fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<Tern
         .map_err(|e| g.tensor_error(&name, e))?;
     let scale_name = format!("{prefix}.scale");
     if let Some(s) = g.tensors.iter().find(|t| t.name == scale_name) {
-        let s = floats(g, s, &g.data(s)?)?;
+        let s = floats(g, s)?;
         if s.len() != 1 {
             return Err(g.tensor_error(&scale_name, format!("{} values; expected 1", s.len())));
         }
