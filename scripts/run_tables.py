@@ -36,11 +36,31 @@ print(f"| **total** | **{total / 60:.1f} min** | |")
 b = m["metrics"]["bytes"]
 print()
 print(json.dumps(b))
+search = m["metrics"]["search"] or {}
+print("search:", {k: v for k, v in search.items() if k in ("evaluations", "seconds", "stopped_early")})
+pick = search.get("search_pick")
+if pick:
+    print("search pick:", [round(a, 2) for a in pick["alpha"]], "rank", pick["rank"],
+          f"val {100 * pick['accuracy']:.1f} (base {100 * search['base']['accuracy']:.1f})")
+sel = search.get("selection")
+if sel:
+    print(f"\nselection split: {sel['n']} items, base {100 * sel['base_accuracy']:.1f}%\n")
+    print("| α | rank | search val | selection | gain ± se |")
+    print("|---|---|---|---|---|")
+    for c in sel["candidates"]:
+        p = c["point"]
+        print(f"| [{', '.join(f'{a:.2f}' for a in p['alpha'])}] | {p['rank']} | {100 * p['accuracy']:.1f} "
+              f"| {100 * c['accuracy']:.1f} | {100 * c['gain']:+.1f} ± {100 * c['se']:.1f} |")
+    print("\nrule:", sel["rule"])
 mix = m["mixture"]
-print("mixture:", mix["experts"], [round(a, 2) for a in mix["alpha"]], "rank", mix["rank"])
-print("validation:", mix["validation"])
-print("search:", {k: v for k, v in m["metrics"]["search"].items() if k in ("evaluations", "seconds", "stopped_early")})
-print("cem:", {k: [round(a, 2) for a in v] for k, v in m["metrics"]["cem_alpha"].items()})
+if mix:
+    print("mixture handed off:", mix["experts"], [round(a, 2) for a in mix["alpha"]], "rank", mix["rank"])
+else:
+    print("no mixture handed off")
+print("cem:", {k: ("base" if f["keeps_base"] else [round(a, 2) for a in f["alpha"]],
+                   f"{100 * f['accuracy']:.0f} vs {100 * f['base_accuracy']:.0f}")
+               for k, f in m["metrics"].get("cem", {}).items()})
+print("thresholds:", m["metrics"].get("thresholds"))
 for e in m["experts"] + [m["classifier"]]:
     tr = e["training"]
     print(f"{e['name']}: val {100*e['base_val_accuracy']:.1f} -> {100*e['val_accuracy']:.1f} at step {tr['best_step']} of {tr['steps']}, {tr['seconds']:.0f} s")

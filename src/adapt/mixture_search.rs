@@ -12,16 +12,22 @@
 //!    domains, by one teacher-forced pass ([`crate::eval::teacher_forced`]);
 //! 2. KL drift: mean KL(base ‖ deployed) per token over every position of a preservation set
 //!    (validation items of all built-in domains);
-//! 3. latency: milliseconds per decoded token (median of several greedy decodes), measured
-//!    once per rank — α changes the values of the delta, never the work done, and timing every
-//!    genome anew would let timer noise decide which genomes are non-dominated;
+//! 3. latency: modelled milliseconds per decoded token of the deployed form, a roofline over
+//!    its bytes read and multiply-adds per token ([`TokenWork`]) at a nominal bandwidth and
+//!    rate — deterministic, so the same seed and model choose the same α* on any machine. α
+//!    changes the values of the delta, never the work; one timed decode of the base calibrates
+//!    the model to this machine's milliseconds for reporting (`ms_per_token`), never for the
+//!    search;
 //! 4. bytes resident (MB): more directions cost factor bytes.
 //!
-//! The chosen α* is the most accurate point of the final front within the budgets — resident
-//! bytes ≤ `max_bytes_ratio` × the f32 model and latency ≤ `max_latency_ratio` × the base's —
-//! with ties broken by KL, latency and bytes in that order; when no front point meets the
-//! budgets, the front's knee ([`crate::search::knee_point`]).
+//! The search's own pick is the most accurate point of the final front within the budgets —
+//! resident bytes ≤ `max_bytes_ratio` × the f32 model and modelled latency ≤
+//! `max_latency_ratio` × the base's — with ties broken by KL, latency and bytes in that order;
+//! when no front point meets the budgets, the front's knee ([`crate::search::knee_point`]).
+//! What is handed off is decided afterwards on a separate selection split
+//! ([`crate::adapt::selection`]).
 
+use crate::adapt::selection::{candidates, Selection};
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Checks, Error, Result};
@@ -41,29 +47,31 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Environment variable that fixes the latency of deployed ranks instead of timing their
-/// decodes, as `RANK:MS,RANK:MS` (milliseconds per token; ranks not listed are timed).
-/// Latency is an objective and a budget of the search, so a run reproduces another run's
-/// choices on a busy machine only with the latencies that run measured (the golden test).
-pub const LATENCY_ENV: &str = "BITSVF_LATENCY_MS";
+/// Nominal read bandwidth of the latency model: bytes per millisecond (20 GB/s).
+pub const NOMINAL_BYTES_PER_MS: f64 = 20e6;
 
-/// The latencies fixed by [`LATENCY_ENV`], by rank (none when it is unset).
-fn fixed_latencies() -> Result<BTreeMap<usize, f64>> {
-    let Ok(spec) = std::env::var(LATENCY_ENV) else {
-        return Ok(BTreeMap::new());
-    };
-    (spec.split(',').filter(|s| !s.trim().is_empty()))
-        .map(|pair| {
-            let parsed = pair.split_once(':').and_then(|(rank, ms)| {
-                Some((rank.trim().parse().ok()?, ms.trim().parse::<f64>().ok()?))
-            });
-            parsed.filter(|(_, ms)| *ms > 0.0).ok_or_else(|| {
-                Error::Input(format!(
-                    "{LATENCY_ENV}: `{pair}` is not RANK:MS (e.g. 64:6.1) with MS > 0"
-                ))
-            })
-        })
-        .collect()
+/// Nominal multiply-add rate of the latency model: per millisecond (4 G/s).
+pub const NOMINAL_MACS_PER_MS: f64 = 4e6;
+
+/// The work of decoding one token with a deployed form: weight bytes read and multiply-adds
+/// (ternary, integer and float alike; attention over the context aside, which no rank
+/// changes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenWork {
+    /// Weight bytes read per token.
+    pub bytes_read: usize,
+    /// Multiply-adds per token.
+    pub macs: usize,
+}
+
+impl TokenWork {
+    /// Modelled milliseconds per token: the larger of the bytes over
+    /// [`NOMINAL_BYTES_PER_MS`] and the multiply-adds over [`NOMINAL_MACS_PER_MS`] (a
+    /// roofline: a small model decodes from cache and is bound by arithmetic, a large one
+    /// streams its weights and is bound by bandwidth).
+    pub fn model_ms(&self) -> f64 {
+        (self.bytes_read as f64 / NOMINAL_BYTES_PER_MS).max(self.macs as f64 / NOMINAL_MACS_PER_MS)
+    }
 }
 
 /// Singular directions the deployed delta may keep (0 = the bare ternary base).
@@ -87,14 +95,35 @@ pub struct SearchConfig {
     pub alpha_bounds: BTreeMap<String, (f64, f64)>,
     /// Seed of the search.
     pub seed: u64,
-    /// Greedy decode tokens per latency measurement.
+    /// Greedy decode tokens of the timed decode that calibrates the latency model.
     pub latency_tokens: usize,
-    /// Latency measurements per deployed rank (the median is kept).
+    /// Timed decodes of the base (the median is kept).
     pub latency_runs: usize,
     /// Budget on resident bytes, as a share of the f32 model, for the choice of α*.
     pub max_bytes_ratio: f64,
-    /// Budget on latency, as a multiple of the bare base's, for the choice of α*.
+    /// Budget on modelled latency, as a multiple of the bare base's, for the choice of α*.
     pub max_latency_ratio: f64,
+    /// Front points (within the budgets, most accurate first) re-scored on the selection
+    /// split.
+    #[serde(default = "default_candidates")]
+    pub select_candidates: usize,
+    /// A mixture is handed off only if its selection gain over the base exceeds this many
+    /// standard errors.
+    #[serde(default = "default_select_z")]
+    pub select_z: f64,
+    /// Hand off the best candidate on the selection split even when its gain is within noise
+    /// (the quick run, whose experts train too briefly to gain, sets it to exercise the
+    /// mixture's path; never for a model meant for use).
+    #[serde(default)]
+    pub hand_off_within_noise: bool,
+}
+
+fn default_candidates() -> usize {
+    6
+}
+
+fn default_select_z() -> f64 {
+    2.0
 }
 
 impl Default for SearchConfig {
@@ -110,6 +139,9 @@ impl Default for SearchConfig {
             latency_runs: 9,
             max_bytes_ratio: 0.25,
             max_latency_ratio: 1.5,
+            select_candidates: default_candidates(),
+            select_z: default_select_z(),
+            hand_off_within_noise: false,
         }
     }
 }
@@ -153,6 +185,12 @@ impl SearchConfig {
         });
         c.count("latency_tokens", self.latency_tokens, 4096);
         c.count("latency_runs", self.latency_runs, 1000);
+        c.count("select_candidates", self.select_candidates, MAX_POPULATION);
+        c.that(
+            self.select_z.is_finite() && self.select_z >= 0.0,
+            "select_z",
+            || format!("got {}; expected a finite value >= 0", self.select_z),
+        );
         for (field, v) in [
             ("max_bytes_ratio", self.max_bytes_ratio),
             ("max_latency_ratio", self.max_latency_ratio),
@@ -184,19 +222,27 @@ pub struct Point {
     pub accuracy: f64,
     /// Mean KL(base ‖ deployed) per token on the preservation set.
     pub kl: f64,
-    /// Milliseconds per decoded token.
+    /// Modelled milliseconds per decoded token ([`TokenWork::model_ms`]): the latency
+    /// objective (absent from manifests before 1.2: 0).
+    #[serde(default)]
+    pub model_ms: f64,
+    /// The work per decoded token the latency model reads.
+    #[serde(default)]
+    pub work: TokenWork,
+    /// `model_ms` calibrated to this machine by one timed decode of the base: reported, never
+    /// optimised on.
     pub ms_per_token: f64,
     /// Resident bytes of the deployed form.
     pub bytes: usize,
 }
 
 impl Point {
-    /// The objective vector NSGA-II minimises: 1 − accuracy, KL, ms/token, MB.
+    /// The objective vector NSGA-II minimises: 1 − accuracy, KL, modelled ms/token, MB.
     pub fn objectives(&self) -> Vec<f64> {
         vec![
             1.0 - self.accuracy,
             self.kl,
-            self.ms_per_token,
+            self.model_ms,
             self.bytes as f64 / 1e6,
         ]
     }
@@ -221,6 +267,12 @@ pub struct SearchReport {
     pub chosen: Point,
     /// Why it was chosen.
     pub rule: String,
+    /// The front points offered to the selection split ([`crate::adapt::selection`]).
+    #[serde(default)]
+    pub offered: Vec<Point>,
+    /// The choice on the selection split: what is handed off.
+    #[serde(default)]
+    pub selection: Option<Selection>,
     /// Whether the hypervolume stalled before the last generation.
     pub stopped_early: bool,
     /// Wall time of the search, seconds.
@@ -271,6 +323,27 @@ impl<'a> Deployer<'a> {
         })
     }
 
+    /// The work per decoded token of the deployed form with `rank` directions: the packed
+    /// base's weights and head, plus the f16 factors U_k, V_k and the k scales of every
+    /// target.
+    pub fn work(&self, rank: usize) -> Result<TokenWork> {
+        let ck = self.base.ck();
+        let mut macs: usize = ck
+            .linears()
+            .map(|(_, _, l)| l.matrix.rows * l.matrix.cols)
+            .sum();
+        macs += ck.lm_head().len();
+        let mut bytes_read = self.base.packed()?.weight_bytes_per_token();
+        if rank > 0 {
+            for svd in self.factors.svd.values() {
+                let k = rank.min(svd.sigma.len());
+                macs += k * (svd.rows + svd.cols);
+                bytes_read += HALF * k * (svd.rows + svd.cols) + 4 * k;
+            }
+        }
+        Ok(TokenWork { bytes_read, macs })
+    }
+
     /// The deployed model of mixture `alpha` with `rank` directions (the base for rank 0),
     /// and its resident bytes.
     pub fn deploy(&mut self, alpha: &[f64], rank: usize) -> Result<(&Model, usize)> {
@@ -296,6 +369,9 @@ impl<'a> Deployer<'a> {
     }
 }
 
+/// Bytes per element of the deployed factors (f16).
+const HALF: usize = 2;
+
 /// Everything needed to measure a genome.
 pub struct Problem<'a> {
     /// The deployed forms.
@@ -305,13 +381,17 @@ pub struct Problem<'a> {
     preserve: Batch,
     base_lp: Tensor,
     latency: (usize, usize),
-    /// Milliseconds per token by rank, measured once (or fixed by [`LATENCY_ENV`]): α changes
-    /// the values of the delta, never the work, and re-timing every genome would let timer
-    /// noise pick the front.
-    ms_per_token: BTreeMap<usize, f64>,
+    /// Measured milliseconds per modelled millisecond: one timed decode of the base, for
+    /// reporting.
+    calibration: Option<f64>,
 }
 
 impl<'a> Problem<'a> {
+    /// The tokenizer the items are scored with.
+    pub fn tok(&self) -> &'a dyn Tokenizer {
+        self.tok
+    }
+
     /// Set up the measurements: `val` scores accuracy, `preserve` measures drift.
     pub fn new(
         base: &'a Base<'a>,
@@ -348,13 +428,28 @@ impl<'a> Problem<'a> {
             preserve,
             base_lp,
             latency: (cfg.latency_tokens, cfg.latency_runs),
-            ms_per_token: fixed_latencies()?,
+            calibration: None,
         })
+    }
+
+    /// Measured milliseconds per modelled millisecond on this machine (the base decoded once,
+    /// timed; the median of the configured runs).
+    pub fn calibration(&mut self) -> Result<f64> {
+        if let Some(c) = self.calibration {
+            return Ok(c);
+        }
+        let base = self.deployer.base.packed()?;
+        let timed = 1e3 / decode_speed(base, self.tok, self.latency.0, self.latency.1)?;
+        let c = timed / self.deployer.work(0)?.model_ms();
+        self.calibration = Some(c);
+        Ok(c)
     }
 
     /// Measure one mixture.
     pub fn measure(&mut self, alpha: &[f64], rank: usize) -> Result<Point> {
-        let (tok, latency) = (self.tok, self.latency);
+        let calibration = self.calibration()?;
+        let work = self.deployer.work(rank)?;
+        let tok = self.tok;
         let (model, bytes) = self.deployer.deploy(alpha, rank)?;
         let scores = teacher_forced(model, tok, self.val)?;
         let accuracy = scores.iter().filter(|s| s.exact).count() as f64 / scores.len() as f64;
@@ -367,20 +462,14 @@ impl<'a> Problem<'a> {
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?
         };
-        let ms_per_token = match self.ms_per_token.get(&rank) {
-            Some(&ms) => ms,
-            None => {
-                let ms = 1e3 / decode_speed(model, tok, latency.0, latency.1)?;
-                self.ms_per_token.insert(rank, ms);
-                ms
-            }
-        };
         Ok(Point {
             alpha: alpha.to_vec(),
             rank,
             accuracy,
             kl,
-            ms_per_token,
+            model_ms: work.model_ms(),
+            work,
+            ms_per_token: work.model_ms() * calibration,
             bytes,
         })
     }
@@ -489,15 +578,19 @@ pub fn search(
         },
         Budget {
             objective: 2,
-            max: cfg.max_latency_ratio * base.ms_per_token,
+            max: cfg.max_latency_ratio * base.model_ms,
         },
     ];
+    let within: Vec<Point> = (result.front.iter())
+        .filter(|i| budgets.iter().all(|b| i.objectives[b.objective] <= b.max))
+        .map(|i| point_of(&i.genome))
+        .collect();
     let (chosen, rule) = match result.best_within(0, &budgets) {
         Some(i) => (
             point_of(&i.genome),
             format!(
                 "the most accurate front point within {:.0}% of the f32 model's bytes and {:.1}× the \
-                 base's latency per token (ties: lower KL, latency, bytes)",
+                 base's modelled latency per token (ties: lower KL, latency, bytes)",
                 100.0 * cfg.max_bytes_ratio,
                 cfg.max_latency_ratio
             ),
@@ -511,6 +604,7 @@ pub fn search(
             )
         }
     };
+    let offered = candidates(&within, &chosen, cfg.select_candidates);
     Ok(SearchReport {
         experts: names,
         base,
@@ -520,6 +614,8 @@ pub fn search(
         hv_reference: result.hv_reference,
         chosen,
         rule,
+        offered,
+        selection: None,
         stopped_early: result.stopped_early,
         seconds: t0.elapsed().as_secs_f64(),
     })

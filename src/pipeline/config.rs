@@ -34,10 +34,18 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Training items per label for the classifier expert.
     pub classifier_items: usize,
+    /// Most training steps of the classifier expert (it stops earlier when its validation
+    /// accuracy stops improving).
+    #[serde(default = "default_classifier_steps")]
+    pub classifier_steps: usize,
     /// The mixture search.
     pub search: SearchConfig,
     /// Validation items per expert domain scored by the search.
     pub search_val_n: usize,
+    /// Validation items per expert domain, disjoint from the search's, on which the handed-off
+    /// mixture is chosen (the selection split).
+    #[serde(default = "default_select_n")]
+    pub select_n: usize,
     /// Validation items per built-in domain in the preservation set.
     pub preserve_n: usize,
     /// Labelled examples per domain for few-shot CEM.
@@ -60,6 +68,14 @@ pub struct RunConfig {
     pub datasets: Vec<String>,
 }
 
+fn default_classifier_steps() -> usize {
+    500
+}
+
+fn default_select_n() -> usize {
+    100
+}
+
 impl RunConfig {
     /// The default run (about 25 minutes on 2 cores) or the quick one (about a minute).
     pub fn new(quick: bool) -> Self {
@@ -79,8 +95,10 @@ impl RunConfig {
             rule: GroupRule::default(),
             train: train.clone(),
             classifier_items: 400,
+            classifier_steps: default_classifier_steps(),
             search: SearchConfig::default(),
-            search_val_n: 20,
+            search_val_n: 30,
+            select_n: default_select_n(),
             preserve_n: 4,
             shots: 10,
             cem: CemConfig {
@@ -109,14 +127,17 @@ impl RunConfig {
                 },
                 train,
                 classifier_items: 16,
+                classifier_steps: 6,
                 search: SearchConfig {
                     population: 6,
                     generations: 2,
                     latency_tokens: 4,
                     latency_runs: 1,
+                    hand_off_within_noise: true,
                     ..SearchConfig::default()
                 },
                 search_val_n: 8,
+                select_n: 8,
                 preserve_n: 2,
                 shots: 4,
                 cem: CemConfig {
@@ -245,7 +266,9 @@ impl RunConfig {
             ("discover_n", self.discover_n),
             ("grad_items", self.grad_items),
             ("classifier_items", self.classifier_items),
+            ("classifier_steps", self.classifier_steps),
             ("search_val_n", self.search_val_n),
+            ("select_n", self.select_n),
             ("preserve_n", self.preserve_n),
             ("shots", self.shots),
             ("test_n", self.test_n),

@@ -3,7 +3,9 @@
 
 use crate::adapt::discover::Discovery;
 use crate::adapt::dispatch::Mixer;
+use crate::adapt::dispatch::{CemFit, Thresholds};
 use crate::adapt::mixture_search::{Deployer, Point, SearchReport};
+use crate::adapt::selection::Selection;
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -30,8 +32,10 @@ pub const MANIFEST_FORMAT: &str = "bitsvf-handoff";
 
 /// Layout version of the manifests this bitsvf writes, `major.minor`. Readers accept every
 /// minor version of their major (a minor version only adds fields) and refuse other majors.
-/// 1.1 added `format_version` and the experts' `training.val_curve`.
-pub const FORMAT_VERSION: &str = "1.1";
+/// 1.1 added `format_version` and the experts' `training.val_curve`; 1.2 the search's
+/// `selection` and `search_pick`, the points' modelled latency (`model_ms`, `work`), CEM's
+/// held-out check (`cem`) and the dispatch `thresholds`.
+pub const FORMAT_VERSION: &str = "1.2";
 
 /// The version of a manifest without `format_version`: as bitsvf 0.1.0 wrote it.
 pub const FIRST_FORMAT_VERSION: &str = "1.0";
@@ -60,7 +64,8 @@ pub struct Manifest {
     pub experts: Vec<ExpertEntry>,
     /// The classifier expert.
     pub classifier: Option<ExpertEntry>,
-    /// The chosen mixture (`None`: no expert gained).
+    /// The handed-off mixture (`None`: no expert gained, or no mixture beat the base on the
+    /// selection split by more than its noise).
     #[serde(serialize_with = "sorted")]
     pub mixture: Option<MixtureEntry>,
     /// Every metric of the run.
@@ -128,6 +133,14 @@ pub struct Metrics {
     pub bytes: ByteCounts,
     /// α fitted by few-shot CEM per source.
     pub cem_alpha: BTreeMap<String, Vec<f64>>,
+    /// CEM's fit per source checked on held-out shots (where `keeps_base`, dispatch uses the
+    /// base).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cem: BTreeMap<String, CemFit>,
+    /// The confidences below which the classifier and prompt dispatch answer "base"
+    /// (calibrated on held-out prompts; 0 before 1.2).
+    #[serde(default)]
+    pub thresholds: Thresholds,
     /// Stage 1's capability report and grouping.
     pub discovery: Discovery,
     /// The dequantization check of stage 1.
@@ -199,6 +212,13 @@ pub struct SearchSummary {
     pub seconds: f64,
     /// Whether the hypervolume stalled before the last generation.
     pub stopped_early: bool,
+    /// The search's own pick (the most accurate front point within the budgets, on its
+    /// validation items).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_pick: Option<Point>,
+    /// The choice of what is handed off, on the selection split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selection>,
 }
 
 impl From<&SearchReport> for SearchSummary {
@@ -211,6 +231,8 @@ impl From<&SearchReport> for SearchSummary {
             hv_reference: s.hv_reference.clone(),
             seconds: s.seconds,
             stopped_early: s.stopped_early,
+            search_pick: Some(s.chosen.clone()),
+            selection: s.selection.clone(),
         }
     }
 }
@@ -288,8 +310,9 @@ pub(crate) struct HandoffParts<'a> {
     pub found: &'a Discovery,
     pub experts: &'a [Trained],
     pub classifier: ExpertEntry,
+    pub thresholds: Thresholds,
     pub searched: Option<&'a SearchReport>,
-    pub cem_alpha: &'a BTreeMap<String, Vec<f64>>,
+    pub cem: &'a BTreeMap<String, CemFit>,
     pub table: &'a TestTable,
 }
 
@@ -347,7 +370,8 @@ fn write_metrics_log(work: &Path, p: &HandoffParts) -> Result<()> {
         for (i, pt) in s.evaluated.iter().enumerate() {
             lines.push(serde_json::json!({
                 "stage3/search/evaluation": i, "stage3/search/accuracy": pt.accuracy,
-                "stage3/search/kl": pt.kl, "stage3/search/ms_per_token": pt.ms_per_token,
+                "stage3/search/kl": pt.kl, "stage3/search/model_ms": pt.model_ms,
+                "stage3/search/ms_per_token": pt.ms_per_token,
                 "stage3/search/bytes": pt.bytes, "stage3/search/rank": pt.rank,
                 "stage3/search/alpha": pt.alpha,
             }));
@@ -386,14 +410,18 @@ pub(crate) fn handoff(
     let leftovers = training_leftovers(work, &p);
     let ck = base.ck();
     let file_bytes = |rel: &str| std::fs::metadata(work.join(rel)).map_or(0, |m| m.len());
-    let mixture = p.searched.map(|s| MixtureEntry {
-        alpha: s.chosen.alpha.clone(),
-        deployed_form: "hybrid: packed ternary base + rank-k SVF delta (f16 factors)".into(),
-        experts: s.experts.clone(),
-        file: "experts/mixture.safetensors".into(),
-        rank: s.chosen.rank,
-        rule: s.rule.clone(),
-        validation: s.chosen.clone(),
+    let selection = p.searched.and_then(|s| s.selection.as_ref());
+    let mixture = p.searched.zip(selection).and_then(|(s, sel)| {
+        let chosen = sel.chosen()?;
+        Some(MixtureEntry {
+            alpha: chosen.alpha.clone(),
+            deployed_form: "hybrid: packed ternary base + rank-k SVF delta (f16 factors)".into(),
+            experts: s.experts.clone(),
+            file: "experts/mixture.safetensors".into(),
+            rank: chosen.rank,
+            rule: sel.rule.clone(),
+            validation: chosen.clone(),
+        })
     });
     let mut notes = vec![
         "Test accuracies are greedy decoding on the held-out test split; the search's \
@@ -404,6 +432,9 @@ pub(crate) fn handoff(
         .filter(|(e, _)| !e.in_mixture)
         .map(|(e, _)| e.name.as_str())
         .collect();
+    if let Some(sel) = selection.filter(|s| !s.handed_off) {
+        notes.push(format!("No mixture is handed off: {}.", sel.rule));
+    }
     if !dropped.is_empty() {
         notes.push(format!(
             "Experts that did not gain more than {:.1} points on validation stay in the library but not in the mixture: {}",
@@ -432,7 +463,11 @@ pub(crate) fn handoff(
                 f32_model: f32_bytes(ck),
                 ternary_base_packed: packed_bytes(ck),
             },
-            cem_alpha: p.cem_alpha.clone(),
+            cem_alpha: (p.cem.iter())
+                .map(|(k, f)| (k.clone(), f.alpha.clone()))
+                .collect(),
+            cem: p.cem.clone(),
+            thresholds: p.thresholds,
             discovery: p.found.clone(),
             recovery: p.recovery,
             search: p.searched.map(SearchSummary::from),
@@ -697,7 +732,8 @@ pub fn reproduce(
         rank,
     } = h.mixture()?.ok_or_else(|| {
         Error::Input(format!(
-            "{} has no mixture (no expert gained)",
+            "{} has no mixture: no expert gained, or none beat the base on the selection \
+             split by more than its noise (see its notes)",
             h.dir.display()
         ))
     })?;
@@ -762,6 +798,29 @@ mod tests {
             e["training"].as_object_mut().unwrap().remove("val_curve");
         }
         (again["classifier"]["training"].as_object_mut().unwrap()).remove("val_curve");
+        // Points gained their modelled latency in 1.2.
+        let strip = |p: &mut serde_json::Value| {
+            let p = p.as_object_mut().unwrap();
+            p.remove("model_ms");
+            p.remove("work");
+        };
+        (again["metrics"]["search"]["front"].as_array_mut().unwrap())
+            .iter_mut()
+            .for_each(strip);
+        strip(&mut again["metrics"]["search"]["base"]);
+        strip(&mut again["mixture"]["validation"]);
+        again["metrics"]
+            .as_object_mut()
+            .unwrap()
+            .remove("thresholds");
+        // And settings with defaults.
+        let options = again["options"].as_object_mut().unwrap();
+        options.remove("classifier_steps");
+        options.remove("select_n");
+        let search = options["search"].as_object_mut().unwrap();
+        search.remove("select_candidates");
+        search.remove("select_z");
+        search.remove("hand_off_within_noise");
         assert_eq!(again, value);
     }
 

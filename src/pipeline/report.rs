@@ -3,7 +3,7 @@
 
 use crate::adapt::mixture_search::SearchReport;
 use crate::error::Result;
-use crate::pipeline::handoff::{short, Manifest};
+use crate::pipeline::handoff::{short, Manifest, MixtureEntry, SearchSummary};
 use crate::pipeline::plot::{self, Labels, Series};
 use std::path::Path;
 
@@ -73,7 +73,7 @@ pub(crate) fn draw_plots(work: &Path, m: &Manifest, searched: Option<&SearchRepo
                     values: front,
                 },
             ],
-            Some((s.chosen.kl, s.chosen.accuracy)),
+            (s.selection.as_ref().and_then(|x| x.chosen())).map(|c| (c.kl, c.accuracy)),
         )?;
         plot::lines(
             &work.join("plots/hypervolume.png"),
@@ -132,26 +132,9 @@ pub(crate) fn report_markdown(m: &Manifest) -> String {
         );
     }
     s += "\n![training](plots/training.png)\n\n## Stage 3: mixture search\n\n";
-    if let (Some(mix), Some(r)) = (&m.mixture, &m.metrics.search) {
-        s += &format!(
-            "NSGA-II, {} evaluations in {:.0} s; final front of {} points. Chosen: α = [{}] over [{}], rank {}: validation accuracy {:.1}%, KL {:.4}, {:.2} ms/token, {:.2} MB (base: {:.1}%, {:.2} ms/token, {:.2} MB). Rule: {}.\n\n![pareto](plots/pareto.png)\n\n![hypervolume](plots/hypervolume.png)\n\n",
-            r.evaluations,
-            r.seconds,
-            r.front.len(),
-            mix.alpha.iter().map(|a| format!("{a:.2}")).collect::<Vec<_>>().join(", "),
-            mix.experts.join(", "),
-            mix.rank,
-            100.0 * mix.validation.accuracy,
-            mix.validation.kl,
-            mix.validation.ms_per_token,
-            mix.validation.bytes as f64 / 1e6,
-            100.0 * r.base.accuracy,
-            r.base.ms_per_token,
-            r.base.bytes as f64 / 1e6,
-            mix.rule
-        );
-    } else {
-        s += "No expert gained on validation, so there is no mixture.\n\n";
+    match &m.metrics.search {
+        Some(r) => s += &search_section(r, m.mixture.as_ref()),
+        None => s += "No expert gained on validation, so there is no mixture.\n\n",
     }
     s += &format!(
         "## Test accuracy (%), {} items per domain\n\n| domain | {} |\n|---|{}\n",
@@ -167,9 +150,7 @@ pub(crate) fn report_markdown(m: &Manifest) -> String {
         .map(|c| pct(table.mean(c).as_ref()))
         .collect();
     s += &format!("| **mean** | {} |\n\n", cells.join(" | "));
-    for (k, v) in &table.routing {
-        s += &format!("Routing accuracy of `{k}` dispatch: {:.1}%.\n", 100.0 * v);
-    }
+    s += &dispatch_section(m);
     s += "\n![test](plots/capability.png)\n\n## Time and memory per stage\n\n| stage | wall time (s) | peak RSS (MB) |\n|---|---|---|\n";
     for r in records {
         s += &format!(
@@ -182,6 +163,124 @@ pub(crate) fn report_markdown(m: &Manifest) -> String {
     s += "\n![memory](plots/memory.png)\n\n## Notes\n\n";
     for n in &m.notes {
         s += &format!("- {n}\n");
+    }
+    s
+}
+
+/// Stage 3 of report.md: the search, the candidates on the selection split and the choice.
+fn search_section(r: &SearchSummary, mix: Option<&MixtureEntry>) -> String {
+    let mut s = format!(
+        "NSGA-II, {} evaluations in {:.0} s; final front of {} points. Base on the search's \
+         validation items: {:.1}%, {:.2} ms/token modelled ({:.2} measured), {:.2} MB.\n\n",
+        r.evaluations,
+        r.seconds,
+        r.front.len(),
+        100.0 * r.base.accuracy,
+        r.base.model_ms,
+        r.base.ms_per_token,
+        r.base.bytes as f64 / 1e6,
+    );
+    if let Some(sel) = &r.selection {
+        s += &format!(
+            "Front candidates re-scored on the selection split ({} items, disjoint from the \
+             search's; base {:.1}%):\n\n| α | rank | search val | selection | gain ± se |\n|---|---|---|---|---|\n",
+            sel.n,
+            100.0 * sel.base_accuracy
+        );
+        for c in &sel.candidates {
+            s += &format!(
+                "| [{}] | {} | {:.1} | {:.1} | {:+.1} ± {:.1} |\n",
+                (c.point.alpha.iter())
+                    .map(|a| format!("{a:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                c.point.rank,
+                100.0 * c.point.accuracy,
+                100.0 * c.accuracy,
+                100.0 * c.gain,
+                100.0 * c.se
+            );
+        }
+        s += &format!("\nRule: {}.\n\n", sel.rule);
+    }
+    if let Some(mix) = mix {
+        s += &format!(
+            "Handed off: α = [{}] over [{}], rank {}: validation accuracy {:.1}%, KL {:.4}, {:.2} \
+             ms/token modelled, {:.2} MB.\n\n",
+            (mix.alpha.iter())
+                .map(|a| format!("{a:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            mix.experts.join(", "),
+            mix.rank,
+            100.0 * mix.validation.accuracy,
+            mix.validation.kl,
+            mix.validation.model_ms,
+            mix.validation.bytes as f64 / 1e6,
+        );
+    } else {
+        s += "No mixture is handed off: the adapted model is the base, with the experts and the \
+              dispatch.\n\n";
+    }
+    s + "![pareto](plots/pareto.png)\n\n![hypervolume](plots/hypervolume.png)\n\n"
+}
+
+/// The configurations against the base and the oracle (the best single expert per domain),
+/// with the routing accuracy of the per-prompt strategies.
+fn dispatch_section(m: &Manifest) -> String {
+    let table = &m.metrics.test;
+    let expert_domains: Vec<String> = m.experts.iter().flat_map(|e| e.domains.clone()).collect();
+    let mut s = format!(
+        "Against the base on the {} expert domains (mean {:.1}%) and the oracle — the best \
+         single expert per domain:\n\n| configuration | expert domains | all domains | share of \
+         the oracle's gain | worst loss vs base | routing |\n|---|---|---|---|---|---|\n",
+        expert_domains.len(),
+        100.0 * table.mean_over(crate::pipeline::table::columns::BASE, &expert_domains)
+    );
+    for c in table.summary(&expert_domains) {
+        let strategy = c.column.strip_prefix("dispatch: ");
+        let routing = strategy
+            .and_then(|k| table.routing.get(k))
+            .map_or("—".to_string(), |r| format!("{:.1}%", 100.0 * r));
+        s += &format!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} |\n",
+            c.column,
+            100.0 * c.expert_mean,
+            100.0 * c.all_mean,
+            c.oracle_share
+                .map_or("—".to_string(), |x| format!("{:.0}%", 100.0 * x)),
+            if c.worst_loss.0 > 0.0 {
+                format!("{:.1} ({})", 100.0 * c.worst_loss.0, c.worst_loss.1)
+            } else {
+                "none".to_string()
+            },
+            routing
+        );
+    }
+    let kept: Vec<&str> = (m.metrics.cem.iter())
+        .filter(|(_, f)| f.keeps_base)
+        .map(|(d, _)| d.as_str())
+        .collect();
+    if !kept.is_empty() {
+        s += &format!(
+            "\nCEM keeps the base on {} of {} domains (its mixture did not beat the base on \
+             held-out shots): {}.\n",
+            kept.len(),
+            m.metrics.cem.len(),
+            kept.join(", ")
+        );
+    }
+    let n = m.experts.len();
+    if let Some(&r) = table.routing.get("prompt") {
+        if r < 2.0 / (n + 1) as f64 {
+            s += &format!(
+                "\nPrompt dispatch is unsuitable for this model: asked to name the skill, the base \
+                 routes {:.1}% of test prompts right (chance: {:.1}%); a small task model does not \
+                 know the labels. Use the classifier.\n",
+                100.0 * r,
+                100.0 / (n + 1) as f64
+            );
+        }
     }
     s
 }

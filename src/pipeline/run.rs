@@ -2,8 +2,12 @@
 //! `<out>.partial` and renamed to `<out>` last, so `<out>` is either absent or complete.
 
 use crate::adapt::discover::{discover, Discovery};
-use crate::adapt::dispatch::{classifier_items, Mixer};
+use crate::adapt::dispatch::{
+    calibrate_threshold, classifier_guess, classifier_items, prompt_guess, CemFit, Mixer,
+    Thresholds, DENSE,
+};
 use crate::adapt::mixture_search::{search, Problem, SearchConfig, SearchReport};
+use crate::adapt::selection::select;
 use crate::engine::checkpoint::{save_native, Checkpoint};
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
@@ -16,6 +20,7 @@ use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest, Svd
 use crate::pipeline::stages::{Event, Run};
 use crate::pipeline::table::{evaluate_all, TestTable};
 use crate::search::CemConfig;
+use crate::svf::attach::adapted_model;
 use crate::svf::base::Base;
 use crate::svf::expert::Expert;
 use crate::svf::svd::{Svd, SvdCache};
@@ -88,12 +93,13 @@ pub fn run(
     let found = discover_experts(&job, &mut run, base.packed()?, &f.svd)?;
     let experts = train_experts(&job, &mut run, &found, generator)?;
     let (classifier, classifier_expert) = train_classifier(&job, &mut run, &found, &experts)?;
+    let thresholds = calibrate_dispatch(&job, &mut run, &found, &experts, &classifier_expert)?;
     let pool: Vec<Expert> = (experts.iter())
         .filter(|(e, _)| e.in_mixture)
         .map(|(_, x)| x.clone())
         .collect();
     let searched = search_mixture(&job, &mut run, &f.svd, &experts, &pool)?;
-    let cem_alpha = fit_cem(&job, &mut run, &pool)?;
+    let cem = fit_cem(&job, &mut run, &pool)?;
     let table: TestTable = run.stage("7-evaluate", |ev| {
         evaluate_all(
             &base,
@@ -102,9 +108,9 @@ pub fn run(
             &job.sources,
             &experts,
             &pool,
-            &classifier_expert,
+            (&classifier_expert, thresholds),
             searched.as_ref(),
-            &cem_alpha,
+            &cem,
             ev,
         )
     })?;
@@ -123,8 +129,9 @@ pub fn run(
             found: &found,
             experts: &experts,
             classifier,
+            thresholds,
             searched: searched.as_ref(),
-            cem_alpha: &cem_alpha,
+            cem: &cem,
             table: &table,
         },
     )?;
@@ -329,11 +336,18 @@ fn group_data(group: &[String], sources: &[DataSource]) -> Result<DataSource> {
 }
 
 /// Stage 4, one expert: its own stage `4-train-<name>`, resumable within the stage.
-fn train_one(job: &Job, run: &mut Run, data: &DataSource, path: &Path) -> Result<TrainSummary> {
+fn train_one(
+    job: &Job,
+    run: &mut Run,
+    data: &DataSource,
+    path: &Path,
+    steps: usize,
+) -> Result<TrainSummary> {
     let (cfg, name) = (job.cfg, data.name());
     run.stage(&format!("4-train-{name}"), |ev| {
         let train = TrainConfig {
             seed: cfg.seed,
+            steps,
             ..cfg.train.clone()
         };
         train_expert(job.base, job.tok, data, &train, path, true, |step, s| {
@@ -386,7 +400,7 @@ fn train_experts(
         }
         let file = format!("experts/{name}.safetensors");
         let path = job.work.join(&file);
-        let summary = train_one(job, run, &data, &path)?;
+        let summary = train_one(job, run, &data, &path, cfg.train.steps)?;
         let expert = Expert::load(&path)?;
         experts.push((
             ExpertEntry {
@@ -425,15 +439,7 @@ fn train_classifier(
     found: &Discovery,
     experts: &[Trained],
 ) -> Result<Trained> {
-    let covered: Vec<String> = found.grouping.groups.iter().flatten().cloned().collect();
-    let others: Vec<DataSource> = (job.sources.iter())
-        .filter(|s| !covered.contains(&s.name()))
-        .cloned()
-        .collect();
-    let labels: Vec<DataSource> = experts
-        .iter()
-        .map(|(e, _)| group_data(&e.domains, &job.sources))
-        .collect::<Result<_>>()?;
+    let (labels, others) = label_sources(job, found, experts)?;
     let file = "experts/classifier.safetensors".to_string();
     let path = job.work.join(&file);
     let items = classifier_items(&labels, &others, job.cfg.classifier_items, job.cfg.seed)?;
@@ -442,7 +448,7 @@ fn train_classifier(
         verifier: Verifier::Exact,
         items,
     });
-    let summary = train_one(job, run, &data, &path)?;
+    let summary = train_one(job, run, &data, &path, job.cfg.classifier_steps)?;
     let expert = Expert::load(&path)?;
     let entry = ExpertEntry {
         name: "classifier".into(),
@@ -455,6 +461,58 @@ fn train_classifier(
     };
     Ok((entry, expert))
 }
+
+/// Stage 4, calibration: when are the classifier and prompt dispatch unsure? Their guesses on
+/// held-out prompts of every label set the confidence below which they answer "base".
+fn calibrate_dispatch(
+    job: &Job,
+    run: &mut Run,
+    found: &Discovery,
+    experts: &[Trained],
+    classifier: &Expert,
+) -> Result<Thresholds> {
+    let (labels, others) = label_sources(job, found, experts)?;
+    let names: Vec<String> = experts.iter().map(|(e, _)| e.name.clone()).collect();
+    run.stage("4-calibrate-dispatch", |_| {
+        let model = adapted_model(job.base, classifier, DENSE)?;
+        let truth = (labels.iter().enumerate().map(|(i, d)| (Some(i), d.clone())))
+            .chain((!others.is_empty()).then(|| (None, DataSource::Group(others.clone()))));
+        let (mut by_classifier, mut by_prompt) = (Vec::new(), Vec::new());
+        for (label, d) in truth {
+            for it in d.validation(CALIBRATION_ITEMS, job.cfg.seed + 8)? {
+                let (g, p) = classifier_guess(&model, job.tok, labels.len(), &it.prompt)?;
+                by_classifier.push((g, p, label));
+                let (g, p) = prompt_guess(job.base.packed()?, &names, job.tok, &it.prompt)?;
+                by_prompt.push((g, p, label));
+            }
+        }
+        Ok(Thresholds {
+            classifier: calibrate_threshold(&by_classifier).0,
+            prompt: calibrate_threshold(&by_prompt).0,
+        })
+    })
+}
+
+/// The classifier's labels: each expert's data, and the sources no expert covers.
+fn label_sources(
+    job: &Job,
+    found: &Discovery,
+    experts: &[Trained],
+) -> Result<(Vec<DataSource>, Vec<DataSource>)> {
+    let covered: Vec<String> = found.grouping.groups.iter().flatten().cloned().collect();
+    let others: Vec<DataSource> = (job.sources.iter())
+        .filter(|s| !covered.contains(&s.name()))
+        .cloned()
+        .collect();
+    let labels: Vec<DataSource> = experts
+        .iter()
+        .map(|(e, _)| group_data(&e.domains, &job.sources))
+        .collect::<Result<_>>()?;
+    Ok((labels, others))
+}
+
+/// Held-out prompts per label on which the dispatch thresholds are calibrated.
+const CALIBRATION_ITEMS: usize = 40;
 
 /// Stage 5: NSGA-II over mixtures of the experts that gained (`pool`), then the chosen
 /// mixture saved as `experts/mixture.safetensors`. `None` when no expert gained.
@@ -482,7 +540,7 @@ fn search_mixture(
         }
         let mut problem = Problem::new(job.base, job.tok, pool, &val, &preserve, &cfg.search)?;
         let total = cfg.search.generations;
-        let report = search(
+        let mut report = search(
             &mut problem,
             &bounds_for(&cfg.search, pool),
             |r| {
@@ -497,19 +555,55 @@ fn search_mixture(
             },
             |_| {},
         )?;
+        ev(Event::Progress(
+            total,
+            total,
+            format!(
+                "selection: {} candidates on the selection split",
+                report.offered.len()
+            ),
+        ));
+        let sel = selection_items(job, experts, &val)?;
+        let offered = report.offered.clone();
+        let (z, anyway) = (cfg.search.select_z, cfg.search.hand_off_within_noise);
+        report.selection = Some(select(&mut problem, offered, &sel, z, anyway)?);
         Ok(Some(report))
     })?;
-    if let Some(s) = &searched {
+    let chosen = searched
+        .as_ref()
+        .and_then(|s| s.selection.as_ref()?.chosen());
+    if let Some(chosen) = chosen {
         let refs: Vec<&Expert> = pool.iter().collect();
-        let mut mixed = crate::svf::expert::mixture(&refs, &s.chosen.alpha, f)?;
+        let mut mixed = crate::svf::expert::mixture(&refs, &chosen.alpha, f)?;
         mixed.meta.name = "mixture".into();
         mixed.save(&job.work.join("experts/mixture.safetensors"))?;
     }
     Ok(searched)
 }
 
-/// Stage 6: few-shot CEM per source, on labelled validation examples: α over `pool` by source.
-fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String, Vec<f64>>> {
+/// The selection split: `select_n` validation items per searched expert's data, none of them
+/// among the search's `val` items.
+fn selection_items(job: &Job, experts: &[Trained], val: &[Item]) -> Result<Vec<Item>> {
+    let cfg = job.cfg;
+    let searched: std::collections::HashSet<&str> =
+        val.iter().map(|it| it.prompt.as_str()).collect();
+    let mut out = Vec::new();
+    for (e, _) in experts.iter().filter(|(e, _)| e.in_mixture) {
+        let data = group_data(&e.domains, &job.sources)?;
+        out.extend(
+            (data
+                .validation(cfg.search_val_n + cfg.select_n, cfg.seed + 6)?
+                .into_iter())
+            .filter(|it| !searched.contains(it.prompt.as_str()))
+            .take(cfg.select_n),
+        );
+    }
+    Ok(out)
+}
+
+/// Stage 6: few-shot CEM per source, on labelled validation examples: α over `pool` by
+/// source, checked against the base on as many held-out shots again.
+fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String, CemFit>> {
     let (cfg, sources) = (job.cfg, &job.sources);
     run.stage("6-cem", |ev| {
         let mut out = BTreeMap::new();
@@ -532,7 +626,14 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
                     ..cfg.cem.clone()
                 },
             )?;
-            out.insert(d.name(), r.best);
+            let fitted: std::collections::HashSet<&str> =
+                shots.iter().map(|it| it.prompt.as_str()).collect();
+            let held_out: Vec<Item> = (d.validation(3 * cfg.shots, cfg.seed + 7)?.into_iter())
+                .filter(|it| !fitted.contains(it.prompt.as_str()))
+                .take(2 * cfg.shots)
+                .collect();
+            let fit = mixer.check_cem(job.base.packed()?, job.tok, r.best, &held_out)?;
+            out.insert(d.name(), fit);
         }
         Ok(out)
     })

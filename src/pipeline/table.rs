@@ -1,7 +1,7 @@
 //! The test table of `bitsvf run` (stage 7): every configuration — base, best single expert,
 //! the mixture in both forms, every dispatch strategy — on every source's test split.
 
-use crate::adapt::dispatch::{Library, Mixer, Strategy};
+use crate::adapt::dispatch::{CemFit, Library, Mixer, Strategy, Thresholds};
 use crate::adapt::mixture_search::SearchReport;
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
@@ -45,6 +45,60 @@ impl TestTable {
     }
 }
 
+/// One column of the test table summed up against the base and the oracle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnSummary {
+    /// The column.
+    pub column: String,
+    /// Mean accuracy over the expert domains.
+    pub expert_mean: f64,
+    /// Mean accuracy over all domains.
+    pub all_mean: f64,
+    /// Share of the oracle's gain over the base on the expert domains that this column
+    /// keeps (the oracle: the best single expert per domain); `None` when the oracle gains
+    /// nothing.
+    pub oracle_share: Option<f64>,
+    /// The largest loss against the base on any domain (≥ 0), and that domain.
+    pub worst_loss: (f64, String),
+}
+
+impl TestTable {
+    /// Mean accuracy of `column` over `domains`.
+    pub fn mean_over(&self, column: &str, domains: &[String]) -> f64 {
+        let v: Vec<f64> = (self.accuracy.iter())
+            .filter(|(d, _)| domains.contains(d))
+            .filter_map(|(_, r)| r.get(column).copied())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+
+    /// Every column but the base against the base and the oracle, the expert domains being
+    /// `expert_domains`.
+    pub fn summary(&self, expert_domains: &[String]) -> Vec<ColumnSummary> {
+        let all: Vec<String> = self.accuracy.keys().cloned().collect();
+        let mean_over = |c: &str, only_experts: bool| -> f64 {
+            self.mean_over(c, if only_experts { expert_domains } else { &all })
+        };
+        let base = mean_over(columns::BASE, true);
+        let oracle_gain = mean_over(columns::BEST_EXPERT, true) - base;
+        (self.columns.iter().filter(|c| *c != columns::BASE))
+            .map(|c| {
+                let expert_mean = mean_over(c, true);
+                let worst_loss = (self.accuracy.iter())
+                    .filter_map(|(d, r)| Some((r.get(columns::BASE)? - r.get(c)?, d.clone())))
+                    .fold((0.0, String::new()), |w, x| if x.0 > w.0 { x } else { w });
+                ColumnSummary {
+                    column: c.clone(),
+                    expert_mean,
+                    all_mean: mean_over(c, false),
+                    oracle_share: (oracle_gain > 0.0).then(|| (expert_mean - base) / oracle_gain),
+                    worst_loss,
+                }
+            })
+            .collect()
+    }
+}
+
 /// The column names of the test table.
 pub mod columns {
     /// The packed base model.
@@ -78,9 +132,9 @@ pub(crate) fn evaluate_all(
     sources: &[DataSource],
     experts: &[Trained],
     pool: &[Expert],
-    classifier: &Expert,
+    (classifier, thresholds): (&Expert, Thresholds),
     searched: Option<&SearchReport>,
-    cem_alpha: &BTreeMap<String, Vec<f64>>,
+    cem: &BTreeMap<String, CemFit>,
     ev: &mut dyn FnMut(Event),
 ) -> Result<TestTable> {
     use columns::*;
@@ -89,12 +143,15 @@ pub(crate) fn evaluate_all(
     let mixes = !pool.is_empty();
     let mixer = Mixer::new(base, if mixes { pool.to_vec() } else { all.clone() })?;
     let mut lib = Library::with_mixer(base, all, Some(classifier), mixer)?;
-    let mut deployer = match searched {
+    lib.thresholds = thresholds;
+    // The handed-off mixture, if the selection split kept one.
+    let chosen = searched.and_then(|s| s.selection.as_ref()?.chosen());
+    let mut deployer = match chosen {
         Some(_) => Some(crate::adapt::mixture_search::Deployer::new(base, pool)?),
         None => None,
     };
     let mut columns = vec![BASE.to_string(), BEST_EXPERT.to_string()];
-    if searched.is_some() {
+    if chosen.is_some() {
         columns.push(MIXTURE.into());
         columns.push(MIXTURE_DEPLOYED.into());
     }
@@ -135,11 +192,11 @@ pub(crate) fn evaluate_all(
             row.insert(BEST_EXPERT.to_string(), a);
             best_expert.insert(name.clone(), experts[best.1].0.name.clone());
         }
-        if let Some(s) = searched {
-            let m = lib.mixer.model(&s.chosen.alpha)?;
+        if let Some(s) = chosen {
+            let m = lib.mixer.model(&s.alpha)?;
             row.insert(MIXTURE.to_string(), accuracy(m, tok, &items, d)?);
-            let dep = deployer.as_mut().expect("a search implies a deployer");
-            let (m, _) = dep.deploy(&s.chosen.alpha, s.chosen.rank)?;
+            let dep = deployer.as_mut().expect("a mixture implies a deployer");
+            let (m, _) = dep.deploy(&s.alpha, s.rank)?;
             row.insert(MIXTURE_DEPLOYED.to_string(), accuracy(m, tok, &items, d)?);
         }
         for strategy in [Strategy::Prompt, Strategy::Classifier] {
@@ -157,9 +214,14 @@ pub(crate) fn evaluate_all(
                 correct as f64 / items.len().max(1) as f64,
             );
         }
-        if let (true, Some(alpha)) = (mixes, cem_alpha.get(&name)) {
-            let m = lib.mixer.model(alpha)?;
-            row.insert("dispatch: cem".to_string(), accuracy(m, tok, &items, d)?);
+        if let (true, Some(fit)) = (mixes, cem.get(&name)) {
+            // CEM's mixture where it beat the base on held-out shots, the base elsewhere.
+            let a = if fit.keeps_base {
+                row[BASE]
+            } else {
+                accuracy(lib.mixer.model(&fit.alpha)?, tok, &items, d)?
+            };
+            row.insert("dispatch: cem".to_string(), a);
         }
         table.insert(name, row);
     }

@@ -70,6 +70,7 @@ pub fn run(a: Args) -> Result<()> {
     let cache = svd_cache(a.cache_dir);
     let classifier = h.classifier()?;
     let mut lib = Library::new(&h.ck, h.experts()?, classifier.as_ref(), &cache)?;
+    lib.thresholds = h.manifest.metrics.thresholds;
     let alpha = match (strategy, &a.shots) {
         (Strategy::Cem, Some(path)) => {
             let shots = Dataset::load_jsonl(path, "exact".parse()?)?;
