@@ -1,10 +1,12 @@
 //! The main job, `bitsvf run` (DESIGN.md §1): load and verify → SVD → discover → train the
 //! experts and the classifier → search the mixture → fit few-shot CEM → evaluate → hand off
-//! (§6). [`config`] settings, [`stages`] runner, `run` stages, [`table`], [`handoff`], `report`.
+//! (§6). [`config`] settings, [`stages`] runner, `run` stages, [`table`], [`handoff`] and its
+//! [`manifest`], `report`.
 
 pub mod compare;
 pub mod config;
 pub mod handoff;
+pub mod manifest;
 pub mod plot;
 mod report;
 mod run;

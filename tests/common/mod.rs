@@ -5,6 +5,14 @@ use bitsvf::engine::checkpoint::st::{write_safetensors, OwnedTensor, TensorFiles
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Run the `bitsvf` binary with `args`.
+pub fn bitsvf(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// The transformers-made fixture directory.
 pub fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-bitnet-tiny")

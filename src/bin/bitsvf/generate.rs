@@ -9,7 +9,7 @@ use bitsvf::engine::model::{GenerateOptions, HeadFormat, Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::prompt_ids;
 use bitsvf::pipeline::Handoff;
-use bitsvf::tasks::Dataset;
+use bitsvf::tasks::{Dataset, Item};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
         "--head {} is for the base model alone; with --experts the head stays as stored",
         a.head.name()
     );
-    let strategy: Strategy = a.dispatch.parse()?;
+    let mut strategy: Strategy = a.dispatch.parse()?;
     let h = Handoff::open(&experts)?;
     if let Some(m) = &a.model {
         checkpoint::load(m)?.check_is_base_of(m, &h.ck, &experts)?;
@@ -71,19 +71,48 @@ pub fn run(a: Args) -> Result<()> {
     let classifier = h.classifier()?;
     let mut lib = Library::new(&h.ck, h.experts()?, classifier.as_ref(), &cache)?;
     lib.thresholds = h.manifest.metrics.thresholds;
-    let alpha = match (strategy, &a.shots) {
-        (Strategy::Cem, Some(path)) => {
-            let shots = Dataset::load_jsonl(path, "exact".parse()?)?;
-            let fit = lib
-                .mixer
-                .fit_cem(tok.as_ref(), &shots.items, &h.manifest.options.cem)?;
-            Some(fit.best)
-        }
-        (Strategy::Cem, None) => {
-            anyhow::bail!("--dispatch cem needs --shots FILE.jsonl (labelled examples)")
-        }
-        _ => None,
-    };
+    let alpha =
+        match (strategy, &a.shots) {
+            (Strategy::Cem, Some(path)) => {
+                let shots = Dataset::load_jsonl(path, "exact".parse()?)?.items;
+                // With 6 examples or more, every third is held out to check the fit against the
+                // base: a mixture that does not beat the base there is not used.
+                let held_out = shots.len() >= MIN_SHOTS_TO_CHECK;
+                let (fit_on, held): (Vec<_>, Vec<_>) =
+                    (shots.into_iter().enumerate()).partition(|(i, _)| !held_out || i % 3 != 2);
+                let strip =
+                    |v: Vec<(usize, Item)>| v.into_iter().map(|(_, it)| it).collect::<Vec<_>>();
+                let (fit_on, held) = (strip(fit_on), strip(held));
+                let r = (lib.mixer).fit_cem(tok.as_ref(), &fit_on, &h.manifest.options.cem)?;
+                if held.is_empty() {
+                    eprintln!(
+                    "CEM: fewer than {MIN_SHOTS_TO_CHECK} examples, so none is held out to check \
+                     the mixture against the base"
+                );
+                    Some(r.best)
+                } else {
+                    let fit = (lib.mixer).check_cem(&lib.base, tok.as_ref(), r.best, &held)?;
+                    eprintln!(
+                    "CEM: on {} held-out examples the mixture scores {:.0}% against the base's \
+                     {:.0}%: {}",
+                    fit.held_out,
+                    100.0 * fit.accuracy,
+                    100.0 * fit.base_accuracy,
+                    if fit.keeps_base { "the base is kept" } else { "the mixture is used" }
+                );
+                    if fit.keeps_base {
+                        strategy = Strategy::None;
+                        None
+                    } else {
+                        Some(fit.alpha)
+                    }
+                }
+            }
+            (Strategy::Cem, None) => {
+                anyhow::bail!("--dispatch cem needs --shots FILE.jsonl (labelled examples)")
+            }
+            _ => None,
+        };
     let (model, chosen) = pass1(
         &mut lib,
         tok.as_ref(),
@@ -103,6 +132,9 @@ pub fn run(a: Args) -> Result<()> {
     println!("{answer}");
     Ok(())
 }
+
+/// Labelled examples from which `generate --dispatch cem` holds every third out.
+const MIN_SHOTS_TO_CHECK: usize = 6;
 
 /// The model alone: the prompt (after the tokenizer's BOS), then each new token's text as soon
 /// as it is complete; prefill and decode speed on stderr.
