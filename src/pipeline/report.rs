@@ -225,6 +225,9 @@ fn search_section(r: &SearchSummary, mix: Option<&MixtureEntry>) -> String {
     s + "![pareto](plots/pareto.png)\n\n![hypervolume](plots/hypervolume.png)\n\n"
 }
 
+/// Below this share of the oracle's gain, prompt dispatch is reported as unsuitable.
+const UNSUITABLE_SHARE: f64 = 0.5;
+
 /// The configurations against the base and the oracle (the best single expert per domain),
 /// with the routing accuracy of the per-prompt strategies.
 fn dispatch_section(m: &Manifest) -> String {
@@ -237,7 +240,8 @@ fn dispatch_section(m: &Manifest) -> String {
         expert_domains.len(),
         100.0 * table.mean_over(crate::pipeline::table::columns::BASE, &expert_domains)
     );
-    for c in table.summary(&expert_domains) {
+    let summary = table.summary(&expert_domains);
+    for c in &summary {
         let strategy = c.column.strip_prefix("dispatch: ");
         let routing = strategy
             .and_then(|k| table.routing.get(k))
@@ -270,15 +274,17 @@ fn dispatch_section(m: &Manifest) -> String {
             kept.join(", ")
         );
     }
-    let n = m.experts.len();
-    if let Some(&r) = table.routing.get("prompt") {
-        if r < 2.0 / (n + 1) as f64 {
+    let prompt = summary.iter().find(|c| c.column == "dispatch: prompt");
+    let share = prompt.and_then(|c| c.oracle_share);
+    if let (Some(share), Some(&r)) = (share, table.routing.get("prompt")) {
+        if share < UNSUITABLE_SHARE {
             s += &format!(
                 "\nPrompt dispatch is unsuitable for this model: asked to name the skill, the base \
-                 routes {:.1}% of test prompts right (chance: {:.1}%); a small task model does not \
-                 know the labels. Use the classifier.\n",
+                 keeps {:.0}% of the oracle's gain (routing {:.1}% of test prompts right, mostly \
+                 by keeping the base below its calibrated confidence); a small task model does not \
+                 know its own task. Use the classifier.\n",
+                100.0 * share,
                 100.0 * r,
-                100.0 / (n + 1) as f64
             );
         }
     }
