@@ -21,7 +21,7 @@ use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{Model, ModelOptions, WeightMode};
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::eval::teacher_forced;
+use crate::eval::{exact_matches, share, teacher_forced};
 use crate::search::{cem, CemConfig, CemResult, Score};
 use crate::svf::attach::{adapted_model, set_z, svf_model, z_tensors};
 use crate::svf::base::{Base, Factors};
@@ -326,15 +326,8 @@ impl Mixer {
         alpha: Vec<f64>,
         held_out: &[Item],
     ) -> Result<CemFit> {
-        let exact = |m: &Model| -> Result<Vec<bool>> {
-            Ok(teacher_forced(m, tok, held_out)?
-                .iter()
-                .map(|s| s.exact)
-                .collect())
-        };
-        let b = exact(base)?;
-        let c = exact(self.model(&alpha)?)?;
-        let share = |v: &[bool]| v.iter().filter(|&&x| x).count() as f64 / v.len().max(1) as f64;
+        let b = exact_matches(base, tok, held_out)?;
+        let c = exact_matches(self.model(&alpha)?, tok, held_out)?;
         let (gain, se) = paired_gain(&c, &b);
         Ok(CemFit {
             alpha,

@@ -33,7 +33,7 @@ use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Checks, Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs, Batch};
 use crate::eval::speed::decode_speed;
-use crate::eval::teacher_forced;
+use crate::eval::{exact_matches, share};
 use crate::search::{knee_point, nsga2, Budget, GenerationRecord, Nsga2Config};
 use crate::svf::base::{Base, Factors};
 use crate::svf::deploy::{f32_bytes, packed_bytes, DeployOption, Deployment};
@@ -451,8 +451,7 @@ impl<'a> Problem<'a> {
         let work = self.deployer.work(rank)?;
         let tok = self.tok;
         let (model, bytes) = self.deployer.deploy(alpha, rank)?;
-        let scores = teacher_forced(model, tok, self.val)?;
-        let accuracy = scores.iter().filter(|s| s.exact).count() as f64 / scores.len() as f64;
+        let accuracy = share(&exact_matches(model, tok, self.val)?);
         let (preserve, base_lp) = (&self.preserve, &self.base_lp);
         let kl = if rank == 0 {
             0.0

@@ -7,7 +7,7 @@
 
 use crate::adapt::mixture_search::{Point, Problem};
 use crate::error::Result;
-use crate::eval::teacher_forced;
+use crate::eval::{exact_matches, share};
 use crate::tasks::Item;
 use serde::{Deserialize, Serialize};
 
@@ -108,16 +108,10 @@ pub fn select(
 ) -> Result<Selection> {
     let tok = problem.tok();
     let exact = |p: &mut Problem, alpha: &[f64], rank: usize| -> Result<Vec<bool>> {
-        let (model, _) = p.deployer.deploy(alpha, rank)?;
-        Ok(teacher_forced(model, tok, items)?
-            .iter()
-            .map(|s| s.exact)
-            .collect())
+        exact_matches(p.deployer.deploy(alpha, rank)?.0, tok, items)
     };
     let k = offered.first().map_or(0, |p| p.alpha.len());
     let base = exact(problem, &vec![0.0; k], 0)?;
-    let n = base.len();
-    let share = |v: &[bool]| v.iter().filter(|&&x| x).count() as f64 / n.max(1) as f64;
     let mut scored = Vec::with_capacity(offered.len());
     for point in offered {
         let c = exact(problem, &point.alpha, point.rank)?;
@@ -129,19 +123,18 @@ pub fn select(
             se,
         });
     }
-    let mut s = decide(n, share(&base), scored, z);
-    if within_noise && !s.handed_off && s.best.is_some() {
-        s.handed_off = true;
-        s.rule = s.rule.replace(
-            ", so the base is handed off (with the experts and the dispatch)",
-            "; handed off all the same, as the settings ask (search.hand_off_within_noise)",
-        );
-    }
-    Ok(s)
+    Ok(decide(base.len(), share(&base), scored, z, within_noise))
 }
 
-/// The selection rule on scored candidates.
-pub fn decide(n: usize, base_accuracy: f64, candidates: Vec<Candidate>, z: f64) -> Selection {
+/// The selection rule on scored candidates; `within_noise` hands the best off even when its
+/// gain is within noise.
+pub fn decide(
+    n: usize,
+    base_accuracy: f64,
+    candidates: Vec<Candidate>,
+    z: f64,
+    within_noise: bool,
+) -> Selection {
     let best = (0..candidates.len()).fold(None, |best: Option<usize>, i| match best {
         Some(b) if candidates[b].accuracy >= candidates[i].accuracy => Some(b),
         _ => Some(i),
@@ -162,14 +155,18 @@ pub fn decide(n: usize, base_accuracy: f64, candidates: Vec<Candidate>, z: f64) 
             ),
         ),
         Some(c) => (
-            false,
+            within_noise,
             format!(
                 "the most accurate of {} front candidates on {n} selection items gains {:+.1} ± \
-                 {:.1} points over the base, within {z} standard errors of no gain, so the base \
-                 is handed off (with the experts and the dispatch)",
+                 {:.1} points over the base, within {z} standard errors of no gain{}",
                 candidates.len(),
                 100.0 * c.gain,
-                100.0 * c.se
+                100.0 * c.se,
+                if within_noise {
+                    "; handed off all the same, as the settings ask (search.hand_off_within_noise)"
+                } else {
+                    ", so the base is handed off (with the experts and the dispatch)"
+                }
             ),
         ),
     };
@@ -239,7 +236,7 @@ mod tests {
         }
         let noisy = scored(0.9, &noisy, &base);
         assert!((noisy.gain - 0.02).abs() < 1e-12, "{noisy:?}");
-        let s = decide(200, 0.5, vec![noisy.clone()], 2.0);
+        let s = decide(200, 0.5, vec![noisy.clone()], 2.0, false);
         assert!(!s.handed_off && s.chosen().is_none(), "{}", s.rule);
         assert!(s.rule.contains("the base is handed off"), "{}", s.rule);
         // The same +2 points from 4 items fixed and none broken is out of the noise.
@@ -252,22 +249,29 @@ mod tests {
             (clean.gain - 0.02).abs() < 1e-12 && clean.se < 0.01,
             "{clean:?}"
         );
-        let s = decide(200, 0.5, vec![clean.clone()], 2.0);
+        let s = decide(200, 0.5, vec![clean.clone()], 2.0, false);
         assert!(s.handed_off, "{}", s.rule);
         assert_eq!(s.chosen(), Some(&clean.point));
+        // Unless the settings hand it off all the same (the quick run).
+        let s = decide(200, 0.5, vec![noisy.clone()], 2.0, true);
+        assert!(
+            s.handed_off && s.rule.contains("hand_off_within_noise"),
+            "{}",
+            s.rule
+        );
         // The most accurate candidate on the selection split is the one judged.
         let mut better = base.clone();
         for i in 0..30 {
             better[2 * i + 1] = true;
         }
         let better = scored(0.7, &better, &base);
-        let s = decide(200, 0.5, vec![noisy, clean, better.clone()], 2.0);
+        let s = decide(200, 0.5, vec![noisy, clean, better.clone()], 2.0, false);
         assert_eq!((s.best, s.chosen()), (Some(2), Some(&better.point)));
         // A candidate below the base is never handed off, whatever z.
         let worse = scored(0.9, &base.iter().map(|_| false).collect::<Vec<_>>(), &base);
-        assert!(!decide(200, 0.5, vec![worse], 0.0).handed_off);
+        assert!(!decide(200, 0.5, vec![worse], 0.0, false).handed_off);
         // Nothing to offer: the base.
-        assert!(!decide(200, 0.5, vec![], 2.0).handed_off);
+        assert!(!decide(200, 0.5, vec![], 2.0, false).handed_off);
     }
 
     #[test]

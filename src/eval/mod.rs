@@ -273,6 +273,19 @@ pub fn teacher_forced(
     Ok(out)
 }
 
+/// Item by item, whether greedy decoding answers exactly ([`teacher_forced`]'s `exact`).
+pub fn exact_matches(model: &Model, tok: &dyn Tokenizer, items: &[Item]) -> Result<Vec<bool>> {
+    Ok(teacher_forced(model, tok, items)?
+        .iter()
+        .map(|s| s.exact)
+        .collect())
+}
+
+/// The share of `true` in `hits` (0 when empty): the accuracy of [`exact_matches`].
+pub fn share(hits: &[bool]) -> f64 {
+    hits.iter().filter(|&&h| h).count() as f64 / hits.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

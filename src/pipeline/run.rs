@@ -474,7 +474,10 @@ fn calibrate_dispatch(
     let (labels, others) = label_sources(job, found, experts)?;
     let names: Vec<String> = experts.iter().map(|(e, _)| e.name.clone()).collect();
     run.stage("4-calibrate-dispatch", |_| {
-        let model = adapted_model(job.base, classifier, DENSE)?;
+        let (model, base) = (
+            adapted_model(job.base, classifier, DENSE)?,
+            job.base.packed()?,
+        );
         let truth = (labels.iter().enumerate().map(|(i, d)| (Some(i), d.clone())))
             .chain((!others.is_empty()).then(|| (None, DataSource::Group(others.clone()))));
         let (mut by_classifier, mut by_prompt) = (Vec::new(), Vec::new());
@@ -482,7 +485,7 @@ fn calibrate_dispatch(
             for it in d.validation(CALIBRATION_ITEMS, job.cfg.seed + 8)? {
                 let (g, p) = classifier_guess(&model, job.tok, labels.len(), &it.prompt)?;
                 by_classifier.push((g, p, label));
-                let (g, p) = prompt_guess(job.base.packed()?, &names, job.tok, &it.prompt)?;
+                let (g, p) = prompt_guess(base, &names, job.tok, &it.prompt)?;
                 by_prompt.push((g, p, label));
             }
         }
@@ -585,18 +588,11 @@ fn search_mixture(
 /// among the search's `val` items.
 fn selection_items(job: &Job, experts: &[Trained], val: &[Item]) -> Result<Vec<Item>> {
     let cfg = job.cfg;
-    let searched: std::collections::HashSet<&str> =
-        val.iter().map(|it| it.prompt.as_str()).collect();
     let mut out = Vec::new();
     for (e, _) in experts.iter().filter(|(e, _)| e.in_mixture) {
         let data = group_data(&e.domains, &job.sources)?;
-        out.extend(
-            (data
-                .validation(cfg.search_val_n + cfg.select_n, cfg.seed + 6)?
-                .into_iter())
-            .filter(|it| !searched.contains(it.prompt.as_str()))
-            .take(cfg.select_n),
-        );
+        let draw = cfg.search_val_n + cfg.select_n;
+        out.extend(data.validation_except(draw, cfg.select_n, cfg.seed + 6, val)?);
     }
     Ok(out)
 }
@@ -626,12 +622,8 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
                     ..cfg.cem.clone()
                 },
             )?;
-            let fitted: std::collections::HashSet<&str> =
-                shots.iter().map(|it| it.prompt.as_str()).collect();
-            let held_out: Vec<Item> = (d.validation(3 * cfg.shots, cfg.seed + 7)?.into_iter())
-                .filter(|it| !fitted.contains(it.prompt.as_str()))
-                .take(2 * cfg.shots)
-                .collect();
+            let held_out =
+                d.validation_except(3 * cfg.shots, 2 * cfg.shots, cfg.seed + 7, &shots)?;
             let fit = mixer.check_cem(job.base.packed()?, job.tok, r.best, &held_out)?;
             out.insert(d.name(), fit);
         }

@@ -181,8 +181,7 @@ pub(crate) fn evaluate_all(
         let val = d.validation(cfg.search_val_n.max(50), cfg.seed + 5)?;
         let mut best = (f64::NEG_INFINITY, 0);
         for i in 0..experts.len() {
-            let s = crate::eval::teacher_forced(&lib.models[i], tok, &val)?;
-            let a = s.iter().filter(|x| x.exact).count() as f64 / s.len().max(1) as f64;
+            let a = crate::eval::share(&crate::eval::exact_matches(&lib.models[i], tok, &val)?);
             if a > best.0 {
                 best = (a, i);
             }

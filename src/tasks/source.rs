@@ -119,6 +119,23 @@ impl DataSource {
         }
     }
 
+    /// Up to `n` validation items whose prompts are none of `exclude`'s, taken in order from
+    /// [`DataSource::validation`]`(draw, seed)`: a split disjoint from items already used.
+    pub fn validation_except(
+        &self,
+        draw: usize,
+        n: usize,
+        seed: u64,
+        exclude: &[Item],
+    ) -> Result<Vec<Item>> {
+        let used: std::collections::HashSet<&str> =
+            exclude.iter().map(|it| it.prompt.as_str()).collect();
+        Ok((self.validation(draw, seed)?.into_iter())
+            .filter(|it| !used.contains(it.prompt.as_str()))
+            .take(n)
+            .collect())
+    }
+
     /// Error unless every dataset in this source has items in each of its three splits (a
     /// tiny file can leave one empty); built-in domains always do.
     pub fn check_splits(&self) -> Result<()> {

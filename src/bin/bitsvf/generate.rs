@@ -6,9 +6,11 @@ use anyhow::Result;
 use bitsvf::adapt::dispatch::{Library, Strategy};
 use bitsvf::adapt::two_pass::{pass1, pass2};
 use bitsvf::engine::model::{GenerateOptions, HeadFormat, Model, ModelOptions};
+use bitsvf::engine::tokenizer::Tokenizer;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::prompt_ids;
 use bitsvf::pipeline::Handoff;
+use bitsvf::search::CemConfig;
 use bitsvf::tasks::{Dataset, Item};
 use std::io::Write;
 use std::path::PathBuf;
@@ -71,48 +73,21 @@ pub fn run(a: Args) -> Result<()> {
     let classifier = h.classifier()?;
     let mut lib = Library::new(&h.ck, h.experts()?, classifier.as_ref(), &cache)?;
     lib.thresholds = h.manifest.metrics.thresholds;
-    let alpha =
-        match (strategy, &a.shots) {
-            (Strategy::Cem, Some(path)) => {
-                let shots = Dataset::load_jsonl(path, "exact".parse()?)?.items;
-                // With 6 examples or more, every third is held out to check the fit against the
-                // base: a mixture that does not beat the base there is not used.
-                let held_out = shots.len() >= MIN_SHOTS_TO_CHECK;
-                let (fit_on, held): (Vec<_>, Vec<_>) =
-                    (shots.into_iter().enumerate()).partition(|(i, _)| !held_out || i % 3 != 2);
-                let strip =
-                    |v: Vec<(usize, Item)>| v.into_iter().map(|(_, it)| it).collect::<Vec<_>>();
-                let (fit_on, held) = (strip(fit_on), strip(held));
-                let r = (lib.mixer).fit_cem(tok.as_ref(), &fit_on, &h.manifest.options.cem)?;
-                if held.is_empty() {
-                    eprintln!(
-                    "CEM: fewer than {MIN_SHOTS_TO_CHECK} examples, so none is held out to check \
-                     the mixture against the base"
-                );
-                    Some(r.best)
-                } else {
-                    let fit = (lib.mixer).check_cem(&lib.base, tok.as_ref(), r.best, &held)?;
-                    eprintln!(
-                    "CEM: on {} held-out examples the mixture scores {:.0}% against the base's \
-                     {:.0}%: {}",
-                    fit.held_out,
-                    100.0 * fit.accuracy,
-                    100.0 * fit.base_accuracy,
-                    if fit.keeps_base { "the base is kept" } else { "the mixture is used" }
-                );
-                    if fit.keeps_base {
-                        strategy = Strategy::None;
-                        None
-                    } else {
-                        Some(fit.alpha)
-                    }
-                }
+    let alpha = match (strategy, &a.shots) {
+        (Strategy::Cem, Some(path)) => {
+            let shots = Dataset::load_jsonl(path, "exact".parse()?)?.items;
+            let cem = &h.manifest.options.cem;
+            let alpha = cem_alpha(&mut lib, tok.as_ref(), shots, cem)?;
+            if alpha.is_none() {
+                strategy = Strategy::None;
             }
-            (Strategy::Cem, None) => {
-                anyhow::bail!("--dispatch cem needs --shots FILE.jsonl (labelled examples)")
-            }
-            _ => None,
-        };
+            alpha
+        }
+        (Strategy::Cem, None) => {
+            anyhow::bail!("--dispatch cem needs --shots FILE.jsonl (labelled examples)")
+        }
+        _ => None,
+    };
     let (model, chosen) = pass1(
         &mut lib,
         tok.as_ref(),
@@ -135,6 +110,47 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Labelled examples from which `generate --dispatch cem` holds every third out.
 const MIN_SHOTS_TO_CHECK: usize = 6;
+
+/// CEM's α on `shots`, or `None` when it keeps the base: with [`MIN_SHOTS_TO_CHECK`] examples
+/// or more, every third is held out and the mixture is used only if it beats the base there.
+fn cem_alpha(
+    lib: &mut Library,
+    tok: &dyn Tokenizer,
+    shots: Vec<Item>,
+    cem: &CemConfig,
+) -> Result<Option<Vec<f64>>> {
+    let check = shots.len() >= MIN_SHOTS_TO_CHECK;
+    let (mut fit_on, mut held) = (Vec::new(), Vec::new());
+    for (i, it) in shots.into_iter().enumerate() {
+        if check && i % 3 == 2 {
+            held.push(it);
+        } else {
+            fit_on.push(it);
+        }
+    }
+    let best = lib.mixer.fit_cem(tok, &fit_on, cem)?.best;
+    if held.is_empty() {
+        eprintln!(
+            "CEM: fewer than {MIN_SHOTS_TO_CHECK} examples, so none is held out to check the \
+             mixture against the base"
+        );
+        return Ok(Some(best));
+    }
+    let fit = lib.mixer.check_cem(&lib.base, tok, best, &held)?;
+    let verdict = if fit.keeps_base {
+        "the base is kept"
+    } else {
+        "the mixture is used"
+    };
+    eprintln!(
+        "CEM: on {} held-out examples the mixture scores {:.0}% against the base's {:.0}%: \
+         {verdict}",
+        fit.held_out,
+        100.0 * fit.accuracy,
+        100.0 * fit.base_accuracy,
+    );
+    Ok((!fit.keeps_base).then_some(fit.alpha))
+}
 
 /// The model alone: the prompt (after the tokenizer's BOS), then each new token's text as soon
 /// as it is complete; prefill and decode speed on stderr.
