@@ -9,6 +9,7 @@ pub mod io;
 pub mod names;
 pub mod pipeline;
 pub mod search;
+pub mod serve;
 pub mod svf;
 pub mod tasks;
 pub mod train;

@@ -165,7 +165,12 @@ pub fn classifier_guess(
 ) -> Result<(Option<usize>, f64)> {
     let ids = crate::eval::prompt_ids(tok, &classify_prompt(prompt))?;
     let t = candle_core::Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-    let logits = model.next_logits(&t, None)?;
+    label_guess(&model.next_logits(&t, None)?, tok, n)
+}
+
+/// [`classifier_guess`] from the classifier's next-token `logits` after
+/// `"<prompt> skill?"`.
+pub fn label_guess(logits: &[f32], tok: &dyn Tokenizer, n: usize) -> Result<(Option<usize>, f64)> {
     let mut scores = Vec::with_capacity(n + 1);
     for label in (0..n).map(class_label).chain([OTHER_CLASS.to_string()]) {
         let first = *tok.encode(&label)?.first().ok_or_else(|| {

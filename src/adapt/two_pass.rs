@@ -1,12 +1,14 @@
 //! Two-pass inference on an expert [`Library`] (`bitsvf generate`): pass 1 chooses the expert
 //! or mixture for a prompt ([`pass1`]), pass 2 answers with it ([`pass2`]).
 
-use crate::adapt::dispatch::{Library, Strategy};
+use crate::adapt::dispatch::{Library, Mixer, Strategy};
 use crate::engine::model::{GenerateOptions, Model};
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::Result;
 use crate::eval::prompt_ids;
+use crate::search::CemConfig;
 use crate::tasks::answer_from_completion;
+use crate::tasks::Item;
 use std::fmt;
 
 /// What pass 1 chose.
@@ -88,6 +90,52 @@ pub fn pass2(
         },
     )?;
     Ok(answer_from_completion(&tok.decode(&out)).to_string())
+}
+
+/// Labelled examples from which [`checked_cem`] holds every third out.
+pub const MIN_SHOTS_TO_CHECK: usize = 6;
+
+/// CEM's α on `shots` (`None` when it keeps the base) and a line saying why: with
+/// [`MIN_SHOTS_TO_CHECK`] examples or more, every third is held out and the mixture is used
+/// only if it beats `base` there.
+pub fn checked_cem(
+    mixer: &mut Mixer,
+    base: &Model,
+    tok: &dyn Tokenizer,
+    shots: Vec<Item>,
+    cem: &CemConfig,
+) -> Result<(Option<Vec<f64>>, String)> {
+    let check = shots.len() >= MIN_SHOTS_TO_CHECK;
+    let (mut fit_on, mut held) = (Vec::new(), Vec::new());
+    for (i, it) in shots.into_iter().enumerate() {
+        if check && i % 3 == 2 {
+            held.push(it);
+        } else {
+            fit_on.push(it);
+        }
+    }
+    let best = mixer.fit_cem(tok, &fit_on, cem)?.best;
+    if held.is_empty() {
+        let why = format!(
+            "CEM: fewer than {MIN_SHOTS_TO_CHECK} examples, so none is held out to check the \
+             mixture against the base"
+        );
+        return Ok((Some(best), why));
+    }
+    let fit = mixer.check_cem(base, tok, best, &held)?;
+    let verdict = if fit.keeps_base {
+        "the base is kept"
+    } else {
+        "the mixture is used"
+    };
+    let why = format!(
+        "CEM: on {} held-out examples the mixture scores {:.0}% against the base's {:.0}%: \
+         {verdict}",
+        fit.held_out,
+        100.0 * fit.accuracy,
+        100.0 * fit.base_accuracy,
+    );
+    Ok(((!fit.keeps_base).then_some(fit.alpha), why))
 }
 
 #[cfg(test)]

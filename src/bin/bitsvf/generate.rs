@@ -4,14 +4,12 @@
 use crate::common::svd_cache;
 use anyhow::Result;
 use bitsvf::adapt::dispatch::{Library, Strategy};
-use bitsvf::adapt::two_pass::{pass1, pass2};
+use bitsvf::adapt::two_pass::{checked_cem, pass1, pass2};
 use bitsvf::engine::model::{GenerateOptions, HeadFormat, Model, ModelOptions};
-use bitsvf::engine::tokenizer::Tokenizer;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::prompt_ids;
 use bitsvf::pipeline::Handoff;
-use bitsvf::search::CemConfig;
-use bitsvf::tasks::{Dataset, Item};
+use bitsvf::tasks::Dataset;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,7 +75,9 @@ pub fn run(a: Args) -> Result<()> {
         (Strategy::Cem, Some(path)) => {
             let shots = Dataset::load_jsonl(path, "exact".parse()?)?.items;
             let cem = &h.manifest.options.cem;
-            let alpha = cem_alpha(&mut lib, tok.as_ref(), shots, cem)?;
+            let (alpha, verdict) =
+                checked_cem(&mut lib.mixer, &lib.base, tok.as_ref(), shots, cem)?;
+            eprintln!("{verdict}");
             if alpha.is_none() {
                 strategy = Strategy::None;
             }
@@ -106,50 +106,6 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     println!("{answer}");
     Ok(())
-}
-
-/// Labelled examples from which `generate --dispatch cem` holds every third out.
-const MIN_SHOTS_TO_CHECK: usize = 6;
-
-/// CEM's α on `shots`, or `None` when it keeps the base: with [`MIN_SHOTS_TO_CHECK`] examples
-/// or more, every third is held out and the mixture is used only if it beats the base there.
-fn cem_alpha(
-    lib: &mut Library,
-    tok: &dyn Tokenizer,
-    shots: Vec<Item>,
-    cem: &CemConfig,
-) -> Result<Option<Vec<f64>>> {
-    let check = shots.len() >= MIN_SHOTS_TO_CHECK;
-    let (mut fit_on, mut held) = (Vec::new(), Vec::new());
-    for (i, it) in shots.into_iter().enumerate() {
-        if check && i % 3 == 2 {
-            held.push(it);
-        } else {
-            fit_on.push(it);
-        }
-    }
-    let best = lib.mixer.fit_cem(tok, &fit_on, cem)?.best;
-    if held.is_empty() {
-        eprintln!(
-            "CEM: fewer than {MIN_SHOTS_TO_CHECK} examples, so none is held out to check the \
-             mixture against the base"
-        );
-        return Ok(Some(best));
-    }
-    let fit = lib.mixer.check_cem(&lib.base, tok, best, &held)?;
-    let verdict = if fit.keeps_base {
-        "the base is kept"
-    } else {
-        "the mixture is used"
-    };
-    eprintln!(
-        "CEM: on {} held-out examples the mixture scores {:.0}% against the base's {:.0}%: \
-         {verdict}",
-        fit.held_out,
-        100.0 * fit.accuracy,
-        100.0 * fit.base_accuracy,
-    );
-    Ok((!fit.keeps_base).then_some(fit.alpha))
 }
 
 /// The model alone: the prompt (after the tokenizer's BOS), then each new token's text as soon

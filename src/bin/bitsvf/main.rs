@@ -15,6 +15,7 @@ mod logits;
 mod mix;
 mod pretrain;
 mod run;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -68,6 +69,13 @@ enum Command {
     /// Prefill and decode speed, resident memory and bandwidth use of a model (ternary and
     /// dense), in the figures llama.cpp's llama-bench reports.
     Bench(bench::Args),
+    /// An OpenAI-compatible HTTP server over the base and a handoff's experts: every expert
+    /// is a model id, `bitsvf/auto` dispatches per request, and concurrent requests for
+    /// different experts are decoded in one batch over the packed base.
+    Serve(serve::Args),
+    /// Drive a running server with N concurrent clients × M requests and report throughput
+    /// and latency percentiles (stops by itself).
+    LoadTest(serve::LoadArgs),
 }
 
 /// On Linux/glibc, back large allocations with transparent huge pages: training allocates
@@ -125,6 +133,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::LoadTest(a) => serve::load_test(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

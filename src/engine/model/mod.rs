@@ -10,6 +10,7 @@
 //! not used here).
 
 mod linear;
+mod ragged;
 mod rope;
 mod sampling;
 mod table;
@@ -18,6 +19,7 @@ use crate::engine::config::Activation;
 use crate::engine::tokenizer::byte_ids;
 use crate::engine::tokenizer::BYTE_VOCAB;
 pub use linear::{ternarize_ste, AdaptedLinear, BitLinear, LinearWeight};
+pub use ragged::{RowDeltas, Segment};
 use rope::Rope;
 pub use sampling::{argmax, sample, GenerateOptions};
 pub use table::HeadFormat;
@@ -264,8 +266,10 @@ impl Model {
         }
         let mut x = self.embed(ids)?.reshape((b, t, self.config.hidden_size))?;
         for (l, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.kv[l]);
-            x = self.block_forward(block, &x, slot)?;
+            let mut slot = cache.as_mut().map(|c| &mut c.kv[l]);
+            x = self.block_forward(l, block, &x, None, &mut |q, k, v| {
+                self.attend(q, k, v, slot.as_deref_mut())
+            })?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
@@ -293,23 +297,16 @@ impl Model {
         }
     }
 
-    fn block_forward(
+    /// Attention of queries `q` over `k`, `v` appended to `cache` (the sequence's KV cache of
+    /// this layer, when decoding incrementally).
+    fn attend(
         &self,
-        block: &Block,
-        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let eps = cfg.rms_norm_eps;
-        let (h, kvh) = (cfg.num_attention_heads, cfg.kv_heads());
-        let lin = |k: LinearKind| &block.linears[k as usize];
-
-        // Attention: o_proj(attn_sub_norm(softmax(rope(q) rope(k)ᵀ/√hd + mask) v)), one fused op
-        // in the token-major layout of the projections (no head transposes).
-        let xn = rms_norm(x, &block.input_layernorm, eps)?;
-        let q = lin(LinearKind::Q).forward(&xn)?; // [B,T,H·hd]
-        let mut k = lin(LinearKind::K).forward(&xn)?; // [B,T,KV·hd]
-        let mut v = lin(LinearKind::V).forward(&xn)?; // [B,T,KV·hd]
+        let (mut k, mut v) = (k.clone(), v.clone());
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 1)?;
@@ -317,24 +314,66 @@ impl Model {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        let cfg = &self.config;
         let (cos, sin) = self.rope.tables(k.dim(1)?)?;
-        let mut att = ops::causal_attention(&q, &k, &v, h, kvh, &cos, &sin)?;
+        ops::causal_attention(
+            q,
+            &k,
+            &v,
+            cfg.num_attention_heads,
+            cfg.kv_heads(),
+            &cos,
+            &sin,
+        )
+    }
+
+    /// Block `l` over `x` `[B, T, d]`: `attend` turns q, k, v into the attention output, and
+    /// `deltas` (per-row adapters, see [`RowDeltas`]) add to the linears' outputs.
+    fn block_forward(
+        &self,
+        l: usize,
+        block: &Block,
+        x: &Tensor,
+        deltas: Option<&dyn RowDeltas>,
+        attend: &mut dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.rms_norm_eps;
+        let lin = |k: LinearKind, x: &Tensor| -> Result<Tensor> {
+            let linear = &block.linears[k as usize];
+            let y = linear.forward(x)?;
+            match deltas
+                .map(|d| d.delta(l, k, x, linear.act_quant))
+                .transpose()?
+            {
+                Some(Some(delta)) => Ok((&y + delta.reshape(y.shape())?)?),
+                _ => Ok(y),
+            }
+        };
+
+        // Attention: o_proj(attn_sub_norm(softmax(rope(q) rope(k)ᵀ/√hd + mask) v)), one fused op
+        // in the token-major layout of the projections (no head transposes).
+        let xn = rms_norm(x, &block.input_layernorm, eps)?;
+        let q = lin(LinearKind::Q, &xn)?; // [B,T,H·hd]
+        let k = lin(LinearKind::K, &xn)?; // [B,T,KV·hd]
+        let v = lin(LinearKind::V, &xn)?; // [B,T,KV·hd]
+        let mut att = attend(&q, &k, &v)?;
         if let Some(w) = &block.attn_sub_norm {
             att = rms_norm(&att, w, eps)?;
         }
-        let x = (x + lin(LinearKind::O).forward(&att)?)?;
+        let x = (x + lin(LinearKind::O, &att)?)?;
 
         // FFN: down(ffn_sub_norm(act(gate(x)) · up(x))).
         let xn = rms_norm(&x, &block.post_attention_layernorm, eps)?;
         let mut f = ops::gated_activation(
-            &lin(LinearKind::Gate).forward(&xn)?,
-            &lin(LinearKind::Up).forward(&xn)?,
+            &lin(LinearKind::Gate, &xn)?,
+            &lin(LinearKind::Up, &xn)?,
             cfg.hidden_act,
         )?;
         if let Some(w) = &block.ffn_sub_norm {
             f = rms_norm(&f, w, eps)?;
         }
-        Ok((x + lin(LinearKind::Down).forward(&f)?)?)
+        Ok((x + lin(LinearKind::Down, &f)?)?)
     }
 
     /// Generate up to `opts.max_new_tokens` after `prompt`, with a KV cache. Returns only the

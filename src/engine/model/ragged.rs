@@ -1,0 +1,93 @@
+//! One decoding step over several sequences at once, each with its own length, KV cache and
+//! adapter: the packed base's linears run once over every row of the step, and per-row deltas
+//! ([`RowDeltas`]) add each row's adapter (how `bitsvf serve` batches mixed-expert requests).
+
+use super::{Cache, Model};
+use crate::engine::checkpoint::LinearKind;
+use crate::engine::ops::rms_norm;
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+
+/// One sequence of a ragged step: its new tokens (the prompt, or the last sampled token) and
+/// its own KV cache, which the step extends.
+pub struct Segment<'a> {
+    /// The tokens to run.
+    pub ids: &'a [u32],
+    /// The sequence's cache.
+    pub cache: &'a mut Cache,
+}
+
+/// What the rows of a step add to a linear's output beyond the shared base: the rows' own
+/// adapters (S-LoRA/Punica-style heterogeneous batching).
+pub trait RowDeltas {
+    /// The delta `[N, out]` that linear `kind` of layer `layer` adds for the step's rows `x`
+    /// `[1, N, in]` (the linear's input; `act_quant` says whether the linear quantizes it to
+    /// int8 per row first), or `None` when no row adds anything.
+    fn delta(
+        &self,
+        layer: usize,
+        kind: LinearKind,
+        x: &Tensor,
+        act_quant: bool,
+    ) -> Result<Option<Tensor>>;
+}
+
+impl Model {
+    /// One step over `segments`: every segment's tokens run through the linears as one batch
+    /// of rows (plus `deltas`), attention runs per segment over its own cache. Returns the
+    /// next-token logits of each segment's last position, `[vocab]` each.
+    pub fn step_ragged(
+        &self,
+        segments: &mut [Segment<'_>],
+        deltas: Option<&dyn RowDeltas>,
+    ) -> Result<Vec<Vec<f32>>> {
+        if segments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = self.config.max_position_embeddings;
+        let mut starts = Vec::with_capacity(segments.len());
+        let mut ids = Vec::new();
+        for (i, s) in segments.iter().enumerate() {
+            if s.ids.is_empty() {
+                return Err(Error::Input(format!(
+                    "sequence {i} of the step has no tokens"
+                )));
+            }
+            if s.cache.kv.len() != self.blocks.len() {
+                return Err(Error::Input(format!(
+                    "sequence {i}'s cache is not this model's"
+                )));
+            }
+            if s.cache.len() + s.ids.len() > max {
+                return Err(Error::Input(format!(
+                    "sequence of {} tokens exceeds max_position_embeddings {max}",
+                    s.cache.len() + s.ids.len()
+                )));
+            }
+            starts.push(ids.len());
+            ids.extend_from_slice(s.ids);
+        }
+        let n = ids.len();
+        let ids = self.ids_tensor(&[ids])?;
+        let mut x = self.embed(&ids)?.reshape((1, n, self.config.hidden_size))?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(l, block, &x, deltas, &mut |q, k, v| {
+                let mut out = Vec::with_capacity(segments.len());
+                for (s, &a) in segments.iter_mut().zip(&starts) {
+                    let t = s.ids.len();
+                    let (q, k, v) = (q.narrow(1, a, t)?, k.narrow(1, a, t)?, v.narrow(1, a, t)?);
+                    out.push(self.attend(&q, &k, &v, Some(&mut s.cache.kv[l]))?);
+                }
+                Ok(Tensor::cat(&out, 1)?)
+            })?;
+        }
+        let last: Vec<u32> = (segments.iter().zip(&starts))
+            .map(|(s, &a)| (a + s.ids.len() - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, segments.len(), x.device())?;
+        let h = x.squeeze(0)?.index_select(&last, 0)?;
+        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?;
+        let logits = self.logits(&h)?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2()?)
+    }
+}
