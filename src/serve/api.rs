@@ -347,6 +347,9 @@ struct Sampling {
     stop: Option<OneOrMany>,
     #[serde(default)]
     stream: bool,
+    /// vLLM's extension: generate past the stop tokens.
+    #[serde(default)]
+    ignore_eos: bool,
     n: Option<usize>,
     bitsvf: Option<Extension>,
 }
@@ -608,6 +611,7 @@ async fn run(
         top_p,
         seed,
         stop,
+        ignore_eos: s.ignore_eos,
         deadline: start + cfg.timeout,
         events: tx,
     };

@@ -69,6 +69,9 @@ pub struct Job {
     pub seed: u64,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Keep going past the tokenizer's stop tokens (vLLM's `ignore_eos`: fixed-length
+    /// completions for benchmarks).
+    pub ignore_eos: bool,
     /// When it fails with a timeout.
     pub deadline: Instant,
     /// Where its events go; closed when the client has gone.
@@ -213,7 +216,7 @@ impl Batcher {
         a.sampled += 1;
         self.metrics.token();
         let room = self.model.config.max_position_embeddings;
-        let finish = if stop_ids.contains(&id) {
+        let finish = if !job.ignore_eos && stop_ids.contains(&id) {
             Some(Finish::Stop)
         } else {
             a.generated.push(id);

@@ -55,6 +55,7 @@ impl Histogram {
 pub struct Metrics {
     queued: AtomicUsize,
     batch: AtomicUsize,
+    peak: AtomicUsize,
     tokens: AtomicU64,
     step_tokens: AtomicU64,
     cancelled: AtomicU64,
@@ -87,6 +88,7 @@ impl Metrics {
     /// Sequences in the current batch.
     pub fn set_batch(&self, n: usize) {
         self.batch.store(n, Relaxed);
+        self.peak.fetch_max(n, Relaxed);
     }
     /// A token was generated.
     pub fn token(&self) {
@@ -125,14 +127,10 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            name.to_string()
-        };
-        let _ = family(
-            "bitsvf_requests_total",
-            "counter",
-            "HTTP requests by endpoint and status.",
+        let name = "bitsvf_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP requests by endpoint and status.\n# TYPE {name} counter"
         );
         for ((e, s), n) in lock(&self.requests).iter() {
             let _ = writeln!(
@@ -182,6 +180,12 @@ impl Metrics {
                 "gauge",
                 "Sequences in the current decode batch.",
                 self.batch.load(Relaxed) as u64,
+            ),
+            (
+                "bitsvf_batch_size_peak",
+                "gauge",
+                "Most sequences decoded together since the start.",
+                self.peak.load(Relaxed) as u64,
             ),
         ];
         for (name, kind, help, v) in simple {

@@ -154,8 +154,8 @@ pub struct LoadArgs {
     /// Model ids the requests cycle through (default: every id the server lists but auto).
     #[arg(long, value_delimiter = ',')]
     models: Vec<String>,
-    /// Most new tokens per request (greedy decoding; a request ends earlier at the model's
-    /// stop token).
+    /// New tokens per request (greedy, past the stop tokens, so every request costs the
+    /// same).
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
     /// API key to send.
@@ -255,6 +255,7 @@ fn load_run(
                                 "model": models[n % models.len()],
                                 "prompt": prompts[n % prompts.len()],
                                 "max_tokens": a.max_tokens, "temperature": 0,
+                                "ignore_eos": true,
                             });
                             let t = Instant::now();
                             let mut req = agent.post(&format!("{url}/v1/completions"));
