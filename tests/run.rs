@@ -203,6 +203,10 @@ fn run_quick_writes_a_handoff_that_reloads_and_resumes() {
         assert!(err.contains(&format!("pass 1 ({dispatch})")), "{err}");
     }
 
+    // Served: every expert and the mixture are models; auto dispatches by the classifier;
+    // SIGTERM stops the server cleanly.
+    serve_the_handoff(&out, &cache, &manifest);
+
     // Resume: a copy of the run, interrupted before its evaluation, finishes from there.
     let partial = tmp.path().join("resumed.partial");
     std::fs::create_dir_all(partial.join("stages")).unwrap();
@@ -416,4 +420,75 @@ fn a_handoff_of_bitsvf_0_1_still_opens_and_reproduces_its_mixture() {
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 8, "4 domains × 2 mixture forms");
     assert!(rows.iter().all(|r| r["manifest"] == r["measured"]));
+}
+
+/// `bitsvf serve --experts OUT` on a free port, driven over HTTP, then stopped by SIGTERM.
+fn serve_the_handoff(out: &std::path::Path, cache: &std::path::Path, manifest: &serde_json::Value) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+        .args(["serve", "--experts", out.to_str().unwrap(), "--port", "0"])
+        .args(["--cache-dir", cache.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with("bitsvf serve: http://"))
+        .expect("the server says where it listens");
+    let url = ready["bitsvf serve: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let drain = std::thread::spawn(move || lines.map(|l| l.unwrap()).collect::<Vec<_>>());
+    let get = |path: &str| -> serde_json::Value {
+        serde_json::from_reader(
+            ureq::get(&format!("{url}{path}"))
+                .call()
+                .unwrap()
+                .into_reader(),
+        )
+        .unwrap()
+    };
+    let post = |body: serde_json::Value| -> serde_json::Value {
+        let r = ureq::post(&format!("{url}/v1/completions"))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap();
+        serde_json::from_reader(r.into_reader()).unwrap()
+    };
+    let ids: Vec<String> = (get("/v1/models")["data"].as_array().unwrap().iter())
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    for e in manifest["experts"].as_array().unwrap() {
+        assert!(
+            ids.contains(&format!("bitsvf/{}", e["name"].as_str().unwrap())),
+            "{ids:?}"
+        );
+    }
+    assert!(ids.contains(&"bitsvf/mixture".to_string()), "{ids:?}");
+    let first = manifest["experts"][0]["name"].as_str().unwrap();
+    let v = post(serde_json::json!({"model": format!("bitsvf/{first}"),
+        "prompt": "count a in banana?", "max_tokens": 6, "temperature": 0}));
+    assert_eq!(v["bitsvf"]["adapter"], first, "{v}");
+    let v = post(
+        serde_json::json!({"model": "bitsvf/auto", "prompt": "count a in banana?",
+        "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(v["bitsvf"]["dispatch"], "classifier", "{v}");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let rest = drain.join().unwrap();
+    assert!(exit.success(), "{exit}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 }
