@@ -431,3 +431,104 @@ fn discover_reports_capability_directions_and_a_grouping() {
     assert!((3..=10).contains(&n), "{n} experts");
     assert!(v["reason"].as_str().unwrap().contains(&format!("N = {n}")));
 }
+
+#[test]
+fn export_adapter_writes_peft_and_gguf_loras_of_a_handoffs_experts() {
+    let handoff = fixture().parent().unwrap().join("handoff-0.1");
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let export = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bitsvf"))
+            .args(["export-adapter", handoff.to_str().unwrap()])
+            .args(args)
+            .args(["--cache-dir", cache.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let peft = tmp.path().join("compare-peft");
+    let o = export(&[
+        "--name",
+        "compare",
+        "--format",
+        "peft",
+        "--out",
+        peft.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("keeps 100.00%"), "{said}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], config["lora_alpha"]);
+    let tf = TensorFiles::open(&[peft.join("adapter_model.safetensors")]).unwrap();
+    assert_eq!(tf.names().count(), 2 * 3 * 4);
+
+    let gguf = tmp.path().join("mixture.gguf");
+    let o = export(&[
+        "--name",
+        "mixture",
+        "--format",
+        "gguf-lora",
+        "--rank",
+        "8",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        said.contains("rank-8") && !said.contains("keeps 100.00%"),
+        "{said}"
+    );
+    let g = bitsvf::engine::checkpoint::gguf::Gguf::open(&gguf).unwrap();
+    assert_eq!(
+        g.get("general.type").and_then(|v| v.as_str()),
+        Some("adapter")
+    );
+    assert_eq!(g.tensor("blk.3.ffn_up.weight.lora_a").unwrap().dims[1], 8);
+
+    // Errors: no name, an unknown one, an existing output (left as it was), rank 0.
+    let err = |o: std::process::Output| {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(export(&[
+        "--format",
+        "peft",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]));
+    assert!(e.contains("--name") && e.contains("count+sort"), "{e}");
+    let e = err(export(&[
+        "--name",
+        "nope",
+        "--format",
+        "peft",
+        "--out",
+        tmp.path().join("y").to_str().unwrap(),
+    ]));
+    assert!(e.contains("no expert `nope`"), "{e}");
+    let before = std::fs::read(&gguf).unwrap();
+    let e = err(export(&[
+        "--name",
+        "compare",
+        "--format",
+        "gguf-lora",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]));
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&gguf).unwrap(), before);
+    let e = err(export(&[
+        "--name",
+        "compare",
+        "--format",
+        "peft",
+        "--rank",
+        "0",
+        "--out",
+        tmp.path().join("z").to_str().unwrap(),
+    ]));
+    assert!(e.contains("at least 1"), "{e}");
+}

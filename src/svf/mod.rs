@@ -8,6 +8,7 @@ pub mod deploy;
 pub mod expert;
 pub mod factors;
 pub mod forms;
+pub mod lora;
 pub mod param;
 pub mod svd;
 

@@ -9,6 +9,7 @@ mod convert;
 mod dequantize;
 mod discover;
 mod eval;
+mod export_adapter;
 mod generate;
 mod inspect;
 mod logits;
@@ -69,6 +70,8 @@ enum Command {
     /// Prefill and decode speed, resident memory and bandwidth use of a model (ternary and
     /// dense), in the figures llama.cpp's llama-bench reports.
     Bench(bench::Args),
+    /// Write an SVF expert (or a handoff's mixture) as a LoRA adapter: PEFT or llama.cpp GGUF.
+    ExportAdapter(export_adapter::Args),
     /// An OpenAI-compatible HTTP server over the base and a handoff's experts: every expert
     /// is a model id, `bitsvf/auto` dispatches per request, and concurrent requests for
     /// different experts are decoded in one batch over the packed base.
@@ -133,6 +136,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::ExportAdapter(a) => export_adapter::run(a),
         Command::Serve(a) => serve::run(a),
         Command::LoadTest(a) => serve::load_test(a),
     };

@@ -22,16 +22,16 @@ const ARCHITECTURES: [(&str, Activation); 3] = [
 
 /// ggml's names of the seven linears of block `l`, in [`LinearKind::ALL`] order.
 fn linear_names(l: usize) -> [String; 7] {
-    [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ]
-    .map(|n| format!("blk.{l}.{n}"))
+    LinearKind::ALL.map(|k| format!("blk.{l}.{}", k.ggml_name()))
+}
+
+/// The `general.architecture` bitsvf writes for a model: `bitnet` for SiLU, `bitnet-b1.58`
+/// for ReLU² (the names llama.cpp and bitnet.cpp give them).
+pub fn gguf_architecture(cfg: &crate::engine::config::ModelConfig) -> &'static str {
+    match cfg.hidden_act {
+        Activation::Silu => "bitnet",
+        Activation::Relu2 => "bitnet-b1.58",
+    }
 }
 
 /// Load the GGUF file at `path`.
@@ -325,10 +325,7 @@ fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<Tern
 pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> {
     use super::gguf::{GgufWriter, MetaValue};
     let cfg = &ck.config;
-    let arch = match cfg.hidden_act {
-        Activation::Silu => "bitnet",
-        Activation::Relu2 => "bitnet-b1.58",
-    };
+    let arch = gguf_architecture(cfg);
     let mut w = GgufWriter::new(arch);
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |v: usize| MetaValue::U32(v as u32);

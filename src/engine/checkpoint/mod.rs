@@ -16,7 +16,7 @@ pub mod gguf;
 pub mod st;
 
 pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};
-pub use from_gguf::save_gguf;
+pub use from_gguf::{gguf_architecture, save_gguf};
 
 pub use formats::{
     display_name, load, load_default, load_or_default, save_dequantized, save_native,
@@ -71,6 +71,19 @@ impl LinearKind {
             LinearKind::Gate => "mlp.gate_proj",
             LinearKind::Up => "mlp.up_proj",
             LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    /// ggml's name inside block `blk.L.` (llama.cpp, bitnet.cpp).
+    pub fn ggml_name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "attn_q",
+            LinearKind::K => "attn_k",
+            LinearKind::V => "attn_v",
+            LinearKind::O => "attn_output",
+            LinearKind::Gate => "ffn_gate",
+            LinearKind::Up => "ffn_up",
+            LinearKind::Down => "ffn_down",
         }
     }
 
