@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most requests waiting for a place in the batch; beyond it, 429.
     pub max_queue: usize,
+    /// Most rows one step takes in (see [`Batcher::max_step_tokens`]).
+    pub max_step_tokens: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens: usize,
     /// Largest request body, bytes.
@@ -53,6 +55,7 @@ impl Default for ServeConfig {
             api_key: None,
             max_batch: 16,
             max_queue: 64,
+            max_step_tokens: 2048,
             max_tokens: 512,
             max_body: 1 << 20,
             timeout: Duration::from_secs(300),
@@ -127,6 +130,7 @@ pub fn spawn(served: Served, config: ServeConfig, signals: bool) -> std::io::Res
         factors: served.factors.clone(),
         tok: served.tok.clone(),
         max_batch: config.max_batch,
+        max_step_tokens: config.max_step_tokens,
         metrics: metrics.clone(),
     };
     std::thread::Builder::new()

@@ -102,6 +102,10 @@ pub struct Batcher {
     pub tok: Arc<dyn Tokenizer>,
     /// Most sequences decoded together.
     pub max_batch: usize,
+    /// Most rows (prompt tokens of newly admitted requests plus one per running request) a
+    /// step takes in, beyond its first request: long prompts wait for a later step rather
+    /// than make one step long for everyone.
+    pub max_step_tokens: usize,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -110,25 +114,35 @@ impl Batcher {
     /// Run until `jobs` is closed and every admitted job has finished.
     pub fn run(self, jobs: Receiver<Job>) {
         let mut active: Vec<Active> = Vec::new();
+        // A job taken from the queue that did not fit the step's token budget.
+        let mut waiting: Option<Job> = None;
         let stop_ids = self.tok.stop_ids();
         loop {
-            // Admit: wait for work when idle, else take what is queued without waiting.
+            // Admit: wait for work when idle, else take what is queued without waiting, while
+            // the step's rows stay within the budget (one job is always admitted).
+            let mut rows: usize = active.iter().map(|a| a.next.len()).sum();
             while active.len() < self.max_batch.max(1) {
-                let job = if active.is_empty() {
-                    match jobs.recv() {
+                let job = match waiting.take() {
+                    Some(j) => j,
+                    None if active.is_empty() => match jobs.recv() {
                         Ok(j) => j,
                         Err(_) => return,
-                    }
-                } else {
-                    match jobs.try_recv() {
+                    },
+                    None => match jobs.try_recv() {
                         Ok(j) => j,
                         Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                    }
+                    },
                 };
-                self.metrics.dequeued();
                 if job.events.is_closed() {
+                    self.metrics.dequeued();
                     continue;
                 }
+                if !active.is_empty() && rows + job.prompt.len() > self.max_step_tokens {
+                    waiting = Some(job);
+                    break;
+                }
+                self.metrics.dequeued();
+                rows += job.prompt.len();
                 active.push(Active {
                     cache: self.model.new_cache(),
                     rng: StdRng::seed_from_u64(job.seed),

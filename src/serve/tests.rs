@@ -377,6 +377,25 @@ fn concurrent_mixed_expert_requests_answer_as_they_do_alone() {
     );
     assert!(metrics.contains("bitsvf_requests_total{endpoint=\"completions\",status=\"200\"} 24"));
     server.shutdown().unwrap();
+
+    // A step budget of 8 rows admits long prompts one step at a time: same answers.
+    let config = ServeConfig {
+        max_step_tokens: 8,
+        ..ServeConfig::default()
+    };
+    let server = start(served(&fx, None), config);
+    let budgeted: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (jobs.iter())
+            .map(|(m, p)| {
+                s.spawn(|| {
+                    post(&server, "/v1/completions", completion(m, p, 16)).1["choices"][0].clone()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(budgeted, alone);
+    server.shutdown().unwrap();
 }
 
 fn server_peak(server: &Server) -> u64 {

@@ -35,6 +35,11 @@ pub struct Args {
     /// Most requests waiting for a place in the batch; more are refused with 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Most tokens one decode step takes in: the prompts of newly admitted requests plus one
+    /// per running request (a long prompt waits for a later step instead of stalling the
+    /// others' tokens).
+    #[arg(long, default_value_t = 2048)]
+    max_step_tokens: usize,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
@@ -63,6 +68,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     anyhow::ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(a.max_queue >= 1, "--max-queue must be at least 1");
+    anyhow::ensure!(
+        a.max_step_tokens >= 1,
+        "--max-step-tokens must be at least 1"
+    );
     anyhow::ensure!(a.max_tokens >= 1, "--max-tokens must be at least 1");
     anyhow::ensure!(a.rank != Some(0), "--rank must be at least 1");
     let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
@@ -122,6 +131,7 @@ pub fn run(a: Args) -> Result<()> {
         api_key,
         max_batch: a.max_batch,
         max_queue: a.max_queue,
+        max_step_tokens: a.max_step_tokens,
         max_tokens: a.max_tokens,
         timeout: Duration::from_secs(a.timeout),
         ..ServeConfig::default()
