@@ -68,21 +68,15 @@ impl Factors {
                     return Err(Error::Input("the served rank must be at least 1".into()));
                 }
                 served = served.max(k);
-                let first = |m: &[f32], n: usize| -> Vec<f32> {
-                    m.chunks(r)
-                        .take(n)
-                        .flat_map(|row| &row[..k])
-                        .copied()
-                        .collect()
-                };
+                let top = f.truncate(k);
                 let dev = &Device::Cpu;
                 index.insert((layer, kind), matrices.len());
                 matrices.push(TargetFactors {
-                    v: Tensor::from_vec(first(&f.v, f.cols), (f.cols, k), dev)?,
-                    u_t: Tensor::from_vec(first(&f.u, f.rows), (f.rows, k), dev)?
+                    v: Tensor::from_vec(top.v, (f.cols, k), dev)?,
+                    u_t: Tensor::from_vec(top.u, (f.rows, k), dev)?
                         .t()?
                         .contiguous()?,
-                    sigma: f.sigma[..k].to_vec(),
+                    sigma: top.sigma,
                     name,
                 });
             }

@@ -199,6 +199,20 @@ fn sse_data(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The first choice of each greedy completion `(model, prompt)`, all sent at once.
+fn concurrently(server: &Server, jobs: &[(String, String)]) -> Vec<Value> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (jobs.iter())
+            .map(|(m, p)| {
+                s.spawn(|| {
+                    post(server, "/v1/completions", completion(m, p, 16)).1["choices"][0].clone()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
     json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
 }
@@ -357,16 +371,7 @@ fn concurrent_mixed_expert_requests_answer_as_they_do_alone() {
             post(&server, "/v1/completions", completion(m, p, 16)).1["choices"][0].clone()
         })
         .collect();
-    let together: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = (jobs.iter())
-            .map(|(m, p)| {
-                s.spawn(|| {
-                    post(&server, "/v1/completions", completion(m, p, 16)).1["choices"][0].clone()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let together = concurrently(&server, &jobs);
     assert_eq!(together, alone);
     // They did share steps.
     assert!(server_peak(&server) >= 2);
@@ -384,16 +389,7 @@ fn concurrent_mixed_expert_requests_answer_as_they_do_alone() {
         ..ServeConfig::default()
     };
     let server = start(served(&fx, None), config);
-    let budgeted: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = (jobs.iter())
-            .map(|(m, p)| {
-                s.spawn(|| {
-                    post(&server, "/v1/completions", completion(m, p, 16)).1["choices"][0].clone()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let budgeted = concurrently(&server, &jobs);
     assert_eq!(budgeted, alone);
     server.shutdown().unwrap();
 }
