@@ -63,6 +63,9 @@ impl Default for ServeConfig {
     }
 }
 
+/// Largest [`ServeConfig::max_queue`]: the queue's slots are allocated up front.
+pub const MAX_QUEUE: usize = 1 << 16;
+
 #[derive(Clone)]
 struct App {
     served: Arc<Served>,
@@ -119,6 +122,12 @@ impl Drop for Server {
 /// Start serving `served` in the background; it stops on [`Server::shutdown`], or with
 /// `signals` on SIGTERM / Ctrl-C, after finishing the requests in flight.
 pub fn spawn(served: Served, config: ServeConfig, signals: bool) -> std::io::Result<Server> {
+    if !(1..=MAX_QUEUE).contains(&config.max_queue) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("max_queue must be between 1 and {MAX_QUEUE}"),
+        ));
+    }
     let listener = std::net::TcpListener::bind(config.addr)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -616,7 +625,7 @@ async fn run(
         seed,
         stop,
         ignore_eos: s.ignore_eos,
-        deadline: start + cfg.timeout,
+        deadline: start.checked_add(cfg.timeout),
         events: tx,
     };
     let prompt_tokens = job.prompt.len();

@@ -72,8 +72,8 @@ pub struct Job {
     /// Keep going past the tokenizer's stop tokens (vLLM's `ignore_eos`: fixed-length
     /// completions for benchmarks).
     pub ignore_eos: bool,
-    /// When it fails with a timeout.
-    pub deadline: Instant,
+    /// When it fails with a timeout (`None`: never).
+    pub deadline: Option<Instant>,
     /// Where its events go; closed when the client has gone.
     pub events: UnboundedSender<Event>,
 }
@@ -159,7 +159,7 @@ impl Batcher {
                     self.metrics.cancelled();
                     return false;
                 }
-                if now >= a.job.deadline {
+                if a.job.deadline.is_some_and(|d| now >= d) {
                     let _ = a.job.events.send(Event::TimedOut);
                     self.metrics.timed_out();
                     return false;

@@ -106,8 +106,15 @@ pub fn expert_lora(
         .unwrap_or(0)
         .max(1);
     let rank = rank.unwrap_or(exact_rank);
-    if rank == 0 {
-        return Err(Error::Input("the LoRA rank must be at least 1".into()));
+    let most = (deltas.iter())
+        .map(|(_, _, f, _)| f.sigma.len())
+        .max()
+        .unwrap_or(0);
+    if rank == 0 || rank > most {
+        return Err(Error::Input(format!(
+            "the LoRA rank must be between 1 and {most}, the largest rank of the targets \
+             (asked {rank})"
+        )));
     }
     let (mut kept, mut total) = (0.0, 0.0);
     let mut targets = Vec::with_capacity(deltas.len());
@@ -363,6 +370,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only SVF experts"), "{err}");
+        // A rank beyond the matrices' is refused before anything is allocated.
+        e.meta.parameterization = Parameterization::Paper;
+        for rank in [0, 33, 1 << 40] {
+            let err = expert_lora(&e, &f.svd, ck.layers.len(), Some(rank))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("between 1 and 32"), "{err}");
+        }
     }
 
     #[test]

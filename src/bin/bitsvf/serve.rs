@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use bitsvf::adapt::dispatch::Strategy;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::pipeline::Handoff;
-use bitsvf::serve::api::{spawn, ServeConfig};
+use bitsvf::serve::api::{spawn, ServeConfig, MAX_QUEUE};
 use bitsvf::serve::{ExpertSet, Served};
 use bitsvf::tasks::{eval_items, Domain, Split};
 use std::path::PathBuf;
@@ -59,6 +59,9 @@ pub struct Args {
     cache_dir: Option<PathBuf>,
 }
 
+/// Largest --requests of a load test (each request's figures are kept).
+const MAX_REQUESTS: usize = 1 << 20;
+
 pub fn run(a: Args) -> Result<()> {
     let api_key = match &a.api_key_env {
         Some(var) => Some(std::env::var(var).with_context(|| {
@@ -67,12 +70,16 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
     anyhow::ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
-    anyhow::ensure!(a.max_queue >= 1, "--max-queue must be at least 1");
+    anyhow::ensure!(
+        (1..=MAX_QUEUE).contains(&a.max_queue),
+        "--max-queue must be between 1 and {MAX_QUEUE}"
+    );
     anyhow::ensure!(
         a.max_step_tokens >= 1,
         "--max-step-tokens must be at least 1"
     );
     anyhow::ensure!(a.max_tokens >= 1, "--max-tokens must be at least 1");
+    anyhow::ensure!(a.timeout >= 1, "--timeout must be at least 1 second");
     anyhow::ensure!(a.rank != Some(0), "--rank must be at least 1");
     let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
@@ -184,7 +191,10 @@ struct LoadRun {
 }
 
 pub fn load_test(a: LoadArgs) -> Result<()> {
-    anyhow::ensure!(a.requests >= 1, "--requests must be at least 1");
+    anyhow::ensure!(
+        (1..=MAX_REQUESTS).contains(&a.requests),
+        "--requests must be between 1 and {MAX_REQUESTS}"
+    );
     anyhow::ensure!(
         a.clients.iter().all(|&c| (1..=256).contains(&c)),
         "--clients must be between 1 and 256"
