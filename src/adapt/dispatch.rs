@@ -242,8 +242,20 @@ impl Mixer {
             .first()
             .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?;
         let factors = base.factors(first.meta.targets)?;
+        Self::with_factors(base.ck(), factors, experts)
+    }
+
+    /// Mix `experts` on `ck`, whose SVD factors of the experts' targets are `factors`.
+    pub fn with_factors(
+        ck: &Checkpoint,
+        factors: Arc<Factors>,
+        experts: Vec<Expert>,
+    ) -> Result<Self> {
+        let first = experts
+            .first()
+            .ok_or_else(|| Error::Input("a mixture needs at least one expert".into()))?;
         let model = svf_model(
-            base.ck(),
+            ck,
             DENSE,
             &factors.svd,
             &z_tensors(&first.z, DENSE)?,
@@ -256,10 +268,15 @@ impl Mixer {
         })
     }
 
+    /// The expert that is the mixture `alpha` of these experts (paper form).
+    pub fn mix(&self, alpha: &[f64]) -> Result<Expert> {
+        let refs: Vec<&Expert> = self.experts.iter().collect();
+        mixture(&refs, alpha, &self.factors.svd)
+    }
+
     /// The model of the mixture `alpha` (full SVF).
     pub fn model(&mut self, alpha: &[f64]) -> Result<&Model> {
-        let refs: Vec<&Expert> = self.experts.iter().collect();
-        let mixed = mixture(&refs, alpha, &self.factors.svd)?;
+        let mixed = self.mix(alpha)?;
         set_z(&mut self.model, &z_tensors(&mixed.z, DENSE)?);
         Ok(&self.model)
     }

@@ -57,10 +57,12 @@ pub struct Served {
     cem: Option<Cem>,
 }
 
-/// Few-shot dispatch: CEM over the experts' mixtures on the request's examples.
+/// Few-shot dispatch: CEM over the experts' mixtures on the request's examples. Its dense
+/// mixture model is built by the first request that asks for CEM, not at start-up.
 struct Cem {
-    mixer: Mutex<Mixer>,
+    mixer: Mutex<Option<Mixer>>,
     config: CemConfig,
+    ck: Checkpoint,
     experts: Vec<Expert>,
     svd: Arc<crate::svf::Factors>,
 }
@@ -163,8 +165,9 @@ impl Served {
             Strategy::Prompt
         };
         let cem = Cem {
-            mixer: Mutex::new(Mixer::new(base, set.experts.clone())?),
+            mixer: Mutex::new(None),
             config: set.cem,
+            ck: base.ck().clone(),
             experts: set.experts,
             svd,
         };
@@ -257,19 +260,21 @@ impl Served {
                         "dispatch `cem` needs labelled examples in `bitsvf.shots`".into(),
                     ));
                 }
-                let mut mixer = cem.mixer.lock().unwrap_or_else(|e| e.into_inner());
-                let (alpha, why) = checked_cem(
-                    &mut mixer,
-                    &self.model,
-                    self.tok.as_ref(),
-                    shots,
-                    &cem.config,
-                )?;
+                let mut built = cem.mixer.lock().unwrap_or_else(|e| e.into_inner());
+                let mixer = match &mut *built {
+                    Some(m) => m,
+                    slot @ None => slot.insert(Mixer::with_factors(
+                        &cem.ck,
+                        cem.svd.clone(),
+                        cem.experts.clone(),
+                    )?),
+                };
+                let (alpha, why) =
+                    checked_cem(mixer, &self.model, self.tok.as_ref(), shots, &cem.config)?;
                 let Some(alpha) = alpha else {
                     return Ok(routed(None, Some(why)));
                 };
-                let refs: Vec<&Expert> = cem.experts.iter().collect();
-                let mixed = mixture(&refs, &alpha, &cem.svd.svd)?;
+                let mixed = mixer.mix(&alpha)?;
                 let factors = self.factors.as_deref().expect("experts come with factors");
                 let adapter = factors.adapter(&mixed, &cem.svd.svd, None)?;
                 Ok(routed(Some(Arc::new(adapter)), Some(why)))
