@@ -1,31 +1,28 @@
 //! The HTTP side of `bitsvf serve`: OpenAI's `/v1/models`, `/v1/completions` and
 //! `/v1/chat/completions` (plain JSON or server-sent events), `/health` and `/metrics`, with
 //! bearer-key auth, request limits and errors in OpenAI's shape (`{"error": {"message", "type",
-//! "param", "code"}}`), on axum.
+//! "param", "code"}}`), on axum. Response bodies and streams are in `reply`.
 
 use crate::adapt::dispatch::Strategy;
 use crate::eval::prompt_ids;
 use crate::serve::batcher::{Batcher, Event, Job};
 use crate::serve::metrics::Metrics;
+use crate::serve::reply::{stream, Endpoint, Reply};
 use crate::serve::{Pick, Routed, Served};
 use crate::tasks::Item;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
 
 /// How the server is run.
 #[derive(Debug, Clone)]
@@ -94,17 +91,17 @@ impl Server {
     pub fn wait(mut self) -> std::io::Result<()> {
         // Held, not dropped: a dropped sender would stop the server.
         let _keep = self.shutdown.take();
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(std::io::Error::other("the server thread panicked")),
-            None => Ok(()),
-        }
+        self.join()
     }
 
     fn stop(&mut self) -> std::io::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        self.join()
+    }
+
+    fn join(&mut self) -> std::io::Result<()> {
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(std::io::Error::other("the server thread panicked")),
@@ -416,22 +413,6 @@ fn parse<T: serde::de::DeserializeOwned>(
     Ok((first, rest))
 }
 
-/// Which endpoint, for responses and metrics.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Endpoint {
-    Completions,
-    Chat,
-}
-
-impl Endpoint {
-    fn name(self) -> &'static str {
-        match self {
-            Endpoint::Completions => "completions",
-            Endpoint::Chat => "chat_completions",
-        }
-    }
-}
-
 async fn completions(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let start = Instant::now();
     let r = async {
@@ -716,98 +697,4 @@ async fn run(
         "the request was dropped",
         None,
     ))
-}
-
-/// The fixed parts of one response.
-struct Reply {
-    id: String,
-    endpoint: Endpoint,
-    model: String,
-    created: u64,
-    info: Value,
-}
-
-impl Reply {
-    fn usage(p: usize, c: usize) -> Value {
-        json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
-    }
-
-    fn whole(&self, text: &str, finish: &str, p: usize, c: usize) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Completions => {
-                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
-            }
-            Endpoint::Chat => json!({"index": 0, "finish_reason": finish, "logprobs": null,
-                "message": {"role": "assistant", "content": text}}),
-        };
-        let object = match self.endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::Chat => "chat.completion",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [choice], "usage": Self::usage(p, c), "bitsvf": self.info})
-    }
-
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Completions => {
-                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
-            }
-            Endpoint::Chat => {
-                let delta = match text {
-                    Some(t) => json!({"content": t}),
-                    None if finish.is_none() => json!({"role": "assistant", "content": ""}),
-                    None => json!({}),
-                };
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
-            }
-        };
-        let object = match self.endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::Chat => "chat.completion.chunk",
-        };
-        let mut v = json!({"id": self.id, "object": object, "created": self.created,
-            "model": self.model, "choices": [choice], "bitsvf": self.info});
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        v
-    }
-}
-
-/// Server-sent events: a chunk per piece of text, a last chunk with the finish reason and
-/// usage, then `[DONE]`.
-fn stream(
-    metrics: Arc<Metrics>,
-    reply: Reply,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    start: Instant,
-) -> Response {
-    let reply = Arc::new(reply);
-    let head = (reply.endpoint == Endpoint::Chat).then(|| reply.chunk(None, None, None));
-    let r = reply.clone();
-    let mut first = true;
-    let events = UnboundedReceiverStream::new(rx).map(move |ev| {
-        let data = match ev {
-            Event::Text(t) => {
-                if std::mem::take(&mut first) {
-                    metrics.first_token(start.elapsed());
-                }
-                r.chunk(Some(&t), None, None)
-            }
-            Event::Done { finish, prompt_tokens, completion_tokens } => r.chunk(
-                None,
-                Some(finish.reason()),
-                Some(Reply::usage(prompt_tokens, completion_tokens)),
-            ),
-            Event::TimedOut => json!({"error": {"message": "the request timed out", "type": "server_error", "code": 504}}),
-            Event::Failed(msg) => json!({"error": {"message": msg, "type": "server_error", "code": 500}}),
-        };
-        Ok::<_, Infallible>(SseEvent::default().data(data.to_string()))
-    });
-    let head = tokio_stream::iter(head.map(|h| Ok(SseEvent::default().data(h.to_string()))));
-    let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
-    Sse::new(head.chain(events).chain(done))
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }

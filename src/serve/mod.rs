@@ -12,6 +12,7 @@ pub mod adapters;
 pub mod api;
 pub mod batcher;
 pub mod metrics;
+mod reply;
 #[cfg(test)]
 mod tests;
 

@@ -213,6 +213,22 @@ fn concurrently(server: &Server, jobs: &[(String, String)]) -> Vec<Value> {
     })
 }
 
+/// The status and the event data lines of `body` sent to `path` with `"stream": true`.
+fn streamed(server: &Server, path: &str, body: &Value) -> (u16, Vec<String>) {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let (status, _, raw) = call(server, "POST", path, Some(&body.to_string()), None);
+    (status, sse_data(&raw))
+}
+
+/// The JSON chunks of a stream that ended with `[DONE]`.
+fn chunks(data: &[String]) -> Vec<Value> {
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    (data[..data.len() - 1].iter())
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
 fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
     json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
 }
@@ -264,22 +280,10 @@ fn completions_and_chat_by_expert_id_streamed_or_not() {
         assert_eq!(usage["total_tokens"].as_u64().unwrap(), c + 16);
         let text = v["choices"][0]["text"].as_str().unwrap().to_string();
         // Streamed, the same text arrives in pieces, then the finish reason and usage.
-        let mut body = completion(model, "count a in aab?", 12);
-        body["stream"] = json!(true);
-        let (status, _, raw) = call(
-            &server,
-            "POST",
-            "/v1/completions",
-            Some(&body.to_string()),
-            None,
-        );
+        let body = completion(model, "count a in aab?", 12);
+        let (status, data) = streamed(&server, "/v1/completions", &body);
         assert_eq!(status, 200);
-        let data = sse_data(&raw);
-        assert_eq!(data.last().unwrap(), "[DONE]");
-        let chunks: Vec<Value> = data[..data.len() - 1]
-            .iter()
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
+        let chunks = chunks(&data);
         let joined: String = chunks
             .iter()
             .map(|c| c["choices"][0]["text"].as_str().unwrap())
@@ -304,20 +308,8 @@ fn completions_and_chat_by_expert_id_streamed_or_not() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert_eq!(v["choices"][0]["message"]["content"], texts[1].as_str());
-    let mut streamed = chat;
-    streamed["stream"] = json!(true);
-    let (_, _, raw) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&streamed.to_string()),
-        None,
-    );
-    let data = sse_data(&raw);
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let (_, data) = streamed(&server, "/v1/chat/completions", &chat);
+    let chunks = chunks(&data);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks
         .iter()
@@ -680,20 +672,9 @@ fn a_full_queue_is_refused_with_429_and_a_late_request_with_504() {
         None,
     );
     assert_eq!(status, 504, "{text}");
-    let mut streamed = body.clone();
-    streamed["stream"] = json!(true);
-    let (status, _, text) = call(
-        &server,
-        "POST",
-        "/v1/completions",
-        Some(&streamed.to_string()),
-        None,
-    );
+    let (status, data) = streamed(&server, "/v1/completions", &body);
     assert_eq!(status, 200);
-    assert!(
-        sse_data(&text).iter().any(|d| d.contains("timed out")),
-        "{text}"
-    );
+    assert!(data.iter().any(|d| d.contains("timed out")), "{data:?}");
     server.shutdown().unwrap();
 }
 
