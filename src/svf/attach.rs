@@ -70,6 +70,46 @@ pub fn svf_model(
     Ok(model)
 }
 
+/// The low-rank SVF model over the packed base, the form training takes at scale: every
+/// linear keeps its packed ternary codes and runs the integer kernel (differentiable in x,
+/// [`crate::engine::ops::ternary_linear`]); each target in `z` adds the delta
+/// U_k diag(σ_k⊙(z − 1)) V_kᵀ on the same int8-quantized activations. No dense W and no full
+/// U/V are held: the factors need only the top k triplets. Equal, to float rounding, to
+/// [`svf_model`] with [`Parameterization::LowRank`] on the same factors.
+pub fn packed_svf_model(
+    ck: &Checkpoint,
+    options: ModelOptions,
+    factors: &BTreeMap<String, Svd>,
+    z: &BTreeMap<String, Tensor>,
+) -> Result<Model> {
+    let mut model = Model::new(
+        ck,
+        ModelOptions {
+            mode: WeightMode::Ternary,
+            ..options
+        },
+    )?;
+    let dev = model.device().clone();
+    for (l, block) in model.blocks.iter_mut().enumerate() {
+        for kind in LinearKind::ALL {
+            let name = linear_name(l, kind);
+            let Some(zt) = z.get(&name) else {
+                continue;
+            };
+            let slot = &mut block.linears[kind as usize].weight;
+            let LinearWeight::Ternary(m) = slot else {
+                return Err(Error::Input(format!("`{name}` is not a packed linear")));
+            };
+            let svd = factors
+                .get(&name)
+                .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))?;
+            let delta = SvfWeight::low_rank_delta(svd, zt.clone(), options.dtype, &dev)?;
+            *slot = LinearWeight::Hybrid(m.clone(), Box::new(delta));
+        }
+    }
+    Ok(model)
+}
+
 /// Replace the z of every adapted linear of `model` named in `z` (the factors stay).
 pub fn set_z(model: &mut Model, z: &BTreeMap<String, Tensor>) {
     for (l, block) in model.blocks.iter_mut().enumerate() {

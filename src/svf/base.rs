@@ -6,7 +6,7 @@ use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{Model, ModelOptions};
 use crate::error::Result;
 use crate::svf::expert::Expert;
-use crate::svf::factors::factors_hashed;
+use crate::svf::factors::{factors_hashed, top_factors_hashed};
 use crate::svf::svd::{CacheStats, Svd, SvdCache};
 use crate::svf::Targets;
 use std::collections::BTreeMap;
@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub struct Factors {
     /// The target set.
     pub targets: Targets,
+    /// `Some(k)`: only the top k singular triplets of each target (a partial SVD);
+    /// `None`: the full thin SVD.
+    pub top_k: Option<usize>,
     /// U, σ, V by linear name.
     pub svd: BTreeMap<String, Svd>,
     /// What loading them did (cache hits, matrices computed, time, worst reconstruction).
@@ -80,12 +83,37 @@ impl<'a> Base<'a> {
     /// The SVD factors of the `targets` matrices, loaded on first use.
     pub fn factors(&self, targets: Targets) -> Result<Arc<Factors>> {
         let mut all = self.factors.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = all.iter().find(|f| f.targets == targets) {
+        if let Some(f) = (all.iter()).find(|f| f.targets == targets && f.top_k.is_none()) {
             return Ok(f.clone());
         }
         let (svd, stats) = factors_hashed(self.ck, &self.hash, targets, self.cache)?;
         let f = Arc::new(Factors {
             targets,
+            top_k: None,
+            svd,
+            stats,
+        });
+        all.push(f.clone());
+        Ok(f)
+    }
+
+    /// The top-`k` singular triplets of the `targets` matrices (a partial SVD, cached per
+    /// k), loaded on first use; `progress(done, total)` as each matrix is ready.
+    pub fn top_factors(
+        &self,
+        targets: Targets,
+        k: usize,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Arc<Factors>> {
+        let mut all = self.factors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = (all.iter()).find(|f| f.targets == targets && f.top_k == Some(k)) {
+            return Ok(f.clone());
+        }
+        let (svd, stats) =
+            top_factors_hashed(self.ck, &self.hash, targets, k, self.cache, progress)?;
+        let f = Arc::new(Factors {
+            targets,
+            top_k: Some(k),
             svd,
             stats,
         });

@@ -4,7 +4,7 @@
 
 use crate::engine::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::svf::svd::{thin_svd, Svd, SvdCache};
+use crate::svf::svd::{thin_svd, PartialSvdOptions, Svd, SvdCache};
 use crate::svf::{Parameterization, Targets};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -48,6 +48,37 @@ pub(crate) fn factors_hashed(
     Ok((out.into_iter().collect(), stats))
 }
 
+/// The top-`k` singular triplets of the target matrices, from the disk cache keyed by the
+/// model's content hash and `k` ([`SvdCache::get_or_compute_top`] with
+/// [`PartialSvdOptions::for_rank`]): one dequantized matrix in memory per thread, never the
+/// dense model, so a 2B-4T-sized model's factors take what the factors themselves take.
+/// `progress(done, total)` is called as each matrix is ready.
+pub(crate) fn top_factors_hashed(
+    ck: &Checkpoint,
+    hash: &str,
+    targets: Targets,
+    k: usize,
+    cache: &SvdCache,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(BTreeMap<String, Svd>, crate::svf::svd::CacheStats)> {
+    let linears: Vec<_> = ck
+        .linears()
+        .filter(|(_, kind, _)| targets.includes(*kind))
+        .collect();
+    let shapes: Vec<(String, usize, usize)> = (linears.iter())
+        .map(|(n, _, l)| (n.clone(), l.matrix.rows, l.matrix.cols))
+        .collect();
+    let total = shapes.len();
+    let options = PartialSvdOptions::for_rank(k);
+    let load = |i: usize| linears[i].2.matrix.dequantize();
+    let (out, stats) = cache
+        .get_or_compute_top(hash, k, &options, &shapes, load, |done, _| {
+            progress(done, total)
+        })
+        .map_err(|e| Error::Input(format!("SVD cache: {e}")))?;
+    Ok((out.into_iter().collect(), stats))
+}
+
 /// What getting the factors of a model's targets took: how many matrices, how many came from
 /// the cache, and the worst reconstruction error.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -60,17 +91,28 @@ pub struct FactorsReport {
     pub computed: usize,
     /// Wall time, seconds.
     pub seconds: f64,
-    /// Largest `‖W − UΣVᵀ‖_F / ‖W‖_F`.
+    /// Largest `‖W − UΣVᵀ‖_F / ‖W‖_F` (for top-k factors: the rank-k truncation's).
     pub max_relative_error: f64,
+    /// `Some(k)`: only the top k triplets were computed (a partial SVD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
 }
 
 impl std::fmt::Display for FactorsReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.top_k {
+            Some(k) => format!("top-{k} SVD"),
+            None => "SVD".into(),
+        };
         write!(
             f,
-            "SVD of {} matrices: {} from the cache, {} computed in {:.1} s; largest ‖W − UΣVᵀ‖/‖W‖ = {:.1e}",
+            "{what} of {} matrices: {} from the cache, {} computed in {:.1} s; largest ‖W − UΣVᵀ‖/‖W‖ = {:.1e}",
             self.matrices, self.cache_hits, self.computed, self.seconds, self.max_relative_error
-        )
+        )?;
+        if self.top_k.is_some() {
+            write!(f, " (what the rank-k truncation leaves out)")?;
+        }
+        Ok(())
     }
 }
 
@@ -82,6 +124,7 @@ impl From<&crate::svf::Factors> for FactorsReport {
             computed: f.stats.computed,
             seconds: f.stats.seconds,
             max_relative_error: f.stats.max_relative_error,
+            top_k: f.top_k,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::error::{Checks, Result};
 use crate::svf::{Parameterization, Targets};
+use crate::train::plan::TrainBase;
 use serde::{Deserialize, Serialize};
 
 /// The training objective.
@@ -66,6 +67,18 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Seed of init, data and sampling.
     pub seed: u64,
+    /// Where the base weights live: dense f32, packed ternary (low-rank only), or chosen
+    /// from the memory free ([`crate::train::plan`]).
+    #[serde(default, skip_serializing_if = "TrainBase::is_auto")]
+    pub base: TrainBase,
+    /// Prompts per forward/backward pass; the step's gradient is accumulated over
+    /// `batch_prompts / micro_batch` passes (None: the whole batch in one pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
+    /// Longest training sequence in tokens: longer ones are cut, the answer's tail first
+    /// (None: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seq: Option<usize>,
 }
 
 /// Most steps any setting may ask for (a bound on untrusted numbers, far above any real run).
@@ -128,6 +141,19 @@ impl TrainConfig {
         c.count("eval_every", self.eval_every, MAX_STEPS);
         c.count("val_n", self.val_n, MAX_ITEMS);
         c.count("patience", self.patience, MAX_STEPS);
+        if let Some(n) = self.micro_batch {
+            c.count("micro_batch", n, 1 << 16);
+            c.that(
+                self.objective == Objective::Sft || n >= self.batch_prompts,
+                "micro_batch",
+                || "gradient accumulation is for the SFT objective; REINFORCE takes the whole batch in one pass".into(),
+            );
+        }
+        if let Some(n) = self.max_seq {
+            c.that((2..=1 << 20).contains(&n), "max_seq", || {
+                format!("got {n}; expected 2 to 1048576 tokens")
+            });
+        }
     }
 
     /// [`TrainConfig::check`] as a result naming `source` (where the settings came from).
@@ -161,6 +187,9 @@ impl TrainConfig {
             val_n: 300,
             patience: 4,
             seed: 0,
+            base: TrainBase::Auto,
+            micro_batch: None,
+            max_seq: None,
         };
         match objective {
             Objective::Reinforce => common,

@@ -9,12 +9,12 @@
 
 use crate::engine::checkpoint::st::OwnedTensor;
 use crate::engine::checkpoint::Checkpoint;
-use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar};
+use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar, WeightMode};
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::eval::batch::{batch_from_pairs, flat_log_probs, sft_pairs};
+use crate::eval::batch::{batch_from_pairs, sft_pairs};
 use crate::eval::{prompt_ids, score_items};
-use crate::svf::attach::{init_vars, set_z, svf_model, var_tensors};
+use crate::svf::attach::{init_vars, packed_svf_model, set_z, svf_model, var_tensors};
 use crate::svf::base::Base;
 use crate::svf::expert::{Expert, ExpertMeta};
 use crate::svf::factors::z_lengths;
@@ -22,8 +22,9 @@ use crate::svf::svd::Svd;
 use crate::tasks::DataSource;
 use crate::tasks::{answer_from_completion, Item, MAX_ANSWER_CHARS};
 use crate::train::config::{Objective, TrainConfig};
-use crate::train::loss::{advantages, masked_kl, masked_nll, reinforce_loss};
+use crate::train::loss::{advantages, reinforce_loss, sft_gradients};
 use crate::train::optim::{Adam, AdamConfig, ResumeState};
+use crate::train::plan::{cap_pairs, memory_plan, MemoryPlan};
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -114,16 +115,52 @@ pub fn train_expert(
     resume: bool,
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
+    let plan = training_plan(base.ck(), tok, data, cfg)?;
     let held;
     let no_factors = BTreeMap::new();
-    let factors = if cfg.parameterization.uses_svd() {
+    let factors = if plan.packed {
+        held = base.top_factors(cfg.targets, cfg.rank, |_, _| {})?;
+        &held.svd
+    } else if cfg.parameterization.uses_svd() {
         held = base.factors(cfg.targets)?;
         &held.svd
     } else {
         &no_factors
     };
     let (ck, hash) = (base.ck(), base.hash());
-    train(ck, hash, factors, tok, data, cfg, out, resume, on_step)
+    train(
+        ck,
+        hash,
+        factors,
+        plan.packed,
+        tok,
+        data,
+        cfg,
+        out,
+        resume,
+        on_step,
+    )
+}
+
+/// The [`MemoryPlan`] of training `cfg` on `ck` over `data`, for sequences as long as the
+/// longest validation item (capped at `max_seq`): which base the trainer runs on and what
+/// each part of its memory comes to. Checked before any work starts.
+pub fn training_plan(
+    ck: &Checkpoint,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+) -> Result<MemoryPlan> {
+    cfg.validate("training settings")?;
+    let val = data.validation(cfg.val_n.min(64), cfg.seed)?;
+    let mut pairs = sft_pairs(tok, &val)?;
+    cap_pairs(&mut pairs, cfg.max_seq);
+    let seq = pairs
+        .iter()
+        .map(|(p, a)| p.len() + a.len())
+        .max()
+        .unwrap_or(1);
+    memory_plan(ck, cfg, seq)
 }
 
 /// [`train_expert`] of `ck`, whose content hash is `hash`, with these factors.
@@ -132,6 +169,7 @@ fn train(
     ck: &Checkpoint,
     hash: &str,
     factors: &BTreeMap<String, Svd>,
+    packed: bool,
     tok: &dyn Tokenizer,
     data: &DataSource,
     cfg: &TrainConfig,
@@ -147,7 +185,10 @@ fn train(
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let options = ModelOptions {
-        mode: crate::engine::model::WeightMode::Dense,
+        mode: match packed {
+            true => WeightMode::Ternary,
+            false => WeightMode::Dense,
+        },
         act_quant: true,
         dtype: DType::F32,
     };
@@ -155,7 +196,10 @@ fn train(
     let lengths = z_lengths(ck, cfg.targets, cfg.parameterization, factors, cfg.rank)?;
     let vars = init_vars(&lengths, cfg.parameterization, options, cfg.seed)?;
     let z_tensors = var_tensors(&vars);
-    let model = svf_model(ck, options, factors, &z_tensors, cfg.parameterization)?;
+    let model = match packed {
+        true => packed_svf_model(ck, options, factors, &z_tensors)?,
+        false => svf_model(ck, options, factors, &z_tensors, cfg.parameterization)?,
+    };
     let mut opt = Adam::new(
         vars.clone(),
         AdamConfig {
@@ -169,8 +213,10 @@ fn train(
     let val_refs: Vec<&Item> = val.iter().collect();
     let verify = |e: &str, c: &str| data.verify(e, c);
     // One copy of the model with constant z serves sampling and validation; only its z
-    // vectors are refreshed from the variables before each use.
-    let mut frozen_model = svf_model(ck, options, factors, &frozen(&vars), cfg.parameterization)?;
+    // vectors are refreshed from the variables before each use. It shares every weight and
+    // factor with the trained model.
+    let mut frozen_model = model.clone();
+    set_z(&mut frozen_model, &frozen(&vars));
     let validate = |m: &mut Model, vars: &[NamedVar]| -> Result<f64> {
         set_z(m, &frozen(vars));
         Ok(score_items(m, tok, &val_refs, verify, |_| {})?.accuracy)
@@ -235,14 +281,14 @@ fn train(
         let items = data.draw(&mut rng, cfg.batch_prompts)?;
         opt.config.lr = lr_at(cfg, step);
         let mut stats = StepStats::default();
-        let loss = match cfg.objective {
+        let mut grads = match cfg.objective {
             Objective::Sft => {
-                let batch = batch_from_pairs(&sft_pairs(tok, &items)?, model.device())?;
-                let lp = flat_log_probs(&model, &batch)?;
-                let loss = masked_nll(&lp, &batch)?;
-                let ref_lp = flat_log_probs(&reference, &batch)?.detach();
-                stats.kl = masked_kl(&ref_lp, &lp, &batch)?.to_scalar::<f32>()? as f64;
-                loss
+                let mut pairs = sft_pairs(tok, &items)?;
+                cap_pairs(&mut pairs, cfg.max_seq);
+                let per_pass = cfg.micro_batch.unwrap_or(pairs.len());
+                let (loss, kl, grads) = sft_gradients(&model, &reference, &pairs, per_pass)?;
+                (stats.loss, stats.kl) = (loss, kl);
+                grads
             }
             Objective::Reinforce => {
                 set_z(&mut frozen_model, &frozen(&vars));
@@ -276,11 +322,10 @@ fn train(
                 let (loss, kl) =
                     reinforce_loss(&model, &reference, &batch, &adv, seq_len, cfg.kl_coeff)?;
                 stats.kl = kl;
-                loss
+                stats.loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                loss.backward()?
             }
         };
-        stats.loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let mut grads = loss.backward()?;
         if let Some((alpha, lamb)) = cfg.grokfast {
             // Grokfast-EMA: g ← g + λ·EMA_α(g), the slow component amplified.
             let mut ema = grok.take().unwrap_or_default();
@@ -439,9 +484,10 @@ fn save_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::batch::Batch;
+    use crate::eval::batch::{flat_log_probs, Batch};
     use crate::svf::{Parameterization, Targets};
     use crate::tasks::Domain;
+    use crate::train::loss::masked_nll;
 
     fn tiny() -> Checkpoint {
         Checkpoint::tiny(16, 24, 11)
@@ -578,6 +624,80 @@ mod tests {
             let what = format!("{param:?}");
             crate::engine::model::assert_every_var_has_a_gradient(&grads, &vars, &what);
         }
+    }
+
+    /// The z of every target after `cfg`'s steps of SFT on the tiny model with the full SVD's
+    /// factors, over the packed or the dense base.
+    fn trained_z(cfg: &TrainConfig, packed: bool) -> Vec<(String, Vec<f32>)> {
+        let ck = tiny();
+        let f = crate::svf::factors::decompose(&ck, cfg.targets);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("e.safetensors");
+        let data = DataSource::Domain(Domain::Copy);
+        let tok = crate::engine::tokenizer::ByteTokenizer;
+        let run = train(
+            &ck,
+            "h",
+            &f,
+            packed,
+            &tok,
+            &data,
+            cfg,
+            &out,
+            false,
+            |_, _| true,
+        );
+        run.unwrap();
+        let tf = crate::engine::checkpoint::st::TensorFiles::open(&[
+            out.with_extension("train-state.safetensors")
+        ])
+        .unwrap();
+        let mut names: Vec<String> = (tf.names().map(str::to_string))
+            .filter(|n| n.ends_with("_proj"))
+            .collect();
+        names.sort();
+        (names.into_iter())
+            .map(|n| (n.clone(), tf.get(&n).unwrap().to_f32().unwrap()))
+            .collect()
+    }
+
+    fn max_z_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        (a.iter().zip(b))
+            .flat_map(|((na, x), (nb, y))| {
+                assert_eq!(na, nb);
+                x.iter().zip(y).map(|(p, q)| (p - q).abs())
+            })
+            .fold(0f32, f32::max)
+    }
+
+    #[test]
+    fn the_packed_base_trains_the_same_z_as_the_dense_one() {
+        // Low-rank SVF on the same factors: the integer kernel over the packed codes with the
+        // backward through them against the dequantized f32 model, 4 steps of 4 prompts.
+        let cfg = TrainConfig {
+            parameterization: Parameterization::LowRank,
+            rank: 4,
+            steps: 4,
+            batch_prompts: 4,
+            eval_every: 4,
+            val_n: 4,
+            ..Default::default()
+        };
+        let (dense, packed) = (trained_z(&cfg, false), trained_z(&cfg, true));
+        assert_eq!(dense.len(), 6, "the MLP targets of two layers");
+        assert!(dense.iter().all(|(_, z)| z.len() == 4));
+        let moved = (dense.iter()).any(|(_, z)| z.iter().any(|&x| (x - 1.0).abs() > 1e-3));
+        assert!(moved, "training moved z");
+        let diff = max_z_diff(&dense, &packed);
+        assert!(diff < 1e-4, "packed vs dense z after 4 steps: {diff}");
+        // Gradient accumulation over passes of one prompt gives the same steps.
+        let micro = TrainConfig {
+            micro_batch: Some(1),
+            ..cfg.clone()
+        };
+        let diff = max_z_diff(&packed, &trained_z(&micro, true));
+        assert!(diff < 1e-4, "4 passes of 1 prompt vs 1 pass of 4: {diff}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use crate::engine::model::Model;
 use crate::error::Result;
 use crate::eval::batch::flat_log_probs;
-use crate::eval::batch::Batch;
+use crate::eval::batch::{batch_from_pairs, Batch};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 
 /// Mean cross-entropy over the masked positions. Composable ops only (gradients flow).
@@ -39,6 +40,60 @@ pub fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tens
     let kl = (p * (ref_lp - cur_lp)?)?.sum(D::Minus1)?; // [N]
     let mask = batch.mask.to_dtype(kl.dtype())?;
     Ok(((kl * mask)?.sum_all()? / batch.supervised.max(1) as f64)?)
+}
+
+/// One SFT step's gradient over `pairs` (prompt, answer) in passes of at most `per_pass`
+/// pairs, accumulated: each pass's masked NLL is weighted by its share of the supervised
+/// tokens, so the sum is the whole batch's loss and gradient (to float rounding) in the
+/// memory of one pass. Returns the loss, the mean KL(ref ‖ model) over the supervised
+/// positions (a statistic; `reference` is not differentiated) and the gradients.
+pub fn sft_gradients(
+    model: &Model,
+    reference: &Model,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    per_pass: usize,
+) -> Result<(f64, f64, GradStore)> {
+    let dev = model.device();
+    let batches = (pairs.chunks(per_pass.max(1)))
+        .map(|c| batch_from_pairs(c, dev))
+        .collect::<Result<Vec<_>>>()?;
+    let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
+    let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
+    let mut grads: Option<GradStore> = None;
+    for batch in &batches {
+        let lp = flat_log_probs(model, batch)?;
+        let mut loss = masked_nll(&lp, batch)?;
+        let ref_lp = flat_log_probs(reference, batch)?.detach();
+        let mut kl = masked_kl(&ref_lp, &lp, batch)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if batches.len() > 1 {
+            let w = batch.supervised as f64 / total as f64;
+            loss = (loss * w)?;
+            kl *= w;
+        }
+        kl_sum += kl;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let g = loss.backward()?;
+        drop((lp, ref_lp, loss));
+        grads = Some(match grads {
+            None => g,
+            Some(mut acc) => {
+                for id in g.get_ids().copied().collect::<Vec<_>>() {
+                    let add = g.get_id(id).expect("listed").clone();
+                    let sum = match acc.get_id(id) {
+                        Some(prev) => (prev + add)?,
+                        None => add,
+                    };
+                    acc.insert_id(id, sum);
+                }
+                acc
+            }
+        });
+    }
+    let grads =
+        grads.ok_or_else(|| crate::error::Error::Input("an SFT step needs items".into()))?;
+    Ok((loss_sum, kl_sum, grads))
 }
 
 /// The REINFORCE loss for one batch of rollouts (see module docs); also returns statistics.

@@ -6,9 +6,11 @@ pub mod config;
 pub mod expert;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub mod presets;
 pub mod pretrain;
 
 pub use config::{Objective, TrainConfig, DEFAULT_RANK};
 pub use expert::{lr_at, train_expert, StepStats, TrainSummary};
+pub use plan::{memory_plan, MemoryPlan, TrainBase};
 pub use presets::{PretrainOverrides, TrainOverrides};

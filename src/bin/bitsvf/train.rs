@@ -6,7 +6,10 @@ use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::svf::factors::FactorsReport;
 use bitsvf::svf::{Base, Parameterization};
 use bitsvf::tasks::{DataSource, Dataset, Domain};
-use bitsvf::train::{train_expert, Objective, TrainConfig, TrainOverrides, DEFAULT_RANK};
+use bitsvf::train::expert::training_plan;
+use bitsvf::train::{
+    train_expert, Objective, TrainBase, TrainConfig, TrainOverrides, DEFAULT_RANK,
+};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -34,6 +37,18 @@ pub struct Args {
     /// Width k of the low-rank parameterization (top-k singular directions).
     #[arg(long, default_value_t = DEFAULT_RANK)]
     rank: usize,
+    /// Where the base weights live while training: dense f32 with full SVD factors, packed
+    /// ternary with the top-k factors (low-rank only; for models whose dense form does not
+    /// fit), or auto (packed when the dense form would take over half the free memory).
+    #[arg(long, value_enum, default_value = "auto")]
+    base: TrainBase,
+    /// Prompts per forward/backward pass: the step's gradient is accumulated over
+    /// batch-prompts / micro-batch passes, trading time for activation memory (SFT).
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    /// Longest training sequence in tokens; longer ones are cut, the answer's tail first.
+    #[arg(long)]
+    max_seq: Option<usize>,
     /// Target matrices: mlp, attn or all.
     #[arg(long, default_value = "mlp")]
     targets: String,
@@ -96,6 +111,9 @@ pub fn run(a: Args) -> Result<()> {
         cosine: !a.constant_lr,
         baseline: !a.no_baseline,
         seed: a.seed,
+        base: a.base,
+        micro_batch: a.micro_batch,
+        max_seq: a.max_seq,
         ..TrainConfig::for_objective(a.objective)
     };
     cfg.apply(&TrainOverrides {
@@ -110,10 +128,27 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     let cache = svd_cache(a.cache_dir);
     anyhow::ensure!(a.rank > 0, "--rank must be positive");
+    let plan = training_plan(&ck, tok.as_ref(), &data, &cfg)?;
+    if !a.json {
+        println!("{plan}");
+    }
     let base = Base::new(&ck, &cache);
-    let svd = match cfg.parameterization.uses_svd() {
-        true => FactorsReport::from(&*base.factors(cfg.targets)?),
-        false => FactorsReport::default(),
+    let svd = match (plan.packed, cfg.parameterization.uses_svd()) {
+        (true, _) => {
+            let bar =
+                indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} matrices, eta {eta} {msg}",
+                )?);
+            let f = base.top_factors(cfg.targets, cfg.rank, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(format!("top-{} SVD of the targets", cfg.rank));
+            })?;
+            bar.finish_and_clear();
+            FactorsReport::from(&*f)
+        }
+        (false, true) => FactorsReport::from(&*base.factors(cfg.targets)?),
+        (false, false) => FactorsReport::default(),
     };
     if !a.json && cfg.parameterization.uses_svd() {
         println!("{svd}");

@@ -4,7 +4,7 @@
 use crate::engine::ops::{self, fake_quant_ste, matmul_const};
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::sync::Arc;
 
 /// Weights of one BitLinear.
@@ -96,14 +96,7 @@ pub struct BitLinear {
 impl BitLinear {
     /// Forward `x` `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ternary = |m: &TernaryMatrix| -> Result<Tensor> {
-            let mut dims = x.dims().to_vec();
-            let tokens = x.elem_count() / m.cols;
-            let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let y = m.forward(&flat, tokens, self.act_quant);
-            *dims.last_mut().expect("feature dim") = m.rows;
-            Ok(Tensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())?)
-        };
+        let ternary = |m: &Arc<TernaryMatrix>| ops::ternary_linear(x, m, self.act_quant);
         // Float paths fake-quantize with the STE (the ternary kernel quantizes itself).
         let quantized = || {
             if self.act_quant {

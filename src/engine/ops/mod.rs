@@ -9,6 +9,7 @@
 //!
 //! - [`matmul_const`], [`svf_linear`]: x·W and ((x·V) ⊙ s)·Uᵀ with constant factors;
 //! - [`matmul_rows`]: x·Wᵀ over a matrix kept in its stored dtype (the output head);
+//! - [`ternary_linear`]: BitNet's int8 × packed ternary product, differentiable in x;
 //! - [`rms_norm`], [`softmax`], [`log_softmax`], [`target_log_probs`], [`gated_activation`],
 //!   [`fake_quant_ste`]: row-wise and element-wise layers;
 //! - [`causal_attention`]: RoPE, grouped-query causal attention and the head layout in one op.
@@ -30,6 +31,7 @@ mod softmax;
 mod storage;
 mod svf_linear;
 mod target_log_probs;
+mod ternary_linear;
 #[cfg(test)]
 mod testing;
 
@@ -42,3 +44,4 @@ pub use rms_norm::rms_norm;
 pub use softmax::{log_softmax, softmax};
 pub use svf_linear::svf_linear;
 pub use target_log_probs::target_log_probs;
+pub use ternary_linear::ternary_linear;

@@ -221,6 +221,22 @@ impl TernaryMatrix {
             .collect()
     }
 
+    /// Rows `r0..r0 + out.len() / cols` of W = γ·W_t decoded into `out` (row-major f32): a
+    /// block of the dense matrix without the whole of it.
+    pub fn rows_into(&self, r0: usize, out: &mut [f32]) {
+        let t = decode_table();
+        let rb = native_row_bytes(self.cols);
+        for (i, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            let r = r0 + i;
+            let g = self.scale(r);
+            let codes = self.packed[r * rb..(r + 1) * rb].iter();
+            let values = codes.flat_map(|&b| t[b as usize]);
+            for (o, v) in row.iter_mut().zip(values) {
+                *o = v as f32 * g;
+            }
+        }
+    }
+
     /// Share of zeros / ±1 and the scale range.
     pub fn stats(&self) -> TernaryStats {
         let (mut z, mut p, mut m) = (0usize, 0usize, 0usize);

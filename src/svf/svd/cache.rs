@@ -109,14 +109,14 @@ pub struct CacheStats {
 /// `<name>.sigma` `[r]` and `<name>.v` `[cols, r]` (F32) for every matrix computed so far.
 #[derive(Debug, Clone)]
 pub struct SvdCache {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
 }
 
 /// The cache file's contents: tensors and per-matrix metadata (without `format`).
 #[derive(Debug, Default, PartialEq)]
-struct CacheFile {
-    tensors: BTreeMap<String, OwnedTensor>,
-    metadata: BTreeMap<String, String>,
+pub(super) struct CacheFile {
+    pub(super) tensors: BTreeMap<String, OwnedTensor>,
+    pub(super) metadata: BTreeMap<String, String>,
 }
 
 /// One matrix's result.
@@ -283,7 +283,7 @@ fn default_dir_from(get: impl Fn(&str) -> Option<OsString>) -> PathBuf {
 }
 
 /// The hash becomes a directory name: no separators, no `..`, nothing hidden.
-fn validate_hash(hash: &str) -> Result<(), SvdError> {
+pub(super) fn validate_hash(hash: &str) -> Result<(), SvdError> {
     let ok = !hash.is_empty()
         && !hash.starts_with('.')
         && hash
@@ -328,7 +328,7 @@ fn validate_matrices(matrices: &[(String, Vec<f32>, usize, usize)]) -> Result<()
 
 /// The cache file's contents; empty if there is none, or if it is unreadable as a cache
 /// (warned: the entries are recomputed and the file rewritten).
-fn read_cache_file(path: &Path) -> Result<CacheFile, SvdError> {
+pub(super) fn read_cache_file(path: &Path) -> Result<CacheFile, SvdError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CacheFile::default()),
@@ -382,7 +382,7 @@ fn parse_cache_file(bytes: &[u8]) -> Result<CacheFile, String> {
 /// a cache entry was computed from. Not cryptographic — it guards against a caller's mistake
 /// (a hash that does not cover `W`), not an adversary — but stable across Rust versions and
 /// platforms, unlike `std`'s `DefaultHasher`, and a few ms for a 1536×512 matrix.
-fn fingerprint(w: &[f32]) -> String {
+pub(super) fn fingerprint(w: &[f32]) -> String {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let hash = w
@@ -395,14 +395,13 @@ fn fingerprint(w: &[f32]) -> String {
 /// The cached decomposition of `name` and its recorded relative error, if the file holds a
 /// valid entry for this `W`; `Ok(None)` if the file has no entry for `name`; `Err(why)` if the
 /// entry is unusable or stale.
-fn cached_svd(
+pub(super) fn cached_svd(
     file: &CacheFile,
     name: &str,
     w: &[f32],
-    rows: usize,
-    cols: usize,
+    (rows, cols): (usize, usize),
+    r: usize,
 ) -> Result<Option<(Svd, f64)>, String> {
-    let r = rows.min(cols);
     let parts = [
         (format!("{name}.u"), vec![rows, r]),
         (format!("{name}.sigma"), vec![r]),
@@ -481,7 +480,7 @@ fn lookup_or_compute(
     rows: usize,
     cols: usize,
 ) -> Result<Outcome, Failure> {
-    match cached_svd(file, name, w, rows, cols) {
+    match cached_svd(file, name, w, (rows, cols), rows.min(cols)) {
         Ok(Some((svd, relative_error))) => {
             return Ok(Outcome {
                 svd,
@@ -503,7 +502,13 @@ fn lookup_or_compute(
     })
 }
 
-fn write_cache_file(path: &Path, file: &CacheFile) -> Result<(), SvdError> {
+pub(super) fn write_cache_file(path: &Path, file: &CacheFile) -> Result<(), SvdError> {
+    write_cache_files(path, &[file])
+}
+
+/// Writes the union of `files` (a later one's entries replacing an earlier one's) as one
+/// cache file, atomically.
+pub(super) fn write_cache_files(path: &Path, files: &[&CacheFile]) -> Result<(), SvdError> {
     let dir = path
         .parent()
         .expect("cache file paths are <dir>/<hash>/<file>");
@@ -511,9 +516,13 @@ fn write_cache_file(path: &Path, file: &CacheFile) -> Result<(), SvdError> {
         path: dir.to_path_buf(),
         source,
     })?;
-    let mut metadata: HashMap<String, String> = file.metadata.clone().into_iter().collect();
+    let mut metadata: HashMap<String, String> = HashMap::new();
+    let mut tensors: BTreeMap<&str, &OwnedTensor> = BTreeMap::new();
+    for f in files {
+        metadata.extend(f.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        tensors.extend(f.tensors.iter().map(|(k, t)| (k.as_str(), t)));
+    }
     metadata.insert("format".to_string(), CACHE_FORMAT.to_string());
-    let tensors = file.tensors.iter().map(|(k, t)| (k.as_str(), t));
     let bytes =
         safetensors::serialize(tensors, Some(metadata)).map_err(|e| SvdError::Serialize {
             path: path.to_path_buf(),

@@ -20,6 +20,7 @@
 
 mod cache;
 mod partial;
+mod top;
 
 pub use cache::{CacheStats, SvdCache, SvdError};
 pub use partial::{partial_svd, PartialSvdOptions};
