@@ -79,6 +79,10 @@ pub struct TrainConfig {
     /// (None: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_seq: Option<usize>,
+    /// Keep only each block's input in the forward pass and recompute the block in the
+    /// backward pass (one more forward's time for one block's activations instead of all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkpoint_activations: bool,
 }
 
 /// Most steps any setting may ask for (a bound on untrusted numbers, far above any real run).
@@ -149,6 +153,11 @@ impl TrainConfig {
                 || "gradient accumulation is for the SFT objective; REINFORCE takes the whole batch in one pass".into(),
             );
         }
+        c.that(
+            self.objective == Objective::Sft || !self.checkpoint_activations,
+            "checkpoint_activations",
+            || "activation checkpointing is for the SFT objective".into(),
+        );
         if let Some(n) = self.max_seq {
             c.that((2..=1 << 20).contains(&n), "max_seq", || {
                 format!("got {n}; expected 2 to 1048576 tokens")
@@ -190,6 +199,7 @@ impl TrainConfig {
             base: TrainBase::Auto,
             micro_batch: None,
             max_seq: None,
+            checkpoint_activations: false,
         };
         match objective {
             Objective::Reinforce => common,

@@ -1,7 +1,7 @@
 //! Training losses over a [`Batch`]: masked next-token NLL and cross-entropy, the KL penalty
 //! against the reference model, and the REINFORCE policy-gradient loss with its advantages.
 
-use crate::engine::model::Model;
+use crate::engine::model::{Model, NamedVar};
 use crate::error::Result;
 use crate::eval::batch::flat_log_probs;
 use crate::eval::batch::{batch_from_pairs, Batch};
@@ -46,12 +46,13 @@ pub fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tens
 /// pairs, accumulated: each pass's masked NLL is weighted by its share of the supervised
 /// tokens, so the sum is the whole batch's loss and gradient (to float rounding) in the
 /// memory of one pass. Returns the loss, the mean KL(ref ‖ model) over the supervised
-/// positions (a statistic; `reference` is not differentiated) and the gradients.
+/// positions (a statistic; `reference` is not differentiated) and the gradients of `vars`.
 pub fn sft_gradients(
     model: &Model,
     reference: &Model,
     pairs: &[(Vec<u32>, Vec<u32>)],
     per_pass: usize,
+    vars: &[NamedVar],
 ) -> Result<(f64, f64, GradStore)> {
     let dev = model.device();
     let batches = (pairs.chunks(per_pass.max(1)))
@@ -76,16 +77,21 @@ pub fn sft_gradients(
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g = loss.backward()?;
         drop((lp, ref_lp, loss));
+        // Only the variables' gradients are summed: a backward pass's store also holds the
+        // gradients of intermediate tensors (one pass's worth, kept with the first store), which
+        // summed over passes would grow with every pass.
         grads = Some(match grads {
             None => g,
             Some(mut acc) => {
-                for id in g.get_ids().copied().collect::<Vec<_>>() {
-                    let add = g.get_id(id).expect("listed").clone();
-                    let sum = match acc.get_id(id) {
-                        Some(prev) => (prev + add)?,
-                        None => add,
+                for (_, var) in vars {
+                    let Some(add) = g.get(var.as_tensor()) else {
+                        continue;
                     };
-                    acc.insert_id(id, sum);
+                    let sum = match acc.get(var.as_tensor()) {
+                        Some(prev) => (prev + add)?,
+                        None => add.clone(),
+                    };
+                    acc.insert(var.as_tensor(), sum);
                 }
                 acc
             }

@@ -2,6 +2,7 @@
 //! training (stage 2: SFT or REINFORCE + KL, DESIGN.md §3) and pretraining a BitNet model from
 //! scratch (how the embedded default model was made).
 
+pub mod checkpointed;
 pub mod config;
 pub mod expert;
 pub mod loss;

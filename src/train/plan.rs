@@ -58,8 +58,8 @@ crate::value_names!(
 pub struct MemoryPlan {
     /// Whether the base stays packed.
     pub packed: bool,
-    /// Weights: the packed codes and the stored embeddings / head once, or three dense f32
-    /// models (trained, reference, sampling), in bytes.
+    /// Weights: the packed codes and the stored embeddings / head once, or two dense f32
+    /// models (trained, whose copy for sampling shares its tensors, and reference), in bytes.
     pub base: u64,
     /// The SVD factors the targets hold (top-k when packed, full otherwise).
     pub factors: u64,
@@ -154,8 +154,9 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
             .sum()
     };
     // Three dense models (trained, frozen copy for sampling, reference) each hold f32 weights
-    // and an f32 head; the factors are held by the base and by the two adapted models.
-    let dense_total = 3 * (dense_linear_bytes(ck) + 4 * (table + head)) + 3 * factor_bytes(false);
+    // and an f32 head — the frozen copy shares the trained model's tensors, but the
+    // reference builds its own; the factors are held by the base and by the adapted model.
+    let dense_total = 2 * (dense_linear_bytes(ck) + 4 * (table + head)) + 2 * factor_bytes(false);
     let packed = match cfg.base {
         TrainBase::Dense => false,
         TrainBase::Packed => true,
@@ -170,7 +171,7 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
                 + ck.lm_head.as_ref().map_or(0, |h| h.stored_bytes() as u64);
             codes + stored
         }
-        false => 3 * (dense_linear_bytes(ck) + 4 * (table + head)),
+        false => 2 * (dense_linear_bytes(ck) + 4 * (table + head)),
     };
     let pass_prompts = cfg
         .micro_batch
@@ -180,14 +181,20 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
     // Per token and layer: about ten d-wide and five ffn-wide f32 tensors are saved for the
     // backward pass; per token: logits, log-probabilities and their gradients, the
     // reference's log-probabilities and their exponent (six vocab-wide f32 rows).
-    let per_token = 4 * (c.num_hidden_layers as u64 * (10 * d + 5 * ffn) as u64 + 6 * vocab as u64);
+    // With checkpointing, one block's tensors and every block's input (d wide).
+    let layers = c.num_hidden_layers as u64;
+    let per_layer = (10 * d + 5 * ffn) as u64;
+    let per_token = 4 * match cfg.checkpoint_activations {
+        true => layers * d as u64 + per_layer + 6 * vocab as u64,
+        false => layers * per_layer + 6 * vocab as u64,
+    };
     let z: u64 = (targets.iter())
         .map(|&(rows, cols)| cfg.parameterization.z_len(rows, rows.min(cols), cfg.rank) as u64)
         .sum();
     Ok(MemoryPlan {
         packed,
         base,
-        factors: 3 * factor_bytes(packed),
+        factors: 2 * factor_bytes(packed),
         activations: tokens * per_token,
         optimizer: 4 * 4 * z,
         pass_prompts,
@@ -253,6 +260,9 @@ mod tests {
         assert!(packed.base < dense.base && packed.factors < dense.factors);
         assert_eq!(packed.activations, dense.activations);
         assert!(packed.to_string().contains("packed base"), "{packed}");
+        cfg.checkpoint_activations = true;
+        assert!(memory_plan(&ck, &cfg, 10).unwrap().activations < dense.activations);
+        cfg.checkpoint_activations = false;
         // The tiny model always fits: auto keeps today's dense trainer.
         cfg.base = TrainBase::Auto;
         assert!(!memory_plan(&ck, &cfg, 10).unwrap().packed);

@@ -49,6 +49,10 @@ pub struct Args {
     /// Longest training sequence in tokens; longer ones are cut, the answer's tail first.
     #[arg(long)]
     max_seq: Option<usize>,
+    /// Activation checkpointing: keep each block's input only and recompute the block in
+    /// the backward pass (about one more forward's time; SFT).
+    #[arg(long)]
+    checkpoint_activations: bool,
     /// Target matrices: mlp, attn or all.
     #[arg(long, default_value = "mlp")]
     targets: String,
@@ -114,6 +118,7 @@ pub fn run(a: Args) -> Result<()> {
         base: a.base,
         micro_batch: a.micro_batch,
         max_seq: a.max_seq,
+        checkpoint_activations: a.checkpoint_activations,
         ..TrainConfig::for_objective(a.objective)
     };
     cfg.apply(&TrainOverrides {

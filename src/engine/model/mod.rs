@@ -13,6 +13,7 @@ mod linear;
 mod ragged;
 mod rope;
 mod sampling;
+mod stages;
 mod table;
 
 use crate::engine::config::Activation;

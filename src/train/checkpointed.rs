@@ -1,0 +1,104 @@
+//! SFT gradients with activation checkpointing: the forward pass keeps only each block's
+//! input; the backward pass recomputes one block at a time from it, so a pass holds one
+//! block's activations instead of all of them, for one more forward's worth of time.
+//!
+//! Per pass: x₀ = embeddings, x_{l+1} = block_l(x_l) without a graph (each x_l kept); the
+//! head's loss is differentiated with respect to x_L; then for l = L−1 … 0, block_l is run
+//! again from x_l with the graph, and Σ(block_l(x_l) ⊙ ∂L/∂x_{l+1}) is differentiated, which
+//! gives ∂L/∂x_l and the gradients of block l's z. The result equals the whole-graph
+//! gradient to float rounding (the same ops on the same values).
+
+use crate::engine::model::{Model, NamedVar};
+use crate::error::{Error, Result};
+use crate::eval::batch::{batch_from_pairs, flat_log_probs};
+use crate::train::loss::{masked_kl, masked_nll};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var, D};
+
+/// Adds the gradients of `vars` in `g` to `acc`.
+fn accumulate(acc: &mut GradStore, g: &GradStore, vars: &[NamedVar]) -> Result<()> {
+    for (_, var) in vars {
+        if let Some(add) = g.get(var.as_tensor()) {
+            let sum = match acc.get(var.as_tensor()) {
+                Some(prev) => (prev + add)?,
+                None => add.clone(),
+            };
+            acc.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// [`crate::train::loss::sft_gradients`] with activation checkpointing: the same loss, KL
+/// statistic and gradients of `vars`, over passes of at most `per_pass` pairs.
+pub fn sft_gradients_checkpointed(
+    model: &Model,
+    reference: &Model,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    per_pass: usize,
+    vars: &[NamedVar],
+) -> Result<(f64, f64, GradStore)> {
+    let dev = model.device();
+    let batches = (pairs.chunks(per_pass.max(1)))
+        .map(|c| batch_from_pairs(c, dev))
+        .collect::<Result<Vec<_>>>()?;
+    let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
+    let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
+    let mut grads: Option<GradStore> = None;
+    for batch in &batches {
+        let w = match batches.len() {
+            1 => None,
+            _ => Some(batch.supervised as f64 / total as f64),
+        };
+        // Forward, keeping each block's input only.
+        let mut x = model.embeddings(&batch.input)?.detach();
+        let mut inputs = Vec::with_capacity(model.blocks.len());
+        for l in 0..model.blocks.len() {
+            inputs.push(x.clone());
+            x = model.block(l, &x)?.detach();
+        }
+        // The head's loss, differentiated with respect to the last block's output.
+        let last = Var::from_tensor(&x)?;
+        let logits = model.logits(&model.final_norm(last.as_tensor())?)?;
+        let v = logits.dim(D::Minus1)?;
+        let lp = crate::engine::ops::log_softmax(&logits.reshape(((), v))?)?;
+        let mut loss = masked_nll(&lp, batch)?;
+        let ref_lp = flat_log_probs(reference, batch)?.detach();
+        let mut kl = masked_kl(&ref_lp, &lp, batch)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if let Some(w) = w {
+            loss = (loss * w)?;
+            kl *= w;
+        }
+        kl_sum += kl;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut acc = loss.backward()?;
+        drop((logits, lp, ref_lp, loss));
+        let mut dx: Tensor = acc
+            .remove(last.as_tensor())
+            .ok_or_else(|| Error::Check("the loss does not depend on the hidden states".into()))?;
+        // Backward, one recomputed block at a time.
+        for l in (0..model.blocks.len()).rev() {
+            let input = Var::from_tensor(&inputs.pop().expect("one input per block"))?;
+            let y = model.block(l, input.as_tensor())?;
+            let g = (y * &dx)?.sum_all()?.backward()?;
+            accumulate(&mut acc, &g, vars)?;
+            if l > 0 {
+                dx = g
+                    .get(input.as_tensor())
+                    .ok_or_else(|| Error::Check(format!("block {l} does not depend on its input")))?
+                    .clone();
+            }
+        }
+        grads = Some(match grads {
+            None => acc,
+            Some(mut total) => {
+                accumulate(&mut total, &acc, vars)?;
+                total
+            }
+        });
+    }
+    let grads = grads.ok_or_else(|| Error::Input("an SFT step needs items".into()))?;
+    Ok((loss_sum, kl_sum, grads))
+}
