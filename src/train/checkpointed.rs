@@ -11,23 +11,9 @@
 use crate::engine::model::{Model, NamedVar};
 use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, flat_log_probs};
-use crate::train::loss::{masked_kl, masked_nll};
+use crate::train::loss::{accumulate, empty_grads, masked_kl, masked_nll};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};
-
-/// Adds the gradients of `vars` in `g` to `acc`.
-fn accumulate(acc: &mut GradStore, g: &GradStore, vars: &[NamedVar]) -> Result<()> {
-    for (_, var) in vars {
-        if let Some(add) = g.get(var.as_tensor()) {
-            let sum = match acc.get(var.as_tensor()) {
-                Some(prev) => (prev + add)?,
-                None => add.clone(),
-            };
-            acc.insert(var.as_tensor(), sum);
-        }
-    }
-    Ok(())
-}
 
 /// [`crate::train::loss::sft_gradients`] with activation checkpointing: the same loss, KL
 /// statistic and gradients of `vars`, over passes of at most `per_pass` pairs.
@@ -44,7 +30,7 @@ pub fn sft_gradients_checkpointed(
         .collect::<Result<Vec<_>>>()?;
     let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
-    let mut grads: Option<GradStore> = None;
+    let mut grads = empty_grads()?;
     for batch in &batches {
         let w = match batches.len() {
             1 => None,
@@ -73,17 +59,18 @@ pub fn sft_gradients_checkpointed(
         }
         kl_sum += kl;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let mut acc = loss.backward()?;
+        let mut head = loss.backward()?;
         drop((logits, lp, ref_lp, loss));
-        let mut dx: Tensor = acc
+        let mut dx: Tensor = head
             .remove(last.as_tensor())
             .ok_or_else(|| Error::Check("the loss does not depend on the hidden states".into()))?;
+        drop(head);
         // Backward, one recomputed block at a time.
         for l in (0..model.blocks.len()).rev() {
             let input = Var::from_tensor(&inputs.pop().expect("one input per block"))?;
             let y = model.block(l, input.as_tensor())?;
             let g = (y * &dx)?.sum_all()?.backward()?;
-            accumulate(&mut acc, &g, vars)?;
+            accumulate(&mut grads, &g, vars)?;
             if l > 0 {
                 dx = g
                     .get(input.as_tensor())
@@ -91,14 +78,6 @@ pub fn sft_gradients_checkpointed(
                     .clone();
             }
         }
-        grads = Some(match grads {
-            None => acc,
-            Some(mut total) => {
-                accumulate(&mut total, &acc, vars)?;
-                total
-            }
-        });
     }
-    let grads = grads.ok_or_else(|| Error::Input("an SFT step needs items".into()))?;
     Ok((loss_sum, kl_sum, grads))
 }

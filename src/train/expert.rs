@@ -277,6 +277,7 @@ fn train(
     let mut early = false;
     let mut step = first;
     while step < cfg.steps {
+        let step_start = std::time::Instant::now();
         let mut rng =
             StdRng::seed_from_u64(cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let items = data.draw(&mut rng, cfg.batch_prompts)?;
@@ -364,6 +365,7 @@ fn train(
         record[key("loss")] = stats.loss.into();
         record[key("z_mean")] = mean.into();
         record[key("z_std")] = std.into();
+        record[key("step_seconds")] = step_start.elapsed().as_secs_f64().into();
         if step % cfg.eval_every == 0 || step == cfg.steps {
             let acc = validate(&mut frozen_model, &vars)?;
             record[key("val_accuracy")] = acc.into();

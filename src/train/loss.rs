@@ -42,6 +42,29 @@ pub fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tens
     Ok(((kl * mask)?.sum_all()? / batch.supervised.max(1) as f64)?)
 }
 
+/// A gradient store with nothing in it but a scalar of its own (candle has no public
+/// constructor): what [`accumulate`] fills with the variables' gradients alone. The store a
+/// backward pass returns also holds the gradients of intermediate tensors that do not depend
+/// on a variable — on a 2B-4T-sized model, gigabytes that a pass would otherwise keep alive.
+pub(crate) fn empty_grads() -> Result<GradStore> {
+    let v = candle_core::Var::new(0f32, &candle_core::Device::Cpu)?;
+    Ok(v.as_tensor().backward()?)
+}
+
+/// Adds the gradients of `vars` in `g` to `acc`.
+pub(crate) fn accumulate(acc: &mut GradStore, g: &GradStore, vars: &[NamedVar]) -> Result<()> {
+    for (_, var) in vars {
+        if let Some(add) = g.get(var.as_tensor()) {
+            let sum = match acc.get(var.as_tensor()) {
+                Some(prev) => (prev + add)?,
+                None => add.clone(),
+            };
+            acc.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
 /// One SFT step's gradient over `pairs` (prompt, answer) in passes of at most `per_pass`
 /// pairs, accumulated: each pass's masked NLL is weighted by its share of the supervised
 /// tokens, so the sum is the whole batch's loss and gradient (to float rounding) in the
@@ -60,7 +83,7 @@ pub fn sft_gradients(
         .collect::<Result<Vec<_>>>()?;
     let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
-    let mut grads: Option<GradStore> = None;
+    let mut grads = empty_grads()?;
     for batch in &batches {
         let lp = flat_log_probs(model, batch)?;
         let mut loss = masked_nll(&lp, batch)?;
@@ -77,28 +100,8 @@ pub fn sft_gradients(
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g = loss.backward()?;
         drop((lp, ref_lp, loss));
-        // Only the variables' gradients are summed: a backward pass's store also holds the
-        // gradients of intermediate tensors (one pass's worth, kept with the first store), which
-        // summed over passes would grow with every pass.
-        grads = Some(match grads {
-            None => g,
-            Some(mut acc) => {
-                for (_, var) in vars {
-                    let Some(add) = g.get(var.as_tensor()) else {
-                        continue;
-                    };
-                    let sum = match acc.get(var.as_tensor()) {
-                        Some(prev) => (prev + add)?,
-                        None => add.clone(),
-                    };
-                    acc.insert(var.as_tensor(), sum);
-                }
-                acc
-            }
-        });
+        accumulate(&mut grads, &g, vars)?;
     }
-    let grads =
-        grads.ok_or_else(|| crate::error::Error::Input("an SFT step needs items".into()))?;
     Ok((loss_sum, kl_sum, grads))
 }
 
