@@ -74,8 +74,16 @@ pub const VOLATILE_KEYS: [&str; 6] = [
 /// Fields the manifest gained after bitsvf 0.1.0 (absent from the fixtures).
 pub const ADDED_KEYS: [&str; 2] = ["format_version", "val_curve"];
 
+/// Relative tolerance of the manifest's numbers. The same seed gives the same choices on any
+/// machine, but the figures behind them are sums whose rounding depends on the CPU's SIMD
+/// width: the quick run's golden manifest, made on an AVX-512 machine, differs from the same
+/// commit's run on an AVX2-only one by up to 1.2e-5 relative (the packed-vs-dense logit
+/// difference, the discovery cosines at 1e-8), never in an accuracy or a selection.
+const MANIFEST_RELATIVE_TOLERANCE: f64 = 1e-4;
+
 /// Every difference between two manifests outside [`VOLATILE_KEYS`] and [`ADDED_KEYS`]: the
-/// same keys and array lengths, strings and flags equal, numbers equal to 1e-9 relative.
+/// same keys and array lengths, strings and flags equal, numbers equal to
+/// [`MANIFEST_RELATIVE_TOLERANCE`].
 pub fn manifest_differences(
     want: &serde_json::Value,
     got: &serde_json::Value,
@@ -110,7 +118,7 @@ pub fn manifest_differences(
         }
         (Value::Number(w), Value::Number(g)) => {
             let (a, b) = (w.as_f64().unwrap(), g.as_f64().unwrap());
-            if a != b && (a - b).abs() > 1e-9 * a.abs().max(b.abs()) {
+            if a != b && (a - b).abs() > MANIFEST_RELATIVE_TOLERANCE * a.abs().max(b.abs()) {
                 out.push(format!("{path}: {a} in the fixture, {b} now"));
             }
         }
