@@ -10,8 +10,7 @@
 
 use crate::engine::model::{Model, NamedVar};
 use crate::error::{Error, Result};
-use crate::eval::batch::{batch_from_pairs, flat_log_probs};
-use crate::train::loss::{accumulate, empty_grads, masked_kl, masked_nll};
+use crate::train::loss::{accumulate, empty_grads, pass_loss, sft_passes};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};
 
@@ -24,18 +23,9 @@ pub fn sft_gradients_checkpointed(
     per_pass: usize,
     vars: &[NamedVar],
 ) -> Result<(f64, f64, GradStore)> {
-    let dev = model.device();
-    let batches = (pairs.chunks(per_pass.max(1)))
-        .map(|c| batch_from_pairs(c, dev))
-        .collect::<Result<Vec<_>>>()?;
-    let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
     let mut grads = empty_grads()?;
-    for batch in &batches {
-        let w = match batches.len() {
-            1 => None,
-            _ => Some(batch.supervised as f64 / total as f64),
-        };
+    for (batch, w) in sft_passes(model, pairs, per_pass)? {
         // Forward, keeping each block's input only.
         let mut x = model.embeddings(&batch.input)?.detach();
         let mut inputs = Vec::with_capacity(model.blocks.len());
@@ -48,19 +38,11 @@ pub fn sft_gradients_checkpointed(
         let logits = model.logits(&model.final_norm(last.as_tensor())?)?;
         let v = logits.dim(D::Minus1)?;
         let lp = crate::engine::ops::log_softmax(&logits.reshape(((), v))?)?;
-        let mut loss = masked_nll(&lp, batch)?;
-        let ref_lp = flat_log_probs(reference, batch)?.detach();
-        let mut kl = masked_kl(&ref_lp, &lp, batch)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if let Some(w) = w {
-            loss = (loss * w)?;
-            kl *= w;
-        }
+        let (loss, kl) = pass_loss(&lp, reference, &batch, w)?;
         kl_sum += kl;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let mut head = loss.backward()?;
-        drop((logits, lp, ref_lp, loss));
+        drop((logits, lp, loss));
         let mut dx: Tensor = head
             .remove(last.as_tensor())
             .ok_or_else(|| Error::Check("the loss does not depend on the hidden states".into()))?;

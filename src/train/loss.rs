@@ -77,32 +77,57 @@ pub fn sft_gradients(
     per_pass: usize,
     vars: &[NamedVar],
 ) -> Result<(f64, f64, GradStore)> {
-    let dev = model.device();
-    let batches = (pairs.chunks(per_pass.max(1)))
-        .map(|c| batch_from_pairs(c, dev))
-        .collect::<Result<Vec<_>>>()?;
-    let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
     let mut grads = empty_grads()?;
-    for batch in &batches {
-        let lp = flat_log_probs(model, batch)?;
-        let mut loss = masked_nll(&lp, batch)?;
-        let ref_lp = flat_log_probs(reference, batch)?.detach();
-        let mut kl = masked_kl(&ref_lp, &lp, batch)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if batches.len() > 1 {
-            let w = batch.supervised as f64 / total as f64;
-            loss = (loss * w)?;
-            kl *= w;
-        }
+    for (batch, w) in sft_passes(model, pairs, per_pass)? {
+        let lp = flat_log_probs(model, &batch)?;
+        let (loss, kl) = pass_loss(&lp, reference, &batch, w)?;
         kl_sum += kl;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g = loss.backward()?;
-        drop((lp, ref_lp, loss));
+        drop((lp, loss));
         accumulate(&mut grads, &g, vars)?;
     }
     Ok((loss_sum, kl_sum, grads))
+}
+
+/// The passes of one SFT step over `pairs`: batches of at most `per_pass` pairs, each with its
+/// share of the step's supervised tokens (`None` for a single pass, whose loss is not scaled).
+pub(crate) fn sft_passes(
+    model: &Model,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    per_pass: usize,
+) -> Result<Vec<(Batch, Option<f64>)>> {
+    let batches = (pairs.chunks(per_pass.max(1)))
+        .map(|c| batch_from_pairs(c, model.device()))
+        .collect::<Result<Vec<_>>>()?;
+    let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
+    let single = batches.len() == 1;
+    Ok((batches.into_iter())
+        .map(|b| {
+            let w = (!single).then(|| b.supervised as f64 / total as f64);
+            (b, w)
+        })
+        .collect())
+}
+
+/// One pass's masked NLL from the model's log-probs `lp` and the KL(ref ‖ model) statistic
+/// against `reference`, both scaled by the pass's share `w`.
+pub(crate) fn pass_loss(
+    lp: &Tensor,
+    reference: &Model,
+    batch: &Batch,
+    w: Option<f64>,
+) -> Result<(Tensor, f64)> {
+    let loss = masked_nll(lp, batch)?;
+    let ref_lp = flat_log_probs(reference, batch)?.detach();
+    let kl = masked_kl(&ref_lp, lp, batch)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(match w {
+        Some(w) => ((loss * w)?, kl * w),
+        None => (loss, kl),
+    })
 }
 
 /// The REINFORCE loss for one batch of rollouts (see module docs); also returns statistics.
