@@ -205,6 +205,12 @@ impl RunConfig {
     /// `self` with `overrides` (read from `path`) laid over it.
     fn overlay(&self, path: &Path, overrides: &serde_json::Value) -> Result<RunConfig> {
         let mut v = serde_json::to_value(self)?;
+        // Settings that files leave out at their default may still be set.
+        if let Some(train) = v.get_mut("train").and_then(|t| t.as_object_mut()) {
+            for (k, default) in TrainConfig::omitted_defaults() {
+                train.entry(k).or_insert(default);
+            }
+        }
         merge(&mut v, overrides, "").map_err(|e| Error::config(path, "settings", e.to_string()))?;
         serde_path_to_error::deserialize(v)
             .map_err(|e| Error::config(path, e.path().to_string(), e.inner().to_string()))
@@ -426,6 +432,16 @@ mod tests {
         assert_eq!(cfg.train.steps, 300);
         assert_eq!(cfg.train.lr, base.train.lr);
         assert_eq!(cfg.domains, vec![Domain::Count, Domain::Sort]);
+        // The trainer's settings that files leave out at their defaults can be set too.
+        let (_d, p) = settings(
+            r#"{"train": {"micro_batch": 4, "checkpoint_activations": true, "base": "dense",
+                "max_seq": 96}}"#,
+        );
+        let cfg = base.with_file(&p).unwrap();
+        assert_eq!(cfg.train.micro_batch, Some(4));
+        assert!(cfg.train.checkpoint_activations);
+        assert_eq!(cfg.train.base, crate::train::TrainBase::Dense);
+        assert_eq!(cfg.train.max_seq, Some(96));
     }
 
     #[test]

@@ -165,6 +165,20 @@ impl TrainConfig {
         }
     }
 
+    /// The settings that serialization leaves out at their defaults (so that manifests and
+    /// states written before them read and compare unchanged), with those defaults: a
+    /// settings file may set them all the same.
+    pub fn omitted_defaults() -> serde_json::Map<String, serde_json::Value> {
+        let d = TrainConfig::default();
+        let mut m = serde_json::Map::new();
+        m.insert("base".into(), serde_json::json!(d.base));
+        m.insert("micro_batch".into(), serde_json::json!(d.micro_batch));
+        m.insert("max_seq".into(), serde_json::json!(d.max_seq));
+        let ckpt = d.checkpoint_activations;
+        m.insert("checkpoint_activations".into(), serde_json::json!(ckpt));
+        m
+    }
+
     /// [`TrainConfig::check`] as a result naming `source` (where the settings came from).
     pub fn validate(&self, source: &str) -> Result<()> {
         let mut c = Checks::new();
