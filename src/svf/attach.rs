@@ -2,17 +2,49 @@
 //! training, constants otherwise), fresh z variables, and an expert's model on its base.
 
 use crate::engine::checkpoint::{linear_name, Checkpoint, LinearKind};
-use crate::engine::model::{LinearWeight, Model, ModelOptions, NamedVar, WeightMode};
+use crate::engine::model::{
+    AdaptedLinear, LinearWeight, Model, ModelOptions, NamedVar, WeightMode,
+};
 use crate::error::{Error, Result};
 use crate::svf::base::Base;
 use crate::svf::expert::Expert;
 use crate::svf::factors::z_lengths;
 use crate::svf::svd::{Svd, SvdCache};
 use crate::svf::{init_z, Parameterization, ScaleWeight, SvfWeight};
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use rand::{rngs::StdRng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+/// `ck`'s model in weight `mode` with the linear of every name in `z` replaced by
+/// `adapt(name, its weight, its z, device)`.
+fn with_targets(
+    ck: &Checkpoint,
+    options: ModelOptions,
+    mode: WeightMode,
+    z: &BTreeMap<String, Tensor>,
+    mut adapt: impl FnMut(&str, &LinearWeight, &Tensor, &Device) -> Result<LinearWeight>,
+) -> Result<Model> {
+    let mut model = Model::new(ck, ModelOptions { mode, ..options })?;
+    let dev = model.device().clone();
+    for (l, block) in model.blocks.iter_mut().enumerate() {
+        for kind in LinearKind::ALL {
+            let name = linear_name(l, kind);
+            if let Some(zt) = z.get(&name) {
+                let slot = &mut block.linears[kind as usize].weight;
+                *slot = adapt(&name, slot, zt, &dev)?;
+            }
+        }
+    }
+    Ok(model)
+}
+
+/// The SVD factors of target `name`, or an error naming it.
+fn factors_of<'a>(factors: &'a BTreeMap<String, Svd>, name: &str) -> Result<&'a Svd> {
+    factors
+        .get(name)
+        .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))
+}
 
 /// A model whose target linears carry the given z tensors (variables while training,
 /// constants otherwise) under `param`: in SVF form (paper, official), as the base plus a
@@ -24,50 +56,36 @@ pub fn svf_model(
     z: &BTreeMap<String, Tensor>,
     param: Parameterization,
 ) -> Result<Model> {
-    let mut model = Model::new(
+    let dt = options.dtype;
+    with_targets(
         ck,
-        ModelOptions {
-            mode: WeightMode::Dense,
-            ..options
-        },
-    )?;
-    let dev = model.device().clone();
-    for (l, block) in model.blocks.iter_mut().enumerate() {
-        for kind in LinearKind::ALL {
-            let name = linear_name(l, kind);
-            let Some(zt) = z.get(&name) else {
-                continue;
-            };
-            let slot = &mut block.linears[kind as usize].weight;
-            let LinearWeight::Dense(wt) = slot else {
+        options,
+        WeightMode::Dense,
+        z,
+        |name, weight, zt, dev| {
+            let LinearWeight::Dense(wt) = weight else {
                 return Err(Error::Input(format!("`{name}` is not a dense linear")));
             };
-            let svd = || {
-                factors
-                    .get(&name)
-                    .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))
-            };
-            *slot =
+            let (zt, wt) = (zt.clone(), wt.clone());
+            let adapted: Box<dyn AdaptedLinear> =
                 match param {
-                    Parameterization::Paper | Parameterization::Official => {
-                        LinearWeight::Adapted(Box::new(SvfWeight::new(
-                            svd()?,
-                            zt.clone(),
-                            param,
-                            options.dtype,
-                            &dev,
-                        )?))
-                    }
-                    Parameterization::LowRank => LinearWeight::Adapted(Box::new(
-                        SvfWeight::low_rank(svd()?, zt.clone(), wt.clone(), options.dtype, &dev)?,
-                    )),
+                    Parameterization::Paper | Parameterization::Official => Box::new(
+                        SvfWeight::new(factors_of(factors, name)?, zt, param, dt, dev)?,
+                    ),
+                    Parameterization::LowRank => Box::new(SvfWeight::low_rank(
+                        factors_of(factors, name)?,
+                        zt,
+                        wt,
+                        dt,
+                        dev,
+                    )?),
                     Parameterization::AlphaLayer | Parameterization::AlphaChannel => {
-                        LinearWeight::Adapted(Box::new(ScaleWeight::new(wt.clone(), zt.clone())?))
+                        Box::new(ScaleWeight::new(wt, zt)?)
                     }
                 };
-        }
-    }
-    Ok(model)
+            Ok(LinearWeight::Adapted(adapted))
+        },
+    )
 }
 
 /// The low-rank SVF model over the packed base, the form training takes at scale: every
@@ -82,32 +100,20 @@ pub fn packed_svf_model(
     factors: &BTreeMap<String, Svd>,
     z: &BTreeMap<String, Tensor>,
 ) -> Result<Model> {
-    let mut model = Model::new(
+    with_targets(
         ck,
-        ModelOptions {
-            mode: WeightMode::Ternary,
-            ..options
-        },
-    )?;
-    let dev = model.device().clone();
-    for (l, block) in model.blocks.iter_mut().enumerate() {
-        for kind in LinearKind::ALL {
-            let name = linear_name(l, kind);
-            let Some(zt) = z.get(&name) else {
-                continue;
-            };
-            let slot = &mut block.linears[kind as usize].weight;
-            let LinearWeight::Ternary(m) = slot else {
+        options,
+        WeightMode::Ternary,
+        z,
+        |name, weight, zt, dev| {
+            let LinearWeight::Ternary(m) = weight else {
                 return Err(Error::Input(format!("`{name}` is not a packed linear")));
             };
-            let svd = factors
-                .get(&name)
-                .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))?;
-            let delta = SvfWeight::low_rank_delta(svd, zt.clone(), options.dtype, &dev)?;
-            *slot = LinearWeight::Hybrid(m.clone(), Box::new(delta));
-        }
-    }
-    Ok(model)
+            let svd = factors_of(factors, name)?;
+            let delta = SvfWeight::low_rank_delta(svd, zt.clone(), options.dtype, dev)?;
+            Ok(LinearWeight::Hybrid(m.clone(), Box::new(delta)))
+        },
+    )
 }
 
 /// Replace the z of every adapted linear of `model` named in `z` (the factors stay).

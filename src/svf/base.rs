@@ -82,19 +82,9 @@ impl<'a> Base<'a> {
 
     /// The SVD factors of the `targets` matrices, loaded on first use.
     pub fn factors(&self, targets: Targets) -> Result<Arc<Factors>> {
-        let mut all = self.factors.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = (all.iter()).find(|f| f.targets == targets && f.top_k.is_none()) {
-            return Ok(f.clone());
-        }
-        let (svd, stats) = factors_hashed(self.ck, &self.hash, targets, self.cache)?;
-        let f = Arc::new(Factors {
-            targets,
-            top_k: None,
-            svd,
-            stats,
-        });
-        all.push(f.clone());
-        Ok(f)
+        self.held(targets, None, || {
+            factors_hashed(self.ck, &self.hash, targets, self.cache)
+        })
     }
 
     /// The top-`k` singular triplets of the `targets` matrices (a partial SVD, cached per
@@ -105,15 +95,27 @@ impl<'a> Base<'a> {
         k: usize,
         progress: impl FnMut(usize, usize),
     ) -> Result<Arc<Factors>> {
+        self.held(targets, Some(k), || {
+            top_factors_hashed(self.ck, &self.hash, targets, k, self.cache, progress)
+        })
+    }
+
+    /// The factors of `targets` (`top_k`: only that many triplets) held by this base, or
+    /// those `load` gives, then held.
+    fn held(
+        &self,
+        targets: Targets,
+        top_k: Option<usize>,
+        load: impl FnOnce() -> Result<(BTreeMap<String, Svd>, CacheStats)>,
+    ) -> Result<Arc<Factors>> {
         let mut all = self.factors.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = (all.iter()).find(|f| f.targets == targets && f.top_k == Some(k)) {
+        if let Some(f) = (all.iter()).find(|f| f.targets == targets && f.top_k == top_k) {
             return Ok(f.clone());
         }
-        let (svd, stats) =
-            top_factors_hashed(self.ck, &self.hash, targets, k, self.cache, progress)?;
+        let (svd, stats) = load()?;
         let f = Arc::new(Factors {
             targets,
-            top_k: Some(k),
+            top_k,
             svd,
             stats,
         });

@@ -314,16 +314,22 @@ fn validate_matrices(matrices: &[(String, Vec<f32>, usize, usize)]) -> Result<()
                 len: w.len(),
             });
         }
-        if let Some(k) = w.iter().position(|x| !x.is_finite()) {
-            return Err(SvdError::NonFinite {
-                name: name.clone(),
-                row: k / cols,
-                col: k % cols,
-                value: w[k],
-            });
-        }
+        check_finite(name, w, *cols)?;
     }
     Ok(())
+}
+
+/// Error naming `name` and the place of the first NaN or infinity in the row-major `w`.
+pub(super) fn check_finite(name: &str, w: &[f32], cols: usize) -> Result<(), SvdError> {
+    match w.iter().position(|x| !x.is_finite()) {
+        Some(k) => Err(SvdError::NonFinite {
+            name: name.to_string(),
+            row: k / cols.max(1),
+            col: k % cols.max(1),
+            value: w[k],
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The cache file's contents; empty if there is none, or if it is unreadable as a cache

@@ -3,7 +3,8 @@
 //! it goes so that a killed run resumes where it stopped.
 
 use super::cache::{
-    cached_svd, fingerprint, read_cache_file, validate_hash, write_cache_files, CacheFile,
+    cached_svd, check_finite, fingerprint, read_cache_file, validate_hash, write_cache_files,
+    CacheFile,
 };
 use super::{partial_svd, CacheStats, PartialSvdOptions, Svd, SvdCache, SvdError};
 use crate::engine::checkpoint::st::OwnedTensor;
@@ -90,14 +91,7 @@ impl SvdCache {
                     .for_each_with(tx, |tx, (i, (name, rows, cols))| {
                         let w = load(i);
                         let outcome = (|| {
-                            if let Some(bad) = w.iter().position(|x| !x.is_finite()) {
-                                return Err(SvdError::NonFinite {
-                                    name: name.clone(),
-                                    row: bad / cols,
-                                    col: bad % cols,
-                                    value: w[bad],
-                                });
-                            }
+                            check_finite(name, &w, *cols)?;
                             let r = k.min(*rows).min(*cols);
                             match cached_svd(file_ref, name, &w, (*rows, *cols), r) {
                                 Ok(Some((svd, err))) => return Ok((svd, err, None)),
