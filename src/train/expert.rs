@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, sft_pairs};
 use crate::eval::{prompt_ids, score_items};
 use crate::svf::attach::{init_vars, packed_svf_model, set_z, svf_model, var_tensors};
-use crate::svf::base::Base;
+use crate::svf::base::{Base, Factors};
 use crate::svf::expert::{Expert, ExpertMeta};
 use crate::svf::factors::z_lengths;
 use crate::svf::svd::Svd;
@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 /// What a training run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,17 +118,41 @@ pub fn train_expert(
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
     let plan = training_plan(base.ck(), tok, data, cfg)?;
-    let held;
+    train_expert_planned(base, tok, data, cfg, &plan, out, resume, on_step)
+}
+
+/// The factors training `cfg` under `plan` needs (the top k for the packed base, the full
+/// SVD for the dense one, none for the alpha forms), loaded once per base;
+/// `progress(done, total)` as a partial SVD finishes each matrix.
+pub fn factors_for(
+    base: &Base,
+    cfg: &TrainConfig,
+    plan: &MemoryPlan,
+    progress: impl FnMut(usize, usize),
+) -> Result<Option<Arc<Factors>>> {
+    Ok(match (plan.packed, cfg.parameterization.uses_svd()) {
+        (true, _) => Some(base.top_factors(cfg.targets, cfg.rank, progress)?),
+        (false, true) => Some(base.factors(cfg.targets)?),
+        (false, false) => None,
+    })
+}
+
+/// [`train_expert`] on the base `plan` chose (made by [`training_plan`] for these settings,
+/// so that a caller that shows the plan trains on the base it showed).
+#[allow(clippy::too_many_arguments)]
+pub fn train_expert_planned(
+    base: &Base,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    plan: &MemoryPlan,
+    out: &Path,
+    resume: bool,
+    on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
+    let held = factors_for(base, cfg, plan, |_, _| {})?;
     let no_factors = BTreeMap::new();
-    let factors = if plan.packed {
-        held = base.top_factors(cfg.targets, cfg.rank, |_, _| {})?;
-        &held.svd
-    } else if cfg.parameterization.uses_svd() {
-        held = base.factors(cfg.targets)?;
-        &held.svd
-    } else {
-        &no_factors
-    };
+    let factors = held.as_ref().map_or(&no_factors, |f| &f.svd);
     let (ck, hash) = (base.ck(), base.hash());
     train(
         ck,

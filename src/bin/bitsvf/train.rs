@@ -6,10 +6,8 @@ use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::svf::factors::FactorsReport;
 use bitsvf::svf::{Base, Parameterization};
 use bitsvf::tasks::{DataSource, Dataset, Domain};
-use bitsvf::train::expert::training_plan;
-use bitsvf::train::{
-    train_expert, Objective, TrainBase, TrainConfig, TrainOverrides, DEFAULT_RANK,
-};
+use bitsvf::train::expert::{factors_for, train_expert_planned, training_plan};
+use bitsvf::train::{Objective, TrainBase, TrainConfig, TrainOverrides, DEFAULT_RANK};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -138,32 +136,26 @@ pub fn run(a: Args) -> Result<()> {
         println!("{plan}");
     }
     let base = Base::new(&ck, &cache);
-    let svd = match (plan.packed, cfg.parameterization.uses_svd()) {
-        (true, _) => {
-            let bar =
-                indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] {pos}/{len} matrices, eta {eta} {msg}",
-                )?);
-            let f = base.top_factors(cfg.targets, cfg.rank, |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-                bar.set_message(format!("top-{} SVD of the targets", cfg.rank));
-            })?;
-            bar.finish_and_clear();
-            FactorsReport::from(&*f)
-        }
-        (false, true) => FactorsReport::from(&*base.factors(cfg.targets)?),
-        (false, false) => FactorsReport::default(),
-    };
+    let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] {pos}/{len} matrices, eta {eta} {msg}",
+    )?);
+    let factors = factors_for(&base, &cfg, &plan, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("top-{} SVD of the targets", cfg.rank));
+    })?;
+    bar.finish_and_clear();
+    let svd = factors.map_or_else(FactorsReport::default, |f| FactorsReport::from(&*f));
     if !a.json && cfg.parameterization.uses_svd() {
         println!("{svd}");
     }
     let bar = step_bar(cfg.steps)?;
-    let summary = train_expert(
+    let summary = train_expert_planned(
         &base,
         tok.as_ref(),
         &data,
         &cfg,
+        &plan,
         &a.out,
         a.resume,
         |step, s| {
