@@ -2,6 +2,7 @@
 //! Value Fine-tuning. See README.md and DESIGN.md for the pipeline.
 
 pub mod adapt;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod eval;
