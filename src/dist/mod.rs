@@ -143,30 +143,61 @@ pub fn broadcast<T: Serialize + DeserializeOwned>(
     }
 }
 
+/// A number [`all_sum`] adds: f32 (gradients) or f64 (statistics).
+pub trait Summable: Copy + Default + std::ops::Add<Output = Self> {
+    /// Bytes per value.
+    const BYTES: usize;
+    /// Little-endian bytes.
+    fn put(self, out: &mut Vec<u8>);
+    /// From `BYTES` little-endian bytes.
+    fn get(b: &[u8]) -> Self;
+}
+
+impl Summable for f32 {
+    const BYTES: usize = 4;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl Summable for f64 {
+    const BYTES: usize = 8;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[..8]);
+        f64::from_le_bytes(a)
+    }
+}
+
 /// `xs` summed over the ranks of `comm`, on every rank: each rank adds the same vectors in
 /// rank order, so the sums agree bit for bit. Every rank's `xs` must have the same length.
-pub fn all_sum(comm: &dyn Comm, what: &str, xs: &mut [f32]) -> Result<()> {
+pub fn all_sum<T: Summable>(comm: &dyn Comm, what: &str, xs: &mut [T]) -> Result<()> {
     if comm.size() == 1 {
         return Ok(());
     }
-    let mine: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut mine = Vec::with_capacity(xs.len() * T::BYTES);
+    for &x in xs.iter() {
+        x.put(&mut mine);
+    }
     let all = comm.all_gather(what, &mine)?;
     for (r, bytes) in all.iter().enumerate() {
         if bytes.len() != mine.len() {
             return Err(Error::Input(format!(
                 "{what}: rank {r} sent {} values, this rank has {}",
-                bytes.len() / 4,
+                bytes.len() / T::BYTES,
                 xs.len()
             )));
         }
     }
     for (i, x) in xs.iter_mut().enumerate() {
-        let mut s = 0f32;
-        for bytes in &all {
-            let b = &bytes[4 * i..4 * i + 4];
-            s += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        *x = s;
+        let at = i * T::BYTES;
+        *x = (all.iter()).fold(T::default(), |s, b| s + T::get(&b[at..at + T::BYTES]));
     }
     Ok(())
 }

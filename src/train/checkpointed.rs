@@ -10,22 +10,23 @@
 
 use crate::engine::model::{Model, NamedVar};
 use crate::error::{Error, Result};
-use crate::train::loss::{accumulate, empty_grads, pass_loss, sft_passes};
+use crate::train::loss::{accumulate, empty_grads, pass_loss, sft_passes, Share};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};
 
 /// [`crate::train::loss::sft_gradients`] with activation checkpointing: the same loss, KL
-/// statistic and gradients of `vars`, over passes of at most `per_pass` pairs.
+/// statistic and gradients of `vars`, over this `share`'s passes of at most `per_pass` pairs.
 pub fn sft_gradients_checkpointed(
     model: &Model,
     reference: &Model,
     pairs: &[(Vec<u32>, Vec<u32>)],
     per_pass: usize,
+    share: Share,
     vars: &[NamedVar],
 ) -> Result<(f64, f64, GradStore)> {
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
     let mut grads = empty_grads()?;
-    for (batch, w) in sft_passes(model, pairs, per_pass)? {
+    for (batch, w) in sft_passes(model, pairs, per_pass, share)? {
         // Forward, keeping each block's input only.
         let mut x = model.embeddings(&batch.input)?.detach();
         let mut inputs = Vec::with_capacity(model.blocks.len());

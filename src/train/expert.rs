@@ -7,6 +7,7 @@
 //! accuracy (greedy) every `eval_every` steps keeps the best z; training stops early after
 //! `patience` evaluations without improvement.
 
+use crate::dist::{all_sum, is_root, Comm, Solo};
 use crate::engine::checkpoint::st::OwnedTensor;
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar, WeightMode};
@@ -26,6 +27,7 @@ use crate::train::config::{Objective, TrainConfig};
 use crate::train::loss::{advantages, reinforce_loss, sft_gradients};
 use crate::train::optim::{Adam, AdamConfig, ResumeState};
 use crate::train::plan::{cap_pairs, memory_plan, MemoryPlan};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -117,8 +119,34 @@ pub fn train_expert(
     resume: bool,
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
+    train_expert_on(&Solo, base, tok, data, cfg, out, resume, on_step)
+}
+
+/// [`train_expert`] by the ranks of `group`, data-parallel: every rank draws the same prompts,
+/// computes its share of each step's SFT passes (the batch split into `ranks` passes, or the
+/// micro-batches dealt round the ranks) and the shares' gradients are summed before the
+/// optimizer step, so every rank holds the same z, bit for bit — the same training as one
+/// process with the whole batch, to float rounding. Rank 0 of the group writes `out`, its
+/// state and its metrics; the others write nothing. (REINFORCE steps, and validation, run
+/// whole on every rank.)
+#[allow(clippy::too_many_arguments)]
+pub fn train_expert_on(
+    group: &dyn Comm,
+    base: &Base,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
     let plan = training_plan(base.ck(), tok, data, cfg)?;
-    train_expert_planned(base, tok, data, cfg, &plan, out, resume, on_step)
+    let held = factors_for(base, cfg, &plan, |_, _| {})?;
+    let no_factors = BTreeMap::new();
+    let factors = held.as_ref().map_or(&no_factors, |f| &f.svd);
+    let (ck, hash) = (base.ck(), base.hash());
+    let trained = (ck, hash, factors, plan.packed);
+    Ok(train(group, trained, tok, data, cfg, out, resume, on_step)?.0)
 }
 
 /// The factors training `cfg` under `plan` needs (the top k for the packed base, the full
@@ -154,19 +182,13 @@ pub fn train_expert_planned(
     let no_factors = BTreeMap::new();
     let factors = held.as_ref().map_or(&no_factors, |f| &f.svd);
     let (ck, hash) = (base.ck(), base.hash());
-    train(
-        ck,
-        hash,
-        factors,
-        plan.packed,
-        tok,
-        data,
-        cfg,
-        out,
-        resume,
-        on_step,
-    )
+    let trained = (ck, hash, factors, plan.packed);
+    Ok(train(&Solo, trained, tok, data, cfg, out, resume, on_step)?.0)
 }
+
+/// What [`train`] trains: the base checkpoint, its content hash, the factors and whether
+/// the base stays packed.
+type Trained<'a> = (&'a Checkpoint, &'a str, &'a BTreeMap<String, Svd>, bool);
 
 /// The [`MemoryPlan`] of training `cfg` on `ck` over `data`, for sequences as long as the
 /// longest validation item (capped at `max_seq`): which base the trainer runs on and what
@@ -189,25 +211,25 @@ pub fn training_plan(
     memory_plan(ck, cfg, seq)
 }
 
-/// [`train_expert`] of `ck`, whose content hash is `hash`, with these factors.
+/// [`train_expert_on`] of `ck`, whose content hash is `hash`, with these factors; also
+/// returns the last step's z (every rank's own).
 #[allow(clippy::too_many_arguments)]
 fn train(
-    ck: &Checkpoint,
-    hash: &str,
-    factors: &BTreeMap<String, Svd>,
-    packed: bool,
+    group: &dyn Comm,
+    (ck, hash, factors, packed): Trained,
     tok: &dyn Tokenizer,
     data: &DataSource,
     cfg: &TrainConfig,
     out: &Path,
     resume: bool,
     mut on_step: impl FnMut(usize, &StepStats) -> bool,
-) -> Result<TrainSummary> {
+) -> Result<(TrainSummary, BTreeMap<String, Vec<f32>>)> {
     cfg.validate("training settings")?;
     let start = std::time::Instant::now();
     let name = data.name();
     crate::eval::check_fits(ck.config.max_position_embeddings, tok, data)?;
-    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let writes = is_root(group);
+    if let Some(dir) = (out.parent()).filter(|p| writes && !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let options = ModelOptions {
@@ -291,12 +313,15 @@ fn train(
         }
     }
     let mp = out.with_extension("metrics.jsonl");
-    trim_metrics(&mp, first)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&mp)
-        .map_err(|e| Error::io(&mp, e))?;
+    let mut metrics = match writes {
+        true => {
+            trim_metrics(&mp, first)?;
+            let mut f = std::fs::OpenOptions::new();
+            f.create(true).append(true);
+            Some(f.open(&mp).map_err(|e| Error::io(&mp, e))?)
+        }
+        false => None,
+    };
     let key = |k: &str| format!("stage2/expert_{name}/{k}");
     let mut grok: Option<Vec<Tensor>> = None;
     let mut early = false;
@@ -312,13 +337,19 @@ fn train(
             Objective::Sft => {
                 let mut pairs = sft_pairs(tok, &items)?;
                 cap_pairs(&mut pairs, cfg.max_seq);
-                let per_pass = cfg.micro_batch.unwrap_or(pairs.len());
+                let ranks = group.size();
+                let per_pass = (cfg.micro_batch).unwrap_or(pairs.len().div_ceil(ranks));
                 let step = match cfg.checkpoint_activations {
                     true => sft_gradients_checkpointed,
                     false => sft_gradients,
                 };
-                let (loss, kl, grads) = step(&model, &reference, &pairs, per_pass, &vars)?;
-                (stats.loss, stats.kl) = (loss, kl);
+                let share = (group.rank(), ranks);
+                let (loss, kl, mut grads) =
+                    step(&model, &reference, &pairs, per_pass, share, &vars)?;
+                let mut sums = [loss, kl];
+                all_sum(group, "the step's loss", &mut sums)?;
+                [stats.loss, stats.kl] = sums;
+                sum_gradients(group, &mut grads, &vars)?;
                 grads
             }
             Objective::Reinforce => {
@@ -401,25 +432,33 @@ fn train(
             } else {
                 since_best += 1;
             }
-            save_state(
-                &opt, cfg, step, &best, since_best, &val_curve, &data_id, out,
-            )?;
+            if writes {
+                save_state(
+                    &opt, cfg, step, &best, since_best, &val_curve, &data_id, out,
+                )?;
+            }
             if since_best >= cfg.patience {
                 early = true;
             }
         }
-        writeln!(metrics, "{record}").map_err(|e| Error::io(&mp, e))?;
+        if let Some(m) = metrics.as_mut() {
+            writeln!(m, "{record}").map_err(|e| Error::io(&mp, e))?;
+        }
         if !on_step(step, &stats) {
-            return Ok(TrainSummary {
-                expert: name,
-                steps: step,
-                base_val_accuracy: base_val,
-                best_val_accuracy: best.0,
-                best_step: best.1,
-                early_stopped: false,
-                seconds: start.elapsed().as_secs_f64(),
-                val_curve,
-            });
+            let last = z_values(&vars)?;
+            return Ok((
+                TrainSummary {
+                    expert: name,
+                    steps: step,
+                    base_val_accuracy: base_val,
+                    best_val_accuracy: best.0,
+                    best_step: best.1,
+                    early_stopped: false,
+                    seconds: start.elapsed().as_secs_f64(),
+                    val_curve,
+                },
+                last,
+            ));
         }
         if early {
             break;
@@ -437,17 +476,48 @@ fn train(
         },
         z: best.2.clone(),
     };
-    expert.save(out)?;
-    Ok(TrainSummary {
-        expert: name,
-        steps: step,
-        base_val_accuracy: base_val,
-        best_val_accuracy: best.0,
-        best_step: best.1,
-        early_stopped: early,
-        seconds: start.elapsed().as_secs_f64(),
-        val_curve,
-    })
+    if writes {
+        expert.save(out)?;
+    }
+    let last = z_values(&vars)?;
+    Ok((
+        TrainSummary {
+            expert: name,
+            steps: step,
+            base_val_accuracy: base_val,
+            best_val_accuracy: best.0,
+            best_step: best.1,
+            early_stopped: early,
+            seconds: start.elapsed().as_secs_f64(),
+            val_curve,
+        },
+        last,
+    ))
+}
+
+/// The gradients of `vars` in `grads` summed over the ranks of `group` (a variable without a
+/// gradient on a rank counts as zeros there).
+fn sum_gradients(group: &dyn Comm, grads: &mut GradStore, vars: &[NamedVar]) -> Result<()> {
+    if group.size() == 1 {
+        return Ok(());
+    }
+    let mut flat = Vec::new();
+    for (_, var) in vars {
+        match grads.get(var.as_tensor()) {
+            Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0f32, var.as_tensor().elem_count())),
+        }
+    }
+    all_sum(group, "the step's gradients", &mut flat)?;
+    let mut at = 0;
+    for (_, var) in vars {
+        let t = var.as_tensor();
+        let n = t.elem_count();
+        let g = Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?;
+        grads.insert(t, g.to_dtype(t.dtype())?);
+        at += n;
+    }
+    Ok(())
 }
 
 /// `name` and a short hash of the base and of the validation items: what a resumed run must

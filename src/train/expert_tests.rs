@@ -147,10 +147,8 @@ fn trained_z(cfg: &TrainConfig, packed: bool) -> Vec<(String, Vec<f32>)> {
     let data = DataSource::Domain(Domain::Copy);
     let tok = crate::engine::tokenizer::ByteTokenizer;
     let run = train(
-        &ck,
-        "h",
-        &f,
-        packed,
+        &Solo,
+        (&ck, "h", &f, packed),
         &tok,
         &data,
         cfg,
@@ -316,4 +314,55 @@ fn resume_continues_exactly() {
     let other = Checkpoint::random(ck.config.clone(), 99);
     let msg = e.check_base(&other, &a).unwrap_err().to_string();
     assert!(msg.contains("trained on base model"), "{msg}");
+}
+
+/// Data-parallel SFT: two ranks with half of each step's batch train the z one process does
+/// with all of it (to float rounding), both ranks hold the same z bit for bit, and only rank 0
+/// writes the expert, its state and its metrics.
+#[test]
+fn two_ranks_with_half_the_batch_each_train_what_one_rank_does_with_all_of_it() {
+    let ck = tiny();
+    let tok = crate::engine::tokenizer::ByteTokenizer;
+    let data = DataSource::Domain(Domain::Copy);
+    let tmp = tempfile::tempdir().unwrap();
+    for micro_batch in [None, Some(1)] {
+        let cfg = TrainConfig {
+            steps: 4,
+            batch_prompts: 4,
+            eval_every: 2,
+            val_n: 4,
+            micro_batch,
+            ..Default::default()
+        };
+        let f = crate::svf::factors::decompose(&ck, cfg.targets);
+        let base = (&ck, "h", &f, false);
+        let one = tmp.path().join("one.safetensors");
+        let alone = train(&Solo, base, &tok, &data, &cfg, &one, false, |_, _| true);
+        let alone = alone.unwrap();
+        let outs = [0, 1].map(|r| tmp.path().join(format!("rank{r}.safetensors")));
+        let comms = crate::dist::local::ranks(2);
+        let by_rank: Vec<_> = std::thread::scope(|s| {
+            let runs: Vec<_> = (comms.into_iter())
+                .map(|c| {
+                    let (out, cfg, tok, data) = (&outs[c.rank()], &cfg, &tok, &data);
+                    s.spawn(move || train(&c, base, tok, data, cfg, out, false, |_, _| true))
+                })
+                .collect();
+            runs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        });
+        assert_eq!(by_rank[0].1, by_rank[1].1, "the ranks' z differ");
+        let moved = (alone.1.values()).any(|z| z.iter().any(|&x| (x - 1.0).abs() > 1e-3));
+        assert!(moved, "training moved z");
+        let diff = (alone.1.iter())
+            .flat_map(|(n, z)| z.iter().zip(&by_rank[0].1[n]).map(|(a, b)| (a - b).abs()))
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{micro_batch:?}: 2 ranks vs 1: {diff}");
+        assert!((alone.0.best_val_accuracy - by_rank[0].0.best_val_accuracy).abs() < 1e-12);
+        assert!(outs[0].exists() && outs[0].with_extension("metrics.jsonl").exists());
+        let rank1 = std::fs::read_dir(tmp.path()).unwrap();
+        let written: Vec<_> = (rank1.map(|e| e.unwrap().file_name().into_string().unwrap()))
+            .filter(|n| n.starts_with("rank1"))
+            .collect();
+        assert!(written.is_empty(), "rank 1 wrote {written:?}");
+    }
 }

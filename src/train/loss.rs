@@ -65,21 +65,28 @@ pub(crate) fn accumulate(acc: &mut GradStore, g: &GradStore, vars: &[NamedVar]) 
     Ok(())
 }
 
+/// Which passes of an SFT step a rank of a data-parallel group computes: `(rank, ranks)` —
+/// passes `rank`, `rank + ranks`, … . `(0, 1)` is the whole step.
+pub type Share = (usize, usize);
+
 /// One SFT step's gradient over `pairs` (prompt, answer) in passes of at most `per_pass`
 /// pairs, accumulated: each pass's masked NLL is weighted by its share of the supervised
 /// tokens, so the sum is the whole batch's loss and gradient (to float rounding) in the
 /// memory of one pass. Returns the loss, the mean KL(ref ‖ model) over the supervised
 /// positions (a statistic; `reference` is not differentiated) and the gradients of `vars`.
+/// With a `share` of a data-parallel group, only this rank's passes: the group's sum is the
+/// step's.
 pub fn sft_gradients(
     model: &Model,
     reference: &Model,
     pairs: &[(Vec<u32>, Vec<u32>)],
     per_pass: usize,
+    share: Share,
     vars: &[NamedVar],
 ) -> Result<(f64, f64, GradStore)> {
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
     let mut grads = empty_grads()?;
-    for (batch, w) in sft_passes(model, pairs, per_pass)? {
+    for (batch, w) in sft_passes(model, pairs, per_pass, share)? {
         let lp = flat_log_probs(model, &batch)?;
         let (loss, kl) = pass_loss(&lp, reference, &batch, w)?;
         kl_sum += kl;
@@ -91,24 +98,32 @@ pub fn sft_gradients(
     Ok((loss_sum, kl_sum, grads))
 }
 
-/// The passes of one SFT step over `pairs`: batches of at most `per_pass` pairs, each with its
-/// share of the step's supervised tokens (`None` for a single pass, whose loss is not scaled).
+/// The passes of one SFT step over `pairs` that `share` computes: batches of at most
+/// `per_pass` pairs, each with its share of the whole step's supervised tokens (`None` for a
+/// step of a single pass, whose loss is not scaled).
 pub(crate) fn sft_passes(
     model: &Model,
     pairs: &[(Vec<u32>, Vec<u32>)],
     per_pass: usize,
+    (rank, ranks): Share,
 ) -> Result<Vec<(Batch, Option<f64>)>> {
-    let batches = (pairs.chunks(per_pass.max(1)))
-        .map(|c| batch_from_pairs(c, model.device()))
-        .collect::<Result<Vec<_>>>()?;
-    let total = batches.iter().map(|b| b.supervised).sum::<usize>().max(1);
-    let single = batches.len() == 1;
-    Ok((batches.into_iter())
-        .map(|b| {
+    let chunks: Vec<_> = pairs.chunks(per_pass.max(1)).collect();
+    // The positions `batch_from_pairs` supervises: the answer's, predicted from the last prompt
+    // token on.
+    let supervised = |c: &[(Vec<u32>, Vec<u32>)]| -> usize {
+        (c.iter())
+            .map(|(p, a)| (p.len() + a.len()).saturating_sub(1) - p.len().max(1) + 1)
+            .sum()
+    };
+    let total = chunks.iter().map(|c| supervised(c)).sum::<usize>().max(1);
+    let single = chunks.len() == 1;
+    (chunks.iter().skip(rank).step_by(ranks.max(1)))
+        .map(|c| {
+            let b = batch_from_pairs(c, model.device())?;
             let w = (!single).then(|| b.supervised as f64 / total as f64);
-            (b, w)
+            Ok((b, w))
         })
-        .collect())
+        .collect()
 }
 
 /// One pass's masked NLL from the model's log-probs `lp` and the KL(ref ‖ model) statistic
