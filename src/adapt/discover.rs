@@ -258,20 +258,22 @@ pub fn discover(
     n: usize,
     grad_items: usize,
     rule: GroupRule,
+    comm: &dyn crate::dist::Comm,
     mut progress: impl FnMut(usize, &str),
 ) -> Result<Discovery> {
     let t0 = std::time::Instant::now();
-    let (mut names, mut accuracy, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, source) in sources.iter().enumerate() {
-        let name = source.name();
-        progress(i, &name);
+    let names: Vec<String> = sources.iter().map(DataSource::name).collect();
+    // Each source measured on its own (by the rank it falls to, under MPI).
+    let measured = crate::dist::map(comm, "discovery", sources.len(), |i| {
+        let source = &sources[i];
+        progress(i, &names[i]);
         let items = source.validation(n, 0)?;
         let refs: Vec<&crate::tasks::Item> = items.iter().collect();
         let score = crate::eval::score_items(base, tok, &refs, |e, c| source.verify(e, c), |_| {})?;
-        accuracy.push(score.accuracy);
-        dirs.push(gradient_direction(ck, factors, tok, source, grad_items, 0)?);
-        names.push(name);
-    }
+        let dir = gradient_direction(ck, factors, tok, source, grad_items, 0)?;
+        Ok((score.accuracy, dir))
+    })?;
+    let (accuracy, dirs): (Vec<f64>, Vec<Vec<f32>>) = measured.into_iter().unzip();
     let cosine = cosine_matrix(&dirs);
     let grouping = group(&names, &accuracy, &cosine, rule);
     Ok(Discovery {
@@ -302,8 +304,9 @@ pub fn discover_domains(
     let sources: Vec<DataSource> = (crate::tasks::Domain::ALL.iter())
         .map(|&d| DataSource::Domain(d))
         .collect();
+    let solo = crate::dist::Solo;
     discover(
-        ck, &base, &factors, tok, &sources, n, grad_items, rule, progress,
+        ck, &base, &factors, tok, &sources, n, grad_items, rule, &solo, progress,
     )
 }
 

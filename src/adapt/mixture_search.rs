@@ -28,6 +28,7 @@
 //! ([`crate::adapt::selection`]).
 
 use crate::adapt::selection::{candidates, Selection};
+use crate::dist::{broadcast, is_root, map, Comm, Solo};
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Checks, Error, Result};
@@ -384,6 +385,8 @@ pub struct Problem<'a> {
     /// Measured milliseconds per modelled millisecond: one timed decode of the base, for
     /// reporting.
     calibration: Option<f64>,
+    /// The ranks a generation's genomes are measured on.
+    comm: &'a dyn Comm,
 }
 
 impl<'a> Problem<'a> {
@@ -429,7 +432,14 @@ impl<'a> Problem<'a> {
             base_lp,
             latency: (cfg.latency_tokens, cfg.latency_runs),
             calibration: None,
+            comm: &Solo,
         })
+    }
+
+    /// The problem with each generation's genomes measured on the ranks of `comm`, shared out
+    /// (every rank must run the same search); the base's timed decode is rank 0's.
+    pub fn spread_over(self, comm: &'a dyn Comm) -> Self {
+        Problem { comm, ..self }
     }
 
     /// Measured milliseconds per modelled millisecond on this machine (the base decoded once,
@@ -509,6 +519,10 @@ pub fn search(
                 .unwrap_or((0.0, cfg.alpha_max))
         })
         .collect();
+    // One latency calibration for every rank: rank 0's timing.
+    let comm = problem.comm;
+    let timed = is_root(comm).then(|| problem.calibration()).transpose()?;
+    problem.calibration = Some(broadcast(comm, "the latency calibration", timed)?);
     let base = problem.measure(&vec![0.0; k], 0)?;
     on_point(&base);
     bounds.push((0.0, RANKS.len() as f64 - 1e-9));
@@ -546,16 +560,18 @@ pub fn search(
         &bounds,
         &config,
         |genomes| -> Result<Vec<Vec<f64>>> {
-            genomes
-                .iter()
-                .map(|g| {
-                    let p = problem.measure(&g[..k], rank_of(g[k]))?;
+            let points = map(comm, "the search's genomes", genomes.len(), |i| {
+                let g = &genomes[i];
+                problem.measure(&g[..k], rank_of(g[k]))
+            })?;
+            Ok((points.into_iter())
+                .map(|p| {
                     on_point(&p);
                     let o = p.objectives();
                     evaluated.push(p);
-                    Ok(o)
+                    o
                 })
-                .collect()
+                .collect())
         },
         |record, _| progress(record),
     )

@@ -54,6 +54,28 @@ impl Comm for Solo {
     }
 }
 
+/// The environment variables by which `mpirun`/`mpiexec` (OpenMPI, MPICH) and `srun` tell a
+/// process it is one rank of a job.
+pub const LAUNCHER_VARS: [&str; 5] = [
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "PMI_RANK",
+    "SLURM_STEP_NUM_TASKS",
+];
+
+/// Was this process started as a rank of an MPI job?
+pub fn launched_by_mpi() -> bool {
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// How many ranks the launcher started, where it says (`mpirun`'s and `srun`'s variables).
+pub fn launched_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
 /// Is this rank 0 of `comm` (the one that writes files and shows progress)?
 pub fn is_root(comm: &dyn Comm) -> bool {
     comm.rank() == 0

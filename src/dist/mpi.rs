@@ -24,16 +24,6 @@ pub const DEFAULT_TIMEOUT_S: u64 = 3600;
 /// The collective in progress and when it began, for the watchdog.
 static WAITING: Mutex<Option<(Instant, String)>> = Mutex::new(None);
 
-/// The environment variables by which `mpirun`/`mpiexec` (OpenMPI, MPICH) and `srun` tell a
-/// process it is one rank of a job.
-const LAUNCHER_VARS: [&str; 5] = [
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_SIZE",
-    "PMIX_RANK",
-    "PMI_RANK",
-    "MPI_LOCALNRANKS",
-];
-
 /// One rank of an MPI job.
 pub struct MpiComm {
     comm: SimpleCommunicator,
@@ -44,7 +34,7 @@ pub struct MpiComm {
 /// Join the MPI job this process was launched in (`None` when no launcher started it: then
 /// the process runs alone, without touching MPI).
 pub fn init() -> Result<Option<MpiComm>> {
-    if !LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+    if !super::launched_by_mpi() {
         return Ok(None);
     }
     let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
@@ -112,6 +102,15 @@ impl Drop for Waiting {
     }
 }
 
+impl MpiComm {
+    /// End every rank of the job (`MPI_Abort`), after saying why on stderr: what a rank that
+    /// failed does, since the others may be waiting for it in a collective.
+    pub fn abort(&self, why: &str) -> ! {
+        eprintln!("error: rank {}: {why}", self.comm.rank());
+        self.comm.abort(1)
+    }
+}
+
 impl Comm for MpiComm {
     fn rank(&self) -> usize {
         self.comm.rank() as usize
@@ -123,7 +122,12 @@ impl Comm for MpiComm {
 
     fn all_gather(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let size = self.size();
-        let len = Count::try_from(mine.len()).map_err(|_| {
+        // Every part carries one leading byte: the buffer of an empty Rust slice sits at
+        // address 1, which OpenMPI reads as MPI_IN_PLACE.
+        let mut sent = Vec::with_capacity(mine.len() + 1);
+        sent.push(0u8);
+        sent.extend_from_slice(mine);
+        let len = Count::try_from(sent.len()).map_err(|_| {
             Error::Input(format!("{what}: {} bytes is too many for MPI", mine.len()))
         })?;
         let _w = Waiting::start(what);
@@ -142,10 +146,10 @@ impl Comm for MpiComm {
         let mut buf = vec![0u8; total];
         {
             let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            self.comm.all_gather_varcount_into(mine, &mut part);
+            self.comm.all_gather_varcount_into(&sent[..], &mut part);
         }
         Ok((counts.iter().zip(&displs))
-            .map(|(&c, &d)| buf[d as usize..(d + c) as usize].to_vec())
+            .map(|(&c, &d)| buf[d as usize + 1..(d + c) as usize].to_vec())
             .collect())
     }
 

@@ -19,6 +19,6 @@ pub use handoff::{
     Manifest, Metrics, MixtureEntry, Reproduced, SearchSummary, SvdStats, FORMAT_VERSION,
     MANIFEST_FORMAT,
 };
-pub use run::run;
+pub use run::{run, run_on, Ranks, RunInputs};
 pub use stages::{Event, StageRecord};
 pub use table::{columns, TestTable};

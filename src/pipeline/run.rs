@@ -8,15 +8,18 @@ use crate::adapt::dispatch::{
 };
 use crate::adapt::mixture_search::{search, Problem, SearchConfig, SearchReport};
 use crate::adapt::selection::select;
+use crate::dist::{barrier, broadcast, groups, is_root, map, Comm, Solo};
 use crate::engine::checkpoint::{save_native, Checkpoint};
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::eval::bench::{peak_rss_mb, reset_peak_rss};
 use crate::eval::recovery;
 use crate::eval::recovery::RecoveryReport;
 use crate::io::{read_json, write_json};
 use crate::pipeline::config::{sources_of, RunConfig};
 use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest, SvdStats};
+use crate::pipeline::stages::StageRecord;
 use crate::pipeline::stages::{Event, Run};
 use crate::pipeline::table::{evaluate_all, TestTable};
 use crate::search::CemConfig;
@@ -26,7 +29,8 @@ use crate::svf::expert::Expert;
 use crate::svf::svd::{Svd, SvdCache};
 use crate::tasks::remote::{generate_items, GeneratorConfig};
 use crate::tasks::{DataSource, Dataset, Domain, Item, Verifier};
-use crate::train::{train_expert, TrainConfig, TrainSummary};
+use crate::train::expert::train_expert_on;
+use crate::train::{TrainConfig, TrainSummary};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -40,10 +44,33 @@ struct Job<'a> {
     sources: Vec<DataSource>,
     /// `<out>.partial`.
     work: PathBuf,
+    /// The ranks sharing the run.
+    ranks: &'a Ranks<'a>,
 }
 
 /// A trained expert: its manifest entry and its z vectors.
 pub(crate) type Trained = (ExpertEntry, Expert);
+
+/// The ranks a run is shared over: one process ([`Ranks::alone`]) or the ranks of an MPI job.
+/// Rank 0 owns the handoff directory, the stage files and the progress; experts are dealt to
+/// groups of `per_expert` ranks (each expert's steps data-parallel within its group), and the
+/// measurements of stages 3, 5, 6 and 7 are scattered over all ranks and gathered.
+pub struct Ranks<'a> {
+    /// The job's ranks.
+    pub comm: &'a dyn Comm,
+    /// Ranks training each expert together.
+    pub per_expert: usize,
+}
+
+impl Ranks<'static> {
+    /// One process.
+    pub fn alone() -> Self {
+        Ranks {
+            comm: &Solo,
+            per_expert: 1,
+        }
+    }
+}
 
 /// Run the whole job on `ck`; returns the handoff directory's manifest. `generator`, when
 /// given, supplies the experts' training items (verified, cached on disk); `model_files` are
@@ -61,6 +88,40 @@ pub fn run(
     model_files: &[PathBuf],
     events: &mut dyn FnMut(Event),
 ) -> Result<Manifest> {
+    let inputs = (ck, model_name, tok, cfg, out, cache);
+    run_on(
+        &Ranks::alone(),
+        inputs,
+        generator,
+        datasets,
+        model_files,
+        events,
+    )
+}
+
+/// What a run is made of: the base checkpoint, its name, the tokenizer, the settings, the
+/// handoff directory and the SVD cache.
+pub type RunInputs<'a> = (
+    &'a Checkpoint,
+    &'a str,
+    &'a dyn Tokenizer,
+    &'a RunConfig,
+    &'a Path,
+    &'a SvdCache,
+);
+
+/// [`run`] shared over `ranks`: every rank calls it with the same arguments (the same
+/// settings, the same files on a filesystem they share); each returns the manifest. `events`
+/// matter on rank 0 only.
+pub fn run_on(
+    ranks: &Ranks,
+    (ck, model_name, tok, cfg, out, cache): RunInputs,
+    generator: Option<&GeneratorConfig>,
+    datasets: &[Dataset],
+    model_files: &[PathBuf],
+    events: &mut dyn FnMut(Event),
+) -> Result<Manifest> {
+    let comm = ranks.comm;
     cfg.validate("settings")?;
     check_datasets(cfg, datasets)?;
     let sources = sources_of(&cfg.domains, datasets);
@@ -70,29 +131,40 @@ pub fn run(
     }
     // One base for every stage: hashed once, SVD factors and the packed model built once.
     let base = Base::new(ck, cache);
-    if let Some(done) = completed(base.hash(), cfg, out)? {
+    let root = is_root(comm);
+    let here = root.then(|| completed(base.hash(), cfg, out)).transpose()?;
+    if let Some(done) = broadcast(comm, "the finished handoff", here)? {
         events(Event::Stage("8-handoff", true));
         return Ok(done);
     }
-    let (work, lock) = open_work_dir(base.hash(), cfg, out)?;
+    let (work, lock) = match root {
+        true => {
+            let (work, lock) = open_work_dir(base.hash(), cfg, out)?;
+            (work, Some(lock))
+        }
+        false => (work_dir(out), None),
+    };
+    barrier(comm, "opening the work directory")?;
     let job = Job {
         base: &base,
         tok,
         cfg,
         sources,
         work: work.clone(),
+        ranks,
     };
     let mut run = Run {
         work: work.clone(),
         records: Vec::new(),
         events,
+        comm,
     };
     let recovery = load_verify(&job, &mut run, datasets, model_files)?;
     let svd = svd_stats(&job, &mut run)?;
     let f = base.factors(cfg.train.targets)?;
     let found = discover_experts(&job, &mut run, base.packed()?, &f.svd)?;
-    let experts = train_experts(&job, &mut run, &found, generator)?;
-    let (classifier, classifier_expert) = train_classifier(&job, &mut run, &found, &experts)?;
+    let (experts, (classifier, classifier_expert)) =
+        train_experts(&job, &mut run, &found, generator)?;
     let thresholds = calibrate_dispatch(&job, &mut run, &found, &experts, &classifier_expert)?;
     let pool: Vec<Expert> = (experts.iter())
         .filter(|(e, _)| e.in_mixture)
@@ -111,12 +183,18 @@ pub fn run(
             (&classifier_expert, thresholds),
             searched.as_ref(),
             &cem,
+            comm,
             ev,
         )
     })?;
 
     // 8. Hand off.
     (run.events)(Event::Stage("8-handoff", false));
+    let Some(lock) = lock else {
+        let manifest = broadcast(comm, "the manifest", None)?;
+        barrier(comm, "the handoff's rename")?;
+        return Ok(manifest);
+    };
     let manifest = handoff(
         &base,
         model_name,
@@ -135,6 +213,7 @@ pub fn run(
             table: &table,
         },
     )?;
+    let manifest = broadcast(comm, "the manifest", Some(manifest))?;
     // The lock file goes before the rename (a second run that opened it finds it locked, or
     // finds `out` complete); the lock itself is held until `lock` drops.
     let lock_path = work.join(LOCK_FILE);
@@ -146,6 +225,8 @@ pub fn run(
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new(".")),
     )?;
+    // The other ranks return once `out` is complete.
+    barrier(comm, "the handoff's rename")?;
     Ok(manifest)
 }
 
@@ -168,6 +249,13 @@ fn check_datasets(cfg: &RunConfig, datasets: &[Dataset]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `<out>.partial`, where the run is assembled.
+fn work_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
 }
 
 /// The lock file of `<out>.partial`, holding the running process's pid.
@@ -201,9 +289,7 @@ fn completed(hash: &str, cfg: &RunConfig, out: &Path) -> Result<Option<Manifest>
 /// and model), take its exclusive lock (a second run on the same `--out` is refused at once,
 /// naming the owner's pid), and return its path and the locked file.
 fn open_work_dir(hash: &str, cfg: &RunConfig, out: &Path) -> Result<(PathBuf, std::fs::File)> {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    let work = out.with_file_name(name);
+    let work = work_dir(out);
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     let lock = lock_work_dir(&work)?;
     for d in ["stages", "experts", "model", "plots", "data"] {
@@ -269,7 +355,7 @@ fn load_verify(
     model_files: &[PathBuf],
 ) -> Result<RecoveryReport> {
     let (ck, cfg, work) = (job.base.ck(), job.cfg, &job.work);
-    run.stage("1-load-verify", |_| {
+    run.stage_on_root("1-load-verify", |_| {
         let len = cfg.probe.1.min(ck.config.max_position_embeddings);
         let probe = recovery::random_probe(ck.config.vocab_size, cfg.probe.0, len, cfg.seed);
         let report = recovery::verify(ck, &probe)?;
@@ -287,8 +373,9 @@ fn load_verify(
 }
 
 /// Stage 2: the SVD of the targets (cached across runs by content hash), loaded into the base.
+/// Under MPI rank 0 computes (and caches) them; the others then load them from the cache.
 fn svd_stats(job: &Job, run: &mut Run) -> Result<SvdStats> {
-    run.stage("2-svd", |_| {
+    run.stage_on_root("2-svd", |_| {
         Ok(SvdStats::from(
             &job.base.factors(job.cfg.train.targets)?.stats,
         ))
@@ -314,6 +401,7 @@ fn discover_experts(
             cfg.discover_n,
             cfg.grad_items,
             cfg.rule,
+            job.ranks.comm,
             |i, name| ev(Event::Progress(i, total, format!("measuring {name}"))),
         )
     })
@@ -335,87 +423,182 @@ fn group_data(group: &[String], sources: &[DataSource]) -> Result<DataSource> {
     })
 }
 
-/// Stage 4, one expert: its own stage `4-train-<name>`, resumable within the stage.
-fn train_one(
-    job: &Job,
-    run: &mut Run,
-    data: &DataSource,
-    path: &Path,
+/// One expert to train in stage 4: its name, data, file (under the work directory) and steps.
+struct ExpertJob {
+    name: String,
+    data: DataSource,
+    domains: Vec<String>,
+    file: String,
     steps: usize,
-) -> Result<TrainSummary> {
-    let (cfg, name) = (job.cfg, data.name());
-    run.stage(&format!("4-train-{name}"), |ev| {
-        let train = TrainConfig {
-            seed: cfg.seed,
-            steps,
-            ..cfg.train.clone()
-        };
-        train_expert(job.base, job.tok, data, &train, path, true, |step, s| {
-            ev(Event::Progress(
-                step,
-                train.steps,
-                format!("training {name}: loss {:.3} kl {:.4}", s.loss, s.kl),
-            ));
-            true
-        })
-    })
 }
 
-/// Stage 4: one expert per group of the discovery, on generated items when a generator is
-/// given (stage `4-data-<name>`) and the group is made of built-in domains.
+/// Stage 4: one expert per group of the discovery (each its own stage `4-train-<name>`,
+/// resumable within the stage), on generated items when a generator is given (stage
+/// `4-data-<name>`) and the group is made of built-in domains; then the classifier expert,
+/// which labels a prompt with its expert (or none). Under MPI the experts still to train are
+/// dealt round the groups of ranks, trained data-parallel within each group, and gathered.
 fn train_experts(
     job: &Job,
     run: &mut Run,
     found: &Discovery,
     generator: Option<&GeneratorConfig>,
-) -> Result<Vec<Trained>> {
+) -> Result<(Vec<Trained>, Trained)> {
     let cfg = job.cfg;
-    let mut experts = Vec::new();
+    let mut jobs = Vec::new();
     for group in &found.grouping.groups {
         let mut data = group_data(group, &job.sources)?;
         let name = data.name();
         let builtin = group.iter().all(|n| Domain::by_name(n).is_ok());
         if let (Some(g), true) = (generator, builtin) {
-            let items: Vec<Item> = run.stage(&format!("4-data-{name}"), |ev| {
-                let mut items = Vec::new();
-                for d in group {
-                    let d = Domain::by_name(d).map_err(|e| Error::Input(e.to_string()))?;
-                    let n = cfg.generated_items;
-                    let r = generate_items(g, d, n, cfg.seed, |k| {
-                        ev(Event::Progress(
-                            k,
-                            n,
-                            format!("generating {} items", d.name()),
-                        ))
-                    })
-                    .map_err(|e| Error::Input(e.to_string()))?;
-                    items.extend(r.items);
-                }
-                Ok(items)
-            })?;
+            let items = generated_items(run, cfg, g, group, &name)?;
             data = DataSource::Pool {
                 of: Box::new(data),
                 items,
             };
         }
-        let file = format!("experts/{name}.safetensors");
-        let path = job.work.join(&file);
-        let summary = train_one(job, run, &data, &path, cfg.train.steps)?;
-        let expert = Expert::load(&path)?;
-        experts.push((
-            ExpertEntry {
-                name: name.clone(),
-                file,
-                domains: group.clone(),
-                val_accuracy: summary.best_val_accuracy,
-                base_val_accuracy: summary.base_val_accuracy,
-                in_mixture: summary.best_val_accuracy - summary.base_val_accuracy > cfg.min_gain,
-                training: summary,
-            },
-            expert,
-        ));
+        jobs.push(ExpertJob {
+            file: format!("experts/{name}.safetensors"),
+            name,
+            data,
+            domains: group.clone(),
+            steps: cfg.train.steps,
+        });
     }
-    Ok(experts)
+    let (labels, others) = label_sources(job, found)?;
+    let items = classifier_items(&labels, &others, cfg.classifier_items, cfg.seed)?;
+    jobs.push(ExpertJob {
+        name: "classifier".into(),
+        data: DataSource::Dataset(Dataset {
+            name: "classifier".into(),
+            verifier: Verifier::Exact,
+            items,
+        }),
+        domains: vec!["dispatch".into()],
+        file: "experts/classifier.safetensors".into(),
+        steps: cfg.classifier_steps,
+    });
+    let summaries = train_jobs(job, run, &jobs)?;
+    let mut experts = Vec::new();
+    for (j, summary) in jobs.into_iter().zip(summaries) {
+        let expert = Expert::load(&job.work.join(&j.file))?;
+        let gain = summary.best_val_accuracy - summary.base_val_accuracy;
+        let entry = ExpertEntry {
+            in_mixture: j.name != "classifier" && gain > cfg.min_gain,
+            name: j.name,
+            file: j.file,
+            domains: j.domains,
+            val_accuracy: summary.best_val_accuracy,
+            base_val_accuracy: summary.base_val_accuracy,
+            training: summary,
+        };
+        experts.push((entry, expert));
+    }
+    let classifier = experts.pop().expect("the classifier is the last job");
+    Ok((experts, classifier))
+}
+
+/// Stage `4-data-<name>`: `cfg.generated_items` verified items per domain of `group` from the
+/// generator (rank 0 calls it; every rank gets the items).
+fn generated_items(
+    run: &mut Run,
+    cfg: &RunConfig,
+    g: &GeneratorConfig,
+    group: &[String],
+    name: &str,
+) -> Result<Vec<Item>> {
+    run.stage_on_root(&format!("4-data-{name}"), |ev| {
+        let mut items = Vec::new();
+        for d in group {
+            let d = Domain::by_name(d).map_err(|e| Error::Input(e.to_string()))?;
+            let n = cfg.generated_items;
+            let r = generate_items(g, d, n, cfg.seed, |k| {
+                ev(Event::Progress(
+                    k,
+                    n,
+                    format!("generating {} items", d.name()),
+                ))
+            })
+            .map_err(|e| Error::Input(e.to_string()))?;
+            items.extend(r.items);
+        }
+        Ok(items)
+    })
+}
+
+/// The stages `4-train-<name>` of `jobs`, in order: those that finished before are read back;
+/// the others are dealt round the groups of ranks (job k of those left to group k mod groups),
+/// trained, and their summaries gathered on every rank.
+fn train_jobs(job: &Job, run: &mut Run, jobs: &[ExpertJob]) -> Result<Vec<TrainSummary>> {
+    let (comm, cfg) = (job.ranks.comm, job.cfg);
+    let stage = |j: &ExpertJob| format!("4-train-{}", j.name);
+    let mut done = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        done.push(run.finished(&stage(j))?);
+    }
+    let (group_no, groups, group) = groups(comm, job.ranks.per_expert)?;
+    let mut mine: Vec<(usize, StageRecord, TrainSummary)> = Vec::new();
+    let left = (0..jobs.len()).filter(|&i| !done[i]);
+    let ours = (left.enumerate()).filter_map(|(k, i)| (k % groups == group_no).then_some(i));
+    for i in ours {
+        let (j, name) = (&jobs[i], stage(&jobs[i]));
+        (run.events)(Event::Stage(&name, false));
+        reset_peak_rss();
+        let t0 = std::time::Instant::now();
+        let train = TrainConfig {
+            seed: cfg.seed,
+            steps: j.steps,
+            ..cfg.train.clone()
+        };
+        let events = &mut *run.events;
+        let path = job.work.join(&j.file);
+        let summary = train_expert_on(
+            group.as_ref(),
+            job.base,
+            job.tok,
+            &j.data,
+            &train,
+            &path,
+            true,
+            |step, s| {
+                events(Event::Progress(
+                    step,
+                    train.steps,
+                    format!("training {}: loss {:.3} kl {:.4}", j.name, s.loss, s.kl),
+                ));
+                true
+            },
+        )?;
+        let record = StageRecord {
+            name,
+            seconds: t0.elapsed().as_secs_f64(),
+            peak_rss_mb: peak_rss_mb(),
+        };
+        if is_root(group.as_ref()) {
+            mine.push((i, record, summary));
+        }
+    }
+    let mut trained: BTreeMap<usize, (StageRecord, TrainSummary)> = BTreeMap::new();
+    for part in map(comm, "the trained experts", comm.size(), |_| {
+        Ok(std::mem::take(&mut mine))
+    })? {
+        trained.extend(part.into_iter().map(|(i, r, s)| (i, (r, s))));
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.iter().enumerate() {
+        out.push(match trained.remove(&i) {
+            Some((record, summary)) => {
+                run.finish(record, &summary)?;
+                summary
+            }
+            None => run.stage(&stage(j), |_| {
+                Err(Error::Input(format!(
+                    "stage {} was neither finished nor trained",
+                    stage(j)
+                )))
+            })?,
+        });
+    }
+    Ok(out)
 }
 
 /// The search settings with the α bounds that name no expert of `pool` (by name or domain)
@@ -432,36 +615,6 @@ fn bounds_for(search: &SearchConfig, pool: &[Expert]) -> SearchConfig {
     s
 }
 
-/// Stage 4, last: the classifier expert, which labels a prompt with its expert (or none).
-fn train_classifier(
-    job: &Job,
-    run: &mut Run,
-    found: &Discovery,
-    experts: &[Trained],
-) -> Result<Trained> {
-    let (labels, others) = label_sources(job, found, experts)?;
-    let file = "experts/classifier.safetensors".to_string();
-    let path = job.work.join(&file);
-    let items = classifier_items(&labels, &others, job.cfg.classifier_items, job.cfg.seed)?;
-    let data = DataSource::Dataset(Dataset {
-        name: "classifier".into(),
-        verifier: Verifier::Exact,
-        items,
-    });
-    let summary = train_one(job, run, &data, &path, job.cfg.classifier_steps)?;
-    let expert = Expert::load(&path)?;
-    let entry = ExpertEntry {
-        name: "classifier".into(),
-        file,
-        domains: vec!["dispatch".into()],
-        val_accuracy: summary.best_val_accuracy,
-        base_val_accuracy: summary.base_val_accuracy,
-        in_mixture: false,
-        training: summary,
-    };
-    Ok((entry, expert))
-}
-
 /// Stage 4, calibration: when are the classifier and prompt dispatch unsure? Their guesses on
 /// held-out prompts of every label set the confidence below which they answer "base".
 fn calibrate_dispatch(
@@ -471,7 +624,7 @@ fn calibrate_dispatch(
     experts: &[Trained],
     classifier: &Expert,
 ) -> Result<Thresholds> {
-    let (labels, others) = label_sources(job, found, experts)?;
+    let (labels, others) = label_sources(job, found)?;
     let names: Vec<String> = experts.iter().map(|(e, _)| e.name.clone()).collect();
     run.stage("4-calibrate-dispatch", |_| {
         let (model, base) = (
@@ -480,15 +633,21 @@ fn calibrate_dispatch(
         );
         let truth = (labels.iter().enumerate().map(|(i, d)| (Some(i), d.clone())))
             .chain((!others.is_empty()).then(|| (None, DataSource::Group(others.clone()))));
-        let (mut by_classifier, mut by_prompt) = (Vec::new(), Vec::new());
+        let mut prompts = Vec::new();
         for (label, d) in truth {
             for it in d.validation(CALIBRATION_ITEMS, job.cfg.seed + 8)? {
-                let (g, p) = classifier_guess(&model, job.tok, labels.len(), &it.prompt)?;
-                by_classifier.push((g, p, label));
-                let (g, p) = prompt_guess(base, &names, job.tok, &it.prompt)?;
-                by_prompt.push((g, p, label));
+                prompts.push((label, it.prompt));
             }
         }
+        // Each prompt's two guesses (by the rank it falls to, under MPI).
+        let comm = job.ranks.comm;
+        let guesses = map(comm, "the dispatch calibration", prompts.len(), |i| {
+            let (label, prompt) = &prompts[i];
+            let (c, pc) = classifier_guess(&model, job.tok, labels.len(), prompt)?;
+            let (g, pg) = prompt_guess(base, &names, job.tok, prompt)?;
+            Ok(((c, pc, *label), (g, pg, *label)))
+        })?;
+        let (by_classifier, by_prompt): (Vec<_>, Vec<_>) = guesses.into_iter().unzip();
         Ok(Thresholds {
             classifier: calibrate_threshold(&by_classifier).0,
             prompt: calibrate_threshold(&by_prompt).0,
@@ -496,20 +655,16 @@ fn calibrate_dispatch(
     })
 }
 
-/// The classifier's labels: each expert's data, and the sources no expert covers.
-fn label_sources(
-    job: &Job,
-    found: &Discovery,
-    experts: &[Trained],
-) -> Result<(Vec<DataSource>, Vec<DataSource>)> {
+/// The classifier's labels: each expert's data (by the discovery's groups), and the sources
+/// no expert covers.
+fn label_sources(job: &Job, found: &Discovery) -> Result<(Vec<DataSource>, Vec<DataSource>)> {
     let covered: Vec<String> = found.grouping.groups.iter().flatten().cloned().collect();
     let others: Vec<DataSource> = (job.sources.iter())
         .filter(|s| !covered.contains(&s.name()))
         .cloned()
         .collect();
-    let labels: Vec<DataSource> = experts
-        .iter()
-        .map(|(e, _)| group_data(&e.domains, &job.sources))
+    let labels: Vec<DataSource> = (found.grouping.groups.iter())
+        .map(|g| group_data(g, &job.sources))
         .collect::<Result<_>>()?;
     Ok((labels, others))
 }
@@ -541,7 +696,8 @@ fn search_mixture(
         for d in sources {
             preserve.extend(d.validation(cfg.preserve_n, cfg.seed + 2)?);
         }
-        let mut problem = Problem::new(job.base, job.tok, pool, &val, &preserve, &cfg.search)?;
+        let problem = Problem::new(job.base, job.tok, pool, &val, &preserve, &cfg.search)?;
+        let mut problem = problem.spread_over(job.ranks.comm);
         let total = cfg.search.generations;
         let mut report = search(
             &mut problem,
@@ -579,7 +735,9 @@ fn search_mixture(
         let refs: Vec<&Expert> = pool.iter().collect();
         let mut mixed = crate::svf::expert::mixture(&refs, &chosen.alpha, f)?;
         mixed.meta.name = "mixture".into();
-        mixed.save(&job.work.join("experts/mixture.safetensors"))?;
+        if is_root(job.ranks.comm) {
+            mixed.save(&job.work.join("experts/mixture.safetensors"))?;
+        }
     }
     Ok(searched)
 }
@@ -607,7 +765,8 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
             return Ok(out);
         }
         let mut mixer = Mixer::new(job.base, pool.to_vec())?;
-        for (i, d) in sources.iter().enumerate() {
+        let fits = map(job.ranks.comm, "CEM", sources.len(), |i| {
+            let d = &sources[i];
             ev(Event::Progress(
                 i,
                 sources.len(),
@@ -624,7 +783,9 @@ fn fit_cem(job: &Job, run: &mut Run, pool: &[Expert]) -> Result<BTreeMap<String,
             )?;
             let held_out =
                 d.validation_except(3 * cfg.shots, 2 * cfg.shots, cfg.seed + 7, &shots)?;
-            let fit = mixer.check_cem(job.base.packed()?, job.tok, r.best, &held_out)?;
+            mixer.check_cem(job.base.packed()?, job.tok, r.best, &held_out)
+        })?;
+        for (d, fit) in sources.iter().zip(fits) {
             out.insert(d.name(), fit);
         }
         Ok(out)

@@ -3,6 +3,7 @@
 
 use crate::adapt::dispatch::{CemFit, Library, Mixer, Strategy, Thresholds};
 use crate::adapt::mixture_search::SearchReport;
+use crate::dist::{map, Comm};
 use crate::engine::model::Model;
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -135,6 +136,7 @@ pub(crate) fn evaluate_all(
     (classifier, thresholds): (&Expert, Thresholds),
     searched: Option<&SearchReport>,
     cem: &BTreeMap<String, CemFit>,
+    comm: &dyn Comm,
     ev: &mut dyn FnMut(Event),
 ) -> Result<TestTable> {
     use columns::*;
@@ -158,11 +160,16 @@ pub(crate) fn evaluate_all(
     for s in [Strategy::Prompt, Strategy::Classifier, Strategy::Cem] {
         columns.push(format!("dispatch: {}", s.name()));
     }
-    let mut table = BTreeMap::new();
-    let mut best_expert = BTreeMap::new();
-    let mut routed: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let seed = cfg.seed + 4;
-    for (di, d) in sources.iter().enumerate() {
+    // One row per source (each by the rank it falls to, under MPI): its accuracies, its best
+    // expert, and per routing strategy (right picks, prompts).
+    type Row = (
+        BTreeMap<String, f64>,
+        Option<String>,
+        Vec<(String, usize, usize)>,
+    );
+    let rows = map(comm, "the test table", sources.len(), |di| -> Result<Row> {
+        let d = &sources[di];
         ev(Event::Progress(
             di,
             sources.len(),
@@ -174,6 +181,8 @@ pub(crate) fn evaluate_all(
             return Err(Error::Input(format!("`{name}` has no test items")));
         }
         let mut row = BTreeMap::new();
+        let mut best_expert = None;
+        let mut routed = Vec::new();
         row.insert(BASE.to_string(), accuracy(&lib.base, tok, &items, d)?);
         let owner = experts.iter().position(|(e, _)| e.domains.contains(&name));
         // The best single expert is chosen on validation items (greedy exact match by a
@@ -189,7 +198,7 @@ pub(crate) fn evaluate_all(
         if !experts.is_empty() {
             let a = accuracy(&lib.models[best.1], tok, &items, d)?;
             row.insert(BEST_EXPERT.to_string(), a);
-            best_expert.insert(name.clone(), experts[best.1].0.name.clone());
+            best_expert = Some(experts[best.1].0.name.clone());
         }
         if let Some(s) = chosen {
             let m = lib.mixer.model(&s.alpha)?;
@@ -199,15 +208,13 @@ pub(crate) fn evaluate_all(
             row.insert(MIXTURE_DEPLOYED.to_string(), accuracy(m, tok, &items, d)?);
         }
         for strategy in [Strategy::Prompt, Strategy::Classifier] {
-            let mut correct = 0;
+            let (mut correct, mut right) = (0, 0);
             for it in &items {
                 let (m, pick) = lib.route(tok, strategy, &it.prompt, None)?;
                 correct += usize::from(d.verify(&it.answer, &answer(m, tok, &it.prompt)?));
-                let right = pick == owner;
-                let r = routed.entry(strategy.name().to_string()).or_default();
-                r.0 += usize::from(right);
-                r.1 += 1;
+                right += usize::from(pick == owner);
             }
+            routed.push((strategy.name().to_string(), right, items.len()));
             row.insert(
                 format!("dispatch: {}", strategy.name()),
                 correct as f64 / items.len().max(1) as f64,
@@ -222,7 +229,21 @@ pub(crate) fn evaluate_all(
             };
             row.insert("dispatch: cem".to_string(), a);
         }
-        table.insert(name, row);
+        Ok((row, best_expert, routed))
+    })?;
+    let mut table = BTreeMap::new();
+    let mut best_expert = BTreeMap::new();
+    let mut routed: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (d, (row, best, picks)) in sources.iter().zip(rows) {
+        if let Some(b) = best {
+            best_expert.insert(d.name(), b);
+        }
+        for (strategy, right, n) in picks {
+            let r = routed.entry(strategy).or_default();
+            r.0 += right;
+            r.1 += n;
+        }
+        table.insert(d.name(), row);
     }
     Ok(TestTable {
         n: cfg.test_n,

@@ -348,7 +348,9 @@ fn two_ranks_with_half_the_batch_each_train_what_one_rank_does_with_all_of_it() 
                     s.spawn(move || train(&c, base, tok, data, cfg, out, false, |_, _| true))
                 })
                 .collect();
-            runs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+            runs.into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
         });
         assert_eq!(by_rank[0].1, by_rank[1].1, "the ranks' z differ");
         let moved = (alone.1.values()).any(|z| z.iter().any(|&x| (x - 1.0).abs() > 1e-3));

@@ -2,7 +2,9 @@
 
 use crate::common::step_bar;
 use anyhow::Result;
+use bitsvf::dist::{is_root, Comm, Solo};
 use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::pipeline::Ranks;
 use bitsvf::pipeline::{self, Event, RunConfig, RunOverrides};
 use bitsvf::svf::svd::SvdCache;
 use bitsvf::tasks::remote::{api_key_from_env, GeneratorConfig, DEFAULT_KEY_ENV};
@@ -63,34 +65,66 @@ pub struct Args {
     /// Verified items per domain to obtain from the endpoint (default 2000; 40 with --quick).
     #[arg(long, requires = "generator_url")]
     generator_items: Option<usize>,
+    /// Under MPI (`mpirun`, `srun`): ranks that train each expert together, data-parallel
+    /// (1: every rank trains experts of its own).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    ranks_per_expert: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    #[cfg(feature = "mpi")]
+    {
+        if let Some(mpi) = bitsvf::dist::mpi::init()? {
+            let result = run_on(&a, &mpi);
+            if let Err(e) = &result {
+                // The other ranks may be waiting for this one: end them all.
+                mpi.abort(&format!("{e:#}"));
+            }
+            return result;
+        }
+    }
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = bitsvf::dist::launched_ranks().filter(|&n| n > 1) {
+        anyhow::bail!(
+            "started as one of {n} MPI ranks, but this bitsvf was built without MPI; build it \
+             with `cargo build --release --features mpi` (or run it without mpirun/srun)"
+        );
+    }
+    run_on(&a, &Solo)
+}
+
+fn run_on(a: &Args, comm: &dyn Comm) -> Result<()> {
+    let root = is_root(comm);
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
     let datasets = (a.data.iter())
         .map(|p| Ok(Dataset::load_jsonl(p, a.verifier.parse()?)?))
         .collect::<Result<Vec<_>>>()?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let cache_root = a.cache_dir.clone().unwrap_or_else(SvdCache::default_dir);
-    let (cfg, generator) = config(&a, &datasets, &cache_root)?;
+    let (cfg, generator) = config(a, &datasets, &cache_root)?;
     let cache = SvdCache::new(cache_root);
     let model_files: Vec<PathBuf> = (a.model.as_deref())
         .and_then(tokenizer::file_for_model)
         .into_iter()
         .collect();
     let t0 = std::time::Instant::now();
-    let bar = step_bar(1)?;
-    let manifest = pipeline::run(
-        &ck,
-        &checkpoint::display_name(a.model.as_deref()),
-        tok.as_ref(),
-        &cfg,
-        &a.out,
-        &cache,
+    let bar = match root {
+        true => step_bar(1)?,
+        false => indicatif::ProgressBar::hidden(),
+    };
+    let ranks = Ranks {
+        comm,
+        per_expert: a.ranks_per_expert as usize,
+    };
+    let name = checkpoint::display_name(a.model.as_deref());
+    let manifest = pipeline::run_on(
+        &ranks,
+        (&ck, &name, tok.as_ref(), &cfg, &a.out, &cache),
         generator.as_ref(),
         &datasets,
         &model_files,
         &mut |e| match e {
+            _ if !root => {}
             Event::Stage(name, done) => {
                 let t = t0.elapsed().as_secs_f64();
                 bar.suspend(|| {
@@ -111,6 +145,9 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    if !root {
+        return Ok(());
+    }
     let report = std::fs::read_to_string(a.out.join("report.md"))?;
     println!("{report}");
     println!(
