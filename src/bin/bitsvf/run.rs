@@ -83,8 +83,8 @@ pub fn run(a: Args) -> Result<()> {
             return result;
         }
     }
-    #[cfg(not(feature = "mpi"))]
-    if let Some(n) = bitsvf::dist::launched_ranks().filter(|&n| n > 1) {
+    let launched = bitsvf::dist::launched_ranks();
+    if let Some(n) = launched.filter(|&n| n > 1 && !cfg!(feature = "mpi")) {
         anyhow::bail!(
             "started as one of {n} MPI ranks, but this bitsvf was built without MPI; build it \
              with `cargo build --release --features mpi` (or run it without mpirun/srun)"
