@@ -7,14 +7,14 @@
 //! accuracy (greedy) every `eval_every` steps keeps the best z; training stops early after
 //! `patience` evaluations without improvement.
 
-use crate::dist::{all_sum, is_root, Comm, Solo};
+use crate::dist::{all_sum, is_root, map, Comm, Solo};
 use crate::engine::checkpoint::st::OwnedTensor;
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar, WeightMode};
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, sft_pairs};
-use crate::eval::{prompt_ids, score_items};
+use crate::eval::{answer, prompt_ids};
 use crate::svf::attach::{init_vars, packed_svf_model, set_z, svf_model, var_tensors};
 use crate::svf::base::{Base, Factors};
 use crate::svf::expert::{Expert, ExpertMeta};
@@ -127,8 +127,8 @@ pub fn train_expert(
 /// micro-batches dealt round the ranks) and the shares' gradients are summed before the
 /// optimizer step, so every rank holds the same z, bit for bit — the same training as one
 /// process with the whole batch, to float rounding. Rank 0 of the group writes `out`, its
-/// state and its metrics; the others write nothing. (REINFORCE steps, and validation, run
-/// whole on every rank.)
+/// state and its metrics; the others write nothing. Validation items are shared out over the
+/// group too; REINFORCE steps run whole on every rank.
 #[allow(clippy::too_many_arguments)]
 pub fn train_expert_on(
     group: &dyn Comm,
@@ -265,11 +265,20 @@ fn train(
     // factor with the trained model.
     let mut frozen_model = model.clone();
     set_z(&mut frozen_model, &frozen(&vars));
+    // Greedy accuracy on the validation items, shared out over the group's ranks (each item
+    // is answered alone, so the share is the same as one process's).
+    let accuracy = |m: &Model| -> Result<f64> {
+        let right = map(group, "validation", val_refs.len(), |i| {
+            let it = val_refs[i];
+            Ok(verify(&it.answer, &answer(m, tok, &it.prompt)?))
+        })?;
+        Ok(right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64)
+    };
     let validate = |m: &mut Model, vars: &[NamedVar]| -> Result<f64> {
         set_z(m, &frozen(vars));
-        Ok(score_items(m, tok, &val_refs, verify, |_| {})?.accuracy)
+        accuracy(m)
     };
-    let base_val = score_items(&reference, tok, &val_refs, verify, |_| {})?.accuracy;
+    let base_val = accuracy(&reference)?;
 
     let mut first = 0;
     let mut best = (
