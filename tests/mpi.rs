@@ -1,6 +1,7 @@
 //! `bitsvf run` across MPI ranks: `mpirun -np 2` reproduces the golden manifest of the
-//! single-process quick run, and a rank killed mid-run ends the job promptly, after which a
-//! rerun (with another number of ranks) completes with the same figures.
+//! single-process quick run; a rank killed mid-run ends the job promptly, after which a rerun
+//! (with another number of ranks) completes with the same figures; a rank that stops answering
+//! ends the job after the collectives' timeout.
 //!
 //! These need a bitsvf built with the `mpi` feature and `mpirun` on the PATH: `.ci/run`
 //! installs OpenMPI, builds `cargo build --features mpi`, copies the binary to
@@ -36,6 +37,11 @@ fn mpi_binary() -> Option<PathBuf> {
 /// `bin run --quick --seed 0` (the golden run) into `out`, under `mpirun -np ranks` (each rank
 /// one thread), or alone for `ranks == 0`.
 fn quick_run(bin: &Path, ranks: usize, out: &Path, cache: &Path) -> Command {
+    quick_run_with(bin, ranks, out, cache, &[])
+}
+
+/// [`quick_run`] with `env` (NAME=value) passed to every rank.
+fn quick_run_with(bin: &Path, ranks: usize, out: &Path, cache: &Path, env: &[&str]) -> Command {
     let args = [
         "run",
         "--quick",
@@ -51,8 +57,11 @@ fn quick_run(bin: &Path, ranks: usize, out: &Path, cache: &Path) -> Command {
         n => {
             let mut c = Command::new("mpirun");
             c.args(["-np", &n.to_string(), "--oversubscribe"])
-                .args(["-x", "RAYON_NUM_THREADS=1"])
-                .arg(bin);
+                .args(["-x", "RAYON_NUM_THREADS=1"]);
+            for e in env {
+                c.args(["-x", e]);
+            }
+            c.arg(bin);
             c
         }
     };
@@ -124,6 +133,68 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     None
 }
 
+/// Wait for stage 3's file of the run in `tmp`/out.partial: the experts are training.
+fn wait_for_discovery(tmp: &Path, job: &mut std::process::Child) {
+    let discovered = tmp.join("out.partial/stages/3-discover.json");
+    let t0 = Instant::now();
+    while !discovered.exists() {
+        assert!(job.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed() < Duration::from_secs(600), "no discovery");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The job's exit status, which must come within `limit` of now.
+fn ends_within(
+    job: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "the job still runs {limit:?} after {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGSTOP to rank 1 while the experts train: rank 0 gives up waiting for it after
+/// BITSVF_MPI_TIMEOUT (5 s here) and the job ends non-zero, saying why.
+#[test]
+fn a_rank_that_stops_answering_ends_the_job_after_the_timeout() {
+    let Some(bin) = mpi_binary() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    let mut job = quick_run_with(&bin, 2, &out, &cache, &["BITSVF_MPI_TIMEOUT=5"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = job.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    wait_for_discovery(tmp.path(), &mut job);
+    let stopped = rank_pid(job.id(), 1).expect("rank 1's process");
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &stopped.to_string()])
+            .status()
+    };
+    signal("-STOP").unwrap();
+    let status = ends_within(&mut job, Duration::from_secs(120), "rank 1 stopped");
+    let _ = signal("-KILL");
+    let err = reader.join().unwrap();
+    assert!(!status.success(), "the job succeeded with rank 1 stopped");
+    assert!(err.contains("no answer from the other ranks"), "{err}");
+}
+
 /// SIGKILL to rank 1 while the experts train: `mpirun` exits non-zero within seconds (no
 /// hang), and the same command rerun by one process resumes and completes with the golden
 /// figures.
@@ -136,30 +207,13 @@ fn a_killed_rank_ends_the_job_and_a_rerun_with_other_ranks_completes() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait for stage 3's file: the experts are training.
-    let discovered = tmp.path().join("out.partial/stages/3-discover.json");
-    let t0 = Instant::now();
-    while !discovered.exists() {
-        assert!(job.try_wait().unwrap().is_none(), "the run ended early");
-        assert!(t0.elapsed() < Duration::from_secs(600), "no discovery");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_discovery(tmp.path(), &mut job);
     let victim = rank_pid(job.id(), 1).expect("rank 1's process");
     Command::new("kill")
         .args(["-9", &victim.to_string()])
         .status()
         .unwrap();
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(s) = job.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "the job still runs a minute after a rank died"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = ends_within(&mut job, Duration::from_secs(60), "rank 1 died");
     assert!(!status.success(), "the job succeeded without rank 1");
     assert!(!out.exists(), "a handoff appeared from a failed job");
     // The same command with one process (the MPI build, not launched by mpirun).
