@@ -436,6 +436,11 @@ impl<'a> Problem<'a> {
         })
     }
 
+    /// The ranks the problem's measurements are shared out over.
+    pub fn comm(&self) -> &'a dyn Comm {
+        self.comm
+    }
+
     /// The problem with each generation's genomes measured on the ranks of `comm`, shared out
     /// (every rank must run the same search); the base's timed decode is rank 0's.
     pub fn spread_over(self, comm: &'a dyn Comm) -> Self {

@@ -107,14 +107,20 @@ pub fn select(
     within_noise: bool,
 ) -> Result<Selection> {
     let tok = problem.tok();
-    let exact = |p: &mut Problem, alpha: &[f64], rank: usize| -> Result<Vec<bool>> {
-        exact_matches(p.deployer.deploy(alpha, rank)?.0, tok, items)
-    };
     let k = offered.first().map_or(0, |p| p.alpha.len());
-    let base = exact(problem, &vec![0.0; k], 0)?;
+    // The base, then every candidate, each scored by the rank it falls to (under MPI).
+    let forms: Vec<(Vec<f64>, usize)> = std::iter::once((vec![0.0; k], 0))
+        .chain(offered.iter().map(|p| (p.alpha.clone(), p.rank)))
+        .collect();
+    let comm = problem.comm();
+    let mut matches = crate::dist::map(comm, "the selection", forms.len(), |i| {
+        let (alpha, rank) = &forms[i];
+        exact_matches(problem.deployer.deploy(alpha, *rank)?.0, tok, items)
+    })?
+    .into_iter();
+    let base = matches.next().expect("the base is scored first");
     let mut scored = Vec::with_capacity(offered.len());
-    for point in offered {
-        let c = exact(problem, &point.alpha, point.rank)?;
+    for (point, c) in offered.into_iter().zip(matches) {
         let (gain, se) = paired_gain(&c, &base);
         scored.push(Candidate {
             accuracy: share(&c),
