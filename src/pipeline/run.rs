@@ -541,8 +541,8 @@ fn deal(steps: &[usize], groups: usize) -> Vec<usize> {
 }
 
 /// The stages `4-train-<name>` of `jobs`, in order: those that finished before are read back;
-/// the others are dealt to the groups of ranks ([`deal`]), trained, and their summaries
-/// gathered on every rank.
+/// the others are dealt to the groups of ranks ([`deal`]), trained (the group's rank 0 saves
+/// each stage as soon as it is done), and their summaries gathered on every rank.
 fn train_jobs(job: &Job, run: &mut Run, jobs: &[ExpertJob]) -> Result<Vec<TrainSummary>> {
     let (comm, cfg) = (job.ranks.comm, job.cfg);
     let stage = |j: &ExpertJob| format!("4-train-{}", j.name);
@@ -591,6 +591,7 @@ fn train_jobs(job: &Job, run: &mut Run, jobs: &[ExpertJob]) -> Result<Vec<TrainS
             peak_rss_mb: peak_rss_mb(),
         };
         if is_root(group.as_ref()) {
+            run.save(&record, &summary)?;
             mine.push((i, record, summary));
         }
     }
@@ -604,7 +605,7 @@ fn train_jobs(job: &Job, run: &mut Run, jobs: &[ExpertJob]) -> Result<Vec<TrainS
     for (i, j) in jobs.iter().enumerate() {
         out.push(match trained.remove(&i) {
             Some((record, summary)) => {
-                run.finish(record, &summary)?;
+                run.records.push(record);
                 summary
             }
             None => run.stage(&stage(j), |_| {

@@ -136,9 +136,18 @@ impl Run<'_> {
         Ok(result)
     }
 
-    /// Record stage `name`, run elsewhere (on another rank, say): rank 0 saves `result` with
-    /// its `record`.
-    pub fn finish<T: Serialize>(&mut self, record: StageRecord, result: &T) -> Result<()> {
+    /// Save stage `record.name`'s result from the rank that ran it (an expert's stage, written
+    /// by the rank that trained it as soon as it is done, so that a rerun skips it).
+    pub fn save<T: Serialize>(&self, record: &StageRecord, result: &T) -> Result<()> {
+        let saved = Saved {
+            record: record.clone(),
+            result,
+        };
+        write_json(&self.path(&record.name), &saved)
+    }
+
+    /// Record a finished stage: rank 0 saves `result` with its `record`.
+    fn finish<T: Serialize>(&mut self, record: StageRecord, result: &T) -> Result<()> {
         if is_root(self.comm) {
             let saved = Saved {
                 record: record.clone(),
