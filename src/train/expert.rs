@@ -141,12 +141,7 @@ pub fn train_expert_on(
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
     let plan = training_plan(base.ck(), tok, data, cfg)?;
-    let held = factors_for(base, cfg, &plan, |_, _| {})?;
-    let no_factors = BTreeMap::new();
-    let factors = held.as_ref().map_or(&no_factors, |f| &f.svd);
-    let (ck, hash) = (base.ck(), base.hash());
-    let trained = (ck, hash, factors, plan.packed);
-    Ok(train(group, trained, tok, data, cfg, out, resume, on_step)?.0)
+    train_planned_on(group, base, tok, data, cfg, &plan, out, resume, on_step)
 }
 
 /// The factors training `cfg` under `plan` needs (the top k for the packed base, the full
@@ -178,12 +173,28 @@ pub fn train_expert_planned(
     resume: bool,
     on_step: impl FnMut(usize, &StepStats) -> bool,
 ) -> Result<TrainSummary> {
+    train_planned_on(&Solo, base, tok, data, cfg, plan, out, resume, on_step)
+}
+
+/// [`train_expert_on`] on the base `plan` chose.
+#[allow(clippy::too_many_arguments)]
+fn train_planned_on(
+    group: &dyn Comm,
+    base: &Base,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    plan: &MemoryPlan,
+    out: &Path,
+    resume: bool,
+    on_step: impl FnMut(usize, &StepStats) -> bool,
+) -> Result<TrainSummary> {
     let held = factors_for(base, cfg, plan, |_, _| {})?;
     let no_factors = BTreeMap::new();
     let factors = held.as_ref().map_or(&no_factors, |f| &f.svd);
     let (ck, hash) = (base.ck(), base.hash());
     let trained = (ck, hash, factors, plan.packed);
-    Ok(train(&Solo, trained, tok, data, cfg, out, resume, on_step)?.0)
+    Ok(train(group, trained, tok, data, cfg, out, resume, on_step)?.0)
 }
 
 /// What [`train`] trains: the base checkpoint, its content hash, the factors and whether
