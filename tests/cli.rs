@@ -532,3 +532,89 @@ fn export_adapter_writes_peft_and_gguf_loras_of_a_handoffs_experts() {
     ]));
     assert!(e.contains("at least 1"), "{e}");
 }
+
+/// `convert --type i2_s` writes bitnet.cpp's I2_S GGUF of the default model (whose 640-wide
+/// FFN rows TQ2_0 cannot hold) and of the transformers fixture, and `logits` of the file equal
+/// those of the source to the bit.
+#[test]
+fn convert_to_i2_s_keeps_the_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture();
+    for (name, model) in [("default", None), ("fixture", Some(fx.to_str().unwrap()))] {
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        let src: Vec<&str> = model.into_iter().collect();
+        let out = ["--type", "i2_s", "--out", gguf.to_str().unwrap()];
+        let o = bitsvf(&[&["convert"], &src[..], &out[..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("I2_S"));
+        let logits = |model: &[&str], out: &str| {
+            let out = dir.path().join(out);
+            let args = [
+                &["logits"],
+                model,
+                &["--tokens", "1,5,9,33,17;4,8,15,16,23", "--out"],
+                &[out.to_str().unwrap()],
+            ]
+            .concat();
+            let o = bitsvf(&args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            TensorFiles::open(&[out])
+                .unwrap()
+                .get("logits")
+                .unwrap()
+                .to_f32()
+                .unwrap()
+        };
+        let want = logits(&src, &format!("{name}-src.safetensors"));
+        let got = logits(
+            &[gguf.to_str().unwrap()],
+            &format!("{name}-gguf.safetensors"),
+        );
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// `generate --chat` renders the prompt with the chat template and encodes the text as it is
+/// (the template places BOS); a model without a template, or a template that refuses the
+/// conversation, is a clear error.
+#[test]
+fn generate_chat_renders_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("chat.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} {% else %}Q: \
+         {{ m['content'] | trim }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% \
+         endif %}",
+    )
+    .unwrap();
+    let t = template.to_str().unwrap();
+    let o = bitsvf(&[
+        "generate",
+        "--chat",
+        "--chat-template",
+        t,
+        "--system",
+        "Add.",
+        "--prompt",
+        " 12+7= ",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // "Add. Q: 12+7=\nA:" is 16 bytes, one token each, no BOS added.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("prefill 16 tokens"), "{err}");
+    let o = bitsvf(&["generate", "--chat", "--prompt", "hi"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no chat template"), "{err}");
+    std::fs::write(&template, "{{ raise_exception('only users here') }}").unwrap();
+    let o = bitsvf(&["generate", "--chat", "--chat-template", t, "--prompt", "hi"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("only users here") && err.contains("chat.jinja"),
+        "{err}"
+    );
+}

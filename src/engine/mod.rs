@@ -2,6 +2,7 @@
 //! kernels, the fused differentiable CPU ops, the decoder itself and tokenizers. Nothing here
 //! knows about SVF, training or the pipeline.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod inspect;

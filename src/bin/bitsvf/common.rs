@@ -1,8 +1,11 @@
 //! What several commands share: the progress bar of a training loop, the SVD cache and the
 //! probe set of a check.
 
+use bitsvf::engine::chat::{self, TemplateChoice};
+use bitsvf::engine::tokenizer::Tokenizer;
 use bitsvf::svf::svd::SvdCache;
-use std::path::PathBuf;
+use bitsvf::tasks::Dataset;
+use std::path::{Path, PathBuf};
 
 /// The progress bar of a training loop of `steps` optimizer steps.
 pub fn step_bar(steps: usize) -> anyhow::Result<indicatif::ProgressBar> {
@@ -31,4 +34,32 @@ pub struct ProbeArgs {
     /// Seed of the probe set.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// `--chat-template` of the commands that read JSONL datasets: every prompt of `datasets`
+/// becomes one user turn of the template `choice` names for `model` (`auto` without a
+/// template in the model leaves them as they are, and says so).
+pub fn wrap_in_chat_template(
+    choice: &TemplateChoice,
+    model: Option<&Path>,
+    tok: &dyn Tokenizer,
+    datasets: &mut [Dataset],
+) -> anyhow::Result<()> {
+    if *choice == TemplateChoice::None || datasets.is_empty() {
+        return Ok(());
+    }
+    let Some(template) = chat::choose(choice, model, tok)? else {
+        eprintln!("--chat-template auto: the model has no chat template; prompts stay as they are");
+        return Ok(());
+    };
+    for d in datasets.iter_mut() {
+        for item in &mut d.items {
+            item.prompt = template.wrap(&item.prompt)?;
+        }
+    }
+    eprintln!(
+        "prompts wrapped in the chat template of {}",
+        template.origin
+    );
+    Ok(())
 }

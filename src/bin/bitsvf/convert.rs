@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use bitsvf::engine::checkpoint;
-use bitsvf::engine::ternary::ggml::TernaryBlocks;
+use bitsvf::engine::checkpoint::GgmlType;
 use std::path::PathBuf;
 
 /// The output format.
@@ -16,6 +16,9 @@ enum OutType {
     /// GGUF with TQ1_0 ternary linears (1.69 bits per weight).
     #[value(name = "tq1_0")]
     Tq1_0,
+    /// GGUF with bitnet.cpp's I2_S ternary linears (2 bits per weight, one scale per tensor).
+    #[value(name = "i2_s")]
+    I2S,
 }
 
 #[derive(clap::Args)]
@@ -26,26 +29,35 @@ pub struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Output format: native, or GGUF (architecture `bitnet` for SiLU models and
-    /// `bitnet-b1.58` for ReLU² ones) with tq2_0 / tq1_0 linears; GGUF needs every linear's
-    /// input width to be a multiple of 256 and writes no tokenizer.
+    /// `bitnet-b1.58` for ReLU² ones) with tq2_0 / tq1_0 linears (every linear's input width a
+    /// multiple of 256) or i2_s linears (one scale per tensor, sizes a multiple of 128); GGUF
+    /// writes no tokenizer.
     #[arg(long = "type", value_enum, default_value = "native")]
     out_type: OutType,
 }
 
+impl OutType {
+    /// The ggml type of the linears, for the GGUF outputs.
+    fn gguf(self) -> Option<GgmlType> {
+        match self {
+            OutType::Native => None,
+            OutType::Tq2_0 => Some(GgmlType::Tq2_0),
+            OutType::Tq1_0 => Some(GgmlType::Tq1_0),
+            OutType::I2S => Some(GgmlType::I2S),
+        }
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
-    let what = match a.out_type {
-        OutType::Native => {
+    let what = match a.out_type.gguf() {
+        None => {
             checkpoint::save_native(&ck, &a.out)?;
-            "native"
+            "native".to_string()
         }
-        OutType::Tq2_0 => {
-            checkpoint::save_gguf(&ck, &a.out, TernaryBlocks::Tq2_0)?;
-            "GGUF TQ2_0"
-        }
-        OutType::Tq1_0 => {
-            checkpoint::save_gguf(&ck, &a.out, TernaryBlocks::Tq1_0)?;
-            "GGUF TQ1_0"
+        Some(ty) => {
+            checkpoint::save_gguf(&ck, &a.out, ty)?;
+            format!("GGUF {}", ty.name())
         }
     };
     eprintln!(

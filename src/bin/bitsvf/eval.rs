@@ -3,6 +3,7 @@
 
 use crate::common::svd_cache;
 use anyhow::Result;
+use bitsvf::engine::chat::TemplateChoice;
 use bitsvf::engine::model::{Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::{evaluate, evaluate_dataset, EvalSpec};
@@ -43,6 +44,10 @@ pub struct Args {
     /// Verifier of --data: exact, numeric[:TOL], choice:A,B or regex:PATTERN.
     #[arg(long, default_value = "exact", requires = "data")]
     verifier: String,
+    /// Wrap the prompts of --data in a chat template as one user turn each: none, auto (the
+    /// model's own, if it has one) or a Jinja FILE.
+    #[arg(long, default_value = "none")]
+    chat_template: TemplateChoice,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -63,7 +68,10 @@ pub fn run(a: Args) -> Result<()> {
     let bar = indicatif::ProgressBar::new((a.n * domains.len()) as u64);
     let report = match &a.data {
         Some(path) => {
-            let dataset = Dataset::load_jsonl(path, a.verifier.parse()?)?;
+            let mut d = [Dataset::load_jsonl(path, a.verifier.parse()?)?];
+            let (choice, model) = (&a.chat_template, a.model.as_deref());
+            crate::common::wrap_in_chat_template(choice, model, tok.as_ref(), &mut d)?;
+            let [dataset] = d;
             evaluate_dataset(&net, tok.as_ref(), &name, &dataset, a.n, a.split, |k| {
                 bar.inc(k as u64)
             })?

@@ -2,9 +2,10 @@
 //! model alone, or with two-pass adaptation over the experts of a handoff directory.
 
 use crate::common::svd_cache;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bitsvf::adapt::dispatch::{Library, Strategy};
 use bitsvf::adapt::two_pass::{checked_cem, pass1, pass2};
+use bitsvf::engine::chat::{self, Message, TemplateChoice};
 use bitsvf::engine::model::{GenerateOptions, HeadFormat, Model, ModelOptions};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::eval::prompt_ids;
@@ -22,9 +23,21 @@ pub struct Args {
     /// Handoff directory of `bitsvf run`: adapt to the prompt with its experts (two passes).
     #[arg(long)]
     experts: Option<PathBuf>,
-    /// The prompt.
+    /// The prompt (with --chat: the user's message).
     #[arg(long)]
     prompt: String,
+    /// Chat: render the prompt (and --system) with the model's chat template, stop at the end
+    /// of the assistant's turn. The base model alone.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat, a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat, the template: auto (the model's own: a GGUF file's
+    /// tokenizer.chat_template, else chat_template.jinja or tokenizer_config.json's
+    /// chat_template beside the model), or a Jinja FILE.
+    #[arg(long, default_value = "auto", requires = "chat")]
+    chat_template: TemplateChoice,
     /// With --experts, how pass 1 chooses: prompt (the model labels its own prompt),
     /// classifier (the classifier expert labels it), cem (α fitted on --shots), none (base).
     #[arg(long, default_value = "classifier")]
@@ -59,6 +72,10 @@ pub fn run(a: Args) -> Result<()> {
         a.head == HeadFormat::Stored,
         "--head {} is for the base model alone; with --experts the head stays as stored",
         a.head.name()
+    );
+    anyhow::ensure!(
+        !a.chat,
+        "--chat is for the base model alone; with --experts the prompt is a task prompt"
     );
     let mut strategy: Strategy = a.dispatch.parse()?;
     let h = Handoff::open(&experts)?;
@@ -115,7 +132,30 @@ fn plain(a: Args) -> Result<()> {
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let model = Model::new(&ck, ModelOptions::default())?.with_head(a.head)?;
-    let prompt = prompt_ids(tok.as_ref(), &a.prompt)?;
+    let (prompt, stop) = match a.chat {
+        false => (prompt_ids(tok.as_ref(), &a.prompt)?, tok.stop_ids()),
+        true => {
+            let template = chat::choose(&a.chat_template, a.model.as_deref(), tok.as_ref())?
+                .with_context(|| match &a.model {
+                    None => "the embedded model has no chat template; give --chat-template FILE"
+                        .to_string(),
+                    Some(m) => format!(
+                        "{} carries no chat template (none in the GGUF metadata, no \
+                         chat_template.jinja or tokenizer_config.json chat_template beside it); \
+                         give --chat-template FILE",
+                        m.display()
+                    ),
+                })?;
+            let messages: Vec<Message> = (a.system.iter())
+                .map(|s| Message::new("system", s))
+                .chain([Message::new("user", &a.prompt)])
+                .collect();
+            // The template places BOS and every special token itself, as transformers'
+            // apply_chat_template does.
+            let text = template.render(&messages, true)?;
+            (tok.encode(&text)?, tok.end_of_turn_ids())
+        }
+    };
     let room = ck.config.max_position_embeddings;
     anyhow::ensure!(
         prompt.len() < room,
@@ -126,7 +166,7 @@ fn plain(a: Args) -> Result<()> {
         max_new_tokens: a.max_tokens,
         temperature: a.temperature,
         seed: a.seed,
-        stop: tok.stop_ids(),
+        stop,
         ..Default::default()
     };
     let (mut ids, mut shown, mut first) = (Vec::new(), 0, None);

@@ -3,6 +3,7 @@
 use crate::common::step_bar;
 use anyhow::Result;
 use bitsvf::dist::{is_root, Comm, Solo};
+use bitsvf::engine::chat::TemplateChoice;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::pipeline::Ranks;
 use bitsvf::pipeline::{self, Event, RunConfig, RunOverrides};
@@ -46,6 +47,10 @@ pub struct Args {
     /// Verifier of the --data sets: exact, numeric[:TOL], choice:A,B or regex:PATTERN.
     #[arg(long, default_value = "exact")]
     verifier: String,
+    /// Wrap the prompts of --data in a chat template as one user turn each: none, auto (the
+    /// model's own, if it has one) or a Jinja FILE.
+    #[arg(long, default_value = "none")]
+    chat_template: TemplateChoice,
     /// Take the experts' training items from this OpenAI-compatible endpoint
     /// (e.g. http://127.0.0.1:8080/v1); every item is verified and cached on disk.
     #[arg(long)]
@@ -96,10 +101,16 @@ pub fn run(a: Args) -> Result<()> {
 fn run_on(a: &Args, comm: &dyn Comm) -> Result<()> {
     let root = is_root(comm);
     let ck = checkpoint::load_or_default(a.model.as_deref())?;
-    let datasets = (a.data.iter())
+    let mut datasets = (a.data.iter())
         .map(|p| Ok(Dataset::load_jsonl(p, a.verifier.parse()?)?))
         .collect::<Result<Vec<_>>>()?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
+    crate::common::wrap_in_chat_template(
+        &a.chat_template,
+        a.model.as_deref(),
+        tok.as_ref(),
+        &mut datasets,
+    )?;
     let cache_root = a.cache_dir.clone().unwrap_or_else(SvdCache::default_dir);
     let (cfg, generator) = config(a, &datasets, &cache_root)?;
     let cache = SvdCache::new(cache_root);

@@ -2,6 +2,7 @@
 
 use crate::common::{step_bar, svd_cache};
 use anyhow::Result;
+use bitsvf::engine::chat::TemplateChoice;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::svf::factors::FactorsReport;
 use bitsvf::svf::{Base, Parameterization};
@@ -23,6 +24,10 @@ pub struct Args {
     /// Verifier of --data.
     #[arg(long, default_value = "exact")]
     verifier: String,
+    /// Wrap the prompts of --data in a chat template as one user turn each: none, auto (the
+    /// model's own, if it has one) or a Jinja FILE.
+    #[arg(long, default_value = "none")]
+    chat_template: TemplateChoice,
     /// Output expert file.
     #[arg(long)]
     out: PathBuf,
@@ -103,7 +108,13 @@ pub fn run(a: Args) -> Result<()> {
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let data = match (&a.domain, &a.data) {
         (Some(d), _) => DataSource::Domain(Domain::by_name(d)?),
-        (None, Some(p)) => DataSource::Dataset(Dataset::load_jsonl(p, a.verifier.parse()?)?),
+        (None, Some(p)) => {
+            let mut d = [Dataset::load_jsonl(p, a.verifier.parse()?)?];
+            let (choice, model) = (&a.chat_template, a.model.as_deref());
+            crate::common::wrap_in_chat_template(choice, model, tok.as_ref(), &mut d)?;
+            let [d] = d;
+            DataSource::Dataset(d)
+        }
         (None, None) => anyhow::bail!("give --domain or --data"),
     };
     let mut cfg = TrainConfig {

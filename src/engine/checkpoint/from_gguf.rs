@@ -274,28 +274,27 @@ fn read_vector(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
     floats(g, t)
 }
 
-/// A ternary linear `[rows, cols]` from TQ1_0 / TQ2_0 blocks, times its optional per-tensor
+/// A ternary linear `[rows, cols]` from TQ1_0 / TQ2_0 blocks or I2_S, times its optional per-tensor
 /// `.scale` (llama.cpp multiplies the product by it).
 fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<TernaryMatrix> {
     let name = format!("{prefix}.weight");
     let t = g.tensor(&name)?;
     expect_matrix(g, t, rows, cols)?;
-    let ty = match t.ty {
-        GgmlType::Tq1_0 => TernaryBlocks::Tq1_0,
-        GgmlType::Tq2_0 => TernaryBlocks::Tq2_0,
+    let bad = |e: String| g.tensor_error(&name, e);
+    let data = g.data(t)?;
+    let mut m = match t.ty {
+        GgmlType::Tq1_0 => TernaryMatrix::from_ggml(TernaryBlocks::Tq1_0, &data, rows, cols),
+        GgmlType::Tq2_0 => TernaryMatrix::from_ggml(TernaryBlocks::Tq2_0, &data, rows, cols),
+        GgmlType::I2S => TernaryMatrix::from_i2_s(&data, rows, cols),
         other => {
-            return Err(g.tensor_error(
-                &name,
-                format!(
-                    "type {}; bitsvf reads ternary linears as TQ1_0 or TQ2_0 (float linears \
-                     are not supported yet)",
-                    other.name()
-                ),
-            ))
+            return Err(bad(format!(
+                "type {}; bitsvf reads ternary linears as TQ1_0, TQ2_0 or I2_S (float linears \
+                 are not supported yet)",
+                other.name()
+            )))
         }
-    };
-    let mut m = TernaryMatrix::from_ggml(ty, &g.data(t)?, rows, cols)
-        .map_err(|e| g.tensor_error(&name, e))?;
+    }
+    .map_err(bad)?;
     let scale_name = format!("{prefix}.scale");
     if let Some(s) = g.tensors.iter().find(|t| t.name == scale_name) {
         let s = floats(g, s)?;
@@ -316,13 +315,29 @@ fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<Tern
     Ok(m)
 }
 
-/// Write `ck` as a GGUF file with ternary linears as `ty` blocks: architecture `bitnet` for a
+/// The ggml types [`save_gguf`] writes ternary linears as.
+pub const TERNARY_GGUF_TYPES: [GgmlType; 3] = [GgmlType::Tq2_0, GgmlType::Tq1_0, GgmlType::I2S];
+
+/// Write `ck` as a GGUF file with ternary linears as `ty` (TQ1_0, TQ2_0 or I2_S): architecture `bitnet` for a
 /// SiLU model and `bitnet-b1.58` for a ReLU² one (the names llama.cpp and bitnet.cpp give
 /// them), the embeddings and head in their stored dtype (Q8_0 as Q8_0), norms as F32. A
-/// per-tensor γ is carried exactly: every block's scale is 1 and γ goes into llama.cpp's
-/// optional `.scale` tensor; per-row scales become the blocks' f16 scales (rounded to f16).
-/// Every linear's input width must be a multiple of 256. No tokenizer is written.
-pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> {
+/// per-tensor γ is carried exactly: in TQ1_0 / TQ2_0 every block's scale is 1 and γ goes into
+/// llama.cpp's optional `.scale` tensor, in I2_S it is the tensor's own f32 scale; per-row
+/// scales become the blocks' f16 scales (rounded to f16), and I2_S refuses them. TQ1_0 / TQ2_0
+/// need every linear's input width to be a multiple of 256, I2_S every matrix's size a
+/// multiple of 128. No tokenizer is written.
+pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<()> {
+    let blocks = match ty {
+        GgmlType::Tq1_0 => Some(TernaryBlocks::Tq1_0),
+        GgmlType::Tq2_0 => Some(TernaryBlocks::Tq2_0),
+        GgmlType::I2S => None,
+        other => {
+            return Err(Error::Input(format!(
+                "{} is not a ternary GGUF type; bitsvf writes TQ1_0, TQ2_0 and I2_S",
+                other.name()
+            )))
+        }
+    };
     use super::gguf::{GgufWriter, MetaValue};
     let cfg = &ck.config;
     let arch = gguf_architecture(cfg);
@@ -385,10 +400,6 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
     if let Some(h) = &ck.lm_head {
         table(&mut w, "output.weight", h)?;
     }
-    let gt = match ty {
-        TernaryBlocks::Tq1_0 => GgmlType::Tq1_0,
-        TernaryBlocks::Tq2_0 => GgmlType::Tq2_0,
-    };
     for (l, layer) in ck.layers.iter().enumerate() {
         vector(
             &mut w,
@@ -423,23 +434,24 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: TernaryBlocks) -> Result<()> 
                 )));
             }
             let per_tensor = m.scales.len() == 1;
-            let blocks = match per_tensor {
+            let bytes = match blocks {
                 // Unit block scales and γ in `.scale`: exact.
-                true => TernaryMatrix {
+                Some(b) if per_tensor => TernaryMatrix {
                     scales: vec![1.0],
                     ..(**m).clone()
                 }
-                .to_ggml(ty),
-                false => m.to_ggml(ty),
+                .to_ggml(b),
+                Some(b) => m.to_ggml(b),
+                None => m.to_i2_s(),
             }
             .map_err(|e| Error::Input(format!("{prefix}: {e}")))?;
             w.tensor(
                 &format!("{prefix}.weight"),
-                gt,
+                ty,
                 vec![m.cols as u64, m.rows as u64],
-                blocks,
+                bytes,
             )?;
-            if per_tensor {
+            if per_tensor && blocks.is_some() {
                 vector(&mut w, &format!("{prefix}.scale"), &m.scales)?;
             }
         }
@@ -452,7 +464,7 @@ mod tests {
     use super::*;
     use crate::engine::model::{test_arch, Model, ModelOptions};
 
-    /// A model written as GGUF (TQ1_0 and TQ2_0) reads back with the same weights and the
+    /// A model written as GGUF (TQ1_0, TQ2_0 and I2_S) reads back with the same weights and the
     /// same logits, to the bit; per-row scales round to f16.
     #[test]
     fn gguf_round_trips_a_checkpoint() {
@@ -467,7 +479,7 @@ mod tests {
             l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         let want = logits(&ck);
-        for ty in [TernaryBlocks::Tq1_0, TernaryBlocks::Tq2_0] {
+        for ty in TERNARY_GGUF_TYPES {
             let path = dir.path().join(format!("m-{}.gguf", ty.name()));
             save_gguf(&ck, &path, ty).unwrap();
             let back = super::super::load(&path).unwrap();
@@ -484,12 +496,26 @@ mod tests {
         m.scales = (0..rows).map(|r| 0.5 + r as f32 / 64.0).collect();
         lin.matrix = Arc::new(m);
         let path = dir.path().join("per-row.gguf");
-        save_gguf(&per_row, &path, TernaryBlocks::Tq2_0).unwrap();
+        save_gguf(&per_row, &path, GgmlType::Tq2_0).unwrap();
         let back = super::super::load(&path).unwrap();
         assert_eq!(
             back.layers[0].linears[0].matrix.scales,
             per_row.layers[0].linears[0].matrix.scales
         );
+        // I2_S has one scale per tensor.
+        let path = dir.path().join("per-row-i2s.gguf");
+        let err = save_gguf(&per_row, &path, GgmlType::I2S)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blk.0.attn_q") && err.contains("per row"),
+            "{err}"
+        );
+        assert!(!path.exists());
+        let err = save_gguf(&ck, &path, GgmlType::Q8_0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Q8_0"), "{err}");
     }
 
     /// Files that are not what they claim are errors naming the tensor or field.
@@ -500,7 +526,7 @@ mod tests {
         let ck = Checkpoint::random(cfg, 2);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        save_gguf(&ck, &path, TernaryBlocks::Tq2_0).unwrap();
+        save_gguf(&ck, &path, GgmlType::Tq2_0).unwrap();
         let g = Gguf::open(&path).unwrap();
         // Rewrite the file with one change.
         let rewrite = |edit: &dyn Fn(&mut super::super::gguf::GgufWriter)| {

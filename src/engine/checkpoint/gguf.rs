@@ -37,6 +37,10 @@ pub enum GgmlType {
     Tq1_0,
     /// Ternary, four trits per byte.
     Tq2_0,
+    /// bitnet.cpp's ternary type: 2-bit codes for the whole tensor and one f32 scale
+    /// ([`crate::engine::ternary::i2s`]). Its id, 36, is bitnet.cpp's; upstream ggml never
+    /// kept a type under it.
+    I2S,
     /// Any other type, by its ggml id.
     Other(u32),
 }
@@ -51,6 +55,7 @@ impl GgmlType {
             30 => GgmlType::Bf16,
             34 => GgmlType::Tq1_0,
             35 => GgmlType::Tq2_0,
+            36 => GgmlType::I2S,
             other => GgmlType::Other(other),
         }
     }
@@ -64,6 +69,7 @@ impl GgmlType {
             GgmlType::Bf16 => 30,
             GgmlType::Tq1_0 => 34,
             GgmlType::Tq2_0 => 35,
+            GgmlType::I2S => 36,
             GgmlType::Other(id) => id,
         }
     }
@@ -77,11 +83,13 @@ impl GgmlType {
             GgmlType::Q8_0 => "Q8_0".into(),
             GgmlType::Tq1_0 => "TQ1_0".into(),
             GgmlType::Tq2_0 => "TQ2_0".into(),
+            GgmlType::I2S => "I2_S".into(),
             GgmlType::Other(id) => format!("ggml type {id}"),
         }
     }
 
-    /// (values, bytes) of one block; `None` for a type bitsvf does not know.
+    /// (values, bytes) of one block; `None` for a type bitsvf does not know and for I2_S,
+    /// whose size is per tensor ([`TensorInfo::bytes`]).
     pub fn block(self) -> Option<(u64, u64)> {
         match self {
             GgmlType::F32 => Some((1, 4)),
@@ -89,7 +97,7 @@ impl GgmlType {
             GgmlType::Q8_0 => Some((32, 34)),
             GgmlType::Tq1_0 => Some((256, 54)),
             GgmlType::Tq2_0 => Some((256, 66)),
-            GgmlType::Other(_) => None,
+            GgmlType::I2S | GgmlType::Other(_) => None,
         }
     }
 }
@@ -212,6 +220,13 @@ impl TensorInfo {
 
     /// Bytes of its data, when the type is known and the rows are whole blocks.
     pub fn bytes(&self) -> Option<u64> {
+        if self.ty == GgmlType::I2S {
+            let n = self.elements();
+            let groups = crate::engine::ternary::i2s::QK_I2_S as u64;
+            return n
+                .is_multiple_of(groups)
+                .then(|| n / 4 + crate::engine::ternary::i2s::TRAILER as u64);
+        }
         let (values, bytes) = self.ty.block()?;
         let row = *self.dims.first().unwrap_or(&1);
         if !row.is_multiple_of(values) {

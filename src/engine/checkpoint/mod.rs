@@ -16,7 +16,8 @@ pub mod gguf;
 pub mod st;
 
 pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};
-pub use from_gguf::{gguf_architecture, save_gguf};
+pub use from_gguf::{gguf_architecture, save_gguf, TERNARY_GGUF_TYPES};
+pub use gguf::GgmlType;
 
 pub use formats::{
     display_name, load, load_default, load_or_default, save_dequantized, save_native,

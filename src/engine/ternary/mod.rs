@@ -8,6 +8,7 @@
 //! Rounding is half-to-even, as `torch.round` does, so our codes match PyTorch-made ones.
 
 pub mod ggml;
+pub mod i2s;
 mod kernels;
 mod pack;
 pub mod requant;

@@ -1,7 +1,10 @@
 //! Tokenizers: the built-in byte tokenizer of the default model (one id per ASCII byte) and,
-//! for real models, Hugging Face `tokenizer.json` files.
+//! for real models, Hugging Face `tokenizer.json` files or the tokenizer in a GGUF file's
+//! metadata ([`gguf`]).
 
 use crate::error::{Error, Result};
+
+pub mod gguf;
 
 /// Token ids of the byte tokenizer: id = ASCII code, plus three control codes as specials.
 pub mod byte_ids {
@@ -30,8 +33,19 @@ pub trait Tokenizer: Send + Sync {
     fn stop_ids(&self) -> Vec<u32> {
         vec![self.eos()]
     }
+    /// Every id that ends a chat turn: the end of sequence and the model's end-of-turn tokens
+    /// (`<|eot_id|>`, `<|im_end|>`, … — what llama.cpp treats as end of generation).
+    fn end_of_turn_ids(&self) -> Vec<u32> {
+        vec![self.eos()]
+    }
     /// Vocabulary size.
     fn vocab_size(&self) -> usize;
+    /// The text of token `id` as the vocabulary spells it (special tokens included), where the
+    /// tokenizer knows it.
+    fn token_text(&self, id: u32) -> Option<String> {
+        let _ = id;
+        None
+    }
 }
 
 /// One id per ASCII byte. The default model's tokenizer: every task prompt is printable ASCII.
@@ -96,8 +110,23 @@ pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     stop: Vec<u32>,
+    turn_end: Vec<u32>,
     vocab: usize,
 }
+
+/// Special tokens that end a chat turn in the usual chat formats (llama.cpp's end-of-generation
+/// list).
+const END_OF_TURN: [&str; 9] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<|eom_id|>",
+    "</s>",
+];
 
 impl HfTokenizer {
     /// Load `path`; `bos`/`eos` come from the model config (eos also ends answers, as does
@@ -107,6 +136,28 @@ impl HfTokenizer {
             path: path.to_path_buf(),
             msg: format!("not a readable tokenizer.json: {e}"),
         })?;
+        Self::new(inner, path, bos, eos)
+    }
+
+    /// The tokenizer in the metadata of the GGUF file `path`, if it has one.
+    pub fn from_gguf(
+        path: &std::path::Path,
+        bos: Option<u32>,
+        eos: Option<u32>,
+    ) -> Result<Option<Self>> {
+        let g = crate::engine::checkpoint::gguf::Gguf::open(path)?;
+        gguf::tokenizer(&g)?
+            .map(|inner| Self::new(inner, path, bos, eos))
+            .transpose()
+    }
+
+    /// `inner`, read from `path`, with the model's `bos` and `eos`.
+    fn new(
+        inner: tokenizers::Tokenizer,
+        path: &std::path::Path,
+        bos: Option<u32>,
+        eos: Option<u32>,
+    ) -> Result<Self> {
         let vocab = inner.get_vocab_size(true);
         let mut stop: Vec<u32> = inner
             .get_vocab(true)
@@ -125,10 +176,21 @@ impl HfTokenizer {
                     .into(),
             });
         }
+        let mut turn_end: Vec<u32> = END_OF_TURN
+            .iter()
+            .filter_map(|t| inner.token_to_id(t))
+            .chain(eos)
+            .collect();
+        turn_end.sort_unstable();
+        turn_end.dedup();
+        if turn_end.is_empty() {
+            turn_end.push(stop[0]);
+        }
         Ok(HfTokenizer {
             inner,
             bos,
             stop,
+            turn_end,
             vocab,
         })
     }
@@ -159,8 +221,16 @@ impl Tokenizer for HfTokenizer {
         self.stop.clone()
     }
 
+    fn end_of_turn_ids(&self) -> Vec<u32> {
+        self.turn_end.clone()
+    }
+
     fn vocab_size(&self) -> usize {
         self.vocab
+    }
+
+    fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 }
 
@@ -179,19 +249,32 @@ pub fn file_for_model(source: &std::path::Path) -> Option<std::path::PathBuf> {
     Some(model_dir(source).join("tokenizer.json")).filter(|tj| tj.is_file())
 }
 
-/// The tokenizer of a model: the `tokenizer.json` beside it, else the byte tokenizer when the
-/// vocabulary is the byte tokenizer's.
+/// The tokenizer of a model: the one inside a GGUF file, else the `tokenizer.json` beside the
+/// model, else the byte tokenizer when the vocabulary is the byte tokenizer's.
 pub fn for_model(
     source: Option<&std::path::Path>,
     config: &crate::engine::config::ModelConfig,
 ) -> Result<Box<dyn Tokenizer>> {
     if let Some(src) = source {
         let dir = model_dir(src);
-        if let Some(tj) = file_for_model(src) {
-            let t = HfTokenizer::from_file(&tj, config.bos_token_id, config.eos_token_id)?;
+        let (bos, eos) = (config.bos_token_id, config.eos_token_id);
+        let inside = match crate::engine::checkpoint::gguf::Gguf::sniff(src) {
+            true => HfTokenizer::from_gguf(src, bos, eos)?.map(|t| (t, src.to_path_buf())),
+            false => None,
+        };
+        let beside = || -> Result<Option<(HfTokenizer, std::path::PathBuf)>> {
+            file_for_model(src)
+                .map(|tj| Ok((HfTokenizer::from_file(&tj, bos, eos)?, tj)))
+                .transpose()
+        };
+        let found = match inside {
+            Some(t) => Some(t),
+            None => beside()?,
+        };
+        if let Some((t, from)) = found {
             if t.vocab_size() > config.vocab_size {
                 return Err(Error::config(
-                    &tj,
+                    &from,
                     "vocab",
                     format!(
                         "tokenizer has {} tokens but the model's vocab_size is {}",
@@ -204,8 +287,9 @@ pub fn for_model(
         }
         if config.vocab_size != BYTE_VOCAB {
             return Err(Error::Input(format!(
-                "no tokenizer.json in {} and the model's vocabulary ({}) is not the byte \
-                 tokenizer's ({BYTE_VOCAB}); put the model's tokenizer.json beside it",
+                "no tokenizer in the model and no tokenizer.json in {}, and the model's \
+                 vocabulary ({}) is not the byte tokenizer's ({BYTE_VOCAB}); put the model's \
+                 tokenizer.json beside it",
                 dir.display(),
                 config.vocab_size
             )));
