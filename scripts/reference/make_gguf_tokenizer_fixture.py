@@ -6,7 +6,7 @@ for a set of texts, which bitsvf's reading of the GGUF must reproduce.
     pip install gguf tokenizers sentencepiece numpy
     python3 scripts/reference/make_gguf_tokenizer_fixture.py tests/fixtures/gguf-tokenizer
 
-- gpt2.gguf: a byte-level BPE (`tokenizer.ggml.model = gpt2`, pre-tokenizer `llama-bpe`, the
+- gpt2.gguf: a byte-level BPE (its tokenizer.json: gpt2.tokenizer.json) (`tokenizer.ggml.model = gpt2`, pre-tokenizer `llama-bpe`, the
   Llama-3 split that microsoft/bitnet-b1.58-2B-4T uses) trained here with the `tokenizers`
   package, with three special tokens and a chat template; tokens and types as the converter's
   get_vocab_base writes them, merges, special ids and the template through gguf.SpecialVocab.
@@ -82,6 +82,7 @@ trainer = trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.By
 tok.train_from_iterator(CORPUS, trainer)
 tok.model.ignore_merges = True  # as Llama 3's tokenizer.json, and llama.cpp for llama-bpe
 tok.add_special_tokens(specials)
+tok.save(os.path.join(out, "gpt2.tokenizer.json"))
 with tempfile.TemporaryDirectory() as d:
     tok.save(os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:

@@ -177,7 +177,7 @@ pub fn choose(
 }
 
 /// The template text a model carries and where it was found.
-fn model_template(src: &Path) -> Result<Option<(String, String)>> {
+pub(crate) fn model_template(src: &Path) -> Result<Option<(String, String)>> {
     if Gguf::sniff(src) {
         let g = Gguf::open(src)?;
         if let Some(v) = g.get("tokenizer.chat_template") {

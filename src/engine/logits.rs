@@ -17,7 +17,11 @@ pub fn write_logits(
     options: ModelOptions,
     out: &Path,
 ) -> Result<Vec<usize>> {
-    let net = Model::new(ck, options)?;
+    write_model_logits(&Model::new(ck, options)?, rows, out)
+}
+
+/// [`write_logits`] of a model already built (an expert's, say).
+pub fn write_model_logits(net: &Model, rows: &[Vec<u32>], out: &Path) -> Result<Vec<usize>> {
     let logits = net.forward(&net.ids_tensor(rows)?, None)?;
     let shape = logits.dims().to_vec();
     let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;

@@ -31,7 +31,7 @@ pub struct Args {
     /// Output format: native, or GGUF (architecture `bitnet` for SiLU models and
     /// `bitnet-b1.58` for ReLU² ones) with tq2_0 / tq1_0 linears (every linear's input width a
     /// multiple of 256) or i2_s linears (one scale per tensor, sizes a multiple of 128); GGUF
-    /// writes no tokenizer.
+    /// carries the tokenizer when the source has one llama.cpp reads (byte-level BPE).
     #[arg(long = "type", value_enum, default_value = "native")]
     out_type: OutType,
 }
@@ -56,8 +56,8 @@ pub fn run(a: Args) -> Result<()> {
             "native".to_string()
         }
         Some(ty) => {
-            checkpoint::save_gguf(&ck, &a.out, ty)?;
-            format!("GGUF {}", ty.name())
+            let tokenizer = checkpoint::save_gguf(&ck, &a.out, ty)?;
+            format!("GGUF {}; {tokenizer}", ty.name())
         }
     };
     eprintln!(

@@ -1,9 +1,12 @@
 //! `bitsvf logits`: one forward pass on token ids, written to safetensors.
 
+use crate::common::svd_cache;
 use anyhow::Result;
 use bitsvf::engine::checkpoint;
-use bitsvf::engine::logits::write_logits;
+use bitsvf::engine::logits::{write_logits, write_model_logits};
 use bitsvf::engine::model::{parse_token_rows, ModelOptions, WeightMode};
+use bitsvf::svf::attach::expert_model;
+use bitsvf::svf::expert::Expert;
 use candle_core::DType;
 use std::path::PathBuf;
 
@@ -23,6 +26,13 @@ pub struct Args {
     /// Keep activations in f32 (no int8 activation quantization).
     #[arg(long)]
     no_act_quant: bool,
+    /// An expert file to apply first (trained on MODEL); paper and official SVF need
+    /// `--mode dense`, a low-rank expert over `--mode ternary` is the hybrid deployment.
+    #[arg(long)]
+    expert: Option<PathBuf>,
+    /// SVD cache directory (default: $BITSVF_CACHE or ~/.cache/bitsvf).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -33,7 +43,14 @@ pub fn run(a: Args) -> Result<()> {
         act_quant: !a.no_act_quant,
         dtype: DType::F32,
     };
-    let shape = write_logits(&ck, &rows, options, &a.out)?;
+    let shape = match &a.expert {
+        None => write_logits(&ck, &rows, options, &a.out)?,
+        Some(path) => {
+            let expert = Expert::load_for(path, &ck)?;
+            let net = expert_model(&ck, &expert, &svd_cache(a.cache_dir.clone()), options)?;
+            write_model_logits(&net, &rows, &a.out)?
+        }
+    };
     eprintln!("wrote logits {:?} to {}", shape, a.out.display());
     Ok(())
 }

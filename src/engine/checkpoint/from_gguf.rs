@@ -4,7 +4,7 @@
 //! per-tensor `.scale`) and the embeddings, head and norms as F32, F16, BF16 or (embeddings and
 //! head) Q8_0. Embeddings in F16 / BF16 stay in the mapped file, as with safetensors.
 
-use super::gguf::{GgmlType, Gguf, TensorInfo};
+use super::gguf::{GgmlType, Gguf, MetaValue, TensorInfo};
 use super::{Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat, StoredDtype};
 use crate::engine::config::{Activation, ModelConfig};
 use crate::engine::ternary::ggml::TernaryBlocks;
@@ -325,8 +325,10 @@ pub const TERNARY_GGUF_TYPES: [GgmlType; 3] = [GgmlType::Tq2_0, GgmlType::Tq1_0,
 /// llama.cpp's optional `.scale` tensor, in I2_S it is the tensor's own f32 scale; per-row
 /// scales become the blocks' f16 scales (rounded to f16), and I2_S refuses them. TQ1_0 / TQ2_0
 /// need every linear's input width to be a multiple of 256, I2_S every matrix's size a
-/// multiple of 128. No tokenizer is written.
-pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<()> {
+/// multiple of 128. The tokenizer goes in too where the source has one llama.cpp can read (a
+/// GGUF file's own, or a byte-level BPE tokenizer.json beside the model, with its chat
+/// template); the returned line says what was written.
+pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<String> {
     let blocks = match ty {
         GgmlType::Tq1_0 => Some(TernaryBlocks::Tq1_0),
         GgmlType::Tq2_0 => Some(TernaryBlocks::Tq2_0),
@@ -338,7 +340,7 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<()> {
             )))
         }
     };
-    use super::gguf::{GgufWriter, MetaValue};
+    use super::gguf::GgufWriter;
     let cfg = &ck.config;
     let arch = gguf_architecture(cfg);
     let mut w = GgufWriter::new(arch);
@@ -372,26 +374,28 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<()> {
             w.meta(&format!("tokenizer.ggml.{k}"), MetaValue::U32(id));
         }
     }
-    let table = |w: &mut GgufWriter, name: &str, m: &FloatMatrix| -> Result<()> {
+    let tokenizer = tokenizer_metadata(ck)?;
+    for (k, v) in &tokenizer.0 {
+        w.meta(k, v.clone());
+    }
+    // Tables and linears are encoded one at a time as the file is written.
+    fn table<'a>(w: &mut GgufWriter<'a>, name: &str, m: &'a FloatMatrix) -> Result<()> {
         let dims = vec![m.cols as u64, m.rows as u64];
-        let (gt, bytes) = match m.dtype() {
-            StoredDtype::Q8_0 => (GgmlType::Q8_0, m.to_q8_0_blocks()?),
-            StoredDtype::F16 | StoredDtype::Bf16 => match m.half_bits() {
-                Some((d, bits)) => (
-                    if d == StoredDtype::F16 {
-                        GgmlType::F16
-                    } else {
-                        GgmlType::Bf16
-                    },
-                    bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
-                ),
-                None => (GgmlType::F32, m.to_f32_le_bytes()),
-            },
-            StoredDtype::F32 => (GgmlType::F32, m.to_f32_le_bytes()),
+        let gt = match (m.dtype(), m.half_bits()) {
+            (StoredDtype::Q8_0, _) => GgmlType::Q8_0,
+            (StoredDtype::F16, Some(_)) => GgmlType::F16,
+            (StoredDtype::Bf16, Some(_)) => GgmlType::Bf16,
+            _ => GgmlType::F32,
         };
-        w.tensor(name, gt, dims, bytes)
-    };
-    let vector = |w: &mut GgufWriter, name: &str, v: &[f32]| {
+        w.tensor_with(name, gt, dims, move || match (gt, m.half_bits()) {
+            (GgmlType::Q8_0, _) => m.to_q8_0_blocks(),
+            (GgmlType::F16 | GgmlType::Bf16, Some((_, bits))) => {
+                Ok(bits.iter().flat_map(|b| b.to_le_bytes()).collect())
+            }
+            _ => Ok(m.to_f32_le_bytes()),
+        })
+    }
+    let vector = |w: &mut GgufWriter<'_>, name: &str, v: &[f32]| {
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         w.tensor(name, GgmlType::F32, vec![v.len() as u64], bytes)
     };
@@ -434,29 +438,67 @@ pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<()> {
                 )));
             }
             let per_tensor = m.scales.len() == 1;
-            let bytes = match blocks {
-                // Unit block scales and γ in `.scale`: exact.
-                Some(b) if per_tensor => TernaryMatrix {
-                    scales: vec![1.0],
-                    ..(**m).clone()
-                }
-                .to_ggml(b),
-                Some(b) => m.to_ggml(b),
-                None => m.to_i2_s(),
+            // Checked now, encoded when written.
+            match blocks {
+                Some(b) => m.check_ggml(b),
+                None => m.check_i2_s(),
             }
             .map_err(|e| Error::Input(format!("{prefix}: {e}")))?;
-            w.tensor(
-                &format!("{prefix}.weight"),
-                ty,
-                vec![m.cols as u64, m.rows as u64],
-                bytes,
-            )?;
+            let (mat, name) = (Arc::clone(m), prefix.clone());
+            let dims = vec![m.cols as u64, m.rows as u64];
+            w.tensor_with(&format!("{prefix}.weight"), ty, dims, move || {
+                match blocks {
+                    // Unit block scales and γ in `.scale`: exact.
+                    Some(b) if per_tensor => TernaryMatrix {
+                        scales: vec![1.0],
+                        ..(*mat).clone()
+                    }
+                    .to_ggml(b),
+                    Some(b) => mat.to_ggml(b),
+                    None => mat.to_i2_s(),
+                }
+                .map_err(|e| Error::Input(format!("{name}: {e}")))
+            })?;
             if per_tensor && blocks.is_some() {
                 vector(&mut w, &format!("{prefix}.scale"), &m.scales)?;
             }
         }
     }
-    w.write(path)
+    w.write(path)?;
+    Ok(tokenizer.1)
+}
+
+/// The `tokenizer.*` metadata of `ck`'s source for a GGUF file, and a line saying what it is.
+fn tokenizer_metadata(ck: &Checkpoint) -> Result<(Vec<(String, MetaValue)>, String)> {
+    use crate::engine::tokenizer::{file_for_model, gguf::metadata_for};
+    if Gguf::sniff(&ck.source) {
+        let g = Gguf::open(&ck.source)?;
+        let keys: Vec<_> = (g.metadata.iter())
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .cloned()
+            .collect();
+        let note = match keys.iter().any(|(k, _)| k == "tokenizer.ggml.model") {
+            true => "tokenizer: the source GGUF's".to_string(),
+            false => "no tokenizer written: the source GGUF has none".to_string(),
+        };
+        return Ok((keys, note));
+    }
+    let Some(tj) = file_for_model(&ck.source) else {
+        return Ok((
+            vec![],
+            "no tokenizer written: the model has no tokenizer.json".into(),
+        ));
+    };
+    let mut meta = match metadata_for(&tj, ck.config.vocab_size) {
+        Ok(m) => m,
+        Err(e) => return Ok((vec![], format!("no tokenizer written: {e}"))),
+    };
+    let mut note = format!("tokenizer: {}", tj.display());
+    if let Some((text, origin)) = crate::engine::chat::model_template(&ck.source)? {
+        meta.push(("tokenizer.chat_template".into(), MetaValue::Str(text)));
+        note += &format!(", chat template: {origin}");
+    }
+    Ok((meta, note))
 }
 
 #[cfg(test)]
@@ -516,6 +558,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("Q8_0"), "{err}");
+    }
+
+    /// A model with a byte-level BPE tokenizer.json beside it is written with its tokenizer and
+    /// chat template, which read back to the same ids.
+    #[test]
+    fn gguf_carries_the_tokenizer_beside_the_model() {
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-tokenizer");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fx.join("gpt2.tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let template = "{{ bos_token }}{{ messages[0]['content'] }}";
+        let config = serde_json::json!({ "chat_template": template });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let mut cfg = test_arch(256, 512, 1, (4, 2), 64);
+        cfg.vocab_size = 430;
+        let mut ck = Checkpoint::random(cfg, 3);
+        ck.source = dir.path().join("model.safetensors");
+        let path = dir.path().join("m.gguf");
+        let note = save_gguf(&ck, &path, GgmlType::I2S).unwrap();
+        assert!(
+            note.contains("tokenizer.json") && note.contains("chat template"),
+            "{note}"
+        );
+        let g = Gguf::open(&path).unwrap();
+        assert_eq!(
+            g.get("tokenizer.chat_template").and_then(MetaValue::as_str),
+            Some(template)
+        );
+        let t = crate::engine::tokenizer::gguf::tokenizer(&g)
+            .unwrap()
+            .unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap())
+                .unwrap();
+        for case in expected["gpt2"].as_array().unwrap() {
+            let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(t.encode(text, false).unwrap().get_ids(), want, "{text:?}");
+        }
+        // Converted again from the GGUF: the same tokenizer keys.
+        let back = super::super::load(&path).unwrap();
+        let again = dir.path().join("again.gguf");
+        let note = save_gguf(&back, &again, GgmlType::Tq2_0).unwrap();
+        assert!(note.contains("source GGUF"), "{note}");
+        let h = Gguf::open(&again).unwrap();
+        for (k, v) in g
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+        {
+            assert_eq!(h.get(k), Some(v), "{k}");
+        }
+        // No tokenizer: said so.
+        ck.source = dir.path().join("elsewhere/model.safetensors");
+        let note = save_gguf(&ck, &dir.path().join("bare.gguf"), GgmlType::I2S).unwrap();
+        assert!(note.contains("no tokenizer"), "{note}");
     }
 
     /// Files that are not what they claim are errors naming the tensor or field.

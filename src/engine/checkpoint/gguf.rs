@@ -519,17 +519,26 @@ impl Reader<'_> {
     }
 }
 
-/// Writes a GGUF (version 3) file: metadata and tensors are collected, then written in one
-/// pass through an atomic writer (a killed write leaves no partial file).
-#[derive(Default)]
-pub struct GgufWriter {
-    metadata: Vec<(String, MetaValue)>,
-    tensors: Vec<(TensorInfo, Vec<u8>)>,
+/// A tensor's data for [`GgufWriter`]: its bytes, or how to make them when the file is
+/// written.
+enum TensorData<'a> {
+    Bytes(Vec<u8>),
+    Lazy(Box<dyn Fn() -> Result<Vec<u8>> + 'a>),
 }
 
-impl GgufWriter {
+/// Writes a GGUF (version 3) file: metadata and tensors are collected, then written in one
+/// pass through an atomic writer (a killed write leaves no partial file). Tensors added with
+/// [`GgufWriter::tensor_with`] are encoded one at a time as the file is written, so a model
+/// need not be held twice in memory.
+#[derive(Default)]
+pub struct GgufWriter<'a> {
+    metadata: Vec<(String, MetaValue)>,
+    tensors: Vec<(TensorInfo, u64, TensorData<'a>)>,
+}
+
+impl<'a> GgufWriter<'a> {
     /// A writer for architecture `arch` (`general.architecture`).
-    pub fn new(arch: &str) -> GgufWriter {
+    pub fn new(arch: &str) -> GgufWriter<'a> {
         let mut w = GgufWriter::default();
         w.meta("general.architecture", MetaValue::Str(arch.into()));
         w
@@ -543,6 +552,24 @@ impl GgufWriter {
         }
     }
 
+    /// The directory entry of a tensor, and its size, checked against its type.
+    fn info(name: &str, ty: GgmlType, dims: Vec<u64>) -> Result<(TensorInfo, u64)> {
+        let info = TensorInfo {
+            name: name.to_string(),
+            dims,
+            ty,
+            offset: 0,
+        };
+        let bytes = info.bytes().ok_or_else(|| {
+            Error::Input(format!(
+                "GGUF tensor `{name}`: dims {:?} are not whole {} blocks",
+                info.dims,
+                ty.name()
+            ))
+        })?;
+        Ok((info, bytes))
+    }
+
     /// Add a tensor of `ty` with ggml `dims` (innermost first) and its encoded bytes.
     pub fn tensor(
         &mut self,
@@ -551,13 +578,8 @@ impl GgufWriter {
         dims: Vec<u64>,
         data: Vec<u8>,
     ) -> Result<()> {
-        let info = TensorInfo {
-            name: name.to_string(),
-            dims,
-            ty,
-            offset: 0,
-        };
-        if info.bytes() != Some(data.len() as u64) {
+        let (info, bytes) = Self::info(name, ty, dims)?;
+        if bytes != data.len() as u64 {
             return Err(Error::Input(format!(
                 "GGUF tensor `{name}`: {} bytes for a {} tensor of dims {:?}",
                 data.len(),
@@ -565,12 +587,27 @@ impl GgufWriter {
                 info.dims
             )));
         }
-        self.tensors.push((info, data));
+        self.tensors.push((info, bytes, TensorData::Bytes(data)));
         Ok(())
     }
 
-    /// The file's bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// Add a tensor whose bytes `encode` makes when the file is written (checked then against
+    /// the size its type and dims give).
+    pub fn tensor_with(
+        &mut self,
+        name: &str,
+        ty: GgmlType,
+        dims: Vec<u64>,
+        encode: impl Fn() -> Result<Vec<u8>> + 'a,
+    ) -> Result<()> {
+        let (info, bytes) = Self::info(name, ty, dims)?;
+        self.tensors
+            .push((info, bytes, TensorData::Lazy(Box::new(encode))));
+        Ok(())
+    }
+
+    /// The header: magic, counts, metadata and the tensor directory, padded to the alignment.
+    fn header(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         out.extend(3u32.to_le_bytes());
@@ -582,7 +619,7 @@ impl GgufWriter {
             put_value(&mut out, v);
         }
         let mut offset = 0u64;
-        for (t, data) in &self.tensors {
+        for (t, bytes, _) in &self.tensors {
             put_string(&mut out, &t.name);
             out.extend((t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
@@ -590,22 +627,65 @@ impl GgufWriter {
             }
             out.extend(t.ty.id().to_le_bytes());
             out.extend(offset.to_le_bytes());
-            offset = (offset + data.len() as u64).next_multiple_of(DEFAULT_ALIGNMENT);
+            offset = (offset + bytes).next_multiple_of(DEFAULT_ALIGNMENT);
         }
         // The data section starts aligned, and every tensor's data is padded to the alignment
         // (the last one too, as ggml's writers do).
-        let align = DEFAULT_ALIGNMENT as usize;
-        out.resize(out.len().next_multiple_of(align), 0);
-        for (_, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(out.len().next_multiple_of(align), 0);
-        }
+        out.resize(out.len().next_multiple_of(DEFAULT_ALIGNMENT as usize), 0);
         out
     }
 
-    /// Write the file atomically.
+    /// The whole file through `sink`, a tensor at a time.
+    fn write_to(&self, sink: &mut dyn std::io::Write) -> Result<()> {
+        let io = |e: std::io::Error| Error::Input(format!("writing GGUF: {e}"));
+        sink.write_all(&self.header()).map_err(io)?;
+        let align = DEFAULT_ALIGNMENT as usize;
+        for (t, bytes, data) in &self.tensors {
+            let made;
+            let data: &[u8] = match data {
+                TensorData::Bytes(b) => b,
+                TensorData::Lazy(encode) => {
+                    made = encode()?;
+                    &made
+                }
+            };
+            if data.len() as u64 != *bytes {
+                return Err(Error::Input(format!(
+                    "GGUF tensor `{}`: {} bytes for a {} tensor of dims {:?}",
+                    t.name,
+                    data.len(),
+                    t.ty.name(),
+                    t.dims
+                )));
+            }
+            sink.write_all(data).map_err(io)?;
+            let pad = data.len().next_multiple_of(align) - data.len();
+            sink.write_all(&vec![0u8; pad]).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.write_to(&mut out)?;
+        Ok(out)
+    }
+
+    /// Write the file atomically, encoding the tensors one at a time.
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::io::write_atomic(path, &self.to_bytes())
+        let mut failed = None;
+        let written = crate::io::write_atomic_with(path, |w| {
+            self.write_to(w).map_err(|e| {
+                let msg = e.to_string();
+                failed = Some(e);
+                std::io::Error::other(msg)
+            })
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => written,
+        }
     }
 }
 
@@ -741,7 +821,7 @@ mod tests {
             w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec())
                 .unwrap();
         }
-        assert_eq!(w.to_bytes(), std::fs::read(&path).unwrap());
+        assert_eq!(w.to_bytes().unwrap(), std::fs::read(&path).unwrap());
     }
 
     /// Truncations and corruptions anywhere are errors naming the file, never panics.

@@ -223,9 +223,8 @@ impl TernaryMatrix {
         Ok(TernaryMatrix::from_values(&values, rows, cols, scales))
     }
 
-    /// The matrix as `ty` blocks, each carrying its row's scale rounded to f16 (`cols` a
-    /// multiple of 256).
-    pub fn to_ggml(&self, ty: TernaryBlocks) -> Result<Vec<u8>, String> {
+    /// Whether the matrix can be written as `ty` blocks: rows of whole 256-weight blocks.
+    pub fn check_ggml(&self, ty: TernaryBlocks) -> Result<(), String> {
         if !self.cols.is_multiple_of(QK_K) {
             return Err(format!(
                 "a {}×{} matrix cannot be written as {}: rows of {} are not a whole number of \
@@ -236,6 +235,13 @@ impl TernaryMatrix {
                 self.cols
             ));
         }
+        Ok(())
+    }
+
+    /// The matrix as `ty` blocks, each carrying its row's scale rounded to f16 (`cols` a
+    /// multiple of 256).
+    pub fn to_ggml(&self, ty: TernaryBlocks) -> Result<Vec<u8>, String> {
+        self.check_ggml(ty)?;
         let values = self.values();
         let row_bytes = ty.row_bytes(self.cols);
         let mut out = vec![0u8; self.rows * row_bytes];

@@ -70,8 +70,8 @@ impl TernaryMatrix {
         ))
     }
 
-    /// The matrix as I2_S (one scale per tensor, `rows·cols` a multiple of 128).
-    pub fn to_i2_s(&self) -> Result<Vec<u8>, String> {
+    /// Whether the matrix can be written as I2_S: one scale, whole 128-weight groups.
+    pub fn check_i2_s(&self) -> Result<(), String> {
         let n = self.rows * self.cols;
         if self.scales.len() != 1 {
             return Err(format!(
@@ -87,6 +87,13 @@ impl TernaryMatrix {
                 self.rows, self.cols
             ));
         }
+        Ok(())
+    }
+
+    /// The matrix as I2_S (one scale per tensor, `rows·cols` a multiple of 128).
+    pub fn to_i2_s(&self) -> Result<Vec<u8>, String> {
+        self.check_i2_s()?;
+        let n = self.rows * self.cols;
         let mut out = vec![0u8; tensor_bytes(n)];
         for (src, dst) in self
             .values()

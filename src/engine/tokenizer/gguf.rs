@@ -190,6 +190,111 @@ fn from_metadata(
     Ok(Some(t))
 }
 
+/// The `tokenizer.*` metadata llama.cpp needs for the Hugging Face `tokenizer.json` at `path`
+/// (a byte-level BPE: `gpt2` with the tokens, their types, the merges and the pre-tokenizer
+/// it uses, `llama-bpe` or `gpt-2`), padded with unused `[PADi]` tokens to `vocab_size`
+/// as llama.cpp's converter pads them. Another kind of tokenizer is an error saying why.
+pub fn metadata_for(path: &Path, vocab_size: usize) -> Result<Vec<(String, MetaValue)>> {
+    let bad = |field: &str, msg: String| Error::config(path, field, msg);
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let tj: Value =
+        serde_json::from_str(&text).map_err(|e| bad("(file)", format!("not JSON: {e}")))?;
+    let model = &tj["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(bad(
+            "model.type",
+            "not a byte-level BPE; bitsvf writes gpt2-style GGUF tokenizers only".into(),
+        ));
+    }
+    let pre = &tj["pre_tokenizer"];
+    let byte_level = |p: &Value, regex: bool| p["type"] == "ByteLevel" && p["use_regex"] == regex;
+    let pre_name = if byte_level(pre, true) {
+        "gpt-2"
+    } else if pre["type"] == "Sequence"
+        && pre["pretokenizers"][0]["pattern"]["Regex"] == LLAMA3_SPLIT
+        && byte_level(&pre["pretokenizers"][1], false)
+    {
+        "llama-bpe"
+    } else {
+        return Err(bad(
+            "pre_tokenizer",
+            "neither GPT-2's byte-level split nor Llama 3's; llama.cpp would split text \
+             differently"
+                .into(),
+        ));
+    };
+    let mut tokens = vec![String::new(); vocab_size];
+    let mut types = vec![None; vocab_size];
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("model.vocab", "not an object".into()))?;
+    let mut place = |t: &str, id: &Value, ty: i64| -> Result<()> {
+        let id = id
+            .as_u64()
+            .map(|i| i as usize)
+            .filter(|&i| i < vocab_size)
+            .ok_or_else(|| {
+                bad(
+                    "model.vocab",
+                    format!("token {t:?} has id {id}, outside the model's {vocab_size}"),
+                )
+            })?;
+        tokens[id] = t.to_string();
+        types[id] = Some(ty);
+        Ok(())
+    };
+    for (t, id) in vocab {
+        place(t, id, 1)?;
+    }
+    for at in tj["added_tokens"].as_array().into_iter().flatten() {
+        let content = at["content"].as_str().unwrap_or_default();
+        let ty = if at["special"] == true {
+            CONTROL
+        } else {
+            USER_DEFINED
+        };
+        place(content, &at["id"], ty)?;
+    }
+    const UNUSED: i64 = 5;
+    for (i, (t, ty)) in tokens.iter_mut().zip(&mut types).enumerate() {
+        if ty.is_none() {
+            *t = format!("[PAD{i}]");
+            *ty = Some(UNUSED);
+        }
+    }
+    let merges: Vec<MetaValue> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Value::String(s) => MetaValue::Str(s.clone()),
+            Value::Array(pair) => MetaValue::Str(
+                pair.iter()
+                    .map(|p| p.as_str().unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            other => MetaValue::Str(other.to_string()),
+        })
+        .collect();
+    let strs = |v: Vec<String>| MetaValue::Array(v.into_iter().map(MetaValue::Str).collect());
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), MetaValue::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), MetaValue::Str(pre_name.into())),
+        ("tokenizer.ggml.tokens".into(), strs(tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            MetaValue::Array(
+                types
+                    .into_iter()
+                    .map(|t| MetaValue::I32(t.unwrap_or(1) as i32))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.merges".into(), MetaValue::Array(merges)),
+    ])
+}
+
 /// A string array, or `None` when the key is absent.
 fn strings(path: &Path, key: &str, v: Option<&MetaValue>) -> Result<Option<Vec<String>>> {
     let Some(v) = v else {
@@ -277,6 +382,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What bitsvf writes for a tokenizer.json is what llama.cpp's converter (through the
+    /// `gguf` package) wrote for the same file, key for key.
+    #[test]
+    fn metadata_for_a_tokenizer_json_is_what_the_converter_writes() {
+        let g = Gguf::open(&fixture("gpt2.gguf")).unwrap();
+        let n = g
+            .get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len();
+        let ours = metadata_for(&fixture("gpt2.tokenizer.json"), n).unwrap();
+        assert_eq!(ours.len(), 5);
+        for (k, v) in &ours {
+            assert_eq!(g.get(k), Some(v), "{k}");
+        }
+        // Padded to the model's vocabulary with unused tokens.
+        let padded = metadata_for(&fixture("gpt2.tokenizer.json"), n + 2).unwrap();
+        let tokens = padded[2].1.as_array().unwrap();
+        assert_eq!(
+            tokens[n + 1].as_str(),
+            Some(format!("[PAD{}]", n + 1).as_str())
+        );
+        let e = metadata_for(&fixture("gpt2.tokenizer.json"), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside the model's 10"), "{e}");
+        let e = metadata_for(&fixture("expected.json"), n)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.type"), "{e}");
     }
 
     #[test]
