@@ -169,6 +169,11 @@ fn dequantize_verify_writes_a_verified_float_model() {
     assert!(v["act_quant_kept"]["mean_kl"].as_f64().unwrap() < 1e-6);
     assert!(v["act_quant_dropped"]["mean_kl"].as_f64().unwrap() > 0.0);
     assert!(out.join("model.safetensors").is_file() && out.join("config.json").is_file());
+    // A config transformers builds BitNetForCausalLM from: the head width spelled out.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "bitnet");
+    assert_eq!(cfg["head_dim"], 16);
     // Its float weights re-load, as the same model.
     let o = bitsvf(&["inspect", out.to_str().unwrap(), "--json"]);
     let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -712,6 +712,8 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors_streamed(&tmp.join("model.safetensors"), tensors, Some(meta))?;
     let mut cfg = serde_json::to_value(&ck.config).expect("config serializes");
+    // transformers reads `head_dim` as given (a null breaks its attention): always a number.
+    cfg["head_dim"] = serde_json::json!(ck.config.head_dim());
     cfg["architectures"] = serde_json::json!(["BitNetForCausalLM"]);
     cfg["model_type"] = serde_json::json!("bitnet");
     cfg["torch_dtype"] = serde_json::json!("float32");
