@@ -206,6 +206,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 .transpose()?;
             match dequantized {
                 Some(q) => {
+                    // `head_dim` is spelled out for transformers; the model's own (often
+                    // absent) value is kept beside the quantization, so the model is the same.
+                    let mut config = config;
+                    if let Some(own) = raw.get("bitsvf").and_then(|b| b.get("head_dim")) {
+                        config.head_dim = own.as_u64().map(|h| h as usize);
+                    }
                     let reader = |name: &str, rows: usize, cols: usize| {
                         read_dequantized(&tf, name, rows, cols, q)
                     };
@@ -721,6 +727,7 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
         "dequantized_from": ck.format.name(),
         "base_content_hash": ck.content_hash(),
         "quantization": ck.quantization,
+        "head_dim": ck.config.head_dim,
     });
     let text = serde_json::to_string_pretty(&cfg).expect("json");
     write_atomic(&tmp.join("config.json"), text.as_bytes())?;
