@@ -259,16 +259,18 @@ impl TernaryMatrix {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Vec<u8> {
+    /// A file of tests/fixtures/ggml-ternary (also read by the I2_S tests).
+    pub(crate) fn fixture(name: &str) -> Vec<u8> {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml-ternary");
         std::fs::read(dir.join(name)).unwrap()
     }
 
-    fn floats(bytes: &[u8]) -> Vec<f32> {
+    /// Little-endian f32 values.
+    pub(crate) fn floats(bytes: &[u8]) -> Vec<f32> {
         bytes
             .chunks(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

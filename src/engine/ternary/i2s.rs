@@ -112,21 +112,13 @@ impl TernaryMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture(name: &str) -> Vec<u8> {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml-ternary");
-        std::fs::read(dir.join(name)).unwrap()
-    }
+    use crate::engine::ternary::ggml::tests::{fixture, floats};
 
     /// The reference quantizer's bytes decode to its weights, and the matrix writes them back.
     #[test]
     fn matches_bitnet_cpp_quantizer() {
         let want = fixture("i2_s.bin");
-        let x: Vec<f32> = fixture("i2_s.values.f32")
-            .chunks(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let x = floats(&fixture("i2_s.values.f32"));
         let (rows, cols) = (3, 256);
         assert_eq!(x.len(), rows * cols);
         let m = TernaryMatrix::from_i2_s(&want, rows, cols).unwrap();
