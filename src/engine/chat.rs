@@ -161,7 +161,7 @@ pub fn choose(
     match choice {
         TemplateChoice::None => Ok(None),
         TemplateChoice::File(path) => {
-            let source = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let source = read_text(path)?;
             ChatTemplate::new(source, path.display().to_string(), bos, eos).map(Some)
         }
         TemplateChoice::Auto => {
@@ -174,6 +174,27 @@ pub fn choose(
                 .transpose()
         }
     }
+}
+
+/// Most bytes of a template or tokenizer_config.json file (real ones are tens of KB).
+const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// A regular UTF-8 file of at most [`MAX_TEXT_BYTES`], read whole.
+fn read_text(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_TEXT_BYTES {
+        return Err(Error::Input(format!(
+            "{} is not a regular file of at most {MAX_TEXT_BYTES} bytes",
+            path.display()
+        )));
+    }
+    let mut text = String::new();
+    f.take(MAX_TEXT_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(text)
 }
 
 /// The template text a model carries and where it was found.
@@ -191,14 +212,14 @@ pub(crate) fn model_template(src: &Path) -> Result<Option<(String, String)>> {
     let dir = model_dir(src);
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        let text = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+        let text = read_text(&jinja)?;
         return Ok(Some((text, jinja.display().to_string())));
     }
     let config = dir.join("tokenizer_config.json");
     if !config.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+    let text = read_text(&config)?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(&config, "(file)", format!("not JSON: {e}")))?;
     let origin = format!("{} (chat_template)", config.display());
@@ -276,6 +297,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("x/tokenizer_config.json"), "{e}");
+        // A device or a directory as the template file: refused, not read without end.
+        for bad in ["/dev/zero", "/"] {
+            let choice = TemplateChoice::File(bad.into());
+            let tok = crate::engine::tokenizer::ByteTokenizer;
+            let e = choose(&choice, None, &tok).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
     }
 
     /// A GGUF file's `tokenizer.chat_template` (written by the `gguf` package).
