@@ -225,7 +225,7 @@ fn phase4_non_ternary_value() {
         for (name, _, lin) in ck.linears() {
             t.remove(&format!("{name}.weight"));
             t.remove(&format!("{name}.weight_scale"));
-            let m = &lin.matrix;
+            let m = lin.matrix.ternary().unwrap();
             let mut v = m.values();
             if name == linear_name(1, bitsvf::engine::checkpoint::LinearKind::V) {
                 v[5] = 2;

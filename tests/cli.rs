@@ -623,3 +623,79 @@ fn generate_chat_renders_the_template() {
         "{err}"
     );
 }
+
+/// A float (Llama-style) base goes through the same commands as a ternary one, as
+/// Transformer² runs SVF on Llama: `inspect` says its linears are float, an SVF expert trains
+/// over them and evaluates, the packed base is refused with the way out, and `--ternarize`
+/// makes it a BitNet model.
+#[test]
+fn a_float_base_trains_and_evaluates_an_svf_expert() {
+    use bitsvf::engine::checkpoint::{self, Checkpoint};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = checkpoint::load_default().unwrap().config;
+    cfg.hidden_act = bitsvf::engine::config::Activation::Silu;
+    cfg.sub_norms = None;
+    let model = dir.path().join("float.safetensors");
+    checkpoint::save_native(&Checkpoint::random_float(cfg, 3), &model).unwrap();
+    let m = model.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = bitsvf(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(run(&["inspect", m]).contains("float (f32)"));
+    assert!(run(&["inspect", m, "--ternarize"]).contains("ternary (BitNet"));
+    let expert = dir.path().join("e.json");
+    let e = expert.to_str().unwrap();
+    let cache = dir.path().join("svd");
+    let c = cache.to_str().unwrap();
+    let train = [
+        "train",
+        m,
+        "--domain",
+        "count",
+        "--steps",
+        "2",
+        "--batch-prompts",
+        "2",
+    ];
+    let tail = [
+        "--samples",
+        "2",
+        "--val-n",
+        "4",
+        "--cache-dir",
+        c,
+        "--out",
+        e,
+    ];
+    run(&[&train[..], &tail[..]].concat());
+    let out = run(&[
+        "eval",
+        m,
+        "--domains",
+        "count",
+        "--n",
+        "5",
+        "--expert",
+        e,
+        "--cache-dir",
+        c,
+    ]);
+    assert!(out.contains("count"), "{out}");
+    let packed = [
+        &train[..],
+        &["--base", "packed", "--parameterization", "low-rank"],
+        &tail[..],
+    ];
+    let o = bitsvf(&packed.concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("float (f32)") && err.contains("--ternarize"),
+        "{err}"
+    );
+}

@@ -376,7 +376,7 @@ fn expert_fixture() -> &'static (Checkpoint, tempfile::TempDir, Expert) {
         let cache = tempfile::tempdir().unwrap();
         let z = (ck.linears())
             .filter(|(_, k, _)| Targets::Mlp.includes(*k))
-            .map(|(n, _, l)| (n, vec![1.0f32; l.matrix.rows.min(l.matrix.cols)]))
+            .map(|(n, _, l)| (n, vec![1.0f32; l.matrix.rows().min(l.matrix.cols())]))
             .collect();
         let e = Expert {
             meta: ExpertMeta {

@@ -331,7 +331,7 @@ impl<'a> Deployer<'a> {
         let ck = self.base.ck();
         let mut macs: usize = ck
             .linears()
-            .map(|(_, _, l)| l.matrix.rows * l.matrix.cols)
+            .map(|(_, _, l)| l.matrix.rows() * l.matrix.cols())
             .sum();
         macs += ck.lm_head().len();
         let mut bytes_read = self.base.packed()?.weight_bytes_per_token();

@@ -157,8 +157,43 @@ impl ModelConfig {
             };
             Error::config(path, field, e.inner().to_string())
         })?;
+        let mut cfg = cfg;
+        cfg.read_rope_parameters(text, path)?;
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// RoPE as transformers spells it: `rope_parameters` (transformers 5) or `rope_scaling`
+    /// (4.x). bitsvf computes plain RoPE, so any other `rope_type` is an error naming the field.
+    fn read_rope_parameters(&mut self, text: &str, path: &Path) -> Result<()> {
+        let raw: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::config(path, "(json)", e.to_string()))?;
+        for key in ["rope_parameters", "rope_scaling"] {
+            let Some(p) = raw.get(key).filter(|p| !p.is_null()) else {
+                continue;
+            };
+            let ty = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if ty != "default" {
+                return Err(Error::config(
+                    path,
+                    format!("{key}.rope_type"),
+                    format!("`{ty}`; bitsvf computes plain (default) RoPE only"),
+                ));
+            }
+            if let (Some(theta), None) = (p.get("rope_theta"), raw.get("rope_theta")) {
+                self.rope_theta = theta
+                    .as_f64()
+                    .filter(|t| t.is_finite() && *t > 0.0)
+                    .ok_or_else(|| {
+                        Error::config(path, format!("{key}.rope_theta"), "not a positive number")
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Parameter count: embeddings, linears, norms and (untied) lm_head.

@@ -12,10 +12,12 @@ pub struct MatrixInfo {
     pub name: String,
     /// `[out, in]`.
     pub shape: [usize; 2],
-    /// Number of scales (1 = per tensor).
+    /// `ternary`, or the float dtype the weight is held in.
+    pub dtype: String,
+    /// Number of scales (1 = per tensor; 0 for a float matrix).
     pub scales: usize,
-    /// Value shares and scale range.
-    pub stats: TernaryStats,
+    /// Value shares and scale range (ternary matrices).
+    pub stats: Option<TernaryStats>,
 }
 
 /// The whole report.
@@ -27,6 +29,9 @@ pub struct InspectReport {
     pub format: String,
     /// Quantization rule.
     pub quantization: String,
+    /// What the linears are: `ternary` (BitNet), or `float (f16)` and the like — a float model
+    /// runs without BitNet's activation quantization unless ternarized (`--ternarize`).
+    pub linears: String,
     /// Architecture.
     pub config: ModelConfig,
     /// Content hash (format-independent).
@@ -39,7 +44,7 @@ pub struct InspectReport {
     pub bytes_on_disk: u64,
     /// Bytes the same parameters take as f32.
     pub bytes_f32: u64,
-    /// Bytes of the packed ternary linears (2 bits/weight + scales).
+    /// Bytes of the linears as held: packed ternary (2 bits/weight + scales), float as stored.
     pub bytes_ternary_packed: u64,
     /// How the embeddings and the output head are held: stored dtype, bytes, tied or not.
     pub embeddings: String,
@@ -56,20 +61,23 @@ pub fn inspect(ck: &Checkpoint) -> InspectReport {
     let (mut smin, mut smax) = (f32::INFINITY, f32::NEG_INFINITY);
     let mut packed = 0u64;
     for (name, _, lin) in ck.linears() {
-        let mx = &lin.matrix;
-        let stats = mx.stats();
-        let count = (mx.rows * mx.cols) as f64;
-        z += stats.zeros * count;
-        p += stats.plus * count;
-        m += stats.minus * count;
-        n += count;
-        smin = smin.min(stats.scale_min);
-        smax = smax.max(stats.scale_max);
-        packed += mx.packed_bytes() as u64;
+        let stats = lin.matrix.ternary().map(|mx| {
+            let stats = mx.stats();
+            let count = (mx.rows * mx.cols) as f64;
+            z += stats.zeros * count;
+            p += stats.plus * count;
+            m += stats.minus * count;
+            n += count;
+            smin = smin.min(stats.scale_min);
+            smax = smax.max(stats.scale_max);
+            stats
+        });
+        packed += lin.matrix.stored_bytes() as u64;
         matrices.push(MatrixInfo {
             name,
-            shape: [mx.rows, mx.cols],
-            scales: mx.scales.len(),
+            shape: [lin.matrix.rows(), lin.matrix.cols()],
+            dtype: lin.matrix.dtype_name().into(),
+            scales: lin.matrix.ternary().map_or(0, |t| t.scales.len()),
             stats,
         });
     }
@@ -79,6 +87,10 @@ pub fn inspect(ck: &Checkpoint) -> InspectReport {
         path: ck.source.display().to_string(),
         format: ck.format.name(),
         quantization: ck.quantization.name(),
+        linears: match ck.is_ternary() {
+            true => "ternary (BitNet: int8 activations)".into(),
+            false => format!("float ({}): activations unquantized", ck.linear_dtypes()),
+        },
         config: ck.config.clone(),
         content_hash: ck.content_hash(),
         parameters,
@@ -146,7 +158,10 @@ impl InspectReport {
         let mut line = |k: &str, v: String| s.push_str(&format!("{k:<22} {v}\n"));
         line("path", self.path.clone());
         line("format", self.format.clone());
-        line("quantization", self.quantization.clone());
+        line("linears", self.linears.clone());
+        if self.ternary_parameters > 0 {
+            line("quantization", self.quantization.clone());
+        }
         line("content hash", self.content_hash[..16].to_string());
         line(
             "architecture",
@@ -185,7 +200,7 @@ impl InspectReport {
         line(
             "bytes",
             format!(
-                "{} on disk vs {} as f32 ({:.1}× smaller); packed linears {}",
+                "{} on disk vs {} as f32 ({:.1}× smaller); linears as held {}",
                 human_bytes(self.bytes_on_disk),
                 human_bytes(self.bytes_f32),
                 self.bytes_f32 as f64 / self.bytes_on_disk.max(1) as f64,
@@ -193,31 +208,40 @@ impl InspectReport {
             ),
         );
         line("embeddings", self.embeddings.clone());
-        line(
-            "ternary values",
-            format!(
-                "{:.1}% zero, {:.1}% +1, {:.1}% −1; scale γ in [{:.4e}, {:.4e}]",
-                100.0 * self.ternary.zeros,
-                100.0 * self.ternary.plus,
-                100.0 * self.ternary.minus,
-                self.ternary.scale_min,
-                self.ternary.scale_max
-            ),
-        );
+        if self.ternary_parameters > 0 {
+            line(
+                "ternary values",
+                format!(
+                    "{:.1}% zero, {:.1}% +1, {:.1}% −1; scale γ in [{:.4e}, {:.4e}]",
+                    100.0 * self.ternary.zeros,
+                    100.0 * self.ternary.plus,
+                    100.0 * self.ternary.minus,
+                    self.ternary.scale_min,
+                    self.ternary.scale_max
+                ),
+            );
+        }
         s.push_str(&format!(
             "\n{:<40} {:>12} {:>7} {:>7} {:>11} {:>11}\n",
             "matrix", "shape", "zeros", "scales", "γ min", "γ max"
         ));
         for m in &self.matrices {
-            s.push_str(&format!(
-                "{:<40} {:>12} {:>6.1}% {:>7} {:>11.4e} {:>11.4e}\n",
-                m.name,
-                format!("{}×{}", m.shape[0], m.shape[1]),
-                100.0 * m.stats.zeros,
-                m.scales,
-                m.stats.scale_min,
-                m.stats.scale_max
-            ));
+            let shape = format!("{}×{}", m.shape[0], m.shape[1]);
+            s.push_str(&match &m.stats {
+                Some(st) => format!(
+                    "{:<40} {:>12} {:>6.1}% {:>7} {:>11.4e} {:>11.4e}\n",
+                    m.name,
+                    shape,
+                    100.0 * st.zeros,
+                    m.scales,
+                    st.scale_min,
+                    st.scale_max
+                ),
+                None => format!(
+                    "{:<40} {:>12} {:>8} float ({})\n",
+                    m.name, shape, "", m.dtype
+                ),
+            });
         }
         s
     }

@@ -170,7 +170,7 @@ mod tests {
         assert_eq!((r.prompt_tokens, r.gen_tokens, r.repeats), (16, 4, 2));
         assert!(r.prefill.mean > 0.0 && r.decode.mean > 0.0);
         // The packed linears and the f32 head: 2 bits per weight plus scales, 4 bytes each.
-        let packed: usize = ck.linears().map(|(_, _, l)| l.matrix.packed_bytes()).sum();
+        let packed: usize = ck.linears().map(|(_, _, l)| l.matrix.stored_bytes()).sum();
         assert_eq!(r.weight_bytes_per_token as usize, packed + 4 * 128 * 256);
         assert!(read_bandwidth_gb_s(1 << 24) > 0.0);
     }

@@ -244,7 +244,8 @@ pub fn verify_random(
 pub fn verify(ck: &Checkpoint, probe: &[Vec<u32>]) -> Result<RecoveryReport> {
     let matrices: Vec<MatrixRecovery> = ck
         .linears()
-        .map(|(name, _, lin)| matrix_recovery(name, &lin.matrix, ck.quantization))
+        .filter_map(|(name, _, lin)| Some((name, lin.matrix.ternary()?)))
+        .map(|(name, m)| matrix_recovery(name, m, ck.quantization))
         .collect();
     let build = |mode, act_quant| {
         Model::new(

@@ -259,13 +259,17 @@ pub(crate) mod tests {
             .unwrap();
             let out = model.to_checkpoint().unwrap();
             for ((name, _, before), (_, _, after)) in ck.linears().zip(out.linears()) {
-                assert_eq!(before.matrix.values(), after.matrix.values(), "{name}");
-                for r in 0..before.matrix.rows {
+                assert_eq!(
+                    before.matrix.ternary().unwrap().values(),
+                    after.matrix.ternary().unwrap().values(),
+                    "{name}"
+                );
+                for r in 0..before.matrix.rows() {
                     let zr = z
                         .get(&name)
                         .map_or(1.0, |z| z[if z.len() == 1 { 0 } else { r }]);
-                    let want = before.matrix.scale(r) * zr;
-                    let got = after.matrix.scale(r);
+                    let want = before.matrix.ternary().unwrap().scale(r) * zr;
+                    let got = after.matrix.ternary().unwrap().scale(r);
                     assert!(
                         (got - want).abs() < 1e-6 * want,
                         "{name} row {r}: {got} vs {want}"

@@ -210,6 +210,15 @@ impl Deployment {
                     .ok_or_else(|| Error::Input(format!("no SVD factors for `{name}`")))
             };
             let ones = Tensor::ones(z_len, DType::F32, &dev)?;
+            let ternary = || {
+                lin.matrix.ternary().ok_or_else(|| {
+                    Error::Input(format!(
+                        "the {} option needs a ternary base, but `{name}` is float ({})",
+                        option.name(),
+                        lin.matrix.dtype_name()
+                    ))
+                })
+            };
             let resident = match option {
                 DeployOption::Dequantize => Resident::Factors(SvfWeight::new(
                     svd()?,
@@ -219,7 +228,7 @@ impl Deployment {
                     &dev,
                 )?),
                 DeployOption::AlphaLayer | DeployOption::AlphaChannel => {
-                    Resident::Scales(lin.matrix.scales.clone())
+                    Resident::Scales(ternary()?.scales.clone())
                 }
                 DeployOption::HybridLowRank => {
                     let delta =
@@ -227,7 +236,7 @@ impl Deployment {
                     let factor_elems =
                         delta.u_t.elem_count() + delta.v.elem_count() + delta.sigma.elem_count();
                     model.blocks[layer].linears[kind as usize].weight =
-                        LinearWeight::Hybrid(Arc::clone(&lin.matrix), Box::new(delta));
+                        LinearWeight::Hybrid(Arc::clone(ternary()?), Box::new(delta));
                     Resident::Delta { factor_elems }
                 }
                 DeployOption::Requantize | DeployOption::RequantizeChannel => {
@@ -238,7 +247,7 @@ impl Deployment {
                         else {
                             return Err(Error::Input(format!("`{name}` is not an SVF linear")));
                         };
-                        let (rows, cols) = (lin.matrix.rows, lin.matrix.cols);
+                        let (rows, cols) = (lin.matrix.rows(), lin.matrix.cols());
                         let w = svf.adapted_weight()?;
                         packed.push(Arc::new(requantize(&w, rows, cols, per_channel)));
                     }
@@ -403,7 +412,7 @@ pub fn float_bytes(ck: &Checkpoint) -> usize {
 pub fn packed_bytes(ck: &Checkpoint) -> usize {
     float_bytes(ck)
         + ck.linears()
-            .map(|(_, _, l)| l.matrix.packed_bytes() + 4 * l.bias.as_ref().map_or(0, Vec::len))
+            .map(|(_, _, l)| l.matrix.stored_bytes() + 4 * l.bias.as_ref().map_or(0, Vec::len))
             .sum::<usize>()
 }
 
@@ -411,7 +420,7 @@ pub fn packed_bytes(ck: &Checkpoint) -> usize {
 pub fn f32_bytes(ck: &Checkpoint) -> usize {
     let linear: usize = ck
         .linears()
-        .map(|(_, _, l)| l.matrix.rows * l.matrix.cols + l.bias.as_ref().map_or(0, Vec::len))
+        .map(|(_, _, l)| l.matrix.rows() * l.matrix.cols() + l.bias.as_ref().map_or(0, Vec::len))
         .sum();
     4 * linear + float_bytes(ck)
 }
@@ -542,13 +551,10 @@ mod tests {
                         panic!("MLP targets are SVF linears")
                     };
                     let m = &mut layer.linears[kind as usize].matrix;
-                    *m = Arc::new(requantize(
-                        &svf.adapted_weight().unwrap(),
-                        m.rows,
-                        m.cols,
-                        true,
-                    ));
-                    assert_eq!(m.scales.len(), m.rows);
+                    let (rows, cols) = (m.rows(), m.cols());
+                    let q = requantize(&svf.adapted_weight().unwrap(), rows, cols, true);
+                    assert_eq!(q.scales.len(), rows);
+                    *m = q.into();
                 }
             }
             assert_eq!(
@@ -565,12 +571,12 @@ mod tests {
         let ck = tiny();
         let dir = tempfile::tempdir().unwrap();
         let cache = SvdCache::new(dir.path().to_path_buf());
-        let packed: usize = ck.linears().map(|(_, _, l)| l.matrix.packed_bytes()).sum();
+        let packed: usize = ck.linears().map(|(_, _, l)| l.matrix.stored_bytes()).sum();
         let floats = float_bytes(&ck);
         let mlp: Vec<(usize, usize)> = ck
             .linears()
             .filter(|(_, k, _)| k.is_mlp())
-            .map(|(_, _, l)| (l.matrix.rows, l.matrix.cols))
+            .map(|(_, _, l)| (l.matrix.rows(), l.matrix.cols()))
             .collect();
         let bytes = |option: DeployOption| {
             let param = option.parameterization();
@@ -600,7 +606,7 @@ mod tests {
             f32_bytes(&ck),
             4 * ck
                 .linears()
-                .map(|(_, _, l)| l.matrix.rows * l.matrix.cols)
+                .map(|(_, _, l)| l.matrix.rows() * l.matrix.cols())
                 .sum::<usize>()
                 + floats
         );
@@ -609,7 +615,7 @@ mod tests {
         let mlp_packed: usize = ck
             .linears()
             .filter(|(_, k, _)| k.is_mlp())
-            .map(|(_, _, l)| l.matrix.packed_bytes())
+            .map(|(_, _, l)| l.matrix.stored_bytes())
             .sum();
         assert_eq!(
             bytes(DeployOption::Requantize),

@@ -129,7 +129,7 @@ impl Expert {
             .linears()
             .filter(|(_, kind, _)| self.meta.targets.includes(*kind))
         {
-            let (rows, cols) = (l.matrix.rows, l.matrix.cols);
+            let (rows, cols) = (l.matrix.rows(), l.matrix.cols());
             want.insert(name, param.z_len(rows, rows.min(cols), k));
         }
         if let Some(name) = self.z.keys().find(|n| !want.contains_key(*n)) {

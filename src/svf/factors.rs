@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 pub fn target_matrices(ck: &Checkpoint, targets: Targets) -> Vec<(String, Vec<f32>, usize, usize)> {
     ck.linears()
         .filter(|(_, k, _)| targets.includes(*k))
-        .map(|(n, _, l)| (n, l.matrix.dequantize(), l.matrix.rows, l.matrix.cols))
+        .map(|(n, _, l)| (n, l.matrix.dequantize(), l.matrix.rows(), l.matrix.cols()))
         .collect()
 }
 
@@ -66,7 +66,7 @@ pub(crate) fn top_factors_hashed(
         .filter(|(_, kind, _)| targets.includes(*kind))
         .collect();
     let shapes: Vec<(String, usize, usize)> = (linears.iter())
-        .map(|(n, _, l)| (n.clone(), l.matrix.rows, l.matrix.cols))
+        .map(|(n, _, l)| (n.clone(), l.matrix.rows(), l.matrix.cols()))
         .collect();
     let total = shapes.len();
     let options = PartialSvdOptions::for_rank(k);
@@ -144,7 +144,7 @@ pub fn z_lengths(
     ck.linears()
         .filter(|(_, k, _)| targets.includes(*k))
         .map(|(name, _, l)| {
-            let (rows, cols) = (l.matrix.rows, l.matrix.cols);
+            let (rows, cols) = (l.matrix.rows(), l.matrix.cols());
             let r = if param.uses_svd() {
                 factors
                     .get(&name)

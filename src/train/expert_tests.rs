@@ -66,9 +66,34 @@ fn gradients_match_finite_differences() {
     // f64, activation quantization off (the STE is not differentiable): ∂loss/∂z from
     // autograd vs central differences, every parameterization and both objectives.
     let (ck, f, options) = dense_setup(false, DType::F64);
-    for param in Parameterization::ALL {
+    check_gradients(&ck, &f, options, &Parameterization::ALL);
+}
+
+#[test]
+fn float_base_gradients_match_finite_differences() {
+    // A float (Llama-style) base: its linears take unquantized activations whatever the
+    // options say; SVF over them is Transformer²'s on Llama.
+    let ck = Checkpoint::random_float(tiny().config, 11);
+    let f = all_factors(&ck);
+    let options = ModelOptions {
+        mode: crate::engine::model::WeightMode::Dense,
+        act_quant: true,
+        dtype: DType::F64,
+    };
+    let params = [Parameterization::Paper, Parameterization::LowRank];
+    check_gradients(&ck, &f, options, &params);
+}
+
+fn check_gradients(
+    ck: &Checkpoint,
+    f: &BTreeMap<String, Svd>,
+    options: ModelOptions,
+    params: &[Parameterization],
+) {
+    let ck = ck.clone();
+    for &param in params {
         for objective in [Objective::Sft, Objective::Reinforce] {
-            let lengths = z_lengths(&ck, Targets::All, param, &f, 3).unwrap();
+            let lengths = z_lengths(&ck, Targets::All, param, f, 3).unwrap();
             let vars = init_vars(&lengths, param, options, 5).unwrap();
             // Move away from z = 1 so every term of the official rescale is exercised.
             for (i, (_, v)) in vars.iter().enumerate() {
@@ -84,7 +109,7 @@ fn gradients_match_finite_differences() {
                 v.set(&Tensor::from_vec(z, n, &candle_core::Device::Cpu).unwrap())
                     .unwrap();
             }
-            let loss = loss_of(&ck, &f, &vars, param, objective);
+            let loss = loss_of(&ck, f, &vars, param, objective);
             let grads = loss.backward().unwrap();
             let mut checked = 0;
             for (vi, (name, var)) in vars.iter().enumerate() {
@@ -97,7 +122,7 @@ fn gradients_match_finite_differences() {
                         z[j] += d;
                         var.set(&Tensor::from_vec(z, z0.len(), &candle_core::Device::Cpu).unwrap())
                             .unwrap();
-                        let l = loss_of(&ck, &f, &vars, param, objective)
+                        let l = loss_of(&ck, f, &vars, param, objective)
                             .to_scalar::<f64>()
                             .unwrap();
                         var.set(

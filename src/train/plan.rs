@@ -120,7 +120,7 @@ fn available_memory() -> Option<u64> {
 /// Bytes of the dense f32 linears of `ck`.
 fn dense_linear_bytes(ck: &Checkpoint) -> u64 {
     (ck.linears())
-        .map(|(_, _, l)| (l.matrix.rows * l.matrix.cols * 4) as u64)
+        .map(|(_, _, l)| (l.matrix.rows() * l.matrix.cols() * 4) as u64)
         .sum()
 }
 
@@ -135,6 +135,13 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
             cfg.parameterization.name()
         )));
     }
+    if cfg.base == TrainBase::Packed && !ck.is_ternary() {
+        return Err(Error::Input(format!(
+            "training over the packed base needs a ternary model, and this one's linears are \
+             float ({}); train over the dense base, or ternarize the model (--ternarize)",
+            ck.linear_dtypes()
+        )));
+    }
     let available = available_memory();
     let c = &ck.config;
     let (d, ffn, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -142,7 +149,7 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
     let head = if ck.lm_head.is_some() { table } else { 0 };
     let targets: Vec<(usize, usize)> = (ck.linears())
         .filter(|(_, k, _)| cfg.targets.includes(*k))
-        .map(|(_, _, l)| (l.matrix.rows, l.matrix.cols))
+        .map(|(_, _, l)| (l.matrix.rows(), l.matrix.cols()))
         .collect();
     let r_of = |rows: usize, cols: usize, packed: bool| match packed {
         true => cfg.rank.min(rows).min(cols),
@@ -160,12 +167,14 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
     let packed = match cfg.base {
         TrainBase::Dense => false,
         TrainBase::Packed => true,
-        TrainBase::Auto => low_rank && available.is_some_and(|a| dense_total > a / 2),
+        TrainBase::Auto => {
+            low_rank && ck.is_ternary() && available.is_some_and(|a| dense_total > a / 2)
+        }
     };
     let base = match packed {
         true => {
             let codes: u64 = (ck.linears())
-                .map(|(_, _, l)| l.matrix.packed_bytes() as u64)
+                .map(|(_, _, l)| l.matrix.stored_bytes() as u64)
                 .sum();
             let stored = ck.embed_tokens.stored_bytes() as u64
                 + ck.lm_head.as_ref().map_or(0, |h| h.stored_bytes() as u64);

@@ -3,7 +3,6 @@
 //! `llama-bench` on the same machine.
 
 use anyhow::Result;
-use bitsvf::engine::checkpoint;
 use bitsvf::engine::model::{HeadFormat, Model, ModelOptions, WeightMode};
 use bitsvf::eval::bench::{self, BenchOptions};
 use std::path::PathBuf;
@@ -13,6 +12,10 @@ use std::time::Instant;
 pub struct Args {
     /// Model file or directory; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Prompt tokens (random ids) per repeat.
     #[arg(long, default_value_t = 64)]
     prompt_tokens: usize,
@@ -46,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
     let bandwidth = bench::read_bandwidth_gb_s((a.bandwidth_mb as usize) << 20);
     bench::reset_peak_rss();
     let t = Instant::now();
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let load = t.elapsed().as_secs_f64();
     let options = BenchOptions {
         prompt_tokens: a.prompt_tokens,

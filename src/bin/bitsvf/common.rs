@@ -2,6 +2,7 @@
 //! probe set of a check.
 
 use bitsvf::engine::chat::{self, TemplateChoice};
+use bitsvf::engine::checkpoint::{self, Checkpoint};
 use bitsvf::engine::tokenizer::Tokenizer;
 use bitsvf::svf::svd::SvdCache;
 use bitsvf::tasks::Dataset;
@@ -62,4 +63,18 @@ pub fn wrap_in_chat_template(
         template.origin
     );
     Ok(())
+}
+
+/// The model at `path` (default: the embedded model), with its float linears ternarized when
+/// `ternarize` (a note on stderr says so).
+pub fn load_model(path: Option<&Path>, ternarize: bool) -> anyhow::Result<Checkpoint> {
+    let ck = checkpoint::load_or_default(path)?;
+    if !ternarize || ck.is_ternary() {
+        return Ok(ck);
+    }
+    eprintln!(
+        "ternarizing the float ({}) linears: per-tensor absmean, int8 activations",
+        ck.linear_dtypes()
+    );
+    Ok(ck.ternarized())
 }

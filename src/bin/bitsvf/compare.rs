@@ -2,7 +2,7 @@
 
 use crate::common::{step_bar, svd_cache};
 use anyhow::Result;
-use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::engine::tokenizer;
 use bitsvf::pipeline::compare::{compare_options, CompareConfig, Event};
 use bitsvf::tasks::Domain;
 use bitsvf::train::DEFAULT_RANK;
@@ -12,6 +12,10 @@ use std::path::PathBuf;
 pub struct Args {
     /// Base model; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Comma-separated domains, one expert each.
     #[arg(long, default_value = "count,sort,compare")]
     domains: String,
@@ -42,7 +46,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.rank > 0, "--rank must be positive");
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let cfg = config(&a)?;
     let cache = svd_cache(a.cache_dir);

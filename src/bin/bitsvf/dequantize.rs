@@ -9,6 +9,10 @@ use std::path::PathBuf;
 pub struct Args {
     /// Model file or directory; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Output directory (model.safetensors + config.json).
     #[arg(long)]
     out: PathBuf,
@@ -26,7 +30,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     if a.verify {
         let r = recovery::verify_random(
             &ck,

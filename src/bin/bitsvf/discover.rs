@@ -3,7 +3,7 @@
 use crate::common::{step_bar, svd_cache};
 use anyhow::Result;
 use bitsvf::adapt::discover::{discover_domains, GroupRule};
-use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::engine::tokenizer;
 use bitsvf::tasks::Domain;
 use std::path::PathBuf;
 
@@ -11,6 +11,10 @@ use std::path::PathBuf;
 pub struct Args {
     /// Base model; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Validation items per domain for the capability report.
     #[arg(long, default_value_t = 200)]
     n: usize,
@@ -33,7 +37,7 @@ pub fn run(a: Args) -> Result<()> {
         a.n > 0 && a.grad_items > 0,
         "--n and --grad-items must be positive"
     );
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let rule = GroupRule {
         threshold: a.threshold,

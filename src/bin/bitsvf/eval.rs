@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     /// Model file or directory; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Comma-separated domains (default: all).
     #[arg(long, value_delimiter = ',')]
     domains: Option<Vec<String>>,
@@ -57,7 +61,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(dir) = &a.mixture {
         return mixture(dir, a.cache_dir, a.json);
     }
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let domains = Domain::list(a.domains.as_deref())?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let net = match &a.expert {

@@ -20,6 +20,10 @@ pub struct Args {
     /// The model (default: the handoff's `model/` with --experts, else the embedded model);
     /// with --experts it must be the model the experts were trained on.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Handoff directory of `bitsvf run`: adapt to the prompt with its experts (two passes).
     #[arg(long)]
     experts: Option<PathBuf>,
@@ -129,7 +133,7 @@ pub fn run(a: Args) -> Result<()> {
 /// as it is complete; prefill and decode speed on stderr.
 fn plain(a: Args) -> Result<()> {
     let start = Instant::now();
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let model = Model::new(&ck, ModelOptions::default())?.with_head(a.head)?;
     let (prompt, stop) = match a.chat {

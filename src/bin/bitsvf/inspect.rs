@@ -1,8 +1,8 @@
 //! `bitsvf inspect`: a model's report, or a handoff directory's summary.
 
 use anyhow::Result;
+use bitsvf::engine::inspect;
 use bitsvf::engine::model::HeadFormat;
-use bitsvf::engine::{checkpoint, inspect};
 use bitsvf::eval::recovery;
 use bitsvf::pipeline::Handoff;
 use std::path::PathBuf;
@@ -12,6 +12,10 @@ pub struct Args {
     /// Model file or directory (any supported format), or a handoff directory; default: the
     /// embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -37,7 +41,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let report = inspect::inspect(&ck);
     let head = a
         .head

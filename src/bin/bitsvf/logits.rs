@@ -2,7 +2,6 @@
 
 use crate::common::svd_cache;
 use anyhow::Result;
-use bitsvf::engine::checkpoint;
 use bitsvf::engine::logits::{write_logits, write_model_logits};
 use bitsvf::engine::model::{parse_token_rows, ModelOptions, WeightMode};
 use bitsvf::svf::attach::expert_model;
@@ -14,6 +13,10 @@ use std::path::PathBuf;
 pub struct Args {
     /// Model file or directory; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Token id rows, e.g. "1,2,3;4,5,6".
     #[arg(long)]
     tokens: String,
@@ -37,7 +40,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let rows = parse_token_rows(&a.tokens)?;
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let options = ModelOptions {
         mode: a.mode,
         act_quant: !a.no_act_quant,

@@ -2,7 +2,6 @@
 
 use crate::common::svd_cache;
 use anyhow::Result;
-use bitsvf::engine::checkpoint;
 use bitsvf::svf::expert::mixture_of_files;
 use std::path::PathBuf;
 
@@ -17,6 +16,10 @@ pub struct Args {
     /// Base model the experts were trained on; default: the embedded model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Output expert file.
     #[arg(long)]
     out: PathBuf,
@@ -30,7 +33,7 @@ pub fn run(a: Args) -> Result<()> {
         a.alpha.iter().all(|a| a.is_finite()),
         "--alpha: weights must be finite numbers"
     );
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let mixed = mixture_of_files(&ck, &a.experts, &a.alpha, &svd_cache(a.cache_dir))?;
     mixed.save(&a.out)?;
     println!("wrote {} ({})", a.out.display(), mixed.meta.name);

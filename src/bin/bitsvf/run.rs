@@ -17,6 +17,10 @@ pub struct Args {
     /// Base model; default: the embedded model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Handoff directory to create (built in OUT.partial, renamed when complete).
     #[arg(long, default_value = "bitsvf-out")]
     out: PathBuf,
@@ -100,7 +104,7 @@ pub fn run(a: Args) -> Result<()> {
 
 fn run_on(a: &Args, comm: &dyn Comm) -> Result<()> {
     let root = is_root(comm);
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let mut datasets = (a.data.iter())
         .map(|p| Ok(Dataset::load_jsonl(p, a.verifier.parse()?)?))
         .collect::<Result<Vec<_>>>()?;

@@ -3,7 +3,7 @@
 use crate::common::{step_bar, svd_cache};
 use anyhow::Result;
 use bitsvf::engine::chat::TemplateChoice;
-use bitsvf::engine::{checkpoint, tokenizer};
+use bitsvf::engine::tokenizer;
 use bitsvf::svf::factors::FactorsReport;
 use bitsvf::svf::{Base, Parameterization};
 use bitsvf::tasks::{DataSource, Dataset, Domain};
@@ -15,6 +15,10 @@ use std::path::PathBuf;
 pub struct Args {
     /// Base model; default: the embedded model.
     model: Option<PathBuf>,
+    /// Ternarize a float model's linears on load (BitNet b1.58's per-tensor absmean rule);
+    /// without it a float model runs as float.
+    #[arg(long)]
+    ternarize: bool,
     /// Built-in domain to specialise on.
     #[arg(long, required_unless_present = "data", conflicts_with = "data")]
     domain: Option<String>,
@@ -104,7 +108,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ck = checkpoint::load_or_default(a.model.as_deref())?;
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
     let data = match (&a.domain, &a.data) {
         (Some(d), _) => DataSource::Domain(Domain::by_name(d)?),

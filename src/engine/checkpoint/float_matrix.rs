@@ -66,6 +66,10 @@ impl StoredDtype {
     }
 }
 
+fn u16_bytes(bits: &[u16]) -> Vec<u8> {
+    bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+}
+
 #[derive(Clone)]
 enum Data {
     F32(Arc<Vec<f32>>),
@@ -233,6 +237,47 @@ impl FloatMatrix {
         (head.is_empty() && mid.len() == self.len()).then_some((*d, mid))
     }
 
+    /// The matrix whose row `i` is row `perm[i]` of this one, in the same dtype (a copy).
+    pub fn permute_rows(&self, perm: &[usize]) -> FloatMatrix {
+        assert_eq!(perm.len(), self.rows, "a permutation of the rows");
+        let c = self.cols;
+        let data = match &self.data {
+            Data::F32(v) => Data::F32(Arc::new(
+                perm.iter()
+                    .flat_map(|&r| &v[r * c..(r + 1) * c])
+                    .copied()
+                    .collect(),
+            )),
+            Data::Half(d, bytes) => {
+                let b: Vec<u8> = perm
+                    .iter()
+                    .flat_map(|&r| &bytes[2 * r * c..2 * (r + 1) * c])
+                    .copied()
+                    .collect();
+                Data::Half(*d, SharedBytes::from_vec(b))
+            }
+            Data::Q8_0(q) => {
+                let per = c / Q8_0_BLOCK;
+                Data::Q8_0(Arc::new(Q8_0 {
+                    qs: perm
+                        .iter()
+                        .flat_map(|&r| &q.qs[r * c..(r + 1) * c])
+                        .copied()
+                        .collect(),
+                    scales: (perm.iter())
+                        .flat_map(|&r| &q.scales[r * per..(r + 1) * per])
+                        .copied()
+                        .collect(),
+                }))
+            }
+        };
+        FloatMatrix {
+            rows: self.rows,
+            cols: c,
+            data,
+        }
+    }
+
     /// Row `r` as f32 into `out` (`cols` long).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         self.rows_into(r, out);
@@ -389,6 +434,16 @@ impl FloatMatrix {
     fn data_release(&self, offset: usize, len: usize) {
         if let Data::Half(_, bytes) = &self.data {
             bytes.release_range(offset, len);
+        }
+    }
+
+    /// The matrix as a safetensors dtype and its bytes: bf16 / f16 as stored, f32 and Q8_0
+    /// as f32.
+    pub fn to_safetensors_bytes(&self) -> (Dtype, Vec<u8>) {
+        match self.half_bits() {
+            Some((StoredDtype::Bf16, bits)) => (Dtype::BF16, u16_bytes(bits)),
+            Some((_, bits)) => (Dtype::F16, u16_bytes(bits)),
+            None => (Dtype::F32, self.to_f32_le_bytes()),
         }
     }
 

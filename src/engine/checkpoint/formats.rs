@@ -4,7 +4,9 @@ use super::st::{
     write_atomic, write_safetensors, write_safetensors_streamed, OwnedTensor, RawTensor, Streamed,
     TensorFiles,
 };
-use super::{linear_name, Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat};
+use super::{
+    linear_name, Checkpoint, FloatMatrix, Layer, Linear, LinearKind, LinearMatrix, SourceFormat,
+};
 use crate::engine::config::ModelConfig;
 use crate::engine::ternary::{
     hf_to_native, native_row_bytes, unpack_native, Quantization, TernaryMatrix,
@@ -14,7 +16,6 @@ use safetensors::tensor::Dtype;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Header metadata key/value marking a bitsvf native file.
 const NATIVE_FORMAT: &str = "bitsvf";
@@ -195,8 +196,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 reader,
             )?
         } else if w.is_float() {
-            let dequantized = raw
-                .get("bitsvf")
+            let bitsvf = raw.get("bitsvf");
+            let dequantized = bitsvf
                 .and_then(|b| b.get("quantization"))
                 .map(|q| {
                     serde_json::from_value::<Quantization>(q.clone()).map_err(|e| {
@@ -204,12 +205,16 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                     })
                 })
                 .transpose()?;
+            let float_linears = bitsvf
+                .and_then(|b| b.get("float_linears"))
+                .and_then(Value::as_bool)
+                .unwrap_or(!is_bitnet(&raw));
             match dequantized {
                 Some(q) => {
                     // `head_dim` is spelled out for transformers; the model's own (often
                     // absent) value is kept beside the quantization, so the model is the same.
                     let mut config = config;
-                    if let Some(own) = raw.get("bitsvf").and_then(|b| b.get("head_dim")) {
+                    if let Some(own) = bitsvf.and_then(|b| b.get("head_dim")) {
                         config.head_dim = own.as_u64().map(|h| h as usize);
                     }
                     let reader = |name: &str, rows: usize, cols: usize| {
@@ -217,7 +222,18 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                     };
                     assemble(path, &tf, config, SourceFormat::Dequantized, q, reader)?
                 }
+                None if float_linears => {
+                    // A float model (Llama-style): the linears stay float, as stored.
+                    let reader = |name: &str, rows: usize, cols: usize| {
+                        let wname = format!("{name}.weight");
+                        let t = tf.get(&wname)?;
+                        Ok(LinearMatrix::Float(FloatMatrix::read(&t, rows, cols)?))
+                    };
+                    let q = Quantization::PerTensor;
+                    assemble(path, &tf, config, SourceFormat::HfFloatModel, q, reader)?
+                }
                 None => {
+                    // BitNet float master weights: ternarized as transformers' online mode does.
                     let reader = |name: &str, rows: usize, cols: usize| {
                         let wname = format!("{name}.weight");
                         let t = tf.get(&wname)?;
@@ -391,13 +407,13 @@ fn read_optional(tf: &TensorFiles, name: &str, shape: &[usize]) -> Result<Option
 
 /// Build a checkpoint from the float tensors every format shares and a per-format reader of the
 /// ternary matrices.
-fn assemble(
+fn assemble<M: Into<LinearMatrix>>(
     source: &Path,
     tf: &TensorFiles,
     mut config: ModelConfig,
     format: SourceFormat,
     quantization: Quantization,
-    read_matrix: impl Fn(&str, usize, usize) -> Result<TernaryMatrix>,
+    read_matrix: impl Fn(&str, usize, usize) -> Result<M>,
 ) -> Result<Checkpoint> {
     let (v, d) = (config.vocab_size, config.hidden_size);
     // Config/weights disagreement on depth: a tensor of a layer the config does not have.
@@ -431,13 +447,13 @@ fn assemble(
         for kind in LinearKind::ALL {
             let name = linear_name(l, kind);
             let (rows, cols) = kind.shape(&config);
-            let matrix = read_matrix(&name, rows, cols)?;
-            tf.release(&format!("{name}."));
+            let matrix = read_matrix(&name, rows, cols)?.into();
+            if let LinearMatrix::Ternary(_) = matrix {
+                // A float matrix may still be reading the mapped pages.
+                tf.release(&format!("{name}."));
+            }
             let bias = read_optional(tf, &format!("{name}.bias"), &[rows])?;
-            linears.push(Linear {
-                matrix: Arc::new(matrix),
-                bias,
-            });
+            linears.push(Linear { matrix, bias });
         }
         layers.push(Layer {
             input_layernorm: read_float(tf, &format!("{p}.input_layernorm.weight"), &[d])?,
@@ -526,9 +542,12 @@ fn load_native(source: &Path, tf: &TensorFiles) -> Result<Checkpoint> {
             .map_err(|e| Error::config(&path, "quantization", e.to_string()))?,
         None => Quantization::PerTensor,
     };
-    let reader = |name: &str, rows: usize, cols: usize| {
+    let reader = |name: &str, rows: usize, cols: usize| -> Result<LinearMatrix> {
         let wname = format!("{name}.weight");
         let t = tf.get(&wname)?;
+        if t.is_float() {
+            return Ok(LinearMatrix::Float(FloatMatrix::read(&t, rows, cols)?));
+        }
         t.expect_shape(&[rows, native_row_bytes(cols)])?;
         let values = unpack_native(t.as_u8()?, rows, cols).map_err(|m| t.bad(m))?;
         let sname = format!("{name}.weight_scale");
@@ -543,7 +562,7 @@ fn load_native(source: &Path, tf: &TensorFiles) -> Result<Checkpoint> {
             });
         }
         check_scales(&s, &scales)?;
-        Ok(TernaryMatrix::from_values(&values, rows, cols, scales))
+        Ok(TernaryMatrix::from_values(&values, rows, cols, scales).into())
     };
     assemble(
         source,
@@ -608,7 +627,16 @@ fn float_tensors(ck: &Checkpoint, tables: bool) -> BTreeMap<String, OwnedTensor>
 pub fn save_native(ck: &Checkpoint, path: &Path) -> Result<()> {
     let mut t = float_tensors(ck, true);
     for (name, _, lin) in ck.linears() {
-        let m = &lin.matrix;
+        let m = match &lin.matrix {
+            LinearMatrix::Ternary(m) => m,
+            LinearMatrix::Float(f) => {
+                // A float linear as stored (Q8_0 widened to f32).
+                let (dtype, bytes) = f.to_safetensors_bytes();
+                let w = OwnedTensor::raw(dtype, vec![f.rows, f.cols], bytes);
+                t.insert(format!("{name}.weight"), w);
+                continue;
+            }
+        };
         t.insert(
             format!("{name}.weight"),
             OwnedTensor::u8(vec![m.rows, native_row_bytes(m.cols)], m.packed.clone()),
@@ -711,7 +739,7 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
         tensors.push(Streamed {
             name: format!("{name}.weight"),
             dtype: Dtype::F32,
-            shape: vec![m.rows, m.cols],
+            shape: vec![m.rows(), m.cols()],
             bytes: Box::new(move || f32_bytes(&m.dequantize())),
         });
     }
@@ -720,15 +748,34 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
     let mut cfg = serde_json::to_value(&ck.config).expect("config serializes");
     // transformers reads `head_dim` as given (a null breaks its attention): always a number.
     cfg["head_dim"] = serde_json::json!(ck.config.head_dim());
-    cfg["architectures"] = serde_json::json!(["BitNetForCausalLM"]);
-    cfg["model_type"] = serde_json::json!("bitnet");
     cfg["torch_dtype"] = serde_json::json!("float32");
-    cfg["bitsvf"] = serde_json::json!({
-        "dequantized_from": ck.format.name(),
-        "base_content_hash": ck.content_hash(),
-        "quantization": ck.quantization,
-        "head_dim": ck.config.head_dim,
-    });
+    if ck.is_ternary() {
+        cfg["architectures"] = serde_json::json!(["BitNetForCausalLM"]);
+        cfg["model_type"] = serde_json::json!("bitnet");
+        cfg["bitsvf"] = serde_json::json!({
+            "dequantized_from": ck.format.name(),
+            "base_content_hash": ck.content_hash(),
+            "quantization": ck.quantization,
+            "head_dim": ck.config.head_dim,
+        });
+    } else {
+        // A float model is written as transformers' Llama where it is one (no sub-norms,
+        // SiLU); the linears stay float when read back either way.
+        let llama = ck.config.sub_norms != Some(true)
+            && ck.config.hidden_act == crate::engine::config::Activation::Silu;
+        let (arch, ty) = match llama {
+            true => ("LlamaForCausalLM", "llama"),
+            false => ("BitNetForCausalLM", "bitnet"),
+        };
+        cfg["architectures"] = serde_json::json!([arch]);
+        cfg["model_type"] = serde_json::json!(ty);
+        cfg["bitsvf"] = serde_json::json!({
+            "dequantized_from": ck.format.name(),
+            "base_content_hash": ck.content_hash(),
+            "float_linears": true,
+            "head_dim": ck.config.head_dim,
+        });
+    }
     let text = serde_json::to_string_pretty(&cfg).expect("json");
     write_atomic(&tmp.join("config.json"), text.as_bytes())?;
     if dir.exists() {
@@ -736,6 +783,26 @@ pub fn save_dequantized(ck: &Checkpoint, dir: &Path, overwrite: bool) -> Result<
     }
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
     crate::io::sync_dir(crate::io::parent_of(dir))
+}
+
+/// Whether `config.json` describes a BitNet model (whose float weights are master weights,
+/// ternarized as transformers does): a bitnet `quantization_config`, `model_type` bitnet or a
+/// BitNet architecture. Anything else with float weights (Llama and its kin) is a float model.
+fn is_bitnet(raw: &Value) -> bool {
+    let method = raw
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str);
+    let model_type = raw.get("model_type").and_then(Value::as_str);
+    let arch = raw
+        .get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .any(|n| n.to_ascii_lowercase().contains("bitnet"))
+        });
+    method == Some("bitnet") || model_type.is_some_and(|t| t.starts_with("bitnet")) || arch
 }
 
 /// A `quantization_config` must be an object and, when it names a `quant_method`, name

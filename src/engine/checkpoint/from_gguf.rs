@@ -1,37 +1,36 @@
 //! Checkpoints from GGUF files: llama.cpp's `bitnet` architecture (SiLU-gated FFN, as
-//! llama.cpp computes it) and bitnet.cpp's `bitnet-b1.58` / `bitnet-25` (ReLU²), with the
-//! ternary linears as TQ1_0 or TQ2_0 (one scale per row, optionally times llama.cpp's
-//! per-tensor `.scale`) and the embeddings, head and norms as F32, F16, BF16 or (embeddings and
-//! head) Q8_0. Embeddings in F16 / BF16 stay in the mapped file, as with safetensors.
+//! llama.cpp computes it), bitnet.cpp's `bitnet-b1.58` / `bitnet-25` (ReLU²) and `llama` (a
+//! float model). Linears are ternary as TQ1_0, TQ2_0 or I2_S (one scale per row or tensor,
+//! optionally times llama.cpp's per-tensor `.scale`), or float: F32, F16, BF16, Q8_0, or a
+//! block type candle decodes (Q4_0, Q4_1, Q5_0, Q5_1, Q2_K … Q6_K, widened to f32). A float
+//! linear of a BitNet architecture whose values are exactly ternary (±a per row, or 0) is read
+//! back as ternary — that is how `bitsvf convert --type f16` writes one. The embeddings, head
+//! and norms take the float types; F16 / BF16 stay in the mapped file, as with safetensors.
+//! llama.cpp stores `llama` query and key rows permuted for its interleaved RoPE; they are put
+//! back in the rotate-half order transformers (and bitsvf) use.
 
-use super::gguf::{GgmlType, Gguf, MetaValue, TensorInfo};
-use super::{Checkpoint, FloatMatrix, Layer, Linear, LinearKind, SourceFormat, StoredDtype};
+use super::gguf::{decode_quant, GgmlType, Gguf, TensorInfo};
+use super::{
+    Checkpoint, FloatMatrix, Layer, Linear, LinearKind, LinearMatrix, SourceFormat, StoredDtype,
+};
 use crate::engine::config::{Activation, ModelConfig};
 use crate::engine::ternary::ggml::TernaryBlocks;
 use crate::engine::ternary::{Quantization, TernaryMatrix};
 use crate::error::{Error, Result};
 use std::path::Path;
-use std::sync::Arc;
 
-/// GGUF architectures bitsvf reads, with the FFN activation each implies.
-const ARCHITECTURES: [(&str, Activation); 3] = [
-    ("bitnet", Activation::Silu),
-    ("bitnet-b1.58", Activation::Relu2),
-    ("bitnet-25", Activation::Relu2),
+/// GGUF architectures bitsvf reads, with the FFN activation each implies and whether it is
+/// BitNet (sub-norms before o_proj and down_proj) rather than llama.
+const ARCHITECTURES: [(&str, Activation, bool); 4] = [
+    ("bitnet", Activation::Silu, true),
+    ("bitnet-b1.58", Activation::Relu2, true),
+    ("bitnet-25", Activation::Relu2, true),
+    ("llama", Activation::Silu, false),
 ];
 
 /// ggml's names of the seven linears of block `l`, in [`LinearKind::ALL`] order.
 fn linear_names(l: usize) -> [String; 7] {
     LinearKind::ALL.map(|k| format!("blk.{l}.{}", k.ggml_name()))
-}
-
-/// The `general.architecture` bitsvf writes for a model: `bitnet` for SiLU, `bitnet-b1.58`
-/// for ReLU² (the names llama.cpp and bitnet.cpp give them).
-pub fn gguf_architecture(cfg: &crate::engine::config::ModelConfig) -> &'static str {
-    match cfg.hidden_act {
-        Activation::Silu => "bitnet",
-        Activation::Relu2 => "bitnet-b1.58",
-    }
 }
 
 /// Load the GGUF file at `path`.
@@ -42,12 +41,12 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         .and_then(|v| v.as_str())
         .ok_or_else(|| Error::config(path, "general.architecture", "missing or not a string"))?
         .to_string();
-    let Some(&(_, act)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
+    let Some(&(_, act, bitnet)) = ARCHITECTURES.iter().find(|(a, _, _)| *a == arch) else {
         return Err(Error::UnknownFormat {
             path: path.to_path_buf(),
             msg: format!(
                 "GGUF architecture `{arch}`; bitsvf reads {}",
-                ARCHITECTURES.map(|(a, _)| a).join(", ")
+                ARCHITECTURES.map(|(a, _, _)| a).join(", ")
             ),
         });
     };
@@ -95,7 +94,10 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         num_hidden_layers: int("block_count", None)?,
         num_attention_heads: heads,
         num_key_value_heads: Some(int("attention.head_count_kv", Some(heads))?),
-        head_dim: None,
+        head_dim: g
+            .get(&key("attention.key_length"))
+            .map(|_| int("attention.key_length", None))
+            .transpose()?,
         hidden_act: act,
         max_position_embeddings: int("context_length", Some(2048))?,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
@@ -103,7 +105,7 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
         tie_word_embeddings: !g.tensors.iter().any(|t| t.name == "output.weight"),
         bos_token_id: token("bos_token_id"),
         eos_token_id: token("eos_token_id"),
-        sub_norms: Some(true),
+        sub_norms: Some(bitnet),
     };
     config.validate(path)?;
     if config.hidden_size != d {
@@ -116,6 +118,7 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
             ),
         ));
     }
+    check_rope(&g, &arch, &config)?;
     let embed_tokens = read_table(&g, embed, vocab, d)?;
     let lm_head = match config.tie_word_embeddings {
         true => None,
@@ -154,32 +157,37 @@ pub fn load_gguf(path: &Path) -> Result<Checkpoint> {
             (d, ff),
         ];
         let mut linears = Vec::with_capacity(7);
-        for (name, (rows, cols)) in linear_names(l).into_iter().zip(shapes) {
+        for ((name, kind), (rows, cols)) in
+            linear_names(l).into_iter().zip(LinearKind::ALL).zip(shapes)
+        {
+            // llama.cpp's converter permutes a llama model's query and key rows.
+            let heads = match kind {
+                LinearKind::Q if !bitnet => Some(config.num_attention_heads),
+                LinearKind::K if !bitnet => Some(config.kv_heads()),
+                _ => None,
+            };
             linears.push(Linear {
-                matrix: Arc::new(read_ternary(&g, &name, rows, cols)?),
+                matrix: read_linear(&g, &name, rows, cols, bitnet, heads)?,
                 bias: None,
             });
         }
+        let sub_norm = |n: &str, len: usize| {
+            bitnet
+                .then(|| read_vector(&g, &format!("blk.{l}.{n}.weight"), len))
+                .transpose()
+        };
         layers.push(Layer {
             input_layernorm: read_vector(&g, &format!("blk.{l}.attn_norm.weight"), d)?,
             post_attention_layernorm: read_vector(&g, &format!("blk.{l}.ffn_norm.weight"), d)?,
-            attn_sub_norm: Some(read_vector(
-                &g,
-                &format!("blk.{l}.attn_sub_norm.weight"),
-                q_width,
-            )?),
-            ffn_sub_norm: Some(read_vector(
-                &g,
-                &format!("blk.{l}.ffn_sub_norm.weight"),
-                ff,
-            )?),
+            attn_sub_norm: sub_norm("attn_sub_norm", q_width)?,
+            ffn_sub_norm: sub_norm("ffn_sub_norm", ff)?,
             linears,
         });
     }
     let per_row = layers
         .iter()
         .flat_map(|l| &l.linears)
-        .any(|l| l.matrix.scales.len() > 1);
+        .any(|l| l.matrix.ternary().is_some_and(|m| m.scales.len() > 1));
     Ok(Checkpoint {
         config,
         quantization: if per_row {
@@ -224,11 +232,132 @@ fn read_table(g: &Gguf, t: &TensorInfo, rows: usize, cols: usize) -> Result<Floa
         GgmlType::Q8_0 => {
             FloatMatrix::from_q8_0_blocks(&data, rows, cols).map_err(|e| bad(e.to_string()))
         }
+        GgmlType::Quant(q) => Ok(FloatMatrix::from_f32(
+            decode_quant(q, &data, rows, cols).map_err(bad)?,
+            rows,
+            cols,
+        )),
         other => Err(bad(format!(
-            "type {} for embeddings or the head; bitsvf reads F32, F16, BF16 and Q8_0",
+            "type {} for a float matrix; bitsvf reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, \
+             Q5_1 and Q2_K to Q6_K",
             other.name()
         ))),
     }
+}
+
+/// RoPE as bitsvf computes it (rotate-half over the whole head, no frequency scaling);
+/// anything else the file asks for is an error naming the key or tensor.
+fn check_rope(g: &Gguf, arch: &str, config: &ModelConfig) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    if let Some(v) = g.get(&key("rope.dimension_count")) {
+        if v.as_u64() != Some(config.head_dim() as u64) {
+            return Err(Error::config(
+                &g.path,
+                key("rope.dimension_count"),
+                format!(
+                    "{v:?}, but the head dimension is {}; bitsvf rotates whole heads",
+                    config.head_dim()
+                ),
+            ));
+        }
+    }
+    if let Some(v) = g.get(&key("rope.scaling.type")) {
+        if v.as_str() != Some("none") {
+            return Err(Error::config(
+                &g.path,
+                key("rope.scaling.type"),
+                format!("{v:?}; bitsvf has no RoPE scaling"),
+            ));
+        }
+    }
+    if g.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
+        return Err(g.tensor_error(
+            "rope_freqs.weight",
+            "scaled RoPE frequencies (Llama 3.1 style) are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Linear `prefix` `[rows, cols]`: ternary types as [`read_ternary`]; float types as a
+/// [`FloatMatrix`], times a `.scale` if the file has one, and — in a BitNet architecture — back
+/// to ternary when every row is ±a or 0. `heads`: undo llama.cpp's query/key row permutation
+/// for that many heads.
+fn read_linear(
+    g: &Gguf,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    bitnet: bool,
+    heads: Option<usize>,
+) -> Result<LinearMatrix> {
+    let name = format!("{prefix}.weight");
+    let t = g.tensor(&name)?;
+    let perm = heads.map(|h| unpermute_rows(rows, h));
+    if t.ty.is_ternary() {
+        let m = read_ternary(g, prefix, rows, cols)?;
+        return Ok(match perm {
+            None => m.into(),
+            Some(p) => {
+                let (values, cols) = (m.values(), m.cols);
+                let rows_of = |r: usize| &values[r * cols..(r + 1) * cols];
+                let v: Vec<i8> = p.iter().flat_map(|&r| rows_of(r).to_vec()).collect();
+                let scales = match m.scales.len() {
+                    1 => m.scales.clone(),
+                    _ => p.iter().map(|&r| m.scales[r]).collect(),
+                };
+                TernaryMatrix::from_values(&v, rows, cols, scales).into()
+            }
+        });
+    }
+    let mut m = read_table(g, t, rows, cols)?;
+    if let Some(p) = perm {
+        m = m.permute_rows(&p);
+    }
+    let scale = read_scale(g, prefix)?;
+    if bitnet {
+        if let Some(mut tm) = TernaryMatrix::from_exact(&m.to_f32(), rows, cols) {
+            tm.scales
+                .iter_mut()
+                .for_each(|x| *x *= scale.unwrap_or(1.0));
+            return Ok(tm.into());
+        }
+    }
+    Ok(LinearMatrix::Float(match scale {
+        None => m,
+        Some(s) => FloatMatrix::from_f32(m.to_f32().iter().map(|x| x * s).collect(), rows, cols),
+    }))
+}
+
+/// For each row of the transformers layout, the row of llama.cpp's permuted query/key matrix
+/// that holds it: llama.cpp interleaves each head's two rotate-half halves
+/// (`convert_hf_to_gguf.py`'s `permute`), so row `h·hd + 2i + j` of the file is row
+/// `h·hd + j·hd/2 + i` of the model.
+pub(super) fn unpermute_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads.max(1);
+    let half = hd / 2;
+    let mut perm = vec![0; rows];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                perm[h * hd + j * half + i] = h * hd + 2 * i + j;
+            }
+        }
+    }
+    perm
+}
+
+/// llama.cpp's optional per-tensor `.scale` of linear `prefix` (one positive value).
+fn read_scale(g: &Gguf, prefix: &str) -> Result<Option<f32>> {
+    let scale_name = format!("{prefix}.scale");
+    let Some(t) = g.tensors.iter().find(|t| t.name == scale_name) else {
+        return Ok(None);
+    };
+    let s = floats(g, t)?;
+    if s.len() != 1 || !(s[0].is_finite() && s[0] > 0.0) {
+        return Err(g.tensor_error(&scale_name, format!("{s:?}; expected one finite value > 0")));
+    }
+    Ok(Some(s[0]))
 }
 
 /// The values of an F32 / F16 / BF16 tensor, checked finite; halves are widened by
@@ -286,22 +415,11 @@ fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<Tern
         GgmlType::Tq1_0 => TernaryMatrix::from_ggml(TernaryBlocks::Tq1_0, &data, rows, cols),
         GgmlType::Tq2_0 => TernaryMatrix::from_ggml(TernaryBlocks::Tq2_0, &data, rows, cols),
         GgmlType::I2S => TernaryMatrix::from_i2_s(&data, rows, cols),
-        other => {
-            return Err(bad(format!(
-                "type {}; bitsvf reads ternary linears as TQ1_0, TQ2_0 or I2_S (float linears \
-                 are not supported yet)",
-                other.name()
-            )))
-        }
+        other => return Err(bad(format!("type {} is not ternary", other.name()))),
     }
     .map_err(bad)?;
-    let scale_name = format!("{prefix}.scale");
-    if let Some(s) = g.tensors.iter().find(|t| t.name == scale_name) {
-        let s = floats(g, s)?;
-        if s.len() != 1 {
-            return Err(g.tensor_error(&scale_name, format!("{} values; expected 1", s.len())));
-        }
-        m.scales.iter_mut().for_each(|x| *x *= s[0]);
+    if let Some(s) = read_scale(g, prefix)? {
+        m.scales.iter_mut().for_each(|x| *x *= s);
     }
     if let Some(i) = m.scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(g.tensor_error(
@@ -315,309 +433,11 @@ fn read_ternary(g: &Gguf, prefix: &str, rows: usize, cols: usize) -> Result<Tern
     Ok(m)
 }
 
-/// The ggml types [`save_gguf`] writes ternary linears as.
-pub const TERNARY_GGUF_TYPES: [GgmlType; 3] = [GgmlType::Tq2_0, GgmlType::Tq1_0, GgmlType::I2S];
-
-/// Write `ck` as a GGUF file with ternary linears as `ty` (TQ1_0, TQ2_0 or I2_S): architecture `bitnet` for a
-/// SiLU model and `bitnet-b1.58` for a ReLU² one (the names llama.cpp and bitnet.cpp give
-/// them), the embeddings and head in their stored dtype (Q8_0 as Q8_0), norms as F32. A
-/// per-tensor γ is carried exactly: in TQ1_0 / TQ2_0 every block's scale is 1 and γ goes into
-/// llama.cpp's optional `.scale` tensor, in I2_S it is the tensor's own f32 scale; per-row
-/// scales become the blocks' f16 scales (rounded to f16), and I2_S refuses them. TQ1_0 / TQ2_0
-/// need every linear's input width to be a multiple of 256, I2_S every matrix's size a
-/// multiple of 128. The tokenizer goes in too where the source has one llama.cpp can read (a
-/// GGUF file's own, or a byte-level BPE tokenizer.json beside the model, with its chat
-/// template); the returned line says what was written.
-pub fn save_gguf(ck: &Checkpoint, path: &Path, ty: GgmlType) -> Result<String> {
-    let blocks = match ty {
-        GgmlType::Tq1_0 => Some(TernaryBlocks::Tq1_0),
-        GgmlType::Tq2_0 => Some(TernaryBlocks::Tq2_0),
-        GgmlType::I2S => None,
-        other => {
-            return Err(Error::Input(format!(
-                "{} is not a ternary GGUF type; bitsvf writes TQ1_0, TQ2_0 and I2_S",
-                other.name()
-            )))
-        }
-    };
-    use super::gguf::GgufWriter;
-    let cfg = &ck.config;
-    let arch = gguf_architecture(cfg);
-    let mut w = GgufWriter::new(arch);
-    let key = |k: &str| format!("{arch}.{k}");
-    let u32_of = |v: usize| MetaValue::U32(v as u32);
-    w.meta(
-        "general.name",
-        MetaValue::Str(format!("bitsvf {}", ck.source.display())),
-    );
-    w.meta(&key("block_count"), u32_of(cfg.num_hidden_layers));
-    w.meta(&key("context_length"), u32_of(cfg.max_position_embeddings));
-    w.meta(&key("embedding_length"), u32_of(cfg.hidden_size));
-    w.meta(&key("feed_forward_length"), u32_of(cfg.intermediate_size));
-    w.meta(
-        &key("attention.head_count"),
-        u32_of(cfg.num_attention_heads),
-    );
-    w.meta(&key("attention.head_count_kv"), u32_of(cfg.kv_heads()));
-    w.meta(&key("rope.dimension_count"), u32_of(cfg.head_dim()));
-    w.meta(
-        &key("rope.freq_base"),
-        MetaValue::F32(cfg.rope_theta as f32),
-    );
-    let eps = MetaValue::F32(cfg.rms_norm_eps as f32);
-    w.meta(&key("attention.layer_norm_rms_epsilon"), eps);
-    for (k, id) in [
-        ("bos_token_id", cfg.bos_token_id),
-        ("eos_token_id", cfg.eos_token_id),
-    ] {
-        if let Some(id) = id {
-            w.meta(&format!("tokenizer.ggml.{k}"), MetaValue::U32(id));
-        }
-    }
-    let tokenizer = tokenizer_metadata(ck)?;
-    for (k, v) in &tokenizer.0 {
-        w.meta(k, v.clone());
-    }
-    // Tables and linears are encoded one at a time as the file is written.
-    fn table<'a>(w: &mut GgufWriter<'a>, name: &str, m: &'a FloatMatrix) -> Result<()> {
-        let dims = vec![m.cols as u64, m.rows as u64];
-        let gt = match (m.dtype(), m.half_bits()) {
-            (StoredDtype::Q8_0, _) => GgmlType::Q8_0,
-            (StoredDtype::F16, Some(_)) => GgmlType::F16,
-            (StoredDtype::Bf16, Some(_)) => GgmlType::Bf16,
-            _ => GgmlType::F32,
-        };
-        w.tensor_with(name, gt, dims, move || match (gt, m.half_bits()) {
-            (GgmlType::Q8_0, _) => m.to_q8_0_blocks(),
-            (GgmlType::F16 | GgmlType::Bf16, Some((_, bits))) => {
-                Ok(bits.iter().flat_map(|b| b.to_le_bytes()).collect())
-            }
-            _ => Ok(m.to_f32_le_bytes()),
-        })
-    }
-    let vector = |w: &mut GgufWriter<'_>, name: &str, v: &[f32]| {
-        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        w.tensor(name, GgmlType::F32, vec![v.len() as u64], bytes)
-    };
-    table(&mut w, "token_embd.weight", &ck.embed_tokens)?;
-    vector(&mut w, "output_norm.weight", &ck.norm)?;
-    if let Some(h) = &ck.lm_head {
-        table(&mut w, "output.weight", h)?;
-    }
-    for (l, layer) in ck.layers.iter().enumerate() {
-        vector(
-            &mut w,
-            &format!("blk.{l}.attn_norm.weight"),
-            &layer.input_layernorm,
-        )?;
-        vector(
-            &mut w,
-            &format!("blk.{l}.ffn_norm.weight"),
-            &layer.post_attention_layernorm,
-        )?;
-        let subs = [
-            ("attn_sub_norm", &layer.attn_sub_norm),
-            ("ffn_sub_norm", &layer.ffn_sub_norm),
-        ];
-        for (n, v) in subs {
-            let v = v.as_ref().ok_or_else(|| {
-                Error::Input(format!(
-                    "layer {l} has no {n}; GGUF BitNet architectures need the sub-norms"
-                ))
-            })?;
-            vector(&mut w, &format!("blk.{l}.{n}.weight"), v)?;
-        }
-        for (prefix, (kind, lin)) in linear_names(l)
-            .iter()
-            .zip(LinearKind::ALL.iter().zip(&layer.linears))
-        {
-            let m = &lin.matrix;
-            if lin.bias.is_some() {
-                return Err(Error::Input(format!(
-                    "{prefix} ({kind:?}) has a bias, which GGUF BitNet architectures lack"
-                )));
-            }
-            let per_tensor = m.scales.len() == 1;
-            // Checked now, encoded when written.
-            match blocks {
-                Some(b) => m.check_ggml(b),
-                None => m.check_i2_s(),
-            }
-            .map_err(|e| Error::Input(format!("{prefix}: {e}")))?;
-            let (mat, name) = (Arc::clone(m), prefix.clone());
-            let dims = vec![m.cols as u64, m.rows as u64];
-            w.tensor_with(&format!("{prefix}.weight"), ty, dims, move || {
-                match blocks {
-                    // Unit block scales and γ in `.scale`: exact.
-                    Some(b) if per_tensor => TernaryMatrix {
-                        scales: vec![1.0],
-                        ..(*mat).clone()
-                    }
-                    .to_ggml(b),
-                    Some(b) => mat.to_ggml(b),
-                    None => mat.to_i2_s(),
-                }
-                .map_err(|e| Error::Input(format!("{name}: {e}")))
-            })?;
-            if per_tensor && blocks.is_some() {
-                vector(&mut w, &format!("{prefix}.scale"), &m.scales)?;
-            }
-        }
-    }
-    w.write(path)?;
-    Ok(tokenizer.1)
-}
-
-/// The `tokenizer.*` metadata of `ck`'s source for a GGUF file, and a line saying what it is.
-fn tokenizer_metadata(ck: &Checkpoint) -> Result<(Vec<(String, MetaValue)>, String)> {
-    use crate::engine::tokenizer::{file_for_model, gguf::metadata_for};
-    if Gguf::sniff(&ck.source) {
-        let g = Gguf::open(&ck.source)?;
-        let keys: Vec<_> = (g.metadata.iter())
-            .filter(|(k, _)| k.starts_with("tokenizer."))
-            .cloned()
-            .collect();
-        let note = match keys.iter().any(|(k, _)| k == "tokenizer.ggml.model") {
-            true => "tokenizer: the source GGUF's".to_string(),
-            false => "no tokenizer written: the source GGUF has none".to_string(),
-        };
-        return Ok((keys, note));
-    }
-    let Some(tj) = file_for_model(&ck.source) else {
-        return Ok((
-            vec![],
-            "no tokenizer written: the model has no tokenizer.json".into(),
-        ));
-    };
-    let mut meta = match metadata_for(&tj, ck.config.vocab_size) {
-        Ok(m) => m,
-        Err(e) => return Ok((vec![], format!("no tokenizer written: {e}"))),
-    };
-    let mut note = format!("tokenizer: {}", tj.display());
-    if let Some((text, origin)) = crate::engine::chat::model_template(&ck.source)? {
-        meta.push(("tokenizer.chat_template".into(), MetaValue::Str(text)));
-        note += &format!(", chat template: {origin}");
-    }
-    Ok((meta, note))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::save_gguf;
     use super::*;
-    use crate::engine::model::{test_arch, Model, ModelOptions};
-
-    /// A model written as GGUF (TQ1_0, TQ2_0 and I2_S) reads back with the same weights and the
-    /// same logits, to the bit; per-row scales round to f16.
-    #[test]
-    fn gguf_round_trips_a_checkpoint() {
-        let mut cfg = test_arch(256, 512, 2, (4, 2), 64);
-        cfg.vocab_size = 300;
-        let ck = Checkpoint::random(cfg, 9);
-        let dir = tempfile::tempdir().unwrap();
-        let ids = vec![vec![1u32, 7, 299, 42, 5]];
-        let logits = |ck: &Checkpoint| {
-            let m = Model::new(ck, ModelOptions::default()).unwrap();
-            let l = m.forward(&m.ids_tensor(&ids).unwrap(), None).unwrap();
-            l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        };
-        let want = logits(&ck);
-        for ty in TERNARY_GGUF_TYPES {
-            let path = dir.path().join(format!("m-{}.gguf", ty.name()));
-            save_gguf(&ck, &path, ty).unwrap();
-            let back = super::super::load(&path).unwrap();
-            assert_eq!(back.format.name(), "gguf (bitnet-b1.58)");
-            assert_eq!(back.config.num_hidden_layers, 2);
-            assert_eq!(back.content_hash(), ck.content_hash(), "{}", ty.name());
-            assert_eq!(logits(&back), want, "{}", ty.name());
-        }
-        // Per-row scales: each block carries its row's scale as f16.
-        let mut per_row = ck.clone();
-        let lin = &mut per_row.layers[0].linears[0];
-        let rows = lin.matrix.rows;
-        let mut m = (*lin.matrix).clone();
-        m.scales = (0..rows).map(|r| 0.5 + r as f32 / 64.0).collect();
-        lin.matrix = Arc::new(m);
-        let path = dir.path().join("per-row.gguf");
-        save_gguf(&per_row, &path, GgmlType::Tq2_0).unwrap();
-        let back = super::super::load(&path).unwrap();
-        assert_eq!(
-            back.layers[0].linears[0].matrix.scales,
-            per_row.layers[0].linears[0].matrix.scales
-        );
-        // I2_S has one scale per tensor.
-        let path = dir.path().join("per-row-i2s.gguf");
-        let err = save_gguf(&per_row, &path, GgmlType::I2S)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("blk.0.attn_q") && err.contains("per row"),
-            "{err}"
-        );
-        assert!(!path.exists());
-        let err = save_gguf(&ck, &path, GgmlType::Q8_0)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("Q8_0"), "{err}");
-    }
-
-    /// A model with a byte-level BPE tokenizer.json beside it is written with its tokenizer and
-    /// chat template, which read back to the same ids.
-    #[test]
-    fn gguf_carries_the_tokenizer_beside_the_model() {
-        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-tokenizer");
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(
-            fx.join("gpt2.tokenizer.json"),
-            dir.path().join("tokenizer.json"),
-        )
-        .unwrap();
-        let template = "{{ bos_token }}{{ messages[0]['content'] }}";
-        let config = serde_json::json!({ "chat_template": template });
-        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-        let mut cfg = test_arch(256, 512, 1, (4, 2), 64);
-        cfg.vocab_size = 430;
-        let mut ck = Checkpoint::random(cfg, 3);
-        ck.source = dir.path().join("model.safetensors");
-        let path = dir.path().join("m.gguf");
-        let note = save_gguf(&ck, &path, GgmlType::I2S).unwrap();
-        assert!(
-            note.contains("tokenizer.json") && note.contains("chat template"),
-            "{note}"
-        );
-        let g = Gguf::open(&path).unwrap();
-        assert_eq!(
-            g.get("tokenizer.chat_template").and_then(MetaValue::as_str),
-            Some(template)
-        );
-        let t = crate::engine::tokenizer::gguf::tokenizer(&g)
-            .unwrap()
-            .unwrap();
-        let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap())
-                .unwrap();
-        for case in expected["gpt2"].as_array().unwrap() {
-            let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-            let text = case["text"].as_str().unwrap();
-            assert_eq!(t.encode(text, false).unwrap().get_ids(), want, "{text:?}");
-        }
-        // Converted again from the GGUF: the same tokenizer keys.
-        let back = super::super::load(&path).unwrap();
-        let again = dir.path().join("again.gguf");
-        let note = save_gguf(&back, &again, GgmlType::Tq2_0).unwrap();
-        assert!(note.contains("source GGUF"), "{note}");
-        let h = Gguf::open(&again).unwrap();
-        for (k, v) in g
-            .metadata
-            .iter()
-            .filter(|(k, _)| k.starts_with("tokenizer."))
-        {
-            assert_eq!(h.get(k), Some(v), "{k}");
-        }
-        // No tokenizer: said so.
-        ck.source = dir.path().join("elsewhere/model.safetensors");
-        let note = save_gguf(&ck, &dir.path().join("bare.gguf"), GgmlType::I2S).unwrap();
-        assert!(note.contains("no tokenizer"), "{note}");
-    }
+    use crate::engine::model::test_arch;
 
     /// Files that are not what they claim are errors naming the tensor or field.
     #[test]

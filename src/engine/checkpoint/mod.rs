@@ -14,10 +14,11 @@ mod formats;
 mod from_gguf;
 pub mod gguf;
 pub mod st;
+mod to_gguf;
 
 pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};
-pub use from_gguf::{gguf_architecture, save_gguf, TERNARY_GGUF_TYPES};
 pub use gguf::GgmlType;
+pub use to_gguf::{gguf_architecture, save_gguf, GGUF_LINEAR_TYPES, TERNARY_GGUF_TYPES};
 
 pub use formats::{
     display_name, load, load_default, load_or_default, save_dequantized, save_native,
@@ -122,8 +123,10 @@ pub enum SourceFormat {
         /// `autobitlinear` (multiply by weight_scale) or `bitlinear` (divide).
         linear_class: String,
     },
-    /// Hugging Face float master weights, ternarized on load.
+    /// Hugging Face BitNet float master weights, ternarized on load.
     HfFloat,
+    /// A Hugging Face float model (Llama-style, no BitNet quantization): float linears.
+    HfFloatModel,
     /// A float model written by `bitsvf dequantize`, recovered exactly.
     Dequantized,
     /// Agent-forge Phase 4 layout (int8 weights, fp16 per-channel scales).
@@ -143,6 +146,7 @@ impl SourceFormat {
         match self {
             SourceFormat::HfPacked { linear_class } => format!("hf-packed ({linear_class})"),
             SourceFormat::HfFloat => "hf-float (ternarized on load)".into(),
+            SourceFormat::HfFloatModel => "hf-float (float linears)".into(),
             SourceFormat::Dequantized => "bitsvf-dequantized f32".into(),
             SourceFormat::Phase4 => "agent-forge phase4".into(),
             SourceFormat::Native => "bitsvf native".into(),
@@ -151,11 +155,83 @@ impl SourceFormat {
     }
 }
 
-/// One ternary linear layer with its optional bias.
+/// The weight of one linear: ternary (BitNet) or float (a Llama-style model, or a BitNet
+/// model dequantized by someone else).
+#[derive(Debug, Clone)]
+pub enum LinearMatrix {
+    /// W_t and γ, shared with the models built over this checkpoint.
+    Ternary(Arc<TernaryMatrix>),
+    /// Float W `[out, in]` in its stored dtype (f32, bf16, f16 or Q8_0); the forward pass
+    /// takes its activations unquantized.
+    Float(FloatMatrix),
+}
+
+impl From<TernaryMatrix> for LinearMatrix {
+    fn from(m: TernaryMatrix) -> Self {
+        LinearMatrix::Ternary(Arc::new(m))
+    }
+}
+
+impl LinearMatrix {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            LinearMatrix::Ternary(m) => m.rows,
+            LinearMatrix::Float(m) => m.rows,
+        }
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match self {
+            LinearMatrix::Ternary(m) => m.cols,
+            LinearMatrix::Float(m) => m.cols,
+        }
+    }
+
+    /// The ternary matrix, if this is one.
+    pub fn ternary(&self) -> Option<&Arc<TernaryMatrix>> {
+        match self {
+            LinearMatrix::Ternary(m) => Some(m),
+            LinearMatrix::Float(_) => None,
+        }
+    }
+
+    /// Whether the weight is ternary.
+    pub fn is_ternary(&self) -> bool {
+        self.ternary().is_some()
+    }
+
+    /// W row-major `[out, in]` in f32 (γ·W_t for a ternary matrix).
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            LinearMatrix::Ternary(m) => m.dequantize(),
+            LinearMatrix::Float(m) => m.to_f32(),
+        }
+    }
+
+    /// Bytes the weight takes in memory (packed codes and scales, or the stored floats).
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            LinearMatrix::Ternary(m) => m.packed_bytes(),
+            LinearMatrix::Float(m) => m.stored_bytes(),
+        }
+    }
+
+    /// How the weight is held: `ternary`, or the float dtype's name.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            LinearMatrix::Ternary(_) => "ternary",
+            LinearMatrix::Float(m) => m.dtype().name(),
+        }
+    }
+}
+
+/// One linear layer with its optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// W_t and γ, shared with the models built over this checkpoint.
-    pub matrix: Arc<TernaryMatrix>,
+    /// The weight, shared with the models built over this checkpoint.
+    pub matrix: LinearMatrix,
     /// Bias of length `out` (Phase 4 checkpoints may have one).
     pub bias: Option<Vec<f32>>,
 }
@@ -247,8 +323,16 @@ impl Checkpoint {
                 floats(&mut h, n);
             }
             for lin in &layer.linears {
-                h.update(&lin.matrix.packed);
-                floats(&mut h, &lin.matrix.scales);
+                match &lin.matrix {
+                    LinearMatrix::Ternary(m) => {
+                        h.update(&m.packed);
+                        floats(&mut h, &m.scales);
+                    }
+                    LinearMatrix::Float(m) => {
+                        h.update(b"float");
+                        m.for_each_row(|row| floats(&mut h, row));
+                    }
+                }
                 if let Some(b) = &lin.bias {
                     floats(&mut h, b);
                 }
@@ -290,21 +374,73 @@ impl Checkpoint {
             n += layer.attn_sub_norm.as_ref().map_or(0, Vec::len);
             n += layer.ffn_sub_norm.as_ref().map_or(0, Vec::len);
             for lin in &layer.linears {
-                n += lin.matrix.rows * lin.matrix.cols + lin.bias.as_ref().map_or(0, Vec::len);
+                n += lin.matrix.rows() * lin.matrix.cols() + lin.bias.as_ref().map_or(0, Vec::len);
             }
         }
         n
     }
 
-    /// Ternary parameters (the linears' weights).
+    /// Ternary parameters (the ternary linears' weights).
     pub fn ternary_parameter_count(&self) -> usize {
         self.linears()
-            .map(|(_, _, l)| l.matrix.rows * l.matrix.cols)
+            .filter(|(_, _, l)| l.matrix.is_ternary())
+            .map(|(_, _, l)| l.matrix.rows() * l.matrix.cols())
             .sum()
+    }
+
+    /// Whether every linear is ternary (a BitNet model); a float model (Llama-style, or one
+    /// with some float linears) runs those linears in float without activation quantization.
+    pub fn is_ternary(&self) -> bool {
+        self.linears().all(|(_, _, l)| l.matrix.is_ternary())
+    }
+
+    /// What the linears are: `ternary`, or the float dtypes found (`f16`, `f32 + q8_0`, …).
+    pub fn linear_dtypes(&self) -> String {
+        let mut names: Vec<&str> = self
+            .linears()
+            .map(|(_, _, l)| l.matrix.dtype_name())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names.join(" + ")
+    }
+
+    /// This model with every float linear ternarized by BitNet b1.58's per-tensor absmean
+    /// rule (`--ternarize`); ternary linears are kept as they are.
+    pub fn ternarized(mut self) -> Checkpoint {
+        for layer in &mut self.layers {
+            for lin in &mut layer.linears {
+                if let LinearMatrix::Float(m) = &lin.matrix {
+                    let w = m.to_f32();
+                    let t = TernaryMatrix::quantize(&w, m.rows, m.cols, Quantization::PerTensor);
+                    lin.matrix = t.into();
+                }
+            }
+        }
+        self
     }
 }
 
 impl Checkpoint {
+    /// A random float model (Llama-style: float linears with N(0, 0.05²)-ish weights, no
+    /// sub-norms unless the config asks for them) — for tests of float bases.
+    pub fn random_float(mut config: ModelConfig, seed: u64) -> Checkpoint {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        config.sub_norms.get_or_insert(false);
+        let mut ck = Checkpoint::random(config, seed);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+        for layer in &mut ck.layers {
+            for lin in &mut layer.linears {
+                let (rows, cols) = (lin.matrix.rows(), lin.matrix.cols());
+                let w = (0..rows * cols)
+                    .map(|_| (0..4).map(|_| rng.gen::<f32>() - 0.5).sum::<f32>() * 0.087)
+                    .collect();
+                lin.matrix = LinearMatrix::Float(FloatMatrix::from_f32(w, rows, cols));
+            }
+        }
+        ck
+    }
+
     /// A random model of the given architecture (uniform ternary weights, per-tensor scales in
     /// [0.5, 1.5], N(0, 0.5²)-ish embeddings, norms near 1) — for benchmarks and tests.
     pub fn random(config: ModelConfig, seed: u64) -> Checkpoint {
@@ -341,12 +477,8 @@ impl Checkpoint {
                             (0..rows * cols).map(|_| rng.gen_range(-1i8..=1)).collect();
                         let scale = 0.5 + rng.gen::<f32>();
                         Linear {
-                            matrix: Arc::new(TernaryMatrix::from_values(
-                                &values,
-                                rows,
-                                cols,
-                                vec![scale],
-                            )),
+                            matrix: TernaryMatrix::from_values(&values, rows, cols, vec![scale])
+                                .into(),
                             bias: None,
                         }
                     })

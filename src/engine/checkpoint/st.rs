@@ -13,6 +13,7 @@ use std::sync::Arc;
 enum Backing {
     Mmap(Mmap),
     Static(&'static [u8]),
+    Owned(Vec<u8>),
 }
 
 impl std::ops::Deref for Backing {
@@ -21,6 +22,7 @@ impl std::ops::Deref for Backing {
         match self {
             Backing::Mmap(m) => m,
             Backing::Static(b) => b,
+            Backing::Owned(b) => b,
         }
     }
 }
@@ -49,6 +51,16 @@ pub fn map_file(path: &Path) -> Result<SharedBytes> {
 }
 
 impl SharedBytes {
+    /// Bytes held in memory (a matrix rearranged on load).
+    pub fn from_vec(bytes: Vec<u8>) -> SharedBytes {
+        let len = bytes.len();
+        SharedBytes {
+            backing: Arc::new(Backing::Owned(bytes)),
+            start: 0,
+            len,
+        }
+    }
+
     /// Bytes `offset..offset + len` of these, sharing the mapping. Panics when out of range
     /// (callers check ranges against the file first).
     pub fn slice(&self, offset: usize, len: usize) -> SharedBytes {

@@ -1,7 +1,8 @@
 //! The linear layers of the decoder: one BitNet linear over several weight forms (packed ternary,
 //! dense, quantization-aware master weights, adapted by z, hybrid), with int8 activations.
 
-use crate::engine::ops::{self, fake_quant_ste, matmul_const};
+use crate::engine::checkpoint::FloatMatrix;
+use crate::engine::ops::{self, fake_quant_ste, matmul_const, matmul_rows};
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::Result;
 use candle_core::Tensor;
@@ -23,6 +24,8 @@ pub enum LinearWeight {
     /// Hybrid runtime expert (Option 3): the packed ternary base through the integer kernel
     /// plus an adapted low-rank delta (no base of its own) on the same quantized activations.
     Hybrid(Arc<TernaryMatrix>, Box<dyn AdaptedLinear>),
+    /// A float base linear `[out, in]` in its stored dtype (inference; no gradient to W).
+    Float(FloatMatrix),
 }
 
 /// A linear whose weight an adaptation method reparameterizes with a vector z. The engine only
@@ -87,8 +90,11 @@ pub struct BitLinear {
     pub weight: LinearWeight,
     /// Optional bias `[out]`.
     pub bias: Option<Tensor>,
-    /// Whether activations are int8-quantized.
+    /// Whether activations are int8-quantized (never for a float base linear).
     pub act_quant: bool,
+    /// Whether the base weight is float (a Llama-style model) rather than ternary: its
+    /// activations stay float and [`crate::engine::model::Model::to_checkpoint`] keeps it float.
+    pub float: bool,
     /// Output features.
     pub out_features: usize,
 }
@@ -113,6 +119,7 @@ impl BitLinear {
                 ops::composable::matmul_2d(&quantized()?, &ternarize_ste(w)?.t()?)?
             }
             LinearWeight::Adapted(w) => w.forward(&quantized()?)?,
+            LinearWeight::Float(m) => matmul_rows(&quantized()?, m)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),

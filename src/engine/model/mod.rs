@@ -26,7 +26,7 @@ pub use sampling::{argmax, sample, GenerateOptions};
 pub use table::HeadFormat;
 use table::Table;
 
-use crate::engine::checkpoint::{Checkpoint, LinearKind};
+use crate::engine::checkpoint::{Checkpoint, FloatMatrix, LinearKind, LinearMatrix};
 use crate::engine::config::ModelConfig;
 use crate::engine::ops::{self, matmul_const, rms_norm};
 use crate::engine::ternary::TernaryMatrix;
@@ -140,15 +140,22 @@ impl Model {
             for kind in LinearKind::ALL {
                 let lin = layer.linear(kind);
                 let m = &lin.matrix;
-                let weight = match options.mode {
-                    WeightMode::Ternary => LinearWeight::Ternary(Arc::clone(m)),
-                    WeightMode::Dense => LinearWeight::Dense(
-                        Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &dev)?
+                let (rows, cols) = (m.rows(), m.cols());
+                let weight = match (options.mode, m) {
+                    (WeightMode::Ternary, LinearMatrix::Ternary(t)) => {
+                        LinearWeight::Ternary(Arc::clone(t))
+                    }
+                    (WeightMode::Ternary, LinearMatrix::Float(f)) if dt == DType::F32 => {
+                        LinearWeight::Float(f.clone())
+                    }
+                    _ => LinearWeight::Dense(
+                        Tensor::from_vec(m.dequantize(), (rows, cols), &dev)?
                             .to_dtype(dt)?
                             .t()?
                             .contiguous()?,
                     ),
                 };
+                let float = !m.is_ternary();
                 linears.push(BitLinear {
                     weight,
                     bias: lin
@@ -156,8 +163,9 @@ impl Model {
                         .as_ref()
                         .map(|b| vec_tensor(b, dt, &dev))
                         .transpose()?,
-                    act_quant: options.act_quant,
-                    out_features: m.rows,
+                    act_quant: options.act_quant && !float,
+                    float,
+                    out_features: rows,
                 });
             }
             let opt =
@@ -552,6 +560,7 @@ impl Model {
                     weight: LinearWeight::Qat(w),
                     bias: None,
                     act_quant,
+                    float: false,
                     out_features: rows,
                 });
             }
@@ -610,7 +619,8 @@ impl Model {
 
     /// Freeze the current weights into a ternary checkpoint: QAT master weights by the
     /// per-tensor absmean rule their forward pass uses; dense, SVF and hybrid weights
-    /// re-quantized ([`crate::engine::ternary::requant`]) with one scale per matrix.
+    /// re-quantized ([`crate::engine::ternary::requant`]) with one scale per matrix. Float base
+    /// linears stay float: W, or the adapted W', in f32.
     pub fn to_checkpoint(&self) -> Result<Checkpoint> {
         self.requantized_checkpoint(false)
     }
@@ -628,21 +638,31 @@ impl Model {
         for b in &self.blocks {
             let mut linears = Vec::new();
             for lin in &b.linears {
-                let matrix = match &lin.weight {
-                    LinearWeight::Ternary(m) => (**m).clone(),
+                let float = |w: Vec<f32>, (rows, cols): (usize, usize)| {
+                    LinearMatrix::Float(FloatMatrix::from_f32(w, rows, cols))
+                };
+                let matrix: LinearMatrix = match &lin.weight {
+                    LinearWeight::Float(m) => LinearMatrix::Float(m.clone()),
+                    LinearWeight::Dense(wt) if lin.float => {
+                        let (cols, rows) = wt.dims2()?;
+                        float(flat(&wt.t()?)?, (rows, cols))
+                    }
+                    LinearWeight::Adapted(w) if lin.float => float(w.adapted_weight()?, w.shape()?),
+                    LinearWeight::Ternary(m) => LinearMatrix::Ternary(Arc::clone(m)),
                     LinearWeight::Dense(wt) => {
                         let (cols, rows) = wt.dims2()?;
-                        requantize(&flat(&wt.t()?)?, rows, cols, false)
+                        requantize(&flat(&wt.t()?)?, rows, cols, false).into()
                     }
                     LinearWeight::Qat(w) => {
                         let (rows, cols) = w.dims2()?;
-                        TernaryMatrix::quantize(&flat(w)?, rows, cols, Quantization::PerTensor)
+                        let q = Quantization::PerTensor;
+                        TernaryMatrix::quantize(&flat(w)?, rows, cols, q).into()
                     }
                     LinearWeight::Adapted(w) => {
                         // Re-quantization of the adapted W' (docs/DESIGN.md §5).
                         let (rows, cols) = w.shape()?;
                         let per_channel = w.requant_per_channel(per_channel);
-                        requantize(&w.adapted_weight()?, rows, cols, per_channel)
+                        requantize(&w.adapted_weight()?, rows, cols, per_channel).into()
                     }
                     LinearWeight::Hybrid(m, delta) => {
                         // W + the low-rank delta, re-quantized.
@@ -650,14 +670,11 @@ impl Model {
                             .zip(m.dequantize())
                             .map(|(d, b)| d + b)
                             .collect();
-                        requantize(&w, m.rows, m.cols, per_channel)
+                        requantize(&w, m.rows, m.cols, per_channel).into()
                     }
                 };
                 let bias = lin.bias.as_ref().map(flat).transpose()?;
-                linears.push(Linear {
-                    matrix: Arc::new(matrix),
-                    bias,
-                });
+                linears.push(Linear { matrix, bias });
             }
             layers.push(Layer {
                 input_layernorm: flat(&b.input_layernorm)?,
@@ -674,7 +691,7 @@ impl Model {
         let per_row = layers
             .iter()
             .flat_map(|l| &l.linears)
-            .any(|l| l.matrix.scales.len() > 1);
+            .any(|l| l.matrix.ternary().is_some_and(|m| m.scales.len() > 1));
         Ok(Checkpoint {
             config: self.config.clone(),
             quantization: if per_row {

@@ -97,6 +97,7 @@ impl Model {
             .map(|l| match &l.weight {
                 LinearWeight::Ternary(m) | LinearWeight::Hybrid(m, _) => m.packed_bytes(),
                 LinearWeight::Dense(t) | LinearWeight::Qat(t) => tensor(t),
+                LinearWeight::Float(m) => m.stored_bytes(),
                 LinearWeight::Adapted(_) => 0,
             })
             .sum();

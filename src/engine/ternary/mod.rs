@@ -188,6 +188,41 @@ impl TernaryMatrix {
         }
     }
 
+    /// The matrix `w` (row-major `[rows, cols]`) holds exactly, when every row is ±a_r or 0
+    /// for one a_r > 0 per row: one scale when all rows share it, else one per row (a row of
+    /// zeros takes the first row's). `None` for any other matrix — this recovers a ternary
+    /// matrix written in a float type; it does not ternarize.
+    pub fn from_exact(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if w.len() != rows * cols || cols == 0 {
+            return None;
+        }
+        let mut values = vec![0i8; w.len()];
+        let mut scales = vec![0f32; rows];
+        for ((row, v), a) in w.chunks(cols).zip(values.chunks_mut(cols)).zip(&mut scales) {
+            *a = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, v) in row.iter().zip(v) {
+                *v = match *x {
+                    0.0 => 0,
+                    x if x == *a => 1,
+                    x if x == -*a => -1,
+                    _ => return None,
+                };
+            }
+        }
+        let first = scales.iter().copied().find(|&a| a > 0.0)?;
+        if !first.is_finite() {
+            return None;
+        }
+        scales
+            .iter_mut()
+            .filter(|a| **a == 0.0)
+            .for_each(|a| *a = first);
+        if scales.iter().all(|&a| a == first) {
+            scales = vec![first];
+        }
+        Some(Self::from_values(&values, rows, cols, scales))
+    }
+
     /// The ternary values, row-major.
     pub fn values(&self) -> Vec<i8> {
         let t = decode_table();
@@ -307,6 +342,23 @@ impl TernaryMatrix {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A matrix that is ±a or 0 per row is recovered exactly (one scale when the rows share
+    /// it); anything else is not ternary.
+    #[test]
+    fn exact_ternary_is_recovered_and_nothing_else() {
+        let w = [0.5, -0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, -0.5, 0.5, 0.5, 0.0];
+        let m = TernaryMatrix::from_exact(&w, 3, 4).unwrap();
+        assert_eq!(m.scales, vec![0.5]);
+        assert_eq!(m.dequantize(), w);
+        let w = [0.5, -0.5, 0.0, 0.25, -0.25, 0.25];
+        let m = TernaryMatrix::from_exact(&w, 2, 3).unwrap();
+        assert_eq!(m.scales, vec![0.5, 0.25]);
+        assert_eq!(m.dequantize(), w);
+        assert!(TernaryMatrix::from_exact(&[0.5, 0.25, 0.0], 1, 3).is_none());
+        assert!(TernaryMatrix::from_exact(&[0.0; 4], 2, 2).is_none());
+        assert!(TernaryMatrix::from_exact(&[f32::INFINITY, 0.0], 1, 2).is_none());
+    }
 
     pub(super) fn ternary_vec(n: usize) -> impl Strategy<Value = Vec<i8>> {
         proptest::collection::vec(-1i8..=1, n)

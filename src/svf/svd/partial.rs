@@ -173,7 +173,7 @@ mod tests {
         use std::time::Instant;
         let ck = crate::engine::checkpoint::load_or_default(None).unwrap();
         let lin = &ck.layers[0].linears[4];
-        let m = &lin.matrix;
+        let m = lin.matrix.ternary().unwrap();
         let mut cases = vec![("default model layer 0 gate", m.dequantize(), m.rows, m.cols)];
         let mut rng = StdRng::seed_from_u64(0);
         let big: Vec<f32> = (0..6912 * 2560)
@@ -216,7 +216,7 @@ mod tests {
             let o = PartialSvdOptions::for_rank(k);
             let mut worst = 0f32;
             for lin in ck.layers.iter().flat_map(|l| &l.linears[4..7]) {
-                let m = &lin.matrix;
+                let m = lin.matrix.ternary().unwrap();
                 let w = m.dequantize();
                 let full = thin_svd(&w, m.rows, m.cols).truncate(k);
                 let part = partial_svd(&w, m.rows, m.cols, k, &o);

@@ -12,7 +12,9 @@ use super::st::SharedBytes;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
+mod quants;
 mod writer;
+pub use quants::decode_quant;
 pub use writer::GgufWriter;
 
 /// "GGUF" as a little-endian u32.
@@ -36,6 +38,9 @@ pub enum GgmlType {
     Bf16,
     /// int8 blocks of 32 with an f16 scale.
     Q8_0,
+    /// A block-quantized float type that bitsvf widens to f32 on load through candle's ggml
+    /// codecs (Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q2_K … Q6_K).
+    Quant(QuantType),
     /// Ternary, five trits per byte.
     Tq1_0,
     /// Ternary, four trits per byte.
@@ -46,6 +51,60 @@ pub enum GgmlType {
     I2S,
     /// Any other type, by its ggml id.
     Other(u32),
+}
+
+/// The block-quantized float types read through candle: (type, ggml id, name, values per
+/// block, bytes per block).
+const QUANT_TYPES: [(QuantType, u32, &str, u64, u64); 9] = [
+    (QuantType::Q4_0, 2, "Q4_0", 32, 18),
+    (QuantType::Q4_1, 3, "Q4_1", 32, 20),
+    (QuantType::Q5_0, 6, "Q5_0", 32, 22),
+    (QuantType::Q5_1, 7, "Q5_1", 32, 24),
+    (QuantType::Q2K, 10, "Q2_K", 256, 84),
+    (QuantType::Q3K, 11, "Q3_K", 256, 110),
+    (QuantType::Q4K, 12, "Q4_K", 256, 144),
+    (QuantType::Q5K, 13, "Q5_K", 256, 176),
+    (QuantType::Q6K, 14, "Q6_K", 256, 210),
+];
+
+/// A block-quantized float type ([`GgmlType::Quant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum QuantType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QuantType {
+    fn entry(self) -> (QuantType, u32, &'static str, u64, u64) {
+        *QUANT_TYPES
+            .iter()
+            .find(|e| e.0 == self)
+            .expect("every quant type is in the table")
+    }
+
+    /// candle's name of the type.
+    pub fn candle(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as C;
+        match self {
+            QuantType::Q4_0 => C::Q4_0,
+            QuantType::Q4_1 => C::Q4_1,
+            QuantType::Q5_0 => C::Q5_0,
+            QuantType::Q5_1 => C::Q5_1,
+            QuantType::Q2K => C::Q2K,
+            QuantType::Q3K => C::Q3K,
+            QuantType::Q4K => C::Q4K,
+            QuantType::Q5K => C::Q5K,
+            QuantType::Q6K => C::Q6K,
+        }
+    }
 }
 
 impl GgmlType {
@@ -59,7 +118,10 @@ impl GgmlType {
             34 => GgmlType::Tq1_0,
             35 => GgmlType::Tq2_0,
             36 => GgmlType::I2S,
-            other => GgmlType::Other(other),
+            other => match QUANT_TYPES.iter().find(|e| e.1 == other) {
+                Some(e) => GgmlType::Quant(e.0),
+                None => GgmlType::Other(other),
+            },
         }
     }
 
@@ -69,6 +131,7 @@ impl GgmlType {
             GgmlType::F32 => 0,
             GgmlType::F16 => 1,
             GgmlType::Q8_0 => 8,
+            GgmlType::Quant(q) => q.entry().1,
             GgmlType::Bf16 => 30,
             GgmlType::Tq1_0 => 34,
             GgmlType::Tq2_0 => 35,
@@ -84,6 +147,7 @@ impl GgmlType {
             GgmlType::F16 => "F16".into(),
             GgmlType::Bf16 => "BF16".into(),
             GgmlType::Q8_0 => "Q8_0".into(),
+            GgmlType::Quant(q) => q.entry().2.into(),
             GgmlType::Tq1_0 => "TQ1_0".into(),
             GgmlType::Tq2_0 => "TQ2_0".into(),
             GgmlType::I2S => "I2_S".into(),
@@ -98,10 +162,16 @@ impl GgmlType {
             GgmlType::F32 => Some((1, 4)),
             GgmlType::F16 | GgmlType::Bf16 => Some((1, 2)),
             GgmlType::Q8_0 => Some((32, 34)),
+            GgmlType::Quant(q) => Some((q.entry().3, q.entry().4)),
             GgmlType::Tq1_0 => Some((256, 54)),
             GgmlType::Tq2_0 => Some((256, 66)),
             GgmlType::I2S | GgmlType::Other(_) => None,
         }
+    }
+
+    /// Whether values of this type are ternary codes (TQ1_0, TQ2_0, I2_S).
+    pub fn is_ternary(self) -> bool {
+        matches!(self, GgmlType::Tq1_0 | GgmlType::Tq2_0 | GgmlType::I2S)
     }
 }
 
