@@ -11,7 +11,8 @@
 
 use crate::engine::checkpoint::gguf::{GgmlType, GgufWriter, MetaValue};
 use crate::engine::checkpoint::st::{write_safetensors, OwnedTensor};
-use crate::engine::checkpoint::{linear_name, LinearKind};
+use crate::engine::checkpoint::{linear_name, llama_file_row_order, LinearKind};
+use crate::engine::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::svf::applied_scale;
 use crate::svf::expert::Expert;
@@ -218,7 +219,7 @@ impl Lora {
     /// `adapter.lora.alpha = r` (scale 1), and per target `blk.L.NAME.weight.lora_a` (ggml
     /// dims [cols, r]) and `.lora_b` ([r, rows]) in F32; `arch` must be the base GGUF's
     /// `general.architecture`.
-    pub fn write_gguf(&self, path: &Path, arch: &str) -> Result<()> {
+    pub fn write_gguf(&self, path: &Path, arch: &str, cfg: &ModelConfig) -> Result<()> {
         let mut w = GgufWriter::new(arch);
         w.meta("general.type", MetaValue::Str("adapter".into()));
         w.meta("adapter.type", MetaValue::Str("lora".into()));
@@ -231,6 +232,20 @@ impl Lora {
         for t in &self.targets {
             let name = format!("blk.{}.{}.weight", t.layer, t.kind.ggml_name());
             let (r, rows, cols) = (self.rank as u64, t.rows as u64, t.cols as u64);
+            // A `llama` base stores its query and key rows in llama.cpp's RoPE order; B's rows
+            // (the delta's output rows) follow them.
+            let heads = match t.kind {
+                LinearKind::Q => Some(cfg.num_attention_heads),
+                LinearKind::K => Some(cfg.kv_heads()),
+                _ => None,
+            };
+            let b = match heads.filter(|_| arch == "llama") {
+                Some(h) => (llama_file_row_order(t.rows, h).iter())
+                    .flat_map(|&row| &t.b[row * self.rank..(row + 1) * self.rank])
+                    .copied()
+                    .collect(),
+                None => t.b.clone(),
+            };
             w.tensor(
                 &format!("{name}.lora_a"),
                 GgmlType::F32,
@@ -241,7 +256,7 @@ impl Lora {
                 &format!("{name}.lora_b"),
                 GgmlType::F32,
                 vec![r, rows],
-                bytes(&t.b),
+                bytes(&b),
             )?;
         }
         w.write(path)
@@ -420,7 +435,7 @@ mod tests {
         assert_eq!(a32, t.a);
 
         let gguf = dir.path().join("e.gguf");
-        lora.write_gguf(&gguf, "bitnet-b1.58").unwrap();
+        lora.write_gguf(&gguf, "bitnet-b1.58", &ck.config).unwrap();
         let g = Gguf::open(&gguf).unwrap();
         assert_eq!(
             g.get("general.type").and_then(|v| v.as_str()),
@@ -446,5 +461,64 @@ mod tests {
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(b32, t.b);
+    }
+
+    /// Over a `llama` base, B's query and key rows are written in llama.cpp's RoPE order, as
+    /// the base's own rows are; other architectures and other linears keep the model's order.
+    #[test]
+    fn llama_adapters_permute_query_and_key_rows() {
+        let ck = Checkpoint::tiny(32, 48, 4);
+        let cfg = &ck.config;
+        let (rank, cols) = (2, cfg.hidden_size);
+        let target = |kind: LinearKind| {
+            let rows = kind.shape(cfg).0;
+            LoraTarget {
+                layer: 0,
+                kind,
+                rows,
+                cols,
+                a: vec![0.5; rank * cols],
+                b: (0..rows * rank).map(|i| i as f32).collect(),
+            }
+        };
+        let lora = Lora {
+            name: "e".into(),
+            rank,
+            targets: vec![
+                target(LinearKind::Q),
+                target(LinearKind::K),
+                target(LinearKind::V),
+            ],
+            energy_kept: 1.0,
+            exact_rank: rank,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let read_b = |arch: &str, name: &str| -> Vec<f32> {
+            let path = dir.path().join(format!("{arch}.gguf"));
+            if !path.exists() {
+                lora.write_gguf(&path, arch, cfg).unwrap();
+            }
+            let g = Gguf::open(&path).unwrap();
+            let t = g.tensor(&format!("blk.0.{name}.weight.lora_b")).unwrap();
+            (g.data(t).unwrap().chunks_exact(4))
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        for (t, name) in lora.targets.iter().zip(["attn_q", "attn_k", "attn_v"]) {
+            assert_eq!(read_b("bitnet", name), t.b, "{name}");
+            let heads = match t.kind {
+                LinearKind::Q => Some(cfg.num_attention_heads),
+                LinearKind::K => Some(cfg.kv_heads()),
+                _ => None,
+            };
+            let want: Vec<f32> = match heads {
+                Some(h) => (llama_file_row_order(t.rows, h).iter())
+                    .flat_map(|&r| t.b[r * rank..(r + 1) * rank].to_vec())
+                    .collect(),
+                None => t.b.clone(),
+            };
+            assert_eq!(read_b("llama", name), want, "{name}");
+            assert_ne!(heads.is_some(), want == t.b, "{name}");
+        }
     }
 }

@@ -97,7 +97,7 @@ pub fn run(a: Args) -> Result<()> {
     let lora = expert_lora(&expert, &svd.svd, ck.layers.len(), a.rank)?;
     match a.format {
         Format::Peft => lora.write_peft(&a.out, Some(&base_name))?,
-        Format::GgufLora => lora.write_gguf(&a.out, gguf_architecture(&ck))?,
+        Format::GgufLora => lora.write_gguf(&a.out, gguf_architecture(&ck), &ck.config)?,
     }
     let params: usize = (lora.targets.iter())
         .map(|t| lora.rank * (t.rows + t.cols))

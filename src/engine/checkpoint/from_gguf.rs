@@ -329,6 +329,17 @@ fn read_linear(
     }))
 }
 
+/// For each row of llama.cpp's permuted query/key matrix, the row of the transformers layout
+/// it holds (the inverse of [`unpermute_rows`]): the order to write a `llama` model's rows in.
+pub fn llama_file_row_order(rows: usize, heads: usize) -> Vec<usize> {
+    let to_model = unpermute_rows(rows, heads);
+    let mut order = vec![0; to_model.len()];
+    for (model_row, &file_row) in to_model.iter().enumerate() {
+        order[file_row] = model_row;
+    }
+    order
+}
+
 /// For each row of the transformers layout, the row of llama.cpp's permuted query/key matrix
 /// that holds it: llama.cpp interleaves each head's two rotate-half halves
 /// (`convert_hf_to_gguf.py`'s `permute`), so row `h·hd + 2i + j` of the file is row

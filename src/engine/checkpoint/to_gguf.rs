@@ -182,14 +182,7 @@ fn linear<'a>(
     let dims = vec![m.cols() as u64, m.rows() as u64];
     let name = format!("{prefix}.weight");
     // File row i holds model row `order[i]`.
-    let order: Option<Vec<usize>> = heads.map(|h| {
-        let to_model = super::from_gguf::unpermute_rows(m.rows(), h);
-        let mut order = vec![0; to_model.len()];
-        for (model_row, &file_row) in to_model.iter().enumerate() {
-            order[file_row] = model_row;
-        }
-        order
-    });
+    let order = heads.map(|h| super::from_gguf::llama_file_row_order(m.rows(), h));
     let t = match (m, ty) {
         (LinearMatrix::Ternary(t), _) => Arc::clone(t),
         (LinearMatrix::Float(f), GgmlType::F16) => {
