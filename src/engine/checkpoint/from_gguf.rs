@@ -493,4 +493,63 @@ mod tests {
         });
         assert!(err.contains("twice"), "{err}");
     }
+
+    /// RoPE a float llama file asks for that bitsvf does not compute is an error naming the
+    /// key or tensor, as is a block type where a norm must be a float vector.
+    #[test]
+    fn unsupported_llama_files_are_named_errors() {
+        use super::super::gguf::{GgufWriter, MetaValue};
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/float-llama/llama-q8_0.gguf");
+        let g = Gguf::open(&src).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let rewrite = |edit: &dyn Fn(&mut GgufWriter, &str, &TensorInfo) -> bool| {
+            let mut w = GgufWriter::default();
+            for (k, v) in &g.metadata {
+                w.meta(k, v.clone());
+            }
+            for t in &g.tensors {
+                if !edit(&mut w, &t.name, t) {
+                    w.tensor(&t.name, t.ty, t.dims.clone(), g.data(t).unwrap().to_vec())
+                        .unwrap();
+                }
+            }
+            w.write(&path).unwrap();
+            super::super::load(&path).unwrap_err().to_string()
+        };
+        let err = rewrite(&|w, name, _| {
+            if name == "token_embd.weight" {
+                w.meta("llama.rope.scaling.type", MetaValue::Str("yarn".into()));
+            }
+            false
+        });
+        assert!(
+            err.contains("llama.rope.scaling.type") && err.contains("yarn"),
+            "{err}"
+        );
+        let err = rewrite(&|w, name, _| {
+            if name == "token_embd.weight" {
+                w.tensor("rope_freqs.weight", GgmlType::F32, vec![8], vec![0; 32])
+                    .unwrap();
+            }
+            false
+        });
+        assert!(err.contains("rope_freqs.weight"), "{err}");
+        let err = rewrite(&|w, name, t| {
+            if name != "blk.1.attn_norm.weight" {
+                return false;
+            }
+            // The 64 norm weights as two Q8_0 blocks.
+            let q = FloatMatrix::from_f32(vec![1.0; 64], 1, 64)
+                .to_q8_0_blocks()
+                .unwrap();
+            w.tensor(name, GgmlType::Q8_0, t.dims.clone(), q).unwrap();
+            true
+        });
+        assert!(
+            err.contains("blk.1.attn_norm.weight") && err.contains("Q8_0"),
+            "{err}"
+        );
+    }
 }
