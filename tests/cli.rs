@@ -626,8 +626,8 @@ fn generate_chat_renders_the_template() {
 
 /// A float (Llama-style) base goes through the same commands as a ternary one, as
 /// Transformer² runs SVF on Llama: `inspect` says its linears are float, an SVF expert trains
-/// over them and evaluates, the packed base is refused with the way out, and `--ternarize`
-/// makes it a BitNet model.
+/// over them (dense, or over the stored matrices as `--base packed`) and evaluates, and
+/// `--ternarize` makes it a BitNet model.
 #[test]
 fn a_float_base_trains_and_evaluates_an_svf_expert() {
     use bitsvf::engine::checkpoint::{self, Checkpoint};

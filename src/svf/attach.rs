@@ -1,7 +1,7 @@
 //! Attaching z to a model: the SVF model whose target linears carry z (variables while
 //! training, constants otherwise), fresh z variables, and an expert's model on its base.
 
-use crate::engine::checkpoint::{linear_name, Checkpoint, LinearKind};
+use crate::engine::checkpoint::{linear_name, Checkpoint, LinearKind, LinearMatrix};
 use crate::engine::model::{
     AdaptedLinear, LinearWeight, Model, ModelOptions, NamedVar, WeightMode,
 };
@@ -90,7 +90,8 @@ pub fn svf_model(
 
 /// The low-rank SVF model over the packed base, the form training takes at scale: every
 /// linear keeps its packed ternary codes and runs the integer kernel (differentiable in x,
-/// [`crate::engine::ops::ternary_linear`]); each target in `z` adds the delta
+/// [`crate::engine::ops::ternary_linear`]) — a float base keeps its stored matrices and runs
+/// [`crate::engine::ops::matmul_rows`]; each target in `z` adds the delta
 /// U_k diag(σ_k⊙(z − 1)) V_kᵀ on the same int8-quantized activations. No dense W and no full
 /// U/V are held: the factors need only the top k triplets. Equal, to float rounding, to
 /// [`svf_model`] with [`Parameterization::LowRank`] on the same factors.
@@ -106,12 +107,14 @@ pub fn packed_svf_model(
         WeightMode::Ternary,
         z,
         |name, weight, zt, dev| {
-            let LinearWeight::Ternary(m) = weight else {
-                return Err(Error::Input(format!("`{name}` is not a packed linear")));
+            let base = match weight {
+                LinearWeight::Ternary(m) => LinearMatrix::Ternary(m.clone()),
+                LinearWeight::Float(m) => LinearMatrix::Float(m.clone()),
+                _ => return Err(Error::Input(format!("`{name}` is not a stored linear"))),
             };
             let svd = factors_of(factors, name)?;
             let delta = SvfWeight::low_rank_delta(svd, zt.clone(), options.dtype, dev)?;
-            Ok(LinearWeight::Hybrid(m.clone(), Box::new(delta)))
+            Ok(LinearWeight::Hybrid(base, Box::new(delta)))
         },
     )
 }

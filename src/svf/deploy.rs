@@ -236,7 +236,7 @@ impl Deployment {
                     let factor_elems =
                         delta.u_t.elem_count() + delta.v.elem_count() + delta.sigma.elem_count();
                     model.blocks[layer].linears[kind as usize].weight =
-                        LinearWeight::Hybrid(Arc::clone(ternary()?), Box::new(delta));
+                        LinearWeight::Hybrid(lin.matrix.clone(), Box::new(delta));
                     Resident::Delta { factor_elems }
                 }
                 DeployOption::Requantize | DeployOption::RequantizeChannel => {
@@ -360,7 +360,9 @@ impl Deployment {
                 }
                 total += match &lin.weight {
                     LinearWeight::Dense(wt) => 4 * wt.elem_count(),
-                    LinearWeight::Ternary(m) | LinearWeight::Hybrid(m, _) => m.packed_bytes(),
+                    LinearWeight::Ternary(m) => m.packed_bytes(),
+                    LinearWeight::Hybrid(m, _) => m.stored_bytes(),
+                    LinearWeight::Float(m) => m.stored_bytes(),
                     _ => 0,
                 };
             }

@@ -165,7 +165,12 @@ fn every_z_receives_a_nonzero_gradient() {
 /// The z of every target after `cfg`'s steps of SFT on the tiny model with the full SVD's
 /// factors, over the packed or the dense base.
 fn trained_z(cfg: &TrainConfig, packed: bool) -> Vec<(String, Vec<f32>)> {
-    let ck = tiny();
+    trained_z_of(&tiny(), cfg, packed)
+}
+
+/// [`trained_z`] for any model.
+fn trained_z_of(ck: &Checkpoint, cfg: &TrainConfig, packed: bool) -> Vec<(String, Vec<f32>)> {
+    let ck = ck.clone();
     let f = crate::svf::factors::decompose(&ck, cfg.targets);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("e.safetensors");
@@ -249,6 +254,30 @@ fn the_packed_base_trains_the_same_z_as_the_dense_one() {
             cfg.micro_batch
         );
     }
+}
+
+#[test]
+fn a_float_base_trains_the_same_z_stored_as_dense() {
+    // A float (Llama-style) base: its stored matrices through matmul_rows (backward to x)
+    // against the f32 model, as for the packed ternary base.
+    let ck = Checkpoint::random_float(tiny().config, 11);
+    let cfg = TrainConfig {
+        parameterization: Parameterization::LowRank,
+        rank: 4,
+        steps: 3,
+        batch_prompts: 4,
+        eval_every: 3,
+        val_n: 4,
+        ..Default::default()
+    };
+    let (dense, stored) = (
+        trained_z_of(&ck, &cfg, false),
+        trained_z_of(&ck, &cfg, true),
+    );
+    let moved = (dense.iter()).any(|(_, z)| z.iter().any(|&x| (x - 1.0).abs() > 1e-3));
+    assert!(moved, "training moved z");
+    let diff = max_z_diff(&dense, &stored);
+    assert!(diff < 1e-4, "stored vs dense z after 3 steps: {diff}");
 }
 
 #[test]

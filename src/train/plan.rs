@@ -135,13 +135,6 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
             cfg.parameterization.name()
         )));
     }
-    if cfg.base == TrainBase::Packed && !ck.is_ternary() {
-        return Err(Error::Input(format!(
-            "training over the packed base needs a ternary model, and this one's linears are \
-             float ({}); train over the dense base, or ternarize the model (--ternarize)",
-            ck.linear_dtypes()
-        )));
-    }
     let available = available_memory();
     let c = &ck.config;
     let (d, ffn, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -167,9 +160,7 @@ pub fn memory_plan(ck: &Checkpoint, cfg: &TrainConfig, seq: usize) -> Result<Mem
     let packed = match cfg.base {
         TrainBase::Dense => false,
         TrainBase::Packed => true,
-        TrainBase::Auto => {
-            low_rank && ck.is_ternary() && available.is_some_and(|a| dense_total > a / 2)
-        }
+        TrainBase::Auto => low_rank && available.is_some_and(|a| dense_total > a / 2),
     };
     let base = match packed {
         true => {

@@ -1,7 +1,7 @@
 //! The linear layers of the decoder: one BitNet linear over several weight forms (packed ternary,
 //! dense, quantization-aware master weights, adapted by z, hybrid), with int8 activations.
 
-use crate::engine::checkpoint::FloatMatrix;
+use crate::engine::checkpoint::{FloatMatrix, LinearMatrix};
 use crate::engine::ops::{self, fake_quant_ste, matmul_const, matmul_rows};
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::Result;
@@ -21,9 +21,10 @@ pub enum LinearWeight {
     /// A weight reparameterized by a trainable vector z (SVF, BitNet-aware scaling; the
     /// forms live in [`crate::svf`]), on the (fake-)quantized activations.
     Adapted(Box<dyn AdaptedLinear>),
-    /// Hybrid runtime expert (Option 3): the packed ternary base through the integer kernel
-    /// plus an adapted low-rank delta (no base of its own) on the same quantized activations.
-    Hybrid(Arc<TernaryMatrix>, Box<dyn AdaptedLinear>),
+    /// Hybrid runtime expert (Option 3): the base as stored — packed ternary through the
+    /// integer kernel, or a float matrix row by row — plus an adapted low-rank delta (no base
+    /// of its own) on the same (quantized) activations.
+    Hybrid(LinearMatrix, Box<dyn AdaptedLinear>),
     /// A float base linear `[out, in]` in its stored dtype (inference; no gradient to W).
     Float(FloatMatrix),
 }
@@ -113,7 +114,13 @@ impl BitLinear {
         };
         let y = match &self.weight {
             LinearWeight::Ternary(m) => ternary(m)?,
-            LinearWeight::Hybrid(m, delta) => (ternary(m)? + delta.forward(&quantized()?)?)?,
+            LinearWeight::Hybrid(m, delta) => {
+                let base = match m {
+                    LinearMatrix::Ternary(t) => ternary(t)?,
+                    LinearMatrix::Float(f) => matmul_rows(&quantized()?, f)?,
+                };
+                (base + delta.forward(&quantized()?)?)?
+            }
             LinearWeight::Dense(wt) => matmul_const(&quantized()?, wt)?,
             LinearWeight::Qat(w) => {
                 ops::composable::matmul_2d(&quantized()?, &ternarize_ste(w)?.t()?)?

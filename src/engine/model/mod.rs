@@ -665,12 +665,18 @@ impl Model {
                         requantize(&w.adapted_weight()?, rows, cols, per_channel).into()
                     }
                     LinearWeight::Hybrid(m, delta) => {
-                        // W + the low-rank delta, re-quantized.
+                        // W + the low-rank delta, re-quantized (a float base: kept float).
                         let w: Vec<f32> = (delta.adapted_weight()?.iter())
                             .zip(m.dequantize())
                             .map(|(d, b)| d + b)
                             .collect();
-                        requantize(&w, m.rows, m.cols, per_channel).into()
+                        let (rows, cols) = (m.rows(), m.cols());
+                        match m {
+                            LinearMatrix::Float(_) => float(w, (rows, cols)),
+                            LinearMatrix::Ternary(_) => {
+                                requantize(&w, rows, cols, per_channel).into()
+                            }
+                        }
                     }
                 };
                 let bias = lin.bias.as_ref().map(flat).transpose()?;

@@ -95,7 +95,8 @@ impl Model {
         let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let linears: usize = (self.blocks.iter().flat_map(|b| &b.linears))
             .map(|l| match &l.weight {
-                LinearWeight::Ternary(m) | LinearWeight::Hybrid(m, _) => m.packed_bytes(),
+                LinearWeight::Ternary(m) => m.packed_bytes(),
+                LinearWeight::Hybrid(m, _) => m.stored_bytes(),
                 LinearWeight::Dense(t) | LinearWeight::Qat(t) => tensor(t),
                 LinearWeight::Float(m) => m.stored_bytes(),
                 LinearWeight::Adapted(_) => 0,
