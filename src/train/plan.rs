@@ -20,7 +20,8 @@ pub enum TrainBase {
     Auto,
     /// Dequantized f32 weights and full SVD factors.
     Dense,
-    /// Packed ternary weights through the integer kernel and the top-k factors (low-rank).
+    /// Packed ternary weights through the integer kernel (a float model: its stored
+    /// matrices) and the top-k factors (low-rank).
     Packed,
 }
 
@@ -48,7 +49,8 @@ crate::value_names!(
         (
             Packed,
             "packed",
-            "Packed ternary weights and the top-k factors (low-rank parameterization)"
+            "Packed ternary weights (a float model: as stored) and the top-k factors (low-rank \
+             parameterization)"
         ),
     ]
 );

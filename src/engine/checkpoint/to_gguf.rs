@@ -295,6 +295,10 @@ fn tokenizer_metadata(ck: &Checkpoint) -> Result<(Vec<(String, MetaValue)>, Stri
         Err(e) => return Ok((vec![], format!("no tokenizer written: {e}"))),
     };
     let mut note = format!("tokenizer: {}", tj.display());
+    // bitsvf starts every prompt with BOS when the model has one; llama.cpp's front ends do
+    // when the file says so.
+    let bos = ck.config.bos_token_id.is_some();
+    meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(bos)));
     if let Some((text, origin)) = crate::engine::chat::model_template(&ck.source)? {
         meta.push(("tokenizer.chat_template".into(), MetaValue::Str(text)));
         note += &format!(", chat template: {origin}");
