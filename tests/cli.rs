@@ -539,19 +539,22 @@ fn export_adapter_writes_peft_and_gguf_loras_of_a_handoffs_experts() {
 }
 
 /// `convert --type i2_s` writes bitnet.cpp's I2_S GGUF of the default model (whose 640-wide
-/// FFN rows TQ2_0 cannot hold) and of the transformers fixture, and `logits` of the file equal
-/// those of the source to the bit.
+/// FFN rows TQ2_0 cannot hold) and of the transformers fixture, `--type f16` their ±1/0 codes
+/// with γ in `.scale`, and `logits` of each file equal those of the source to the bit.
 #[test]
-fn convert_to_i2_s_keeps_the_logits() {
+fn convert_to_gguf_keeps_the_logits() {
     let dir = tempfile::tempdir().unwrap();
     let fx = fixture();
-    for (name, model) in [("default", None), ("fixture", Some(fx.to_str().unwrap()))] {
+    let sources = [("default", None), ("fixture", Some(fx.to_str().unwrap()))];
+    for ((name, model), ty) in sources.iter().flat_map(|s| [(s, "i2_s"), (s, "f16")]) {
+        let name = format!("{name}-{ty}");
         let gguf = dir.path().join(format!("{name}.gguf"));
-        let src: Vec<&str> = model.into_iter().collect();
-        let out = ["--type", "i2_s", "--out", gguf.to_str().unwrap()];
+        let src: Vec<&str> = model.iter().copied().collect();
+        let out = ["--type", ty, "--out", gguf.to_str().unwrap()];
         let o = bitsvf(&[&["convert"], &src[..], &out[..]].concat());
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(String::from_utf8_lossy(&o.stderr).contains("I2_S"));
+        let said = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(said.contains(&ty.to_uppercase()), "{said}");
         let logits = |model: &[&str], out: &str| {
             let out = dir.path().join(out);
             let args = [
