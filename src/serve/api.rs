@@ -4,6 +4,7 @@
 //! "param", "code"}}`), on axum. Response bodies and streams are in `reply`.
 
 use crate::adapt::dispatch::Strategy;
+use crate::engine::chat::{ChatTemplate, Message};
 use crate::eval::prompt_ids;
 use crate::serve::batcher::{Batcher, Event, Job};
 use crate::serve::metrics::Metrics;
@@ -43,6 +44,10 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// A request still running after this fails with 504 (or an error event).
     pub timeout: Duration,
+    /// The chat template `/v1/chat/completions` renders the messages with (the model's own,
+    /// as transformers' `apply_chat_template(add_generation_prompt=True)`); `None`: the
+    /// messages' contents, one per line, as a plain prompt.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +61,7 @@ impl Default for ServeConfig {
             max_tokens: 512,
             max_body: 1 << 20,
             timeout: Duration::from_secs(300),
+            chat_template: None,
         }
     }
 }
@@ -364,12 +370,6 @@ struct Sampling {
     bitsvf: Option<Extension>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Message {
-    role: String,
-    content: String,
-}
-
 /// Parse `body` as a JSON object: `key` (the prompt or the messages) as `T`, the rest as the
 /// sampling fields, naming the field that is wrong.
 fn parse<T: serde::de::DeserializeOwned>(
@@ -428,7 +428,11 @@ async fn completions(State(app): State<App>, headers: HeaderMap, body: Bytes) ->
                 "prompt",
             ));
         };
-        run(&app, Endpoint::Completions, prompt.clone(), sampling, start).await
+        let prompt = Prompt {
+            task: prompt.clone(),
+            text: None,
+        };
+        run(&app, Endpoint::Completions, prompt, sampling, start).await
     }
     .await;
     finish(&app, Endpoint::Completions, start, r)
@@ -453,21 +457,32 @@ async fn chat(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Respon
                 &format!("messages[{i}].role"),
             ));
         }
-        run(
-            &app,
-            Endpoint::Chat,
-            chat_prompt(&messages),
-            sampling,
-            start,
-        )
-        .await
+        let text = match &app.config.chat_template {
+            Some(t) => Some(
+                t.render(&messages, true)
+                    .map_err(|e| ApiError::bad(e.to_string(), "messages"))?,
+            ),
+            None => None,
+        };
+        let prompt = Prompt {
+            task: chat_prompt(&messages),
+            text,
+        };
+        run(&app, Endpoint::Chat, prompt, sampling, start).await
     }
     .await;
     finish(&app, Endpoint::Chat, start, r)
 }
 
-/// The prompt of a chat: the messages' contents, one per line. (The model's own chat template,
-/// where it has one, is not read yet.)
+/// What a request asks the model: the task prompt (what dispatch routes on), and for a chat
+/// with a template the rendered conversation, encoded as it is (the template places BOS).
+struct Prompt {
+    task: String,
+    text: Option<String>,
+}
+
+/// The task prompt of a chat: the messages' contents, one per line (without a template, the
+/// prompt itself).
 fn chat_prompt(messages: &[Message]) -> String {
     let parts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
     parts.join("\n")
@@ -490,10 +505,11 @@ fn finish(
 async fn run(
     app: &App,
     endpoint: Endpoint,
-    prompt: String,
+    prompt: Prompt,
     s: Sampling,
     start: Instant,
 ) -> Result<Response, ApiError> {
+    let Prompt { task: prompt, text } = prompt;
     let cfg = &app.config;
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad("only `n` = 1 is supported", "n"));
@@ -542,8 +558,12 @@ async fn run(
         )
     })?;
     let ext = s.bitsvf.unwrap_or_default();
-    let ids = prompt_ids(app.served.tok.as_ref(), &prompt)
-        .map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}"), "prompt"))?;
+    let tok = app.served.tok.as_ref();
+    let ids = match &text {
+        Some(t) => tok.encode(t),
+        None => prompt_ids(tok, &prompt),
+    }
+    .map_err(|e| ApiError::bad(format!("the prompt cannot be tokenized: {e}"), "prompt"))?;
     let room = app.served.model.config.max_position_embeddings;
     if ids.len() >= room {
         return Err(ApiError::bad(

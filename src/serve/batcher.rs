@@ -116,7 +116,12 @@ impl Batcher {
         let mut active: Vec<Active> = Vec::new();
         // A job taken from the queue that did not fit the step's token budget.
         let mut waiting: Option<Job> = None;
-        let stop_ids = self.tok.stop_ids();
+        // The end of sequence and the chat end-of-turn tokens (`<|eot_id|>`, `<|im_end|>`, …),
+        // as llama.cpp's server and vLLM stop at.
+        let mut stop_ids = self.tok.stop_ids();
+        stop_ids.extend(self.tok.end_of_turn_ids());
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
         loop {
             // Admit: wait for work when idle, else take what is queued without waiting, while
             // the step's rows stay within the budget (one job is always admitted).

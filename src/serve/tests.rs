@@ -615,6 +615,38 @@ fn an_api_key_is_required_when_configured() {
     server.shutdown().unwrap();
 }
 
+/// With a chat template, `/v1/chat/completions` renders the conversation and encodes the text
+/// as it is (the template places any BOS); a template that refuses the conversation is a 400
+/// naming `messages`.
+#[test]
+fn chat_requests_are_rendered_with_the_chat_template() {
+    use crate::engine::chat::ChatTemplate;
+    let source = "{% for m in messages %}{% if m['role'] == 'system' %}\
+        {{ raise_exception('no system turns') }}{% endif %}Q: {{ m['content'] }}\n{% endfor %}\
+        {% if add_generation_prompt %}A:{% endif %}";
+    let template = ChatTemplate::new(source.into(), "test", String::new(), String::new()).unwrap();
+    let config = ServeConfig {
+        chat_template: Some(template),
+        ..ServeConfig::default()
+    };
+    let server = start(default_served(), config);
+    let ask = |messages: Value| {
+        let body = json!({"model": "bitsvf/base", "messages": messages, "max_tokens": 4,
+            "temperature": 0});
+        post(&server, "/v1/chat/completions", body)
+    };
+    let (status, v) = ask(json!([{"role": "user", "content": "count a in aab?"}]));
+    assert_eq!(status, 200, "{v}");
+    let rendered = "Q: count a in aab?\nA:";
+    assert_eq!(v["usage"]["prompt_tokens"], rendered.len(), "{v}");
+    let (status, v) = ask(json!([{"role": "system", "content": "be brief"}]));
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("no system turns"), "{msg}");
+    assert_eq!(v["error"]["param"], "messages");
+    server.shutdown().unwrap();
+}
+
 /// The embedded default model, base only: long enough decodes to fill a queue.
 fn default_served() -> Served {
     let ck = crate::engine::checkpoint::load_default().unwrap();

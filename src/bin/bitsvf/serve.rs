@@ -4,6 +4,7 @@
 use crate::common::svd_cache;
 use anyhow::{Context, Result};
 use bitsvf::adapt::dispatch::Strategy;
+use bitsvf::engine::chat::{self, TemplateChoice};
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::pipeline::Handoff;
 use bitsvf::serve::api::{spawn, ServeConfig, MAX_QUEUE};
@@ -46,6 +47,12 @@ pub struct Args {
     /// Seconds after which a request fails with 504.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// The chat template /v1/chat/completions renders the messages with: auto (the model's
+    /// own — a GGUF file's tokenizer.chat_template, else chat_template.jinja or
+    /// tokenizer_config.json's chat_template beside it — or, without one, the messages'
+    /// contents one per line), none (always that), or a Jinja FILE.
+    #[arg(long, default_value = "auto")]
+    chat_template: TemplateChoice,
     /// Singular directions served per target matrix (default: all, every expert exactly as
     /// trained; fewer trade accuracy for speed, the energy kept is printed per expert).
     #[arg(long)]
@@ -85,6 +92,10 @@ pub fn run(a: Args) -> Result<()> {
         .parse()
         .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
     let start = Instant::now();
+    let source = match &a.experts {
+        None => a.model.clone(),
+        Some(dir) => Some(a.model.clone().unwrap_or_else(|| dir.join("model"))),
+    };
     let mut served = match &a.experts {
         None => {
             let ck = checkpoint::load_or_default(a.model.as_deref())?;
@@ -133,7 +144,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     let ids = served.model_ids();
     let auto = served.dispatch;
+    let chat_template = chat::choose(&a.chat_template, source.as_deref(), served.tok.as_ref())?;
+    if let Some(t) = &chat_template {
+        eprintln!("chat template: {}", t.origin);
+    }
     let config = ServeConfig {
+        chat_template,
         addr,
         api_key,
         max_batch: a.max_batch,
