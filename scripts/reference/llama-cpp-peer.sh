@@ -6,30 +6,16 @@
 #   WORK_DIR: where the llama.cpp sources, the build and the GGUF files go (default
 #   $TMPDIR/llama-peer)
 # It downloads the llama.cpp sources vendored in llama-cpp-python 0.3.36 from PyPI, builds
-# llama-bench (about 6 minutes on 2 cores), converts the model with to_gguf_bitnet.py (beside
+# llama-bench with llama-cpp-build.sh (about 6 minutes on 2 cores), converts the model with to_gguf_bitnet.py (beside
 # this script; numpy plus the vendored gguf-py) and prints llama-bench's pp64 / tg32 tokens/s
 # with 2 and 1 threads. Not used by the build or the tests.
 # llama.cpp's `bitnet` graph has a SiLU-gated FFN and NEOX RoPE, so what it *computes* differs
 # from a ReLU² BitNet while what each token *costs* is the same. Compare speeds only as ratios
 # taken in one sitting.
 set -euo pipefail
-M=$(cd "$1" && pwd); W=${2:-${TMPDIR:-/tmp}/llama-peer}; mkdir -p "$W"; cd "$W"
 HERE=$(cd "$(dirname "$0")" && pwd)
-# pip's metadata step for the sdist already needs CMake ≥ 3.21: install it first.
-command -v cmake >/dev/null || pip install -q cmake >/dev/null
-if [ ! -d llama_cpp_python-0.3.36 ]; then
-  pip install -q scikit-build-core >/dev/null
-  pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36 -d . 
-  tar xzf llama_cpp_python-0.3.36.tar.gz
-fi
-L=$W/llama_cpp_python-0.3.36/vendor/llama.cpp
-command -v cmake >/dev/null || { apt-get update -q && apt-get install -y -q cmake; }
-if [ ! -x build/bin/llama-bench ]; then
-  cmake -S "$L" -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF \
-    -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build build -j"$(nproc)" --target llama-bench >/dev/null
-fi
+M=$(cd "$1" && pwd); W=${2:-${TMPDIR:-/tmp}/llama-peer}; mkdir -p "$W"; cd "$W"
+L=$("$HERE/llama-cpp-build.sh" "$W" llama-bench)
 for t in tq2_0 tq1_0; do
   [ -s model-$t.gguf ] || GGUF_PY=$L/gguf-py python3 "$HERE/to_gguf_bitnet.py" "$M" model-$t.gguf --wtype $t --etype f16
   for th in 2 1; do build/bin/llama-bench -m model-$t.gguf -t $th -p 64 -n 32 -r 3; done

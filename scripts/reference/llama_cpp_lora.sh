@@ -35,22 +35,8 @@ PY=${PYTHON:-python3}
 B=${BITSVF:-$REPO/target/debug/bitsvf}
 [ -x "$B" ] || (cd "$REPO" && cargo build)
 
-# --- llama.cpp, as llama-cpp-peer.sh builds it ---------------------------------------------
-# pip's metadata step for the sdist already needs CMake ≥ 3.21: install it first.
-command -v cmake >/dev/null || pip install -q cmake >/dev/null
-if [ ! -d llama_cpp_python-0.3.36 ]; then
-  pip install -q scikit-build-core >/dev/null
-  pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36 -d .
-  tar xzf llama_cpp_python-0.3.36.tar.gz
-fi
-L=$W/llama_cpp_python-0.3.36/vendor/llama.cpp
-command -v cmake >/dev/null || { apt-get update -q && apt-get install -y -q cmake; }
-if [ ! -x build/bin/llama-completion ]; then
-  cmake -S "$L" -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF \
-    -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build build -j"$(nproc)" --target llama llama-completion >/dev/null
-fi
+# --- llama.cpp ------------------------------------------------------------------------------
+L=$("$HERE/llama-cpp-build.sh" "$W" llama llama-completion)
 G=$W/build/bin/llama-lora-greedy
 if [ ! -x "$G" ] || [ "$HERE/llama_cpp_lora.cpp" -nt "$G" ]; then
   g++ -O2 -std=c++17 "$HERE/llama_cpp_lora.cpp" -I"$L/include" -I"$L/ggml/include" \
