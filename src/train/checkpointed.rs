@@ -18,7 +18,7 @@ use candle_core::{DType, Tensor, Var, D};
 /// statistic and gradients of `vars`, over this `share`'s passes of at most `per_pass` pairs.
 pub fn sft_gradients_checkpointed(
     model: &Model,
-    reference: &Model,
+    reference: Option<&Model>,
     pairs: &[(Vec<u32>, Vec<u32>)],
     per_pass: usize,
     share: Share,

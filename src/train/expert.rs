@@ -359,13 +359,18 @@ fn train(
                 cap_pairs(&mut pairs, cfg.max_seq);
                 let ranks = group.size();
                 let per_pass = (cfg.micro_batch).unwrap_or(pairs.len().div_ceil(ranks));
-                let step = match cfg.checkpoint_activations {
+                // The KL statistic costs the reference's forward pass: measured on the first
+                // step and on the steps that validate, NaN (null in the metrics) between.
+                let validates = (step + 1).is_multiple_of(cfg.eval_every.max(1));
+                let measured = step == first || validates || step + 1 == cfg.steps;
+                let reference = measured.then_some(&reference);
+                let pass = match cfg.checkpoint_activations {
                     true => sft_gradients_checkpointed,
                     false => sft_gradients,
                 };
                 let share = (group.rank(), ranks);
                 let (loss, kl, mut grads) =
-                    step(&model, &reference, &pairs, per_pass, share, &vars)?;
+                    pass(&model, reference, &pairs, per_pass, share, &vars)?;
                 let mut sums = [loss, kl];
                 all_sum(group, "the step's loss", &mut sums)?;
                 [stats.loss, stats.kl] = sums;

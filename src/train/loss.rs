@@ -73,12 +73,13 @@ pub type Share = (usize, usize);
 /// pairs, accumulated: each pass's masked NLL is weighted by its share of the supervised
 /// tokens, so the sum is the whole batch's loss and gradient (to float rounding) in the
 /// memory of one pass. Returns the loss, the mean KL(ref ‖ model) over the supervised
-/// positions (a statistic; `reference` is not differentiated) and the gradients of `vars`.
+/// positions (a statistic; `reference` is not differentiated; NaN without one) and the
+/// gradients of `vars`.
 /// With a `share` of a data-parallel group, only this rank's passes: the group's sum is the
 /// step's.
 pub fn sft_gradients(
     model: &Model,
-    reference: &Model,
+    reference: Option<&Model>,
     pairs: &[(Vec<u32>, Vec<u32>)],
     per_pass: usize,
     share: Share,
@@ -127,18 +128,24 @@ pub(crate) fn sft_passes(
 }
 
 /// One pass's masked NLL from the model's log-probs `lp` and the KL(ref ‖ model) statistic
-/// against `reference`, both scaled by the pass's share `w`.
+/// against `reference` (NaN without one: the reference's forward pass is skipped), both scaled
+/// by the pass's share `w`.
 pub(crate) fn pass_loss(
     lp: &Tensor,
-    reference: &Model,
+    reference: Option<&Model>,
     batch: &Batch,
     w: Option<f64>,
 ) -> Result<(Tensor, f64)> {
     let loss = masked_nll(lp, batch)?;
-    let ref_lp = flat_log_probs(reference, batch)?.detach();
-    let kl = masked_kl(&ref_lp, lp, batch)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
+    let kl = match reference {
+        Some(reference) => {
+            let ref_lp = flat_log_probs(reference, batch)?.detach();
+            masked_kl(&ref_lp, lp, batch)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+        }
+        None => f64::NAN,
+    };
     Ok(match w {
         Some(w) => ((loss * w)?, kl * w),
         None => (loss, kl),

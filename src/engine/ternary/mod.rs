@@ -105,8 +105,9 @@ pub fn quantize_activations(x: &[f32], cols: usize) -> (Vec<i8>, Vec<f32>) {
     (q, scales)
 }
 
-/// One token's codes into `out`; returns its scale. With AVX-512 the rounding is an instruction
-/// instead of a libm call per element (the same values: round-half-even is exact either way).
+/// One token's codes into `out`; returns its scale. With AVX-512 or AVX2 the rounding is a
+/// vector instruction instead of a libm call per element (the same values: round-half-even is
+/// exact either way).
 fn quantize_row(row: &[f32], out: &mut [i8]) -> f32 {
     #[inline(always)]
     fn body(row: &[f32], out: &mut [i8]) -> f32 {
@@ -124,9 +125,20 @@ fn quantize_row(row: &[f32], out: &mut [i8]) -> f32 {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(row: &[f32], out: &mut [i8]) -> f32 {
+        body(row, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // Safety: the CPU has the features `avx512` is compiled for.
         return unsafe { avx512(row, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // Safety: the CPU has the features `avx2` is compiled for.
+        return unsafe { avx2(row, out) };
     }
     body(row, out)
 }
