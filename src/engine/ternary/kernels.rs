@@ -121,8 +121,11 @@ impl TernaryMatrix {
                     let (body, tail) = row.split_at(body_bytes);
                     // Σ w·x = Σ code·x − Σ x over the blocks, plus the ragged tail.
                     let mut put = |t: usize, code_dot: i32| {
-                        let x_tail = &xq[t * cols + tail_col..(t + 1) * cols];
-                        outs[t][i] = code_dot - x.sums[t] + tail_dot(tail, x_tail);
+                        let tail_sum = match tail.is_empty() {
+                            true => 0,
+                            false => tail_dot(tail, &xq[t * cols + tail_col..(t + 1) * cols]),
+                        };
+                        outs[t][i] = code_dot - x.sums[t] + tail_sum;
                     };
                     if tokens - t0 >= TOKEN_GROUP {
                         // SAFETY: `K::available()` was asserted above.
@@ -162,6 +165,8 @@ struct BlockedActivations {
     x: Vec<i8>,
     /// Σ of each token's blocked activations, `[tokens]`.
     sums: Vec<i32>,
+    /// Bytes of `x` per token.
+    per_token: usize,
 }
 
 impl BlockedActivations {
@@ -187,12 +192,17 @@ impl BlockedActivations {
             }
             sums.push(src.iter().map(|&v| v as i32).sum());
         }
-        BlockedActivations { blocks, x, sums }
+        BlockedActivations {
+            blocks,
+            x,
+            sums,
+            per_token,
+        }
     }
 
     /// Token `t`'s blocks.
     fn token(&self, t: usize) -> &[i8] {
-        let n = self.x.len() / self.sums.len();
+        let n = self.per_token;
         &self.x[t * n..(t + 1) * n]
     }
 }
@@ -329,6 +339,18 @@ unsafe fn dot_avx2<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T] {
             *a = _mm256_add_epi32(*a, _mm256_madd_epi16(s, ones));
         }
         b0 = b1;
+    }
+    if T == 4 {
+        // Four horizontal sums at once: two rounds of pairwise adds leave, in each 128-bit
+        // half, one partial sum per token; adding the halves finishes them.
+        let a01 = _mm256_hadd_epi32(acc[0], acc[1]);
+        let a23 = _mm256_hadd_epi32(acc[2], acc[3]);
+        let a = _mm256_hadd_epi32(a01, a23);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+        let mut out = [0i32; T];
+        // SAFETY: `out` holds T = 4 i32, the 16 bytes stored.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
+        return out;
     }
     acc.map(|v| {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));

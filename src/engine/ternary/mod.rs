@@ -319,17 +319,20 @@ impl TernaryMatrix {
     /// product, rescale by γ/s. Without activation quantization the f32 activations multiply
     /// the ternary values directly.
     pub fn forward(&self, x: &[f32], tokens: usize, act_quant: bool) -> Vec<f32> {
+        use rayon::prelude::*;
         if act_quant {
             let (xq, s) = quantize_activations(x, self.cols);
             let acc = self.matmul_i8(&xq, tokens);
-            acc.chunks(self.rows.max(1))
-                .zip(&s)
-                .flat_map(|(row, &s)| {
-                    row.iter()
-                        .enumerate()
-                        .map(move |(r, &a)| a as f32 * (self.scale(r) / s))
-                })
-                .collect()
+            let rows = self.rows.max(1);
+            let mut y = vec![0f32; acc.len()];
+            (y.par_chunks_mut(rows).zip(acc.par_chunks(rows)).zip(&s))
+                .with_min_len((1 << 14) / rows + 1)
+                .for_each(|((y, acc), &s)| {
+                    for (r, (y, &a)) in y.iter_mut().zip(acc).enumerate() {
+                        *y = a as f32 * (self.scale(r) / s);
+                    }
+                });
+            y
         } else {
             let w = self.dequantize();
             let mut out = vec![0f32; tokens * self.rows];
