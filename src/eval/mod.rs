@@ -120,7 +120,21 @@ pub fn answer(model: &Model, tok: &dyn Tokenizer, prompt: &str) -> Result<String
     Ok(answer_from_completion(&tok.decode(&out)).to_string())
 }
 
+/// KV-cache bytes that one batch of [`score_items`] may hold: the items are decoded together
+/// as long as their caches fit (32 items of the default model; one at a time at 2B-4T).
+const SCORE_BATCH_CACHE_BYTES: usize = 32 << 20;
+
+/// Items [`score_items`] decodes together: as many as fit [`SCORE_BATCH_CACHE_BYTES`] with
+/// caches of 128 positions, at most 32.
+fn score_batch(model: &Model) -> usize {
+    let c = &model.config;
+    let per_token = 2 * c.num_hidden_layers * c.kv_heads() * c.head_dim() * 4;
+    (SCORE_BATCH_CACHE_BYTES / (128 * per_token).max(1)).clamp(1, 32)
+}
+
 /// Share of `items` the model answers correctly (greedy), by `verify(reference, answer)`.
+/// The items are decoded in batches ([`Model::generate_greedy_batch`]); each answer is what
+/// [`answer`] gives the item alone.
 pub fn score_items(
     model: &Model,
     tok: &dyn Tokenizer,
@@ -129,9 +143,16 @@ pub fn score_items(
     mut progress: impl FnMut(usize),
 ) -> Result<DomainScore> {
     let mut correct = 0;
-    for item in items {
-        correct += usize::from(verify(&item.answer, &answer(model, tok, &item.prompt)?));
-        progress(1);
+    for chunk in items.chunks(score_batch(model)) {
+        let prompts = (chunk.iter())
+            .map(|it| prompt_ids(tok, &it.prompt))
+            .collect::<Result<Vec<_>>>()?;
+        let outs = model.generate_greedy_batch(&prompts, MAX_ANSWER_CHARS + 2, &tok.stop_ids())?;
+        for (item, out) in chunk.iter().zip(outs) {
+            let text = tok.decode(&out);
+            correct += usize::from(verify(&item.answer, answer_from_completion(&text)));
+        }
+        progress(chunk.len());
     }
     Ok(DomainScore {
         accuracy: correct as f64 / items.len().max(1) as f64,
