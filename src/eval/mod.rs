@@ -126,10 +126,22 @@ const SCORE_BATCH_CACHE_BYTES: usize = 32 << 20;
 
 /// Items [`score_items`] decodes together: as many as fit [`SCORE_BATCH_CACHE_BYTES`] with
 /// caches of 128 positions, at most 32.
-fn score_batch(model: &Model) -> usize {
+pub fn score_batch(model: &Model) -> usize {
     let c = &model.config;
     let per_token = 2 * c.num_hidden_layers * c.kv_heads() * c.head_dim() * 4;
     (SCORE_BATCH_CACHE_BYTES / (128 * per_token).max(1)).clamp(1, 32)
+}
+
+/// The model's greedy answers to `items`, decoded together ([`Model::generate_greedy_batch`]):
+/// each is what [`answer`] gives the item alone. Callers keep batches to [`score_batch`].
+pub fn answers(model: &Model, tok: &dyn Tokenizer, items: &[&Item]) -> Result<Vec<String>> {
+    let prompts = (items.iter())
+        .map(|it| prompt_ids(tok, &it.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    let outs = model.generate_greedy_batch(&prompts, MAX_ANSWER_CHARS + 2, &tok.stop_ids())?;
+    Ok((outs.iter())
+        .map(|out| answer_from_completion(&tok.decode(out)).to_string())
+        .collect())
 }
 
 /// Share of `items` the model answers correctly (greedy), by `verify(reference, answer)`.
@@ -144,13 +156,8 @@ pub fn score_items(
 ) -> Result<DomainScore> {
     let mut correct = 0;
     for chunk in items.chunks(score_batch(model)) {
-        let prompts = (chunk.iter())
-            .map(|it| prompt_ids(tok, &it.prompt))
-            .collect::<Result<Vec<_>>>()?;
-        let outs = model.generate_greedy_batch(&prompts, MAX_ANSWER_CHARS + 2, &tok.stop_ids())?;
-        for (item, out) in chunk.iter().zip(outs) {
-            let text = tok.decode(&out);
-            correct += usize::from(verify(&item.answer, answer_from_completion(&text)));
+        for (item, answer) in chunk.iter().zip(answers(model, tok, chunk)?) {
+            correct += usize::from(verify(&item.answer, &answer));
         }
         progress(chunk.len());
     }

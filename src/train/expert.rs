@@ -14,7 +14,7 @@ use crate::engine::model::{GenerateOptions, Model, ModelOptions, NamedVar, Weigh
 use crate::engine::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::batch::{batch_from_pairs, sft_pairs};
-use crate::eval::{answer, prompt_ids};
+use crate::eval::{answers, prompt_ids, score_batch};
 use crate::svf::attach::{init_vars, packed_svf_model, set_z, svf_model, var_tensors};
 use crate::svf::base::{Base, Factors};
 use crate::svf::expert::{Expert, ExpertMeta};
@@ -276,13 +276,18 @@ fn train(
     // factor with the trained model.
     let mut frozen_model = model.clone();
     set_z(&mut frozen_model, &frozen(&vars));
-    // Greedy accuracy on the validation items, shared out over the group's ranks (each item
-    // is answered alone, so the share is the same as one process's).
+    // Greedy accuracy on the validation items, decoded in batches that are shared out over
+    // the group's ranks (the batches do not depend on the number of ranks, so the share is
+    // the same as one process's).
     let accuracy = |m: &Model| -> Result<f64> {
-        let right = map(group, "validation", val_refs.len(), |i| {
-            let it = val_refs[i];
-            Ok(verify(&it.answer, &answer(m, tok, &it.prompt)?))
+        let batches: Vec<&[&Item]> = val_refs.chunks(score_batch(m)).collect();
+        let right = map(group, "validation", batches.len(), |b| {
+            let answers = answers(m, tok, batches[b])?;
+            Ok((batches[b].iter().zip(answers))
+                .map(|(it, a)| verify(&it.answer, &a))
+                .collect::<Vec<bool>>())
         })?;
+        let right: Vec<bool> = right.into_iter().flatten().collect();
         Ok(right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64)
     };
     let validate = |m: &mut Model, vars: &[NamedVar]| -> Result<f64> {
