@@ -57,6 +57,8 @@ def make(out):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from random_llama import scale_weights
+
     model_dir = os.path.join(out, "model")
     os.makedirs(model_dir, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -79,16 +81,7 @@ def make(out):
         bos_token_id=0, eos_token_id=1, torch_dtype="float32",
     )
     model = LlamaForCausalLM(cfg).eval()
-    # The default initialisation leaves every logit near zero (greedy decoding would then hinge
-    # on near-ties); these scales, as in make_float_llama_fixture.py, give logits of order one.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.copy_(torch.randn_like(p) * 0.5)
-            elif name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * 0.08)
+    scale_weights(model)  # logits of order one: greedy decoding does not hinge on near-ties
     model.save_pretrained(model_dir, safe_serialization=True)
     with open(os.path.join(out, "data.jsonl"), "w") as f:
         for p, a in DATA:

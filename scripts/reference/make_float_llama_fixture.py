@@ -35,6 +35,8 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType
 from gguf.quants import dequantize, quantize
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from random_llama import scale_weights
+
 out = sys.argv[1]
 codec_out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(os.path.abspath(out)), "ggml-float")
 os.makedirs(out, exist_ok=True)
@@ -53,15 +55,7 @@ cfg = LlamaConfig(
 model = LlamaForCausalLM(cfg)
 model.set_attn_implementation("eager")
 model.eval()
-# The default initialisation makes logits near zero; these scales give logits of order one.
-with torch.no_grad():
-    for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight"):
-            p.copy_(torch.randn_like(p) * 0.5)
-        elif name.endswith("norm.weight"):
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        else:
-            p.copy_(torch.randn_like(p) * 0.08)
+scale_weights(model)  # logits of order one, not the default initialisation's near-zero ones
 
 hf_dir = os.path.join(out, "hf")
 if os.path.isdir(hf_dir):
