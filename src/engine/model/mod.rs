@@ -22,7 +22,7 @@ use crate::engine::tokenizer::BYTE_VOCAB;
 pub use linear::{ternarize_ste, AdaptedLinear, BitLinear, LinearWeight};
 pub use ragged::{RowDeltas, Segment};
 use rope::Rope;
-pub use sampling::{argmax, sample, GenerateOptions};
+pub use sampling::{argmax, sample, GenerateOptions, GenerateStats};
 pub use table::HeadFormat;
 use table::Table;
 
@@ -383,78 +383,6 @@ impl Model {
             f = rms_norm(&f, w, eps)?;
         }
         Ok((x + lin(LinearKind::Down, &f)?)?)
-    }
-
-    /// Generate up to `opts.max_new_tokens` after `prompt`, with a KV cache. Returns only the
-    /// new tokens (stopping after `stop` tokens, which are included).
-    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
-        let mut out = Vec::new();
-        self.generate_streaming(prompt, opts, |id| {
-            out.push(id);
-            true
-        })?;
-        Ok(out)
-    }
-
-    /// [`Model::generate`], handing each new token to `on_token` as soon as it is chosen
-    /// (return false to stop), and timing the prompt (prefill) and the new tokens (decode).
-    pub fn generate_streaming(
-        &self,
-        prompt: &[u32],
-        opts: &GenerateOptions,
-        mut on_token: impl FnMut(u32) -> bool,
-    ) -> Result<GenerateStats> {
-        let mut cache = self.new_cache();
-        let mut rng = StdRng::seed_from_u64(opts.seed);
-        let mut stats = GenerateStats {
-            prompt_tokens: prompt.len(),
-            ..Default::default()
-        };
-        let mut input = self.ids_tensor(&[prompt.to_vec()])?;
-        let room = self
-            .config
-            .max_position_embeddings
-            .saturating_sub(prompt.len());
-        for step in 0..opts.max_new_tokens.min(room) {
-            let start = std::time::Instant::now();
-            let last = self.next_logits(&input, Some(&mut cache))?;
-            let next = sample(&last, opts.temperature, opts.top_p, &mut rng);
-            match step {
-                0 => stats.prefill_seconds = start.elapsed().as_secs_f64(),
-                _ => stats.decode_seconds += start.elapsed().as_secs_f64(),
-            }
-            stats.new_tokens += 1;
-            if !on_token(next) || opts.stop.contains(&next) {
-                break;
-            }
-            input = Tensor::from_vec(vec![next], (1, 1), &self.device)?;
-        }
-        Ok(stats)
-    }
-}
-
-/// What one generation took.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GenerateStats {
-    /// Tokens of the prompt.
-    pub prompt_tokens: usize,
-    /// Tokens generated (the first comes from the prompt's pass).
-    pub new_tokens: usize,
-    /// Seconds of the prompt's pass, which also yields the first new token.
-    pub prefill_seconds: f64,
-    /// Seconds of the passes for the remaining new tokens.
-    pub decode_seconds: f64,
-}
-
-impl GenerateStats {
-    /// Prompt tokens per second; None when the prompt's pass did not run (no new token asked).
-    pub fn prefill_rate(&self) -> Option<f64> {
-        (self.new_tokens > 0).then(|| self.prompt_tokens as f64 / self.prefill_seconds)
-    }
-
-    /// New tokens per second after the first; None when there was no second token.
-    pub fn decode_rate(&self) -> Option<f64> {
-        (self.new_tokens > 1).then(|| (self.new_tokens - 1) as f64 / self.decode_seconds)
     }
 }
 
