@@ -13,6 +13,7 @@ mod float_matrix;
 mod formats;
 mod from_gguf;
 pub mod gguf;
+mod save;
 pub mod st;
 mod to_gguf;
 
@@ -21,10 +22,8 @@ pub use from_gguf::llama_file_row_order;
 pub use gguf::GgmlType;
 pub use to_gguf::{gguf_architecture, save_gguf, GGUF_LINEAR_TYPES, TERNARY_GGUF_TYPES};
 
-pub use formats::{
-    display_name, load, load_default, load_or_default, save_dequantized, save_native,
-    DEFAULT_MODEL_NAME,
-};
+pub use formats::{display_name, load, load_default, load_or_default, DEFAULT_MODEL_NAME};
+pub use save::{save_dequantized, save_native};
 
 use crate::engine::config::ModelConfig;
 use crate::engine::ternary::{Quantization, TernaryMatrix};
