@@ -1,6 +1,6 @@
 //! The numeric building blocks of the fused ops: the `Real` scalar trait, vectorizable row loops
-//! (sum, dot, max, exp, softmax in place), subnormal flushing, the AVX-512 `simd_fn!` wrapper,
-//! rayon task sizing and `matmul`, gemm on strided slices.
+//! (sum, dot, max, exp, softmax in place), subnormal flushing, the AVX-512 / AVX2 `simd_fn!`
+//! wrapper, rayon task sizing and `matmul`, gemm on strided slices.
 
 use candle_core::CpuStorage;
 use gemm::Parallelism;
@@ -260,10 +260,12 @@ pub(super) fn flush_subnormals<T: Real>(x: &mut [T]) {
     });
 }
 
-/// Defines `fn $name` that runs its body compiled for AVX-512 when the CPU has it. The row
-/// kernels are plain Rust loops, which the compiler vectorizes only as wide as the target
-/// allows (4 lanes of SSE2 for the default x86-64 target); the AVX-512 copy uses 16. (A
-/// closure cannot carry `#[target_feature]`, hence named functions.)
+/// Defines `fn $name` that runs its body compiled for AVX-512, or else AVX2, when the CPU has
+/// it. The row kernels are plain Rust loops, which the compiler vectorizes only as wide as the
+/// target allows (4 lanes of SSE2 for the default x86-64 target); the AVX2 copy uses 8 and the
+/// AVX-512 copy 16. The compiler neither reorders nor fuses float operations, so every copy
+/// computes the same bits. (A closure cannot carry `#[target_feature]`, hence named
+/// functions.)
 macro_rules! simd_fn {
     ($(#[$doc:meta])* fn $name:ident<T: Real>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
@@ -278,9 +280,20 @@ macro_rules! simd_fn {
             }
 
             #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<T: Real>($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // Safety: the CPU has the features `avx512` is compiled for.
                 return unsafe { avx512($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // Safety: the CPU has the features `avx2` is compiled for.
+                return unsafe { avx2($($arg),*) };
             }
             body($($arg),*)
         }

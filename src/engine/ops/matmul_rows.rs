@@ -41,7 +41,8 @@ pub fn matmul_rows(x: &Tensor, w: &FloatMatrix) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(MatmulRows { w: w.clone() })?)
 }
 
-/// Σ x[i]·w[i] for bf16 bits `w`, with AVX-512 when the CPU has it.
+/// Σ x[i]·w[i] for bf16 bits `w`, with AVX-512 or AVX2 when the CPU has it (the same bits
+/// either way: the lanes are explicit).
 fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
     #[inline(always)]
     fn body(x: &[f32], w: &[u16]) -> f32 {
@@ -67,15 +68,26 @@ fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(x: &[f32], w: &[u16]) -> f32 {
+        body(x, w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // Safety: the CPU has the features `avx512` is compiled for.
         return unsafe { avx512(x, w) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // Safety: the CPU has the features `avx2` is compiled for.
+        return unsafe { avx2(x, w) };
+    }
     body(x, w)
 }
 
-/// Σ x[i]·q[i]·scales[i / 32] for a Q8_0 row (`x.len()` a multiple of 32), with AVX-512 when
-/// the CPU has it. Each lane accumulates x·scale·q, so no block ends in a horizontal sum.
+/// Σ x[i]·q[i]·scales[i / 32] for a Q8_0 row (`x.len()` a multiple of 32), with AVX-512 or
+/// AVX2 when the CPU has it. Each lane accumulates x·scale·q, so no block ends in a horizontal sum.
 fn dot_q8_0(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
     #[inline(always)]
     fn body(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
@@ -98,10 +110,22 @@ fn dot_q8_0(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn avx2(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
+        body(x, q, scales)
+    }
+
+    #[cfg(target_arch = "x86_64")]
     {
-        // Safety: the CPU has the features `avx512` is compiled for.
-        return unsafe { avx512(x, q, scales) };
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("f16c") {
+            // Safety: the CPU has the features `avx512` is compiled for.
+            return unsafe { avx512(x, q, scales) };
+        }
+        if has!("avx2") && has!("f16c") {
+            // Safety: the CPU has the features `avx2` is compiled for.
+            return unsafe { avx2(x, q, scales) };
+        }
     }
     body(x, q, scales)
 }
