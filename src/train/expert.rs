@@ -24,7 +24,7 @@ use crate::tasks::DataSource;
 use crate::tasks::{answer_from_completion, Item, MAX_ANSWER_CHARS};
 use crate::train::checkpointed::sft_gradients_checkpointed;
 use crate::train::config::{Objective, TrainConfig};
-use crate::train::loss::{advantages, reinforce_loss, sft_gradients};
+use crate::train::loss::{advantages, empty_grads, reinforce_loss_part, sft_gradients};
 use crate::train::optim::{Adam, AdamConfig, ResumeState};
 use crate::train::plan::{cap_pairs, memory_plan, MemoryPlan};
 use candle_core::backprop::GradStore;
@@ -128,7 +128,8 @@ pub fn train_expert(
 /// optimizer step, so every rank holds the same z, bit for bit — the same training as one
 /// process with the whole batch, to float rounding. Rank 0 of the group writes `out`, its
 /// state and its metrics; the others write nothing. Validation items are shared out over the
-/// group too; REINFORCE steps run whole on every rank.
+/// group too, and so are a REINFORCE step's prompts (each rank samples and scores the rollouts
+/// of its prompts; the policy and KL terms are normalized over the whole step).
 #[allow(clippy::too_many_arguments)]
 pub fn train_expert_on(
     group: &dyn Comm,
@@ -385,18 +386,23 @@ fn train(
             Objective::Reinforce => {
                 set_z(&mut frozen_model, &frozen(&vars));
                 let sampler = &frozen_model;
+                // Every rollout's seed is drawn in item order on every rank, so a rollout is
+                // the same whichever rank samples it. The ranks share the prompts out (rank r
+                // takes r, r + ranks, …); a prompt's samples stay together for its baseline.
+                let seeds: Vec<u64> = (0..items.len() * cfg.samples).map(|_| rng.gen()).collect();
                 let mut pairs = Vec::new();
                 let mut rewards = Vec::new();
-                for it in &items {
+                for i in (group.rank()..items.len()).step_by(group.size()) {
+                    let it = &items[i];
                     let p = prompt_ids(tok, &it.prompt)?;
-                    for _ in 0..cfg.samples {
+                    for &seed in &seeds[i * cfg.samples..(i + 1) * cfg.samples] {
                         let out = sampler.generate(
                             &p,
                             &GenerateOptions {
                                 max_new_tokens: MAX_ANSWER_CHARS + 2,
                                 temperature: cfg.temperature,
                                 top_p: 1.0,
-                                seed: rng.gen(),
+                                seed,
                                 stop: tok.stop_ids(),
                             },
                         )?;
@@ -406,16 +412,40 @@ fn train(
                         pairs.push((p.clone(), out));
                     }
                 }
-                stats.reward =
-                    rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len() as f64;
-                let batch = batch_from_pairs(&pairs, model.device())?;
-                let seq_len = batch.input.dim(1)?;
-                let adv = advantages(&rewards, cfg.samples, cfg.baseline);
-                let (loss, kl) =
-                    reinforce_loss(&model, &reference, &batch, &adv, seq_len, cfg.kl_coeff)?;
-                stats.kl = kl;
-                stats.loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                loss.backward()?
+                let batch = match pairs.is_empty() {
+                    true => None,
+                    false => Some(batch_from_pairs(&pairs, model.device())?),
+                };
+                // The step's rollouts, rewards and supervised positions over the group: the
+                // normalizers that make the ranks' parts sum to the whole step.
+                let mut whole = [
+                    rewards.iter().map(|&r| r as f64).sum::<f64>(),
+                    rewards.len() as f64,
+                    batch.as_ref().map_or(0, |b| b.supervised) as f64,
+                ];
+                all_sum(group, "the step's rollouts", &mut whole)?;
+                stats.reward = whole[0] / whole[1].max(1.0);
+                let (mut sums, mut grads) = ([0.0; 2], empty_grads()?);
+                if let Some(batch) = batch {
+                    let seq_len = batch.input.dim(1)?;
+                    let adv = advantages(&rewards, cfg.samples, cfg.baseline);
+                    let counts = (whole[1] as usize, whole[2] as usize);
+                    let (loss, kl) = reinforce_loss_part(
+                        &model,
+                        &reference,
+                        &batch,
+                        &adv,
+                        seq_len,
+                        cfg.kl_coeff,
+                        counts,
+                    )?;
+                    sums = [loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, kl];
+                    grads = loss.backward()?;
+                }
+                all_sum(group, "the step's loss", &mut sums)?;
+                [stats.loss, stats.kl] = sums;
+                sum_gradients(group, &mut grads, &vars)?;
+                grads
             }
         };
         if let Some((alpha, lamb)) = cfg.grokfast {

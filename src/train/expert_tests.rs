@@ -3,7 +3,7 @@ use super::*;
 use crate::eval::batch::{flat_log_probs, Batch};
 use crate::svf::{Parameterization, Targets};
 use crate::tasks::Domain;
-use crate::train::loss::masked_nll;
+use crate::train::loss::{masked_nll, reinforce_loss};
 
 fn tiny() -> Checkpoint {
     Checkpoint::tiny(16, 24, 11)
@@ -368,6 +368,68 @@ fn resume_continues_exactly() {
     let other = Checkpoint::random(ck.config.clone(), 99);
     let msg = e.check_base(&other, &a).unwrap_err().to_string();
     assert!(msg.contains("trained on base model"), "{msg}");
+}
+
+/// Data-parallel REINFORCE: two ranks, each sampling half of each step's prompts, train the z
+/// one process does with all of them (to float rounding), with the same reward and KL
+/// statistics, and hold the same z bit for bit.
+#[test]
+fn two_ranks_sharing_a_reinforce_steps_prompts_train_what_one_rank_does() {
+    let ck = tiny();
+    let tok = crate::engine::tokenizer::ByteTokenizer;
+    let data = DataSource::Domain(Domain::Copy);
+    let tmp = tempfile::tempdir().unwrap();
+    // Three prompts over two ranks: the ranks' parts differ in size. Without a baseline every
+    // rollout of the untrained model has advantage −1, so z moves.
+    let cfg = TrainConfig {
+        steps: 3,
+        batch_prompts: 3,
+        samples: 2,
+        baseline: false,
+        eval_every: 3,
+        val_n: 4,
+        ..TrainConfig::for_objective(Objective::Reinforce)
+    };
+    let f = crate::svf::factors::decompose(&ck, cfg.targets);
+    let base = (&ck, "h", &f, false);
+    let one = tmp.path().join("one.safetensors");
+    let alone = train(&Solo, base, &tok, &data, &cfg, &one, false, |_, _| true).unwrap();
+    let outs = [0, 1].map(|r| tmp.path().join(format!("rank{r}.safetensors")));
+    let comms = crate::dist::local::ranks(2);
+    let by_rank: Vec<_> = std::thread::scope(|s| {
+        let runs: Vec<_> = (comms.into_iter())
+            .map(|c| {
+                let (out, cfg, tok, data) = (&outs[c.rank()], &cfg, &tok, &data);
+                s.spawn(move || train(&c, base, tok, data, cfg, out, false, |_, _| true))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    assert_eq!(by_rank[0].1, by_rank[1].1, "the ranks' z differ");
+    let moved = (alone.1.values()).any(|z| z.iter().any(|&x| (x - 1.0).abs() > 1e-4));
+    assert!(moved, "training moved z");
+    let diff = (alone.1.iter())
+        .flat_map(|(n, z)| z.iter().zip(&by_rank[0].1[n]).map(|(a, b)| (a - b).abs()))
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "2 ranks vs 1: {diff}");
+    // The logged statistics of each step agree too.
+    let log = |p: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(p.with_extension("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (a, b) = (log(&one), log(&outs[0]));
+    assert_eq!(a.len(), 3);
+    for (ra, rb) in a.iter().zip(&b) {
+        for k in ["reward", "kl", "loss"] {
+            let key = format!("stage2/expert_copy/{k}");
+            let (x, y) = (ra[&key].as_f64().unwrap(), rb[&key].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-6 * (1.0 + x.abs()), "{k}: {x} vs {y}");
+        }
+    }
 }
 
 /// Data-parallel SFT: two ranks with half of each step's batch train the z one process does

@@ -36,10 +36,21 @@ fn masked_mean_nll(picked: &Tensor, batch: &Batch) -> Result<Tensor> {
 
 /// Mean KL(ref ‖ cur) over the masked positions; `ref_lp` is constant.
 pub fn masked_kl(ref_lp: &Tensor, cur_lp: &Tensor, batch: &Batch) -> Result<Tensor> {
+    masked_kl_over(ref_lp, cur_lp, batch, batch.supervised)
+}
+
+/// The KL(ref ‖ cur) summed over the masked positions of `batch`, divided by `supervised`
+/// (the batch's own count, or a whole step's of which the batch is a part).
+fn masked_kl_over(
+    ref_lp: &Tensor,
+    cur_lp: &Tensor,
+    batch: &Batch,
+    supervised: usize,
+) -> Result<Tensor> {
     let p = ref_lp.exp()?;
     let kl = (p * (ref_lp - cur_lp)?)?.sum(D::Minus1)?; // [N]
     let mask = batch.mask.to_dtype(kl.dtype())?;
-    Ok(((kl * mask)?.sum_all()? / batch.supervised.max(1) as f64)?)
+    Ok(((kl * mask)?.sum_all()? / supervised.max(1) as f64)?)
 }
 
 /// A gradient store with nothing in it but a scalar of its own (candle has no public
@@ -161,15 +172,33 @@ pub fn reinforce_loss(
     seq_len: usize,
     kl_coeff: f64,
 ) -> Result<(Tensor, f64)> {
+    let whole = (advantages.len(), batch.supervised);
+    reinforce_loss_part(
+        model, reference, batch, advantages, seq_len, kl_coeff, whole,
+    )
+}
+
+/// [`reinforce_loss`] of one rank's part of a step whose rollouts a data-parallel group shares:
+/// the policy term is averaged over the step's `whole.0` rollouts and the KL over its `whole.1`
+/// supervised positions, so the parts' losses and gradients sum to the whole step's.
+pub fn reinforce_loss_part(
+    model: &Model,
+    reference: &Model,
+    batch: &Batch,
+    advantages: &[f32],
+    seq_len: usize,
+    kl_coeff: f64,
+    (rollouts, supervised): (usize, usize),
+) -> Result<(Tensor, f64)> {
     let lp = flat_log_probs(model, batch)?; // [N·T, V]
     let picked = lp.gather(&batch.target.unsqueeze(1)?, 1)?.squeeze(1)?; // [N·T]
     let per_pos = (picked * batch.mask.to_dtype(lp.dtype())?)?;
     let n = advantages.len();
     let seq_lp = per_pos.reshape((n, seq_len))?.sum(1)?; // [N]
     let adv = Tensor::from_slice(advantages, n, lp.device())?.to_dtype(lp.dtype())?;
-    let pg = ((seq_lp * adv)?.sum_all()? / n as f64)?.neg()?;
+    let pg = ((seq_lp * adv)?.sum_all()? / rollouts.max(1) as f64)?.neg()?;
     let ref_lp = flat_log_probs(reference, batch)?.detach();
-    let kl = masked_kl(&ref_lp, &lp, batch)?;
+    let kl = masked_kl_over(&ref_lp, &lp, batch, supervised)?;
     let kl_v = kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok(((pg + (kl * kl_coeff)?)?, kl_v))
 }
