@@ -5,6 +5,7 @@
 
 pub mod compare;
 pub mod config;
+mod deal;
 pub mod handoff;
 pub mod manifest;
 pub mod plot;

@@ -18,6 +18,7 @@ use crate::eval::recovery;
 use crate::eval::recovery::RecoveryReport;
 use crate::io::{read_json, write_json};
 use crate::pipeline::config::{sources_of, RunConfig};
+use crate::pipeline::deal::{deal, job_cost};
 use crate::pipeline::handoff::{handoff, ExpertEntry, HandoffParts, Manifest, SvdStats};
 use crate::pipeline::stages::StageRecord;
 use crate::pipeline::stages::{Event, Run};
@@ -525,21 +526,6 @@ fn generated_items(
     })
 }
 
-/// The group (of `groups`) each job goes to, longest first (by `steps`, ties in job order),
-/// each to the group with the fewest steps so far (ties: the lowest group): the classifier's
-/// longer budget is not left for last.
-fn deal(steps: &[usize], groups: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..steps.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(steps[i]));
-    let (mut load, mut to) = (vec![0usize; groups.max(1)], vec![0; steps.len()]);
-    for i in order {
-        let g = (0..load.len()).min_by_key(|&g| load[g]).unwrap_or(0);
-        load[g] += steps[i];
-        to[i] = g;
-    }
-    to
-}
-
 /// The stages `4-train-<name>` of `jobs`, in order: those that finished before are read back;
 /// the others are dealt to the groups of ranks ([`deal`]), trained (the group's rank 0 saves
 /// each stage as soon as it is done), and their summaries gathered on every rank.
@@ -553,8 +539,17 @@ fn train_jobs(job: &Job, run: &mut Run, jobs: &[ExpertJob]) -> Result<Vec<TrainS
     let (group_no, groups, group) = groups(comm, job.ranks.per_expert)?;
     let mut mine: Vec<(usize, StageRecord, TrainSummary)> = Vec::new();
     let left: Vec<usize> = (0..jobs.len()).filter(|&i| !done[i]).collect();
-    let steps: Vec<usize> = left.iter().map(|&i| jobs[i].steps).collect();
-    let dealt = deal(&steps, groups);
+    let cost = (left.iter())
+        .map(|&i| {
+            job_cost(
+                job.tok,
+                &jobs[i].data,
+                jobs[i].steps,
+                cfg.train.batch_prompts,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dealt = deal(&cost, groups);
     let ours = (left.iter().zip(&dealt)).filter_map(|(&i, &g)| (g == group_no).then_some(i));
     for i in ours {
         let (j, name) = (&jobs[i], stage(&jobs[i]));
@@ -821,23 +816,6 @@ mod tests {
         let mut e = test_expert(&ck, name, Parameterization::Paper, BTreeMap::new());
         e.meta.domains = domains.iter().map(|d| d.to_string()).collect();
         e
-    }
-
-    #[test]
-    fn the_longest_jobs_are_dealt_first_to_the_least_loaded_group() {
-        // Seven experts of 150 steps and the classifier's 500, over two groups.
-        let steps = [150, 150, 150, 150, 150, 150, 150, 500];
-        let to = deal(&steps, 2);
-        assert_eq!(to[7], 0, "the classifier goes first, to group 0");
-        let load = |g: usize| {
-            (0..8)
-                .filter(|&i| to[i] == g)
-                .map(|i| steps[i])
-                .sum::<usize>()
-        };
-        assert_eq!((load(0), load(1)), (800, 750));
-        assert_eq!(deal(&[3, 3, 3], 1), vec![0, 0, 0]);
-        assert_eq!(deal(&[1, 1, 1, 1], 4), vec![0, 1, 2, 3]);
     }
 
     /// The documented `alpha_bounds {"count": …}` works whatever discovery settles on: a
