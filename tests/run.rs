@@ -351,9 +351,24 @@ fn run_quick_with_a_generator_endpoint_uses_and_caches_its_items() {
 /// objective is modelled from the work per token, not timed.
 #[test]
 fn run_quick_seed_0_reproduces_the_golden_manifest() {
+    assert_golden_with_workers(1);
+}
+
+/// The same run as two ranks on threads of one process (`--workers 2`, the default on a
+/// machine with two cores or more): the same manifest, and progress shown once.
+#[test]
+fn two_workers_reproduce_the_golden_manifest() {
+    let err = assert_golden_with_workers(2);
+    assert_eq!(err.matches("stage 1-load-verify").count(), 1, "{err}");
+}
+
+/// Runs the golden quick run with `--workers n` and compares its manifest with the golden
+/// one; returns its stderr.
+fn assert_golden_with_workers(n: usize) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let o = golden_quick_run(&out, &tmp.path().join("cache"))
+        .args(["--workers", &n.to_string()])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -371,10 +386,11 @@ fn run_quick_seed_0_reproduces_the_golden_manifest() {
     );
     assert!(
         differences.is_empty(),
-        "{} differences from the golden manifest:\n{}",
+        "{} differences from the golden manifest with {n} workers:\n{}",
         differences.len(),
         differences.join("\n")
     );
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -79,3 +79,39 @@ fn groups_split_consecutive_ranks() {
     assert_eq!(out[2], (1, 2, 0, vec![2, 3, 4]));
     assert_eq!(out[4], (1, 2, 2, vec![2, 3, 4]));
 }
+
+/// A thread rank that fails outside a collective stops the others at theirs (waiting or to
+/// come, in the group and in groups split from it) with an error naming it, instead of
+/// leaving them waiting.
+#[test]
+fn a_failed_thread_rank_stops_the_others_instead_of_hanging_them() {
+    let comms = ranks(3);
+    let out: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (comms.into_iter())
+            .map(|c| {
+                s.spawn(move || {
+                    let guard = c.abort_on_drop();
+                    let result = (|| -> Result<()> {
+                        let half = c.split(c.rank() % 2)?;
+                        barrier(&c, "start")?;
+                        if c.rank() == 2 {
+                            return Err(Error::Input("disk full".into()));
+                        }
+                        // Rank 0 waits in the group it shares with rank 2, rank 1 alone.
+                        barrier(half.as_ref(), "half")?;
+                        barrier(&c, "end")
+                    })();
+                    if result.is_ok() {
+                        guard.disarm();
+                    }
+                    result.map_err(|e| e.to_string()).unwrap_err()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(out[2], "disk full");
+    for e in &out[..2] {
+        assert!(e.contains("rank 2 stopped: it failed"), "{e}");
+    }
+}

@@ -4,6 +4,7 @@ use crate::common::step_bar;
 use anyhow::Result;
 use bitsvf::dist::{is_root, Comm, Solo};
 use bitsvf::engine::chat::TemplateChoice;
+use bitsvf::engine::checkpoint::Checkpoint;
 use bitsvf::engine::{checkpoint, tokenizer};
 use bitsvf::pipeline::Ranks;
 use bitsvf::pipeline::{self, Event, RunConfig, RunOverrides};
@@ -74,17 +75,31 @@ pub struct Args {
     /// Verified items per domain to obtain from the endpoint (default 2000; 40 with --quick).
     #[arg(long, requires = "generator_url")]
     generator_items: Option<usize>,
-    /// Under MPI (`mpirun`, `srun`): ranks that train each expert together, data-parallel
-    /// (1: every rank trains experts of its own).
+    /// Under MPI (`mpirun`, `srun`) or with --workers: ranks that train each expert
+    /// together, data-parallel (1: every rank trains experts of its own).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
     ranks_per_expert: u64,
+    /// Without MPI: run the job as this many ranks on threads of this process, the cores
+    /// shared out among them; the result is the one-rank result. Default: one per core (at
+    /// most 8) for a model of at most 100 M parameters, whose small matrices gain little
+    /// from several threads per rank; 1 for larger models (each rank holds its own copy of
+    /// the model being trained).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    workers: Option<u64>,
 }
 
+/// Models up to this many parameters run on one rank per core by default (`--workers`).
+const SMALL_MODEL_PARAMETERS: usize = 100_000_000;
+
 pub fn run(a: Args) -> Result<()> {
+    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     #[cfg(feature = "mpi")]
     {
         if let Some(mpi) = bitsvf::dist::mpi::init()? {
-            let result = run_on(&a, &mpi);
+            if a.workers.is_some_and(|n| n > 1) {
+                mpi.abort("--workers is for runs without MPI; under mpirun/srun ask for ranks");
+            }
+            let result = run_on(&a, &ck, &mpi);
             if let Err(e) = &result {
                 // The other ranks may be waiting for this one: end them all.
                 mpi.abort(&format!("{e:#}"));
@@ -99,12 +114,76 @@ pub fn run(a: Args) -> Result<()> {
              with `cargo build --release --features mpi` (or run it without mpirun/srun)"
         );
     }
-    run_on(&a, &Solo)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = match a.workers {
+        Some(n) => n as usize,
+        None if ck.parameter_count() <= SMALL_MODEL_PARAMETERS => cores.min(8),
+        None => 1,
+    };
+    if workers == 1 {
+        return run_on(&a, &ck, &Solo);
+    }
+    let threads = (cores / workers).max(1);
+    // candle sizes its own parallel work from the environment, not from the rank's rayon
+    // pool: its matrix products split into RAYON_NUM_THREADS parts (the rank's threads, as
+    // under `mpirun -x RAYON_NUM_THREADS`), and its large element-wise ops run on one
+    // process-wide pool of spinning threads behind one lock, which ranks on threads would
+    // queue for; with CANDLE_NUM_THREADS=1 they run inline on the rank's thread. Both are
+    // read when first used, after loading the model.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    run_on_threads(&a, &ck, workers, threads)
 }
 
-fn run_on(a: &Args, comm: &dyn Comm) -> Result<()> {
+/// [`run_on`] by `workers` ranks on threads of this process, `threads` rayon threads each. A
+/// rank that fails stops the others; the error reported is the one that stopped them.
+fn run_on_threads(a: &Args, ck: &Checkpoint, workers: usize, threads: usize) -> Result<()> {
+    let comms = bitsvf::dist::local::ranks(workers);
+    let results: Vec<(Result<()>, bool)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (comms.into_iter())
+            .map(|comm| {
+                s.spawn(move || {
+                    // A panic stops the other ranks too.
+                    let guard = comm.abort_on_drop();
+                    let rank = comm.rank();
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |i| format!("rank{rank}-{i}"))
+                        .build();
+                    let result = match pool {
+                        Ok(pool) => pool.install(|| run_on(a, ck, &comm)),
+                        Err(e) => Err(e.into()),
+                    };
+                    guard.disarm();
+                    match &result {
+                        Ok(()) => (result, false),
+                        Err(e) => {
+                            let first = comm.abort(&format!("{e:#}"));
+                            (result, first)
+                        }
+                    }
+                })
+            })
+            .collect();
+        (handles.into_iter())
+            .map(|h| match h.join() {
+                Ok(r) => r,
+                Err(_) => (Err(anyhow::anyhow!("a worker thread panicked")), true),
+            })
+            .collect()
+    });
+    let mut errors: Vec<_> = (results.into_iter())
+        .filter_map(|(r, first)| r.err().map(|e| (!first, e)))
+        .collect();
+    errors.sort_by_key(|(later, _)| *later);
+    match errors.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn run_on(a: &Args, ck: &Checkpoint, comm: &dyn Comm) -> Result<()> {
     let root = is_root(comm);
-    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
     let mut datasets = (a.data.iter())
         .map(|p| Ok(Dataset::load_jsonl(p, a.verifier.parse()?)?))
         .collect::<Result<Vec<_>>>()?;
@@ -134,7 +213,7 @@ fn run_on(a: &Args, comm: &dyn Comm) -> Result<()> {
     let name = checkpoint::display_name(a.model.as_deref());
     let manifest = pipeline::run_on(
         &ranks,
-        (&ck, &name, tok.as_ref(), &cfg, &a.out, &cache),
+        (ck, &name, tok.as_ref(), &cfg, &a.out, &cache),
         generator.as_ref(),
         &datasets,
         &model_files,
