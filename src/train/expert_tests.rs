@@ -370,6 +370,36 @@ fn resume_continues_exactly() {
     assert!(msg.contains("trained on base model"), "{msg}");
 }
 
+/// [`train`] alone into `one`, and data-parallel on two thread ranks into `outs[rank]`: the
+/// lone run's result and each rank's.
+#[allow(clippy::type_complexity)]
+fn alone_and_on_two_ranks(
+    base: Trained,
+    tok: &dyn Tokenizer,
+    data: &DataSource,
+    cfg: &TrainConfig,
+    one: &Path,
+    outs: &[std::path::PathBuf; 2],
+) -> (
+    (TrainSummary, BTreeMap<String, Vec<f32>>),
+    Vec<(TrainSummary, BTreeMap<String, Vec<f32>>)>,
+) {
+    let alone = train(&Solo, base, tok, data, cfg, one, false, |_, _| true).unwrap();
+    let comms = crate::dist::local::ranks(2);
+    let by_rank = std::thread::scope(|s| {
+        let runs: Vec<_> = (comms.into_iter())
+            .map(|c| {
+                let out = &outs[c.rank()];
+                s.spawn(move || train(&c, base, tok, data, cfg, out, false, |_, _| true))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    (alone, by_rank)
+}
+
 /// Data-parallel REINFORCE: two ranks, each sampling half of each step's prompts, train the z
 /// one process does with all of them (to float rounding), with the same reward and KL
 /// statistics, and hold the same z bit for bit.
@@ -393,20 +423,8 @@ fn two_ranks_sharing_a_reinforce_steps_prompts_train_what_one_rank_does() {
     let f = crate::svf::factors::decompose(&ck, cfg.targets);
     let base = (&ck, "h", &f, false);
     let one = tmp.path().join("one.safetensors");
-    let alone = train(&Solo, base, &tok, &data, &cfg, &one, false, |_, _| true).unwrap();
     let outs = [0, 1].map(|r| tmp.path().join(format!("rank{r}.safetensors")));
-    let comms = crate::dist::local::ranks(2);
-    let by_rank: Vec<_> = std::thread::scope(|s| {
-        let runs: Vec<_> = (comms.into_iter())
-            .map(|c| {
-                let (out, cfg, tok, data) = (&outs[c.rank()], &cfg, &tok, &data);
-                s.spawn(move || train(&c, base, tok, data, cfg, out, false, |_, _| true))
-            })
-            .collect();
-        runs.into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect()
-    });
+    let (alone, by_rank) = alone_and_on_two_ranks(base, &tok, &data, &cfg, &one, &outs);
     assert_eq!(by_rank[0].1, by_rank[1].1, "the ranks' z differ");
     let moved = (alone.1.values()).any(|z| z.iter().any(|&x| (x - 1.0).abs() > 1e-4));
     assert!(moved, "training moved z");
@@ -453,21 +471,8 @@ fn two_ranks_with_half_the_batch_each_train_what_one_rank_does_with_all_of_it() 
         let f = crate::svf::factors::decompose(&ck, cfg.targets);
         let base = (&ck, "h", &f, false);
         let one = tmp.path().join("one.safetensors");
-        let alone = train(&Solo, base, &tok, &data, &cfg, &one, false, |_, _| true);
-        let alone = alone.unwrap();
         let outs = [0, 1].map(|r| tmp.path().join(format!("rank{r}.safetensors")));
-        let comms = crate::dist::local::ranks(2);
-        let by_rank: Vec<_> = std::thread::scope(|s| {
-            let runs: Vec<_> = (comms.into_iter())
-                .map(|c| {
-                    let (out, cfg, tok, data) = (&outs[c.rank()], &cfg, &tok, &data);
-                    s.spawn(move || train(&c, base, tok, data, cfg, out, false, |_, _| true))
-                })
-                .collect();
-            runs.into_iter()
-                .map(|h| h.join().unwrap().unwrap())
-                .collect()
-        });
+        let (alone, by_rank) = alone_and_on_two_ranks(base, &tok, &data, &cfg, &one, &outs);
         assert_eq!(by_rank[0].1, by_rank[1].1, "the ranks' z differ");
         let moved = (alone.1.values()).any(|z| z.iter().any(|&x| (x - 1.0).abs() > 1e-3));
         assert!(moved, "training moved z");
