@@ -19,6 +19,8 @@ pub struct Batch {
     pub mask: Tensor,
     /// Number of supervised positions.
     pub supervised: usize,
+    /// Real (unpadded) positions of each row.
+    pub lens: Vec<usize>,
 }
 
 /// Token rows (prompt ids, answer ids incl. terminator) → a right-padded batch supervising only
@@ -49,6 +51,7 @@ pub fn batch_from_pairs(pairs: &[(Vec<u32>, Vec<u32>)], dev: &Device) -> Result<
         target: Tensor::from_vec(target, b * t, dev)?,
         mask: Tensor::from_vec(mask, b * t, dev)?,
         supervised,
+        lens: pairs.iter().map(|(p, a)| p.len() + a.len() - 1).collect(),
     })
 }
 
@@ -64,9 +67,16 @@ pub fn sft_pairs(tok: &dyn Tokenizer, items: &[Item]) -> Result<Vec<(Vec<u32>, V
         .collect()
 }
 
+/// The logits `[B, T, vocab]` of `batch`, its blocks computed over the real tokens only
+/// ([`Model::hidden_states_unpadded`]); the padding positions' logits are the head's at a zero
+/// hidden state.
+pub fn batch_logits(model: &Model, batch: &Batch) -> Result<Tensor> {
+    model.logits(&model.hidden_states_unpadded(&batch.input, &batch.lens)?)
+}
+
 /// Log-probabilities `[B·T, vocab]` of `model` on `batch`.
 pub fn flat_log_probs(model: &Model, batch: &Batch) -> Result<Tensor> {
-    let logits = model.forward(&batch.input, None)?;
+    let logits = batch_logits(model, batch)?;
     let v = logits.dim(D::Minus1)?;
     log_softmax(&logits.reshape(((), v))?)
 }

@@ -8,7 +8,7 @@
 //! gives ∂L/∂x_l and the gradients of block l's z. The result equals the whole-graph
 //! gradient to float rounding (the same ops on the same values).
 
-use crate::engine::model::{Model, NamedVar};
+use crate::engine::model::{Model, NamedVar, Unpadded};
 use crate::error::{Error, Result};
 use crate::train::loss::{accumulate, empty_grads, pass_loss, sft_passes, Share};
 use candle_core::backprop::GradStore;
@@ -27,16 +27,17 @@ pub fn sft_gradients_checkpointed(
     let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
     let mut grads = empty_grads()?;
     for (batch, w) in sft_passes(model, pairs, per_pass, share)? {
-        // Forward, keeping each block's input only.
-        let mut x = model.embeddings(&batch.input)?.detach();
+        // Forward over the real tokens ([`Unpadded`]), keeping each block's input only.
+        let u = Unpadded::new(&batch.lens, batch.input.dim(1)?, batch.input.device())?;
+        let mut x = model.embeddings_unpadded(&batch.input, &u)?.detach();
         let mut inputs = Vec::with_capacity(model.blocks.len());
         for l in 0..model.blocks.len() {
             inputs.push(x.clone());
-            x = model.block(l, &x)?.detach();
+            x = model.block_unpadded(l, &x, &u)?.detach();
         }
         // The head's loss, differentiated with respect to the last block's output.
         let last = Var::from_tensor(&x)?;
-        let logits = model.logits(&model.final_norm(last.as_tensor())?)?;
+        let logits = model.logits(&model.repad(&model.final_norm(last.as_tensor())?, &u)?)?;
         let v = logits.dim(D::Minus1)?;
         let lp = crate::engine::ops::log_softmax(&logits.reshape(((), v))?)?;
         let (loss, kl) = pass_loss(&lp, reference, &batch, w)?;
@@ -51,7 +52,7 @@ pub fn sft_gradients_checkpointed(
         // Backward, one recomputed block at a time.
         for l in (0..model.blocks.len()).rev() {
             let input = Var::from_tensor(&inputs.pop().expect("one input per block"))?;
-            let y = model.block(l, input.as_tensor())?;
+            let y = model.block_unpadded(l, input.as_tensor(), &u)?;
             let g = (y * &dx)?.sum_all()?.backward()?;
             accumulate(&mut grads, &g, vars)?;
             if l > 0 {

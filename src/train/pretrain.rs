@@ -11,8 +11,8 @@ use crate::engine::model::default_arch;
 use crate::engine::model::{Model, ModelOptions, WeightMode};
 use crate::engine::tokenizer::{ByteTokenizer, Tokenizer};
 use crate::error::{Error, Result};
-use crate::eval::batch::batch_from_pairs;
 use crate::eval::batch::Batch;
+use crate::eval::batch::{batch_from_pairs, batch_logits};
 use crate::eval::{evaluate, EvalSpec};
 use crate::tasks::{Difficulty, Domain, Split};
 use crate::train::loss::masked_cross_entropy;
@@ -191,7 +191,7 @@ pub fn pretrain(
     let mut val_accuracy = f64::NAN;
     for step in first..cfg.steps {
         let batch = draw_batch(cfg, &domains, step, model.device())?;
-        let logits = model.forward(&batch.input, None)?;
+        let logits = batch_logits(&model, &batch)?;
         let loss = masked_cross_entropy(&logits, &batch)?;
         let loss_v = loss.to_scalar::<f32>()? as f64;
         opt.config.lr = lr_at(cfg, step);
@@ -288,8 +288,7 @@ mod tests {
         let (model, vars) = Model::trainable(cfg.arch.clone(), true, 1).unwrap();
         let domains = [Domain::Add, Domain::Copy];
         let batch = draw_batch(&cfg, &domains, 0, model.device()).unwrap();
-        let loss =
-            masked_cross_entropy(&model.forward(&batch.input, None).unwrap(), &batch).unwrap();
+        let loss = masked_cross_entropy(&batch_logits(&model, &batch).unwrap(), &batch).unwrap();
         let grads = loss.backward().unwrap();
         crate::engine::model::assert_every_var_has_a_gradient(&grads, &vars, "pretrain");
     }

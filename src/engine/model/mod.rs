@@ -13,8 +13,8 @@ mod linear;
 mod ragged;
 mod rope;
 mod sampling;
-mod stages;
 mod table;
+mod unpadded;
 
 use crate::engine::config::Activation;
 use crate::engine::tokenizer::byte_ids;
@@ -25,6 +25,7 @@ use rope::Rope;
 pub use sampling::{argmax, sample, GenerateOptions, GenerateStats};
 pub use table::HeadFormat;
 use table::Table;
+pub use unpadded::Unpadded;
 
 use crate::engine::checkpoint::{Checkpoint, FloatMatrix, LinearKind, LinearMatrix};
 use crate::engine::config::ModelConfig;
