@@ -11,7 +11,7 @@ use crate::engine::checkpoint::Checkpoint;
 use crate::engine::model::{argmax, HeadFormat, Model, ModelOptions, WeightMode};
 use crate::engine::ternary::TernaryMatrix;
 use crate::error::{Error, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -143,7 +143,8 @@ pub fn compare_logits(
 }
 
 /// How closely the output head held as another format reproduces the stored head: both
-/// heads over the same final hidden states of the ternary model.
+/// heads over the same final hidden states of the ternary model, the other format's one
+/// position at a time as generation runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeadRecovery {
     /// The format compared with the stored head.
@@ -181,13 +182,19 @@ pub fn head_recovery(
     let (mut agree, mut kl, mut max, mut n) = (0f64, 0f64, 0f32, 0usize);
     for row in &probe {
         let h = stored.hidden_states(&stored.ids_tensor(std::slice::from_ref(row))?, None)?;
-        let flat = |m: &Model| -> Result<Vec<f32>> {
-            Ok(m.logits(&h)?
+        let flat = |h: &Tensor, m: &Model| -> Result<Vec<f32>> {
+            Ok(m.logits(h)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?)
         };
-        let r = compare_logits(&flat(&stored)?, &flat(&other)?, vocab, true);
+        // The format's logits one position at a time: the head's decoding path, which
+        // generation runs (a Q8_0 head quantizes its input there, as llama.cpp does).
+        let mut decoded = Vec::with_capacity(row.len() * vocab);
+        for i in 0..h.dim(1)? {
+            decoded.extend(flat(&h.narrow(1, i, 1)?, &other)?);
+        }
+        let r = compare_logits(&flat(&h, &stored)?, &decoded, vocab, true);
         agree += r.argmax_agreement * row.len() as f64;
         kl += r.mean_kl * row.len() as f64;
         max = max.max(r.max_abs_logit_diff);

@@ -32,7 +32,7 @@ const RELEASE_CHUNK_BYTES: usize = 32 << 20;
 
 /// One row to Q8_0 as ggml's `quantize_row_q8_0_ref`: per block, scale = max|x| / 127 (kept
 /// as f16) and values rounded to nearest, ties away from zero.
-fn quantize_q8_0_row(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
+pub fn quantize_q8_0_row(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
     let blocks = row.chunks(Q8_0_BLOCK).zip(qs.chunks_mut(Q8_0_BLOCK));
     for ((x, q), s) in blocks.zip(scales) {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));

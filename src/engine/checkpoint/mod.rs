@@ -17,7 +17,7 @@ mod save;
 pub mod st;
 mod to_gguf;
 
-pub use float_matrix::{FloatMatrix, StoredDtype, Q8_0_BLOCK};
+pub use float_matrix::{quantize_q8_0_row, FloatMatrix, StoredDtype, Q8_0_BLOCK};
 pub use from_gguf::llama_file_row_order;
 pub use gguf::GgmlType;
 pub use to_gguf::{gguf_architecture, save_gguf, GGUF_LINEAR_TYPES, TERNARY_GGUF_TYPES};

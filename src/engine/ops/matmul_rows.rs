@@ -15,7 +15,10 @@ use rayon::prelude::*;
 /// 64 rows of 2560 are 640 KiB, which stay in the core's L2 between conversion and use.
 const FORWARD_BLOCK_ROWS: usize = 64;
 /// Up to this many rows of x, the forward pass converts w row by row and takes dot products
-/// (a matrix–vector product streams w once; a block product would convert it in blocks).
+/// (a matrix–vector product streams w once; a block product would convert it in blocks). A
+/// Q8_0 w multiplies these rows quantized to Q8_0 in integers, as llama.cpp decodes: the
+/// logits differ from the many-row path's by the rounding of x (`bitsvf inspect --head q8_0`
+/// measures it on this path).
 const FEW_ROWS: usize = 4;
 /// Rows of w per task of that path.
 const FEW_ROWS_TASK: usize = 512;
@@ -86,48 +89,115 @@ fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
     body(x, w)
 }
 
-/// Σ x[i]·q[i]·scales[i / 32] for a Q8_0 row (`x.len()` a multiple of 32), with AVX-512 or
-/// AVX2 when the CPU has it. Each lane accumulates x·scale·q, so no block ends in a horizontal sum.
-fn dot_q8_0(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
-    #[inline(always)]
-    fn body(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
-        const B: usize = crate::engine::checkpoint::Q8_0_BLOCK;
-        let mut acc = [0f32; B];
-        let blocks = x.chunks_exact(B).zip(q.chunks_exact(B));
-        for ((xb, qb), s) in blocks.zip(scales) {
-            let s = s.to_f32();
-            for i in 0..B {
-                acc[i] += xb[i] * s * qb[i] as f32;
+/// Blocks whose scales are widened together (one `vcvtph2ps`) in the Q8_0 dot product.
+const SCALE_GROUP: usize = 8;
+
+/// Σ over the Q8_0 blocks of a row (`wq`, scales `wd`) and an x quantized to Q8_0 the same way
+/// (`xq`, scales `xd` already f32), as ggml's `vec_dot_q8_0_q8_0`: per block the exact integer
+/// dot of the int8 values times both scales, accumulated in 8 f32 lanes (lane i takes the
+/// block's products 4i..4i + 3). With AVX2 (+ FMA, F16C) when the CPU has it — the same bits
+/// either way: the lanes are explicit and the portable code fuses the same multiply-adds.
+fn dot_q8_0(xq: &[i8], xd: &[f32], wq: &[i8], wd: &[half::f16]) -> f32 {
+    let (wq, wd) = (&wq[..xq.len()], &wd[..xd.len()]);
+    #[cfg(target_arch = "x86_64")]
+    if q8_0_avx2_available() {
+        // Safety: the CPU has the features; the rows are whole blocks of x's length.
+        return unsafe { dot_q8_0_avx2(xq, xd, wq, wd) };
+    }
+    dot_q8_0_portable(xq, xd, wq, wd)
+}
+
+/// Lane i + 4, then i + 2, then 1 added to lane i: the order of the AVX2 reduction.
+fn reduce_lanes(a: [f32; 8]) -> f32 {
+    let h: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
+    let q = [h[0] + h[2], h[1] + h[3]];
+    q[0] + q[1]
+}
+
+/// [`dot_q8_0`] in plain Rust.
+fn dot_q8_0_portable(xq: &[i8], xd: &[f32], wq: &[i8], wd: &[half::f16]) -> f32 {
+    const B: usize = crate::engine::checkpoint::Q8_0_BLOCK;
+    let mut acc = [0f32; 8];
+    let blocks = xq.chunks_exact(B).zip(wq.chunks_exact(B));
+    for ((xb, wb), (dx, dw)) in blocks.zip(xd.iter().zip(wd)) {
+        let s = dx * dw.to_f32();
+        for (i, a) in acc.iter_mut().enumerate() {
+            let p: i32 = (4 * i..4 * i + 4)
+                .map(|j| xb[j] as i32 * wb[j] as i32)
+                .sum();
+            *a = (p as f32).mul_add(s, *a);
+        }
+    }
+    reduce_lanes(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q8_0_avx2_available() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma") && has!("f16c")
+}
+
+/// [`dot_q8_0`] with AVX2: per block `vpmaddubsw` of |w| with x·sign(w), `vpmaddwd` to 8 i32
+/// lanes, then one multiply-add by the blocks' scale product (widened 8 at a time).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C ([`q8_0_avx2_available`]); `xq`, `wq` hold 32 values
+/// per scale of `xd`, `wd` (equal lengths).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0_avx2(xq: &[i8], xd: &[f32], wq: &[i8], wd: &[half::f16]) -> f32 {
+    use std::arch::x86_64::*;
+    const B: usize = crate::engine::checkpoint::Q8_0_BLOCK;
+    assert!(wd.len() == xd.len() && xq.len() == B * xd.len() && wq.len() == xq.len());
+    let blocks = xd.len();
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut s = [0f32; SCALE_GROUP];
+    for g in (0..blocks).step_by(SCALE_GROUP) {
+        let n = SCALE_GROUP.min(blocks - g);
+        if n == SCALE_GROUP {
+            // Safety: blocks g..g + 8 exist in `wd` and `xd`.
+            unsafe {
+                let w = _mm256_cvtph_ps(_mm_loadu_si128(wd.as_ptr().add(g).cast()));
+                let x = _mm256_loadu_ps(xd.as_ptr().add(g));
+                _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(x, w));
+            }
+        } else {
+            for j in 0..n {
+                s[j] = xd[g + j] * wd[g + j].to_f32();
             }
         }
-        acc.iter().sum()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,f16c")]
-    unsafe fn avx512(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
-        body(x, q, scales)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn avx2(x: &[f32], q: &[i8], scales: &[half::f16]) -> f32 {
-        body(x, q, scales)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("f16c") {
-            // Safety: the CPU has the features `avx512` is compiled for.
-            return unsafe { avx512(x, q, scales) };
-        }
-        if has!("avx2") && has!("f16c") {
-            // Safety: the CPU has the features `avx2` is compiled for.
-            return unsafe { avx2(x, q, scales) };
+        for (j, &sj) in s[..n].iter().enumerate() {
+            let at = (g + j) * B;
+            // Safety: block g + j lies in both rows.
+            let (w, x) = unsafe {
+                (
+                    _mm256_loadu_si256(wq.as_ptr().add(at).cast()),
+                    _mm256_loadu_si256(xq.as_ptr().add(at).cast()),
+                )
+            };
+            // |w|·(x·sign w) pairs: at most 2·127·127, never saturating i16.
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+            let quads = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc = _mm256_fmadd_ps(quads, _mm256_set1_ps(sj), acc);
         }
     }
-    body(x, q, scales)
+    let mut lanes = [0f32; 8];
+    // Safety: `lanes` holds 8 f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    reduce_lanes(lanes)
+}
+
+/// Rows of x quantized to Q8_0 for [`dot_q8_0`] (ggml quantizes a Q8_0 product's activations
+/// the same way): int8 values and the f16 block scales widened to f32.
+fn quantize_rows_q8_0(x: &[f32], k: usize) -> (Vec<i8>, Vec<f32>) {
+    let blocks = k / crate::engine::checkpoint::Q8_0_BLOCK;
+    let rows = x.len() / k.max(1);
+    let (mut q, mut d) = (vec![0i8; x.len()], vec![half::f16::ZERO; rows * blocks]);
+    for ((xr, qr), dr) in (x.chunks_exact(k).zip(q.chunks_exact_mut(k))).zip(d.chunks_mut(blocks)) {
+        crate::engine::checkpoint::quantize_q8_0_row(xr, qr, dr);
+    }
+    (q, d.iter().map(|v| v.to_f32()).collect())
 }
 
 struct MatmulRows {
@@ -172,15 +242,20 @@ impl MatmulRows {
         let bf16 = self.w.half_bits().filter(|(d, _)| *d == StoredDtype::Bf16);
         let q8 = self.w.q8_0();
         let per_row = k / crate::engine::checkpoint::Q8_0_BLOCK;
+        let (xq, xd) = match q8 {
+            Some(_) => quantize_rows_q8_0(x, k),
+            None => (Vec::new(), Vec::new()),
+        };
         let mut yt = vec![0f32; n * m];
         let task = |buf: &mut Vec<f32>, (c, out): (usize, &mut [f32])| {
             for (jj, o) in out.chunks_mut(m).enumerate() {
                 let j = c * FEW_ROWS_TASK + jj;
                 if let Some((qs, scales)) = q8 {
-                    // Q8_0 is widened inside the dot product too.
+                    // Q8_0 × Q8_0 in integers, as llama.cpp decodes with a Q8_0 head.
                     let (row, s) = (&qs[j * k..(j + 1) * k], &scales[j * per_row..]);
                     for (i, oi) in o.iter_mut().enumerate() {
-                        *oi = dot_q8_0(&x[i * k..(i + 1) * k], row, s);
+                        let xs = (&xq[i * k..(i + 1) * k], &xd[i * per_row..(i + 1) * per_row]);
+                        *oi = dot_q8_0(xs.0, xs.1, row, s);
                     }
                     continue;
                 }
@@ -294,6 +369,59 @@ mod tests {
         (m, f)
     }
 
+    /// `x` `[.., k]` through Q8_0 and back: what a Q8_0 head's decoding path multiplies.
+    fn q8_0_values(x: &Tensor) -> Tensor {
+        let k = x.dim(D::Minus1).unwrap();
+        let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let (q, d) = quantize_rows_q8_0(&flat, k);
+        let v: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * d[i / 32])
+            .collect();
+        Tensor::from_vec(v, x.shape(), x.device()).unwrap()
+    }
+
+    /// The AVX2 Q8_0 dot product gives the portable one's bits, over whole and partial groups
+    /// of scales and the int8 extremes.
+    #[test]
+    fn q8_0_dot_products_agree_bit_for_bit() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        #[cfg(target_arch = "x86_64")]
+        if !q8_0_avx2_available() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        for blocks in [1, 8, 11, 80] {
+            let n = 32 * blocks;
+            for extreme in [false, true] {
+                let draw = |rng: &mut StdRng| -> i8 {
+                    match extreme {
+                        true => [-127, 127][rng.gen_range(0..2)],
+                        false => rng.gen_range(-127..=127),
+                    }
+                };
+                let xq: Vec<i8> = (0..n).map(|_| draw(&mut rng)).collect();
+                let wq: Vec<i8> = (0..n).map(|_| draw(&mut rng)).collect();
+                let xd: Vec<f32> = (0..blocks).map(|_| rng.gen_range(0.0..0.1)).collect();
+                let wd: Vec<half::f16> = (0..blocks)
+                    .map(|_| half::f16::from_f32(rng.gen_range(0.0..0.1)))
+                    .collect();
+                let want = dot_q8_0_portable(&xq, &xd, &wq, &wd);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    // Safety: checked above; whole blocks of equal lengths.
+                    let got = unsafe { dot_q8_0_avx2(&xq, &xd, &wq, &wd) };
+                    assert_eq!(got.to_bits(), want.to_bits(), "{blocks} blocks");
+                }
+                let exact: f64 = (0..n)
+                    .map(|i| xq[i] as f64 * wq[i] as f64 * xd[i / 32] as f64 * wd[i / 32].to_f64())
+                    .sum();
+                assert!((want as f64 - exact).abs() <= 1e-4 * exact.abs().max(1.0));
+            }
+        }
+    }
+
     #[test]
     fn matches_the_dense_product_and_differentiates() {
         use safetensors::Dtype;
@@ -314,7 +442,12 @@ mod tests {
             for shape in [vec![1, k], vec![3, 5, k]] {
                 let x = uniform(&shape, 4).to_dtype(DType::F32).unwrap();
                 let dense_t = dense.t().unwrap();
-                let want = matmul_const(&x, &dense_t).unwrap();
+                // A Q8_0 head quantizes a few rows of x to Q8_0 too: against their values.
+                let decoding = dtype == "Q8_0" && x.elem_count() / k <= FEW_ROWS;
+                let want = match decoding {
+                    true => matmul_const(&q8_0_values(&x), &dense_t).unwrap(),
+                    false => matmul_const(&x, &dense_t).unwrap(),
+                };
                 let got = matmul_rows(&x, &w).unwrap();
                 let err = max_diff(&got, &want);
                 assert!(err < 1e-4, "{dtype:?} {shape:?}: {err}");
