@@ -63,7 +63,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Validation items.
     pub val_n: usize,
-    /// Stop after this many validations without improvement.
+    /// Stop after this many validations without improvement (or at a perfect validation
+    /// accuracy, which cannot improve).
     pub patience: usize,
     /// Seed of init, data and sampling.
     pub seed: u64,

@@ -5,7 +5,7 @@
 //! (temperature 1), reward +1 when the verifier accepts and −1 otherwise, and minimise
 //! −mean((r − b)·Σ_t log π(y_t)) + λ·mean_t KL(π_ref(·|y<t) ‖ π(·|y<t)) over z only. Validation
 //! accuracy (greedy) every `eval_every` steps keeps the best z; training stops early after
-//! `patience` evaluations without improvement.
+//! `patience` evaluations without improvement, or at a perfect validation accuracy.
 
 use crate::dist::{all_sum, is_root, map, Comm, Solo};
 use crate::engine::checkpoint::st::OwnedTensor;
@@ -49,7 +49,7 @@ pub struct TrainSummary {
     pub best_val_accuracy: f64,
     /// Step of the best checkpoint.
     pub best_step: usize,
-    /// Stopped by patience.
+    /// Stopped before the step budget: by patience or at a perfect validation accuracy.
     pub early_stopped: bool,
     /// Wall time, seconds.
     pub seconds: f64,
@@ -497,7 +497,8 @@ fn train(
                     &opt, cfg, step, &best, since_best, &val_curve, &data_id, out,
                 )?;
             }
-            if since_best >= cfg.patience {
+            // Patience runs out, or every validation item is right: nothing left to gain.
+            if since_best >= cfg.patience || acc >= 1.0 {
                 early = true;
             }
         }
