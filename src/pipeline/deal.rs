@@ -26,7 +26,10 @@ pub(super) fn job_cost(
     let mut tokens = 0u64;
     for _ in 0..COST_BATCHES {
         let pairs = sft_pairs(tok, &data.draw(&mut rng, batch_prompts)?)?;
-        tokens += pairs.iter().map(|(p, a)| (p.len() + a.len()) as u64).sum::<u64>();
+        tokens += pairs
+            .iter()
+            .map(|(p, a)| (p.len() + a.len()) as u64)
+            .sum::<u64>();
     }
     Ok(steps as u64 * tokens.div_ceil(COST_BATCHES as u64))
 }

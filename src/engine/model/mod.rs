@@ -9,6 +9,7 @@
 //! `softmax_last_dim`, `rope*` and `sdpa` kernels silently drop gradients and are deliberately
 //! not used here).
 
+mod kv;
 mod linear;
 mod ragged;
 mod rope;
@@ -19,6 +20,7 @@ mod unpadded;
 use crate::engine::config::Activation;
 use crate::engine::tokenizer::byte_ids;
 use crate::engine::tokenizer::BYTE_VOCAB;
+use kv::LayerKv;
 pub use linear::{ternarize_ste, AdaptedLinear, BitLinear, LinearWeight};
 pub use ragged::{RowDeltas, Segment};
 use rope::Rope;
@@ -79,7 +81,7 @@ impl Default for ModelOptions {
 /// Per-layer key/value cache for incremental decoding: k (before RoPE) and v, `[B, S, KV·hd]`.
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    kv: Vec<Option<LayerKv>>,
 }
 
 impl Cache {
@@ -88,7 +90,7 @@ impl Cache {
         self.kv
             .first()
             .and_then(|e| e.as_ref())
-            .map_or(0, |(k, _)| k.dims()[1])
+            .map_or(0, LayerKv::len)
     }
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
@@ -314,15 +316,18 @@ impl Model {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let (mut k, mut v) = (k.clone(), v.clone());
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+            let kv = match slot {
+                Some(kv) => {
+                    kv.append(&k, &v)?;
+                    kv
+                }
+                None => slot.insert(LayerKv::new(&k, &v)?),
+            };
+            (k, v) = kv.view()?;
         }
         let cfg = &self.config;
         let (cos, sin) = self.rope.tables(k.dim(1)?)?;
