@@ -13,6 +13,7 @@ mod report;
 mod run;
 pub mod stages;
 pub mod table;
+mod workdir;
 
 pub use config::{RunConfig, RunOverrides};
 pub use handoff::{
