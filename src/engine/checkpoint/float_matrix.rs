@@ -31,18 +31,47 @@ pub const Q8_0_BLOCK: usize = 32;
 const RELEASE_CHUNK_BYTES: usize = 32 << 20;
 
 /// One row to Q8_0 as ggml's `quantize_row_q8_0_ref`: per block, scale = max|x| / 127 (kept
-/// as f16) and values rounded to nearest, ties away from zero.
+/// as f16) and values rounded to nearest, ties away from zero. With AVX-512 or AVX2 the
+/// rounding is vector instructions instead of a libm call per element (the same values: the
+/// rounding is exact either way).
 pub fn quantize_q8_0_row(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
-    let blocks = row.chunks(Q8_0_BLOCK).zip(qs.chunks_mut(Q8_0_BLOCK));
-    for ((x, q), s) in blocks.zip(scales) {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (q, &v) in q.iter_mut().zip(x) {
-            *q = (v * inv).round() as i8;
+    #[inline(always)]
+    fn body(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
+        let blocks = row.chunks(Q8_0_BLOCK).zip(qs.chunks_mut(Q8_0_BLOCK));
+        for ((x, q), s) in blocks.zip(scales) {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = (v * inv).round() as i8;
+            }
+            *s = half::f16::from_f32(d);
         }
-        *s = half::f16::from_f32(d);
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
+        body(row, qs, scales)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(row: &[f32], qs: &mut [i8], scales: &mut [half::f16]) {
+        body(row, qs, scales)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // Safety: the CPU has the features `avx512` is compiled for.
+        return unsafe { avx512(row, qs, scales) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // Safety: the CPU has the features `avx2` is compiled for.
+        return unsafe { avx2(row, qs, scales) };
+    }
+    body(row, qs, scales)
 }
 
 impl StoredDtype {
@@ -598,5 +627,21 @@ mod tests {
             .to_q8_0()
             .unwrap_err();
         assert!(err.to_string().contains("2×20"), "{err}");
+    }
+
+    /// Halves round away from zero (ggml's `roundf`) on the vector path too, and every value
+    /// equals the scalar rule's.
+    #[test]
+    fn q8_0_rounds_ties_away_from_zero() {
+        // max |x| = 127 gives scale 1, so x itself is rounded.
+        let mut x: Vec<f32> = vec![127.0, 0.5, -0.5, 1.5, -2.5, 126.5, -126.5, 0.49999997];
+        x.extend((0..24).map(|i| i as f32 * 3.7 - 40.0));
+        let (mut q, mut d) = (vec![0i8; 32], vec![half::f16::ZERO; 1]);
+        quantize_q8_0_row(&x, &mut q, &mut d);
+        assert_eq!(d[0].to_f32(), 1.0);
+        assert_eq!(q[..8], [127, 1, -1, 2, -3, 127, -127, 0]);
+        for (&v, &qv) in x.iter().zip(&q) {
+            assert_eq!(qv, v.round() as i8, "{v}");
+        }
     }
 }
