@@ -60,6 +60,53 @@ fn kv_cache_matches_full_forward() {
     }
 }
 
+/// The KV cache grows in place past its first room (64 positions): chunks of 1 to 60 tokens
+/// appended one after another give the logits of the whole sequence at once, at every
+/// position; and a clone, extended apart, is not touched by the original's later tokens.
+#[test]
+fn the_kv_cache_grows_without_changing_logits() {
+    let ck = crate::engine::checkpoint::load_or_default(None).unwrap();
+    let m = Model::new(&ck, ModelOptions::default()).unwrap();
+    let ids: Vec<u32> = (0..118u32).map(|i| (i * 53 + 7) % 90 + 32).collect();
+    let fwd = |ids: &[u32], cache: Option<&mut Cache>| {
+        rows(
+            &m.forward(&m.ids_tensor(&[ids.to_vec()]).unwrap(), cache)
+                .unwrap(),
+        )
+    };
+    let full = fwd(&ids, None);
+    let mut cache = m.new_cache();
+    let (mut inc, mut at, mut branch) = (Vec::new(), 0, None);
+    for chunk in [3, 60, 1, 1, 10, 2, 1, 40] {
+        inc.extend(fwd(&ids[at..at + chunk], Some(&mut cache)));
+        at += chunk;
+        assert_eq!(cache.len(), at);
+        if at == 65 {
+            // Grown once; a clone takes other tokens at 65…67.
+            let mut c = cache.clone();
+            fwd(&[1, 2, 3], Some(&mut c));
+            branch = Some(c);
+        }
+    }
+    assert_eq!(at, ids.len());
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+    for (i, (a, b)) in full.iter().zip(&inc).enumerate() {
+        assert!(close(a, b), "position {i}");
+    }
+    // The clone's next token, after the original wrote its own tokens at 65…: as if the
+    // branch were run whole, and unlike the sequence with the original's tokens there.
+    let got = fwd(&[4], branch.as_mut());
+    let mut whole = ids[..65].to_vec();
+    whole.extend([1, 2, 3, 4]);
+    assert!(close(&fwd(&whole, None)[68], &got[0]), "the clone");
+    let mut mixed = ids[..68].to_vec();
+    mixed.push(4);
+    assert!(
+        !close(&fwd(&mixed, None)[68], &got[0]),
+        "the test cannot tell"
+    );
+}
+
 /// RoPE tables grow on demand: a sequence longer than the first table gives the same
 /// logits whether its tables were built at once (a fresh model) or grown step by step.
 #[test]
