@@ -2,7 +2,7 @@
 //! adapter: the packed base's linears run once over every row of the step, and per-row deltas
 //! ([`RowDeltas`]) add each row's adapter (how `bitsvf serve` batches mixed-expert requests).
 
-use super::{Cache, Model};
+use super::{Cache, LayerKv, Model};
 use crate::engine::checkpoint::LinearKind;
 use crate::engine::ops::rms_norm;
 use crate::error::{Error, Result};
@@ -72,13 +72,9 @@ impl Model {
         let mut x = self.embed(&ids)?.reshape((1, n, self.config.hidden_size))?;
         for (l, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(l, block, &x, deltas, &mut |q, k, v| {
-                let mut out = Vec::with_capacity(segments.len());
-                for (s, &a) in segments.iter_mut().zip(&starts) {
-                    let t = s.ids.len();
-                    let (q, k, v) = (q.narrow(1, a, t)?, k.narrow(1, a, t)?, v.narrow(1, a, t)?);
-                    out.push(self.attend(&q, &k, &v, Some(&mut s.cache.kv[l]))?);
-                }
-                Ok(Tensor::cat(&out, 1)?)
+                let rows = (segments.iter_mut().zip(&starts))
+                    .map(|(s, &a)| (a, s.ids.len(), Some(&mut s.cache.kv[l])));
+                self.attend_rows((q, k, v), rows)
             })?;
         }
         let last: Vec<u32> = (segments.iter().zip(&starts))
@@ -93,6 +89,22 @@ impl Model {
 }
 
 impl Model {
+    /// Attention within each row of a run of tokens `[1, N, ..]`: row (start, len, cache)
+    /// attends over its own tokens (after its cache's, when given), outputs concatenated in
+    /// run order.
+    pub(super) fn attend_rows<'c>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        rows: impl Iterator<Item = (usize, usize, Option<&'c mut Option<LayerKv>>)>,
+    ) -> Result<Tensor> {
+        let mut out = Vec::new();
+        for (a, t, cache) in rows {
+            let (q, k, v) = (q.narrow(1, a, t)?, k.narrow(1, a, t)?, v.narrow(1, a, t)?);
+            out.push(self.attend(&q, &k, &v, cache)?);
+        }
+        Ok(Tensor::cat(&out, 1)?)
+    }
+
     /// Greedy continuations of several prompts decoded together: each step runs every
     /// unfinished sequence as one ragged batch ([`Model::step_ragged`]). Sequence i gets up
     /// to `max_new_tokens` new tokens (fewer where the context ends) and stops after a token

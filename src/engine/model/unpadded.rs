@@ -96,12 +96,8 @@ impl Model {
             Error::Input(format!("block {l} of a model with {}", self.blocks.len()))
         })?;
         self.block_forward(l, block, x, None, &mut |q, k, v| {
-            let mut out = Vec::with_capacity(u.rows);
-            for (&a, &t) in u.starts.iter().zip(&u.lens) {
-                let (q, k, v) = (q.narrow(1, a, t)?, k.narrow(1, a, t)?, v.narrow(1, a, t)?);
-                out.push(self.attend(&q, &k, &v, None)?);
-            }
-            Ok(Tensor::cat(&out, 1)?)
+            let rows = (u.starts.iter().zip(&u.lens)).map(|(&a, &t)| (a, t, None));
+            self.attend_rows((q, k, v), rows)
         })
     }
 
