@@ -8,8 +8,8 @@ use candle_core::Tensor;
 /// Tokens a new cache has room for before it first grows.
 const FIRST_CAPACITY: usize = 64;
 
-/// Cached keys and values `[B, S, KV·hd]` of one layer: the first `len` positions of buffers
-/// of `capacity` positions, which double when full.
+/// Cached keys (rotated to their positions) and values `[B, S, KV·hd]` of one layer: the
+/// first `len` positions of buffers of `capacity` positions, which double when full.
 #[derive(Debug)]
 pub(super) struct LayerKv {
     k: Tensor,

@@ -231,16 +231,18 @@ impl Model {
     /// Non-finite logits are an error (a finite but huge scale can overflow f32), never a
     /// silent NaN answer.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.logits(&self.hidden_states(ids, cache)?)
+        ops::on_pool(|| self.logits(&self.hidden_states(ids, cache)?))
     }
 
     /// The logits of the last position of the single row `ids` `[1, T]`, `[vocab]` — what
     /// generation needs, without the output head's product for the other T − 1 positions.
     pub fn next_logits(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Vec<f32>> {
-        let h = self.hidden_states(ids, cache)?;
-        let last = h.narrow(1, h.dim(1)? - 1, 1)?;
-        let logits = self.logits(&last)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        ops::on_pool(|| {
+            let h = self.hidden_states(ids, cache)?;
+            let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+            let logits = self.logits(&last)?;
+            Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        })
     }
 
     /// The output head over final-normed hidden states `[.., d]`, checked finite.
@@ -266,7 +268,12 @@ impl Model {
     }
 
     /// Final-normed hidden states `[B, T, d]`.
-    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        ops::on_pool(|| self.hidden_states_here(ids, cache))
+    }
+
+    /// [`Model::hidden_states`] on the calling thread.
+    fn hidden_states_here(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t > self.config.max_position_embeddings {
@@ -318,28 +325,25 @@ impl Model {
         v: &Tensor,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
-        let (mut k, mut v) = (k.clone(), v.clone());
-        if let Some(slot) = cache {
-            let kv = match slot {
-                Some(kv) => {
-                    kv.append(&k, &v)?;
-                    kv
-                }
-                None => slot.insert(LayerKv::new(&k, &v)?),
-            };
-            (k, v) = kv.view()?;
-        }
         let cfg = &self.config;
-        let (cos, sin) = self.rope.tables(k.dim(1)?)?;
-        ops::causal_attention(
-            q,
-            &k,
-            &v,
-            cfg.num_attention_heads,
-            cfg.kv_heads(),
-            &cos,
-            &sin,
-        )
+        let heads = (cfg.num_attention_heads, cfg.kv_heads());
+        let Some(slot) = cache else {
+            let (cos, sin) = self.rope.tables(k.dim(1)?)?;
+            return ops::causal_attention(q, k, v, heads.0, heads.1, &cos, &sin);
+        };
+        // The cache keeps keys rotated to their positions: each is rotated once, when added.
+        let first = slot.as_ref().map_or(0, |kv| kv.len());
+        let (cos, sin) = self.rope.tables(first + k.dim(1)?)?;
+        let k = ops::rotate_keys(k, heads.1, (&cos, &sin), first)?;
+        let kv = match slot {
+            Some(kv) => {
+                kv.append(&k, v)?;
+                kv
+            }
+            None => slot.insert(LayerKv::new(&k, v)?),
+        };
+        let (k, v) = kv.view()?;
+        ops::causal_attention_rotated_keys(q, &k, &v, heads.0, heads.1, &cos, &sin)
     }
 
     /// Block `l` over `x` `[B, T, d]`: `attend` turns q, k, v into the attention output, and

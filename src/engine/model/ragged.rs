@@ -19,7 +19,7 @@ pub struct Segment<'a> {
 
 /// What the rows of a step add to a linear's output beyond the shared base: the rows' own
 /// adapters (S-LoRA/Punica-style heterogeneous batching).
-pub trait RowDeltas {
+pub trait RowDeltas: Sync {
     /// The delta `[N, out]` that linear `kind` of layer `layer` adds for the step's rows `x`
     /// `[1, N, in]` (the linear's input; `act_quant` says whether the linear quantizes it to
     /// int8 per row first), or `None` when no row adds anything.
@@ -37,6 +37,15 @@ impl Model {
     /// of rows (plus `deltas`), attention runs per segment over its own cache. Returns the
     /// next-token logits of each segment's last position, `[vocab]` each.
     pub fn step_ragged(
+        &self,
+        segments: &mut [Segment<'_>],
+        deltas: Option<&dyn RowDeltas>,
+    ) -> Result<Vec<Vec<f32>>> {
+        crate::engine::ops::on_pool(|| self.step_ragged_here(segments, deltas))
+    }
+
+    /// [`Model::step_ragged`] on the calling thread.
+    fn step_ragged_here(
         &self,
         segments: &mut [Segment<'_>],
         deltas: Option<&dyn RowDeltas>,

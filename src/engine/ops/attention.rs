@@ -78,8 +78,93 @@ pub fn causal_attention(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
+    attention((q, k, v), (heads, kv_heads), (cos, sin), false)
+}
+
+/// [`causal_attention`] over keys already rotated to their positions ([`rotate_keys`]): a KV
+/// cache that stores rotated keys rotates each key once, not once per decoded token. The
+/// gradient of k is then the gradient of the rotated keys.
+pub fn causal_attention_rotated_keys(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    attention((q, k, v), (heads, kv_heads), (cos, sin), true)
+}
+
+/// Keys `k` `[B, L, kv_heads·hd]` at positions `first..first + L` rotated by the RoPE tables
+/// `cos`, `sin` `[≥ first + L, hd]`, as [`causal_attention`] rotates them (no gradient: for a
+/// KV cache).
+pub fn rotate_keys(
+    k: &Tensor,
+    kv_heads: usize,
+    (cos, sin): (&Tensor, &Tensor),
+    first: usize,
+) -> Result<Tensor> {
+    let (b, l, w) = k.dims3()?;
+    let hd = w.checked_div(kv_heads).unwrap_or(0);
+    if kv_heads == 0 || w != kv_heads * hd || hd % 2 != 0 || cos.dims2()? != (cos.dim(0)?, hd) {
+        return Err(shape_error(format!(
+            "rotate_keys: k {:?} with {kv_heads} heads and RoPE tables {:?}",
+            k.dims(),
+            cos.dims()
+        )));
+    }
+    if cos.dim(0)? < first + l || sin.dims() != cos.dims() {
+        return Err(shape_error(format!(
+            "rotate_keys: RoPE tables {:?} do not reach position {}",
+            cos.dims(),
+            first + l
+        )));
+    }
+    let k = k.detach();
+    if !fast(&[&k, cos, sin]) {
+        let x = k.reshape((b, l, kv_heads, hd))?;
+        return Ok(composable::rope(&x, cos, sin, first)?.reshape((b, l, w))?);
+    }
+    let k = k.contiguous()?;
+    let (kv, cv, sv) = (CpuView::of(&k)?, CpuView::of(cos)?, CpuView::of(sin)?);
+    fn rotated<T: Real + candle_core::WithDType>(
+        (k, cos, sin): (&CpuView, &CpuView, &CpuView),
+        (b, l, w, hd, first): (usize, usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let y = rope_rows(
+            k.get::<T>()?,
+            l,
+            w,
+            hd,
+            first,
+            cos.get()?,
+            sin.get()?,
+            false,
+        );
+        Ok(Tensor::from_vec(y, (b, l, w), &candle_core::Device::Cpu)?)
+    }
+    let dims = (b, l, w, hd, first);
+    match k.dtype() {
+        DType::F64 => rotated::<f64>((&kv, &cv, &sv), dims),
+        _ => rotated::<f32>((&kv, &cv, &sv), dims),
+    }
+}
+
+/// The attention op, rotating k first unless `keys_rotated`.
+fn attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
+    keys_rotated: bool,
+) -> Result<Tensor> {
     if !fast(&[q, k, v, cos, sin]) {
-        return composable::causal_attention((q, k, v), (heads, kv_heads), (cos, sin));
+        return composable::causal_attention_keys(
+            (q, k, v),
+            (heads, kv_heads),
+            (cos, sin),
+            keys_rotated,
+        );
     }
     let (b, t, qw) = q.dims3()?;
     let (b2, s, kw) = k.dims3()?;
@@ -112,6 +197,7 @@ pub fn causal_attention(
         scale: 1.0 / (hd as f64).sqrt(),
         cos: cos.narrow(0, 0, s)?.contiguous()?,
         sin: sin.narrow(0, 0, s)?.contiguous()?,
+        keys_rotated,
         keep: q.track_op() || k.track_op() || v.track_op(),
         saved: Saved::empty(),
     };
@@ -126,6 +212,8 @@ struct Attention {
     /// RoPE tables of positions 0..S, `[S, hd]`.
     cos: Tensor,
     sin: Tensor,
+    /// Whether k comes rotated (then neither rotated here nor its gradient rotated back).
+    keys_rotated: bool,
     /// Whether a backward pass may follow (then `saved` is filled).
     keep: bool,
     saved: Saved<AttentionSaved>,
@@ -310,12 +398,16 @@ impl CustomOp3 for Attention {
         let (t, s) = (d.1, d.2);
         with_real!(qs.dtype(), self.name(), T => {
             let q = self.rope(input::<T>(qs, ql, self.name())?, d, t, false)?;
-            let k = self.rope(input::<T>(ks, kl, self.name())?, d, s, false)?;
+            let k = input::<T>(ks, kl, self.name())?;
+            let k = match self.keys_rotated {
+                true => std::borrow::Cow::Borrowed(k),
+                false => std::borrow::Cow::Owned(self.rope(k, d, s, false)?),
+            };
             let (out, probs) = self.forward(&q, &k, input::<T>(vs, vl, self.name())?, d);
             if self.keep {
                 self.saved.put(AttentionSaved {
                     q: T::into_storage(q),
-                    k: T::into_storage(k),
+                    k: T::into_storage(k.into_owned()),
                     probs: T::into_storage(probs),
                 });
             }
@@ -346,7 +438,10 @@ impl CustomOp3 for Attention {
             );
             // Gradients w.r.t. the rotated q, k → w.r.t. q, k: the inverse rotation.
             let gq = if q.track_op() { self.rope(&gq, d, t, true)? } else { gq };
-            let gk = if k.track_op() { self.rope(&gk, d, s, true)? } else { gk };
+            let gk = match k.track_op() && !self.keys_rotated {
+                true => self.rope(&gk, d, s, true)?,
+                false => gk,
+            };
             let grad = |g: Vec<T>, like: &Tensor| -> CResult<Option<Tensor>> {
                 like.track_op().then(|| tensor(g, like.shape().clone())).transpose()
             };
@@ -368,6 +463,8 @@ mod tests {
             (2, 4, 4, 4, 2, 6),
             (1, 3, 5, 2, 1, 4),
             (2, 1, 4, 2, 2, 2),
+            (1, 6, 6, 2, 1, 4),
+            (2, 5, 7, 4, 2, 6),
         ] {
             // RoPE tables longer than S: only positions 0..S are read.
             let (cos, sin) = (uniform(&[s + 2, hd], 11), uniform(&[s + 2, hd], 12));
@@ -387,7 +484,38 @@ mod tests {
             );
             check_gradients(&inputs, &[true, true, true, false, false], &fused);
             check_gradients(&inputs, &[false, true, false, false, false], &fused);
+
+            // Keys rotated beforehand (a KV cache's): the same attention, and the gradient of
+            // the rotated keys.
+            let rotated = |a: &[Tensor]| {
+                let k = rotate_keys(&a[1], kv, (&a[3], &a[4]), 0)?;
+                causal_attention_rotated_keys(&a[0], &k, &a[2], h, kv, &a[3], &a[4])
+            };
+            same_forward(&inputs, &rotated, &fused, 1e-6);
+            let given = |a: &[Tensor]| {
+                causal_attention_rotated_keys(&a[0], &a[1], &a[2], h, kv, &a[3], &a[4])
+            };
+            let composable_given = |a: &[Tensor]| {
+                let (qkv, heads, rope) = ((&a[0], &a[1], &a[2]), (h, kv), (&a[3], &a[4]));
+                composable::causal_attention_keys(qkv, heads, rope, true)
+            };
+            same_forward(&inputs, &given, &composable_given, 1e-6);
+            check_gradients(&inputs, &[true, true, true, false, false], &given);
         }
+    }
+
+    #[test]
+    fn keys_rotate_at_their_positions() {
+        // Rotating keys 2..5 of a sequence alone gives rows 2..5 of rotating all of it.
+        let (cos, sin) = (uniform(&[6, 4], 11), uniform(&[6, 4], 12));
+        let k = uniform(&[1, 5, 8], 13);
+        let all = rotate_keys(&k, 2, (&cos, &sin), 0).unwrap();
+        let tail = rotate_keys(&k.narrow(1, 2, 3).unwrap(), 2, (&cos, &sin), 2).unwrap();
+        let want = all.narrow(1, 2, 3).unwrap();
+        let diff = (tail - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+        // Past the tables' end, a clear error.
+        assert!(rotate_keys(&k, 2, (&cos, &sin), 2).is_err());
     }
 
     #[test]

@@ -85,6 +85,16 @@ pub fn causal_attention(
     (heads, kv_heads): (usize, usize),
     (cos, sin): (&Tensor, &Tensor),
 ) -> Result<Tensor> {
+    causal_attention_keys((q, k, v), (heads, kv_heads), (cos, sin), false)
+}
+
+/// [`causal_attention`], with `keys_rotated`: k is already rotated to its positions.
+pub(super) fn causal_attention_keys(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
+    keys_rotated: bool,
+) -> Result<Tensor> {
     let (b, t, qw) = q.dims3()?;
     let s = k.dim(1)?;
     let hd = qw / heads;
@@ -101,7 +111,11 @@ pub fn causal_attention(
         )
     };
     let q = rope_heads(q, heads, s - t)?; // [B, H, T, hd]
-    let (k, v) = (rope_heads(k, kv_heads, 0)?, split(v, kv_heads)?); // [B, KV, S, hd]
+    let k = match keys_rotated {
+        true => split(k, kv_heads)?,
+        false => rope_heads(k, kv_heads, 0)?,
+    };
+    let v = split(v, kv_heads)?; // k, v [B, KV, S, hd]
     let rep = heads / kv_heads;
     let repeat = |y: &Tensor| -> Result<Tensor> {
         if rep == 1 {

@@ -35,9 +35,10 @@ mod ternary_linear;
 #[cfg(test)]
 mod testing;
 
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_attention_rotated_keys, rotate_keys};
 pub use fake_quant::fake_quant_ste;
 pub use gated::gated_activation;
+pub use kernels::on_pool;
 pub use matmul_const::matmul_const;
 pub use matmul_rows::matmul_rows;
 pub use rms_norm::rms_norm;
