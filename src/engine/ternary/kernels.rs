@@ -116,32 +116,37 @@ impl TernaryMatrix {
         let work = |(task, outs): (usize, &mut [&mut [i32]])| {
             let r0 = task * TASK_ROWS;
             let codes = &self.packed[r0 * row_bytes..(r0 + outs[0].len()) * row_bytes];
-            for t0 in (0..tokens).step_by(TOKEN_GROUP) {
+            // Σ w·x = Σ code·x − Σ x over the blocks, plus the ragged tail.
+            let finish = |t: usize, i: usize, code_dot: i32| {
+                let tail = &codes[i * row_bytes + body_bytes..(i + 1) * row_bytes];
+                let tail_sum = match tail.is_empty() {
+                    true => 0,
+                    false => tail_dot(tail, &xq[t * cols + tail_col..(t + 1) * cols]),
+                };
+                code_dot - x.sums[t] + tail_sum
+            };
+            let grouped = tokens / TOKEN_GROUP * TOKEN_GROUP;
+            for t0 in (0..grouped).step_by(TOKEN_GROUP) {
                 for (i, row) in codes.chunks_exact(row_bytes).enumerate() {
-                    let (body, tail) = row.split_at(body_bytes);
-                    // Σ w·x = Σ code·x − Σ x over the blocks, plus the ragged tail.
-                    let mut put = |t: usize, code_dot: i32| {
-                        let tail_sum = match tail.is_empty() {
-                            true => 0,
-                            false => tail_dot(tail, &xq[t * cols + tail_col..(t + 1) * cols]),
-                        };
-                        outs[t][i] = code_dot - x.sums[t] + tail_sum;
+                    // SAFETY: `K::available()` was asserted above.
+                    let dots = unsafe {
+                        K::dot::<TOKEN_GROUP>(
+                            &row[..body_bytes],
+                            std::array::from_fn(|u| x.token(t0 + u)),
+                        )
                     };
-                    if tokens - t0 >= TOKEN_GROUP {
-                        // SAFETY: `K::available()` was asserted above.
-                        let dots = unsafe {
-                            K::dot::<TOKEN_GROUP>(body, std::array::from_fn(|u| x.token(t0 + u)))
-                        };
-                        for (u, d) in dots.into_iter().enumerate() {
-                            put(t0 + u, d);
-                        }
-                    } else {
-                        for t in t0..tokens {
-                            // SAFETY: `K::available()` was asserted above.
-                            let [d] = unsafe { K::dot::<1>(body, [x.token(t)]) };
-                            put(t, d);
-                        }
+                    for (u, d) in dots.into_iter().enumerate() {
+                        outs[t0 + u][i] = finish(t0 + u, i, d);
                     }
+                }
+            }
+            // The tokens after the last whole group (every token when decoding): all the
+            // task's rows in one call per token.
+            for (t, out) in outs.iter_mut().enumerate().skip(grouped) {
+                // SAFETY: `K::available()` was asserted above.
+                unsafe { K::dot_rows(codes, row_bytes, x.token(t), out) };
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = finish(t, i, *o);
                 }
             }
         };
@@ -233,6 +238,20 @@ trait BlockDot {
     /// # Safety
     /// The CPU must have the kernel's instructions: [`BlockDot::available`] returned true.
     unsafe fn dot<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T];
+
+    /// Σ code·x of consecutive packed rows against one token's blocked activations `x`, one
+    /// sum per row into `out`: `codes` holds `out.len()` rows of `row_bytes` bytes each, whose
+    /// first `x.len() / 4` bytes are the whole blocks (the ragged tail is the caller's).
+    ///
+    /// # Safety
+    /// As for [`BlockDot::dot`].
+    unsafe fn dot_rows(codes: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+        let body = x.len() / 4;
+        for (o, row) in out.iter_mut().zip(codes.chunks_exact(row_bytes)) {
+            // SAFETY: passed on from the caller.
+            *o = unsafe { Self::dot::<1>(&row[..body], [x]) }[0];
+        }
+    }
 }
 
 /// Plain Rust, in the same order as the SIMD kernels: 32 lanes of i16 partial sums.
@@ -296,6 +315,16 @@ impl BlockDot for Avx2Dot {
         // SAFETY: the caller guarantees AVX2; the lengths were checked above.
         unsafe { dot_avx2(codes, xs) }
     }
+
+    unsafe fn dot_rows(codes: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+        assert!(
+            x.len().is_multiple_of(4 * Self::BLOCK_BYTES)
+                && x.len() / 4 <= row_bytes
+                && codes.len() == out.len() * row_bytes
+        );
+        // SAFETY: the caller guarantees AVX2; the lengths were checked above.
+        unsafe { dot_rows_avx2(codes, row_bytes, x, out) }
+    }
 }
 
 /// See [`Avx2Dot`].
@@ -340,15 +369,23 @@ unsafe fn dot_avx2<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T] {
         }
         b0 = b1;
     }
-    if T == 4 {
+    horizontal_sums_avx2(acc)
+}
+
+/// The sum of each vector's eight i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn horizontal_sums_avx2<const N: usize>(acc: [std::arch::x86_64::__m256i; N]) -> [i32; N] {
+    use std::arch::x86_64::*;
+    if N == 4 {
         // Four horizontal sums at once: two rounds of pairwise adds leave, in each 128-bit
-        // half, one partial sum per token; adding the halves finishes them.
+        // half, one partial sum per vector; adding the halves finishes them.
         let a01 = _mm256_hadd_epi32(acc[0], acc[1]);
         let a23 = _mm256_hadd_epi32(acc[2], acc[3]);
         let a = _mm256_hadd_epi32(a01, a23);
         let s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
-        let mut out = [0i32; T];
-        // SAFETY: `out` holds T = 4 i32, the 16 bytes stored.
+        let mut out = [0i32; N];
+        // SAFETY: `out` holds N = 4 i32, the 16 bytes stored.
         unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
         return out;
     }
@@ -358,6 +395,71 @@ unsafe fn dot_avx2<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T] {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
         _mm_cvtsi128_si32(s)
     })
+}
+
+/// Bytes ahead of the block being read that [`dot_rows_avx2`] asks the cache to fetch: a
+/// one-token product reads each code once, so the hardware prefetcher alone lets the core
+/// wait on memory.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// See [`Avx2Dot::dot_rows`]: [`dot_avx2`]'s inner loop over every row in turn, the rows'
+/// sums reduced four at a time.
+///
+/// # Safety
+/// The CPU must have AVX2; `x.len()` must be a multiple of 128, at most `4 · row_bytes`, and
+/// `codes` hold `out.len()` rows of `row_bytes` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_rows_avx2(codes: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let blocks = x.len() / 128;
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let row_sum = |row: &[u8]| {
+        let mut acc = _mm256_setzero_si256();
+        let mut b0 = 0;
+        while b0 < blocks {
+            let b1 = (b0 + I16_BLOCKS).min(blocks);
+            let mut acc16 = _mm256_setzero_si256();
+            for b in b0..b1 {
+                let at = row.as_ptr().wrapping_add(32 * b);
+                // A prefetch never faults, whatever the address.
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD).cast());
+                // SAFETY: block b lies in the row (32 bytes per block, blocks ≤ row_bytes / 32),
+                // and x holds 128 bytes per block.
+                let (p, [x0, x1, x2, x3]) = unsafe {
+                    (
+                        _mm256_loadu_si256(at.cast()),
+                        std::array::from_fn(|k| {
+                            _mm256_loadu_si256(x.as_ptr().add(128 * b + 32 * k).cast())
+                        }),
+                    )
+                };
+                let c0 = _mm256_and_si256(p, mask);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(p), mask);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(p), mask);
+                // |code·x| ≤ 256, so neither the pair sums nor this tree saturate i16.
+                let s01 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
+                let s23 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3));
+                acc16 = _mm256_add_epi16(acc16, _mm256_add_epi16(s01, s23));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(acc16, ones));
+            b0 = b1;
+        }
+        acc
+    };
+    let mut rows = codes.chunks_exact(row_bytes);
+    let mut outs = out.chunks_exact_mut(4);
+    for o in outs.by_ref() {
+        let acc: [__m256i; 4] = std::array::from_fn(|_| row_sum(rows.next().expect("4 rows")));
+        o.copy_from_slice(&horizontal_sums_avx2(acc));
+    }
+    for (o, row) in outs.into_remainder().iter_mut().zip(rows) {
+        *o = horizontal_sums_avx2([row_sum(row)])[0];
+    }
 }
 
 /// AVX-512 VNNI: per 64 packed bytes, four vectors of codes, each `vpdpbusd`-ed (u8 × i8,
