@@ -343,7 +343,7 @@ impl Model {
             None => slot.insert(LayerKv::new(&k, v)?),
         };
         let (k, v) = kv.view()?;
-        ops::causal_attention_rotated_keys(q, &k, &v, heads.0, heads.1, &cos, &sin)
+        ops::causal_attention_keys((q, &k, &v), heads, (&cos, &sin), true)
     }
 
     /// Block `l` over `x` `[B, T, d]`: `attend` turns q, k, v into the attention output, and

@@ -78,22 +78,7 @@ pub fn causal_attention(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
-    attention((q, k, v), (heads, kv_heads), (cos, sin), false)
-}
-
-/// [`causal_attention`] over keys already rotated to their positions ([`rotate_keys`]): a KV
-/// cache that stores rotated keys rotates each key once, not once per decoded token. The
-/// gradient of k is then the gradient of the rotated keys.
-pub fn causal_attention_rotated_keys(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> Result<Tensor> {
-    attention((q, k, v), (heads, kv_heads), (cos, sin), true)
+    causal_attention_keys((q, k, v), (heads, kv_heads), (cos, sin), false)
 }
 
 /// Keys `k` `[B, L, kv_heads·hd]` at positions `first..first + L` rotated by the RoPE tables
@@ -107,7 +92,7 @@ pub fn rotate_keys(
 ) -> Result<Tensor> {
     let (b, l, w) = k.dims3()?;
     let hd = w.checked_div(kv_heads).unwrap_or(0);
-    if kv_heads == 0 || w != kv_heads * hd || hd % 2 != 0 || cos.dims2()? != (cos.dim(0)?, hd) {
+    if kv_heads == 0 || w != kv_heads * hd || hd % 2 != 0 || cos.dims2()?.1 != hd {
         return Err(shape_error(format!(
             "rotate_keys: k {:?} with {kv_heads} heads and RoPE tables {:?}",
             k.dims(),
@@ -151,8 +136,10 @@ pub fn rotate_keys(
     }
 }
 
-/// The attention op, rotating k first unless `keys_rotated`.
-fn attention(
+/// [`causal_attention`], or with `keys_rotated` over keys already rotated to their positions
+/// ([`rotate_keys`]): a KV cache that stores rotated keys rotates each key once, not once per
+/// decoded token. The gradient of k is then the gradient of the rotated keys.
+pub fn causal_attention_keys(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (heads, kv_heads): (usize, usize),
     (cos, sin): (&Tensor, &Tensor),
@@ -489,11 +476,11 @@ mod tests {
             // the rotated keys.
             let rotated = |a: &[Tensor]| {
                 let k = rotate_keys(&a[1], kv, (&a[3], &a[4]), 0)?;
-                causal_attention_rotated_keys(&a[0], &k, &a[2], h, kv, &a[3], &a[4])
+                causal_attention_keys((&a[0], &k, &a[2]), (h, kv), (&a[3], &a[4]), true)
             };
             same_forward(&inputs, &rotated, &fused, 1e-6);
             let given = |a: &[Tensor]| {
-                causal_attention_rotated_keys(&a[0], &a[1], &a[2], h, kv, &a[3], &a[4])
+                causal_attention_keys((&a[0], &a[1], &a[2]), (h, kv), (&a[3], &a[4]), true)
             };
             let composable_given = |a: &[Tensor]| {
                 let (qkv, heads, rope) = ((&a[0], &a[1], &a[2]), (h, kv), (&a[3], &a[4]));

@@ -35,7 +35,7 @@ mod ternary_linear;
 #[cfg(test)]
 mod testing;
 
-pub use attention::{causal_attention, causal_attention_rotated_keys, rotate_keys};
+pub use attention::{causal_attention, causal_attention_keys, rotate_keys};
 pub use fake_quant::fake_quant_ste;
 pub use gated::gated_activation;
 pub use kernels::on_pool;

@@ -335,6 +335,23 @@ impl BlockDot for Avx2Dot {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T] {
+    // SAFETY: passed on from the caller.
+    horizontal_sums_avx2(unsafe { code_sums_avx2(codes, xs, false) })
+}
+
+/// [`dot_avx2`]'s sums before the horizontal add: eight i32 lanes per token. With `prefetch`,
+/// the codes [`PREFETCH_AHEAD`] bytes on are requested as each block is read.
+///
+/// # Safety
+/// As for [`dot_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn code_sums_avx2<const T: usize>(
+    codes: &[u8],
+    xs: [&[i8]; T],
+    prefetch: bool,
+) -> [std::arch::x86_64::__m256i; T] {
     use std::arch::x86_64::*;
     let blocks = codes.len() / 32;
     let mask = _mm256_set1_epi8(3);
@@ -345,8 +362,13 @@ unsafe fn dot_avx2<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T] {
         let b1 = (b0 + I16_BLOCKS).min(blocks);
         let mut acc16 = [_mm256_setzero_si256(); T];
         for b in b0..b1 {
+            let at = codes.as_ptr().wrapping_add(32 * b);
+            if prefetch {
+                // A prefetch never faults, whatever the address.
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD).cast());
+            }
             // SAFETY: block b lies in `codes` (b < codes.len() / 32).
-            let p = unsafe { _mm256_loadu_si256(codes.as_ptr().add(32 * b).cast()) };
+            let p = unsafe { _mm256_loadu_si256(at.cast()) };
             let c0 = _mm256_and_si256(p, mask);
             let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(p), mask);
             let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
@@ -369,7 +391,7 @@ unsafe fn dot_avx2<const T: usize>(codes: &[u8], xs: [&[i8]; T]) -> [i32; T] {
         }
         b0 = b1;
     }
-    horizontal_sums_avx2(acc)
+    acc
 }
 
 /// The sum of each vector's eight i32 lanes.
@@ -402,8 +424,8 @@ fn horizontal_sums_avx2<const N: usize>(acc: [std::arch::x86_64::__m256i; N]) ->
 /// wait on memory.
 const PREFETCH_AHEAD: usize = 2048;
 
-/// See [`Avx2Dot::dot_rows`]: [`dot_avx2`]'s inner loop over every row in turn, the rows'
-/// sums reduced four at a time.
+/// See [`Avx2Dot::dot_rows`]: [`dot_avx2`]'s sums of every row in turn, prefetching ahead,
+/// the rows' lanes reduced four at a time.
 ///
 /// # Safety
 /// The CPU must have AVX2; `x.len()` must be a multiple of 128, at most `4 · row_bytes`, and
@@ -412,45 +434,9 @@ const PREFETCH_AHEAD: usize = 2048;
 #[target_feature(enable = "avx2")]
 unsafe fn dot_rows_avx2(codes: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
     use std::arch::x86_64::*;
-    let blocks = x.len() / 128;
-    let mask = _mm256_set1_epi8(3);
-    let ones = _mm256_set1_epi16(1);
-    let row_sum = |row: &[u8]| {
-        let mut acc = _mm256_setzero_si256();
-        let mut b0 = 0;
-        while b0 < blocks {
-            let b1 = (b0 + I16_BLOCKS).min(blocks);
-            let mut acc16 = _mm256_setzero_si256();
-            for b in b0..b1 {
-                let at = row.as_ptr().wrapping_add(32 * b);
-                // A prefetch never faults, whatever the address.
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD).cast());
-                // SAFETY: block b lies in the row (32 bytes per block, blocks ≤ row_bytes / 32),
-                // and x holds 128 bytes per block.
-                let (p, [x0, x1, x2, x3]) = unsafe {
-                    (
-                        _mm256_loadu_si256(at.cast()),
-                        std::array::from_fn(|k| {
-                            _mm256_loadu_si256(x.as_ptr().add(128 * b + 32 * k).cast())
-                        }),
-                    )
-                };
-                let c0 = _mm256_and_si256(p, mask);
-                let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(p), mask);
-                let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
-                let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(p), mask);
-                // |code·x| ≤ 256, so neither the pair sums nor this tree saturate i16.
-                let s01 =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1));
-                let s23 =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3));
-                acc16 = _mm256_add_epi16(acc16, _mm256_add_epi16(s01, s23));
-            }
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(acc16, ones));
-            b0 = b1;
-        }
-        acc
-    };
+    let body = x.len() / 4;
+    // SAFETY: each row's first `body` bytes are whole blocks for x (checked by the caller).
+    let row_sum = |row: &[u8]| unsafe { code_sums_avx2(&row[..body], [x], true) }[0];
     let mut rows = codes.chunks_exact(row_bytes);
     let mut outs = out.chunks_exact_mut(4);
     for o in outs.by_ref() {
