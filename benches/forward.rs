@@ -7,7 +7,7 @@ mod common;
 use bitsvf::engine::checkpoint::Checkpoint;
 use bitsvf::engine::config::{Activation, ModelConfig};
 use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// The reference shape with 4 kv heads, the default model's squared-ReLU FFN and sub-norms.
@@ -24,7 +24,7 @@ fn model(ck: &Checkpoint, mode: WeightMode, act_quant: bool) -> Model {
     let options = ModelOptions {
         mode,
         act_quant,
-        dtype: DType::F32,
+        ..Default::default()
     };
     Model::new(ck, options).unwrap()
 }

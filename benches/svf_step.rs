@@ -18,7 +18,6 @@ use bitsvf::svf::attach::{init_vars, packed_svf_model, svf_model, var_tensors};
 use bitsvf::svf::factors::decompose;
 use bitsvf::svf::{Parameterization, Targets};
 use bitsvf::train::loss::masked_cross_entropy;
-use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::collections::BTreeMap;
 
@@ -44,7 +43,7 @@ fn bench(c: &mut Criterion) {
     let options = ModelOptions {
         mode: WeightMode::Dense,
         act_quant: false,
-        dtype: DType::F32,
+        ..Default::default()
     };
     let lengths: BTreeMap<String, usize> = factors
         .iter()
@@ -89,7 +88,7 @@ fn bench_low_rank(c: &mut Criterion) {
         let options = ModelOptions {
             mode,
             act_quant: true,
-            dtype: DType::F32,
+            ..Default::default()
         };
         let vars = init_vars(&lengths, Parameterization::LowRank, options, 0).unwrap();
         let z = var_tensors(&vars);

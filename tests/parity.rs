@@ -3,7 +3,6 @@
 mod common;
 use bitsvf::engine::checkpoint;
 use bitsvf::engine::model::{Model, ModelOptions, WeightMode};
-use candle_core::DType;
 use common::flat;
 use std::path::PathBuf;
 
@@ -41,7 +40,7 @@ fn compare(mode: WeightMode) -> (f32, f32, f64) {
         ModelOptions {
             mode,
             act_quant: true,
-            dtype: DType::F32,
+            ..Default::default()
         },
     )
     .unwrap();

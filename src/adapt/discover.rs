@@ -47,6 +47,7 @@ pub fn gradient_direction(
         mode: WeightMode::Dense,
         act_quant: true,
         dtype: DType::F32,
+        head: crate::engine::model::HeadFormat::Stored,
     };
     let lengths = factors
         .iter()

@@ -233,6 +233,7 @@ pub const DENSE: ModelOptions = ModelOptions {
     mode: WeightMode::Dense,
     act_quant: true,
     dtype: candle_core::DType::F32,
+    head: crate::engine::model::HeadFormat::Stored,
 };
 
 impl Mixer {

@@ -261,6 +261,7 @@ pub fn verify(ck: &Checkpoint, probe: &[Vec<u32>]) -> Result<RecoveryReport> {
                 mode,
                 act_quant,
                 dtype: DType::F32,
+                head: crate::engine::model::HeadFormat::Stored,
             },
         )
     };

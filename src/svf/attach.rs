@@ -240,6 +240,7 @@ pub(crate) mod tests {
         mode: WeightMode::Dense,
         act_quant: true,
         dtype: DType::F32,
+        head: crate::engine::model::HeadFormat::Stored,
     };
 
     #[test]

@@ -251,6 +251,7 @@ fn train(
         },
         act_quant: true,
         dtype: DType::F32,
+        head: crate::engine::model::HeadFormat::Stored,
     };
     let reference = Model::new(ck, options)?;
     let lengths = z_lengths(ck, cfg.targets, cfg.parameterization, factors, cfg.rank)?;

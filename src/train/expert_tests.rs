@@ -17,6 +17,7 @@ fn dense_setup(act_quant: bool, dtype: DType) -> (Checkpoint, BTreeMap<String, S
         mode: crate::engine::model::WeightMode::Dense,
         act_quant,
         dtype,
+        head: crate::engine::model::HeadFormat::Stored,
     };
     (ck, f, options)
 }
@@ -45,6 +46,7 @@ fn loss_of(
         mode: crate::engine::model::WeightMode::Dense,
         act_quant: false,
         dtype: DType::F64,
+        head: crate::engine::model::HeadFormat::Stored,
     };
     let z = var_tensors(vars);
     let model = svf_model(ck, options, f, &z, param).unwrap();
@@ -79,6 +81,7 @@ fn float_base_gradients_match_finite_differences() {
         mode: crate::engine::model::WeightMode::Dense,
         act_quant: true,
         dtype: DType::F64,
+        head: crate::engine::model::HeadFormat::Stored,
     };
     let params = [Parameterization::Paper, Parameterization::LowRank];
     check_gradients(&ck, &f, options, &params);

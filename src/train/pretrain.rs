@@ -217,6 +217,7 @@ pub fn pretrain(
                     mode: WeightMode::Ternary,
                     act_quant: true,
                     dtype: DType::F32,
+                    head: crate::engine::model::HeadFormat::Stored,
                 },
             )?;
             let spec = EvalSpec {

@@ -76,9 +76,10 @@ pub fn run(a: Args) -> Result<()> {
         let t = Instant::now();
         let model_options = ModelOptions {
             mode,
+            head: a.head,
             ..Default::default()
         };
-        let model = Model::new(&ck, model_options)?.with_head(a.head)?;
+        let model = Model::new(&ck, model_options)?;
         let build = t.elapsed().as_secs_f64();
         let r = bench::bench(&model, &options)?;
         let gb_s = r.decode_gb_s();

@@ -134,8 +134,21 @@ pub fn run(a: Args) -> Result<()> {
 fn plain(a: Args) -> Result<()> {
     let start = Instant::now();
     let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
-    let tok = tokenizer::for_model(a.model.as_deref(), &ck.config)?;
-    let model = Model::new(&ck, ModelOptions::default())?.with_head(a.head)?;
+    // The tokenizer is read while the model is built (a 128k-token tokenizer.json takes about
+    // as long as copying the head).
+    let (tok, model) = std::thread::scope(|s| {
+        let tok = s.spawn(|| tokenizer::for_model(a.model.as_deref(), &ck.config));
+        let options = ModelOptions {
+            head: a.head,
+            ..Default::default()
+        };
+        let model = Model::new(&ck, options);
+        let tok = tok
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (tok, model)
+    });
+    let (tok, model) = (tok?, model?);
     let (prompt, stop) = match a.chat {
         false => (prompt_ids(tok.as_ref(), &a.prompt)?, tok.stop_ids()),
         true => {

@@ -6,7 +6,6 @@ use bitsvf::engine::logits::{write_logits, write_model_logits};
 use bitsvf::engine::model::{parse_token_rows, ModelOptions, WeightMode};
 use bitsvf::svf::attach::expert_model;
 use bitsvf::svf::expert::Expert;
-use candle_core::DType;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -44,7 +43,7 @@ pub fn run(a: Args) -> Result<()> {
     let options = ModelOptions {
         mode: a.mode,
         act_quant: !a.no_act_quant,
-        dtype: DType::F32,
+        ..Default::default()
     };
     let shape = match &a.expert {
         None => write_logits(&ck, &rows, options, &a.out)?,

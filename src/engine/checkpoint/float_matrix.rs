@@ -106,10 +106,29 @@ enum Data {
     Q8_0(Arc<Q8_0>),
 }
 
-/// Q8_0 values: value `i` is `qs[i] · scales[i / 32]`.
+/// Q8_0 values: value `i` is `qs()[i] · scales[i / 32]`.
 struct Q8_0 {
     scales: Vec<half::f16>,
-    qs: Vec<i8>,
+    /// The int8 values' bytes, resident (a large head in huge-page memory).
+    qs: SharedBytes,
+}
+
+impl Q8_0 {
+    fn qs(&self) -> &[i8] {
+        as_i8(&self.qs)
+    }
+}
+
+/// Bytes as the int8 values they hold.
+fn as_i8(bytes: &[u8]) -> &[i8] {
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len()) }
+}
+
+/// [`as_i8`] for writing.
+fn as_i8_mut(bytes: &mut [u8]) -> &mut [i8] {
+    // SAFETY: as in `as_i8`; the borrow is the same one.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len()) }
 }
 
 /// A `rows × cols` row-major float matrix in its stored dtype; cloning shares the data.
@@ -196,9 +215,14 @@ impl FloatMatrix {
             // embedding leaves none of it resident (rows are mapped in again when used).
             Some((_, bits)) => {
                 let chunk = (RELEASE_CHUNK_BYTES / 2).max(1);
-                bits.chunks(chunk).enumerate().find_map(|(c, part)| {
+                let parts = bits.par_chunks(chunk).enumerate();
+                parts.find_map_first(|(c, part)| {
+                    let (at, len) = (c * chunk * 2, part.len() * 2);
+                    if let Data::Half(_, bytes) = &m.data {
+                        bytes.populate_range(at, len);
+                    }
                     let found = part.iter().position(|&b| b & exponent == exponent);
-                    m.data_release(c * chunk * 2, part.len() * 2);
+                    m.data_release(at, len);
                     found.map(|i| c * chunk + i)
                 })
             }
@@ -266,6 +290,16 @@ impl FloatMatrix {
         (head.is_empty() && mid.len() == self.len()).then_some((*d, mid))
     }
 
+    /// This matrix with a memory-mapped bf16 / f16 matrix copied into huge-page memory (see
+    /// [`SharedBytes::into_resident`]); any other shared as it is.
+    pub fn resident(&self) -> FloatMatrix {
+        let mut m = self.clone();
+        if let Data::Half(d, bytes) = &self.data {
+            m.data = Data::Half(*d, bytes.clone().into_resident());
+        }
+        m
+    }
+
     /// The matrix whose row `i` is row `perm[i]` of this one, in the same dtype (a copy).
     pub fn permute_rows(&self, perm: &[usize]) -> FloatMatrix {
         assert_eq!(perm.len(), self.rows, "a permutation of the rows");
@@ -288,11 +322,11 @@ impl FloatMatrix {
             Data::Q8_0(q) => {
                 let per = c / Q8_0_BLOCK;
                 Data::Q8_0(Arc::new(Q8_0 {
-                    qs: perm
-                        .iter()
-                        .flat_map(|&r| &q.qs[r * c..(r + 1) * c])
-                        .copied()
-                        .collect(),
+                    qs: SharedBytes::resident(q.qs.len(), |out| {
+                        for (dst, &r) in out.chunks_mut(c.max(1)).zip(perm) {
+                            dst.copy_from_slice(&q.qs[r * c..(r + 1) * c]);
+                        }
+                    }),
                     scales: (perm.iter())
                         .flat_map(|&r| &q.scales[r * per..(r + 1) * per])
                         .copied()
@@ -320,7 +354,7 @@ impl FloatMatrix {
             Data::Half(d, bytes) => (*d, bytes),
             Data::Q8_0(q) => {
                 // Rows hold whole blocks, so `start` is a block boundary.
-                let qs = &q.qs[start..start + n];
+                let qs = &q.qs()[start..start + n];
                 let scales = &q.scales[start / Q8_0_BLOCK..];
                 let blocks = out.chunks_mut(Q8_0_BLOCK).zip(qs.chunks(Q8_0_BLOCK));
                 for ((o, b), s) in blocks.zip(scales) {
@@ -364,24 +398,25 @@ impl FloatMatrix {
                 StoredDtype::Q8_0.bytes(n)
             )));
         }
-        let mut q = Q8_0 {
-            scales: Vec::with_capacity(n / Q8_0_BLOCK),
-            qs: Vec::with_capacity(n),
-        };
-        for (i, b) in bytes.chunks_exact(2 + Q8_0_BLOCK).enumerate() {
-            let d = half::f16::from_le_bytes([b[0], b[1]]);
-            if !d.is_finite() {
-                return Err(Error::Input(format!(
-                    "q8_0 block {i} has a non-finite scale {d}"
-                )));
+        let mut scales = Vec::with_capacity(n / Q8_0_BLOCK);
+        let qs = SharedBytes::try_resident(n, |qs| {
+            let blocks = bytes.chunks_exact(2 + Q8_0_BLOCK);
+            for (i, (b, out)) in blocks.zip(qs.chunks_mut(Q8_0_BLOCK)).enumerate() {
+                let d = half::f16::from_le_bytes([b[0], b[1]]);
+                if !d.is_finite() {
+                    return Err(Error::Input(format!(
+                        "q8_0 block {i} has a non-finite scale {d}"
+                    )));
+                }
+                scales.push(d);
+                out.copy_from_slice(&b[2..]);
             }
-            q.scales.push(d);
-            q.qs.extend(b[2..].iter().map(|&v| v as i8));
-        }
+            Ok(())
+        })?;
         Ok(FloatMatrix {
             rows,
             cols,
-            data: Data::Q8_0(Arc::new(q)),
+            data: Data::Q8_0(Arc::new(Q8_0 { scales, qs })),
         })
     }
 
@@ -404,7 +439,7 @@ impl FloatMatrix {
     /// The int8 values and f16 block scales of a Q8_0 matrix.
     pub fn q8_0(&self) -> Option<(&[i8], &[half::f16])> {
         match &self.data {
-            Data::Q8_0(q) => Some((&q.qs, &q.scales)),
+            Data::Q8_0(q) => Some((q.qs(), &q.scales)),
             _ => None,
         }
     }
@@ -421,33 +456,29 @@ impl FloatMatrix {
             )));
         }
         let (n, cols) = (self.len(), self.cols.max(1));
-        let mut q = Q8_0 {
-            scales: vec![half::f16::ZERO; n / Q8_0_BLOCK],
-            qs: vec![0i8; n],
-        };
+        let mut scales = vec![half::f16::ZERO; n / Q8_0_BLOCK];
         let per_row = (cols / Q8_0_BLOCK).max(1);
         // A chunk of rows at a time, whose mapped pages are given back once quantized: the
         // stored matrix and its Q8_0 copy are never both resident in full.
         let chunk_rows = (RELEASE_CHUNK_BYTES / (cols * self.dtype().bytes(1))).max(1);
-        let qs = q.qs.chunks_mut(chunk_rows * cols);
-        for (c, (qs, scales)) in qs
-            .zip(q.scales.chunks_mut(chunk_rows * per_row))
-            .enumerate()
-        {
-            let rows = qs.par_chunks_mut(cols).zip(scales.par_chunks_mut(per_row));
-            rows.enumerate().for_each_init(
-                || vec![0f32; cols],
-                |row, (r, (qs, scales))| {
-                    self.row_into(c * chunk_rows + r, row);
-                    quantize_q8_0_row(row, qs, scales);
-                },
-            );
-            self.release_rows(c * chunk_rows, qs.len() / cols);
-        }
+        let qs = SharedBytes::resident(n, |qs| {
+            let qs = as_i8_mut(qs).chunks_mut(chunk_rows * cols);
+            for (c, (qs, scales)) in qs.zip(scales.chunks_mut(chunk_rows * per_row)).enumerate() {
+                let rows = qs.par_chunks_mut(cols).zip(scales.par_chunks_mut(per_row));
+                rows.enumerate().for_each_init(
+                    || vec![0f32; cols],
+                    |row, (r, (qs, scales))| {
+                        self.row_into(c * chunk_rows + r, row);
+                        quantize_q8_0_row(row, qs, scales);
+                    },
+                );
+                self.release_rows(c * chunk_rows, qs.len() / cols);
+            }
+        });
         Ok(FloatMatrix {
             rows: self.rows,
             cols: self.cols,
-            data: Data::Q8_0(Arc::new(q)),
+            data: Data::Q8_0(Arc::new(Q8_0 { scales, qs })),
         })
     }
 

@@ -13,6 +13,7 @@ mod float_matrix;
 mod formats;
 mod from_gguf;
 pub mod gguf;
+mod huge;
 mod save;
 pub mod st;
 mod to_gguf;
@@ -325,7 +326,7 @@ impl Checkpoint {
             for lin in &layer.linears {
                 match &lin.matrix {
                     LinearMatrix::Ternary(m) => {
-                        h.update(&m.packed);
+                        h.update(&m.packed[..]);
                         floats(&mut h, &m.scales);
                     }
                     LinearMatrix::Float(m) => {

@@ -77,7 +77,7 @@ pub fn save_native(ck: &Checkpoint, path: &Path) -> Result<()> {
         };
         t.insert(
             format!("{name}.weight"),
-            OwnedTensor::u8(vec![m.rows, native_row_bytes(m.cols)], m.packed.clone()),
+            OwnedTensor::u8(vec![m.rows, native_row_bytes(m.cols)], m.packed.to_vec()),
         );
         t.insert(
             format!("{name}.weight_scale"),

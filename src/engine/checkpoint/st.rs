@@ -1,5 +1,6 @@
 //! Memory-mapped safetensors reading (single files and sharded indexes) and atomic writing.
 
+use super::huge::HugeMap;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
@@ -9,11 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The bytes of one file: memory-mapped, or compiled into the binary.
+/// The bytes of one file: memory-mapped, or compiled into the binary; or bytes made on load,
+/// on the heap or (large ones) in huge-page memory.
 enum Backing {
     Mmap(Mmap),
     Static(&'static [u8]),
     Owned(Vec<u8>),
+    Huge(HugeMap),
 }
 
 impl std::ops::Deref for Backing {
@@ -23,6 +26,7 @@ impl std::ops::Deref for Backing {
             Backing::Mmap(m) => m,
             Backing::Static(b) => b,
             Backing::Owned(b) => b,
+            Backing::Huge(b) => b,
         }
     }
 }
@@ -61,6 +65,59 @@ impl SharedBytes {
         }
     }
 
+    /// `len` bytes written by `fill` (given them zeroed): in huge-page memory when they are
+    /// large enough for it (see [`HugeMap`]), else on the heap.
+    pub fn resident(len: usize, fill: impl FnOnce(&mut [u8])) -> SharedBytes {
+        let filled = Self::try_resident(len, |bytes| {
+            fill(bytes);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match filled {
+            Ok(bytes) => bytes,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`Self::resident`] with a `fill` that may fail.
+    pub fn try_resident<E>(
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<SharedBytes, E> {
+        let backing = match HugeMap::new(len) {
+            Some(mut map) => {
+                fill(map.as_mut_slice())?;
+                Backing::Huge(map)
+            }
+            None => {
+                let mut bytes = vec![0u8; len];
+                fill(&mut bytes)?;
+                Backing::Owned(bytes)
+            }
+        };
+        Ok(SharedBytes {
+            backing: Arc::new(backing),
+            start: 0,
+            len,
+        })
+    }
+
+    /// These bytes copied by [`Self::resident`] when they are read from a file mapping
+    /// (letting go of the file's pages as they are copied), else shared as they are.
+    pub fn into_resident(self) -> SharedBytes {
+        if !matches!(*self.backing, Backing::Mmap(_)) {
+            return self;
+        }
+        const CHUNK: usize = 8 << 20;
+        SharedBytes::resident(self.len, |out| {
+            use rayon::prelude::*;
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, dst)| {
+                self.populate_range(i * CHUNK, dst.len());
+                dst.copy_from_slice(&self[i * CHUNK..i * CHUNK + dst.len()]);
+                self.release_range(i * CHUNK, dst.len());
+            });
+        })
+    }
+
     /// Bytes `offset..offset + len` of these, sharing the mapping. Panics when out of range
     /// (callers check ranges against the file first).
     pub fn slice(&self, offset: usize, len: usize) -> SharedBytes {
@@ -76,6 +133,16 @@ impl SharedBytes {
         }
     }
 
+    /// Map the file's pages of bytes `offset..offset + len` of these in one call, ahead of
+    /// reading them all (rather than a page fault every few pages); best effort.
+    pub fn populate_range(&self, offset: usize, len: usize) {
+        let len = len.min(self.len.saturating_sub(offset));
+        if let (Backing::Mmap(map), true) = (&*self.backing, len > 0) {
+            let advice = memmap2::Advice::PopulateRead;
+            let _ = map.advise_range(advice, self.start + offset, len);
+        }
+    }
+
     /// Give back the resident pages of bytes `offset..offset + len` of these when they are
     /// memory-mapped (see [`TensorFiles::release`]); best effort.
     pub fn release_range(&self, offset: usize, len: usize) {
@@ -88,6 +155,12 @@ impl SharedBytes {
                 map.unchecked_advise_range(advice, self.start + offset, len)
             };
         }
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBytes({} bytes)", self.len)
     }
 }
 

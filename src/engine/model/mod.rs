@@ -66,6 +66,8 @@ pub struct ModelOptions {
     pub act_quant: bool,
     /// Compute dtype of the dense path (F32, or F64 for gradient checks).
     pub dtype: DType,
+    /// How the output head is held (an f32 model's; see [`Model::with_head`]).
+    pub head: HeadFormat,
 }
 
 impl Default for ModelOptions {
@@ -74,6 +76,7 @@ impl Default for ModelOptions {
             mode: WeightMode::Ternary,
             act_quant: true,
             dtype: DType::F32,
+            head: HeadFormat::Stored,
         }
     }
 }
@@ -135,8 +138,22 @@ impl Model {
         let dev = Device::Cpu;
         let cfg = ck.config.clone();
         let dt = options.dtype;
-        let embed = Table::new(&ck.embed_tokens, false, dt, &dev)?;
-        let head = Table::new(ck.lm_head(), true, dt, &dev)?;
+        // The head is read whole for every token: a memory-mapped one is copied into huge-page
+        // memory (or quantized into it), which tied embeddings share unless quantized.
+        let tied = std::ptr::eq(ck.lm_head(), &ck.embed_tokens);
+        let head_matrix = match (dt, options.head) {
+            (DType::F32, HeadFormat::Stored) => ck.lm_head().resident(),
+            (DType::F32, HeadFormat::Q8_0) => ck.lm_head().to_q8_0()?,
+            _ => ck.lm_head().clone(),
+        };
+        let shared = tied && options.head == HeadFormat::Stored;
+        let embed_matrix = if shared {
+            &head_matrix
+        } else {
+            &ck.embed_tokens
+        };
+        let embed = Table::new(embed_matrix, false, dt, &dev)?;
+        let head = Table::new(&head_matrix, true, dt, &dev)?;
         let mut blocks = Vec::with_capacity(ck.layers.len());
         for layer in &ck.layers {
             let mut linears = Vec::with_capacity(7);
@@ -539,6 +556,7 @@ impl Model {
             mode: WeightMode::Dense,
             act_quant,
             dtype: DType::F32,
+            head: HeadFormat::Stored,
         };
         Ok((
             Model {

@@ -16,6 +16,7 @@ pub mod requant;
 pub use kernels::Kernel;
 pub use pack::{hf_to_native, native_row_bytes, pack_hf, pack_native, unpack_hf, unpack_native};
 
+use crate::engine::checkpoint::st::SharedBytes;
 use pack::decode_table;
 use serde::{Deserialize, Serialize};
 
@@ -165,8 +166,9 @@ pub struct TernaryMatrix {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    /// Native packed codes, `[rows, ceil(cols/4)]`.
-    pub packed: Vec<u8>,
+    /// Native packed codes, `[rows, ceil(cols/4)]`, shared by clones (a large matrix in
+    /// huge-page memory: see [`SharedBytes::resident`]).
+    pub packed: SharedBytes,
     /// γ: one value (per tensor) or one per output row.
     pub scales: Vec<f32>,
 }

@@ -1,6 +1,8 @@
 //! Ternary values packed 2 bits each (code = value + 1): our native row-major layout, Hugging
 //! Face's BitNet layout of four row blocks per byte, and the byte → values decode table.
 
+use crate::engine::checkpoint::st::SharedBytes;
+
 /// Bytes per row in the native packed layout.
 pub fn native_row_bytes(cols: usize) -> usize {
     cols.div_ceil(4)
@@ -9,14 +11,20 @@ pub fn native_row_bytes(cols: usize) -> usize {
 /// Pack ternary values (row-major `rows × cols`) into the native layout: row-major
 /// `[rows, ceil(cols/4)]` bytes, weight `4j+k` of a row in bits `2k..2k+1` of byte `j`, code =
 /// value + 1. Rows stay contiguous so the matrix-vector kernel streams one row at a time.
-pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
+/// The bytes are resident (huge-page memory when large, see [`SharedBytes::resident`]).
+pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> SharedBytes {
     assert_eq!(
         values.len(),
         rows * cols,
         "matrix buffer does not match its shape"
     );
     let rb = native_row_bytes(cols);
-    let mut out = vec![0u8; rows * rb];
+    SharedBytes::resident(rows * rb, |out| pack_native_into(values, rows, cols, out))
+}
+
+/// [`pack_native`] into `out`, zeroed, of `rows × native_row_bytes(cols)` bytes.
+fn pack_native_into(values: &[i8], rows: usize, cols: usize, out: &mut [u8]) {
+    let rb = native_row_bytes(cols);
     for r in 0..rows {
         for c in 0..cols {
             let code = (values[r * cols + c] + 1) as u8;
@@ -29,7 +37,6 @@ pub fn pack_native(values: &[i8], rows: usize, cols: usize) -> Vec<u8> {
             out[r * rb + c / 4] |= 1 << (2 * (c % 4));
         }
     }
-    out
 }
 
 /// Position of the first invalid code (3) in a packed buffer, as (byte index, bit position).
@@ -155,34 +162,55 @@ pub fn hf_to_native(
     packed: &[u8],
     rows: usize,
     cols: usize,
-) -> std::result::Result<Vec<u8>, String> {
-    use rayon::prelude::*;
+) -> std::result::Result<SharedBytes, String> {
     check_hf(packed, rows, cols)?;
-    let pr = rows / 4;
     let rb = native_row_bytes(cols);
-    let mut out = vec![0u8; rows * rb];
-    out.par_chunks_mut(rb.max(1))
-        .enumerate()
-        .for_each(|(r, row)| {
-            let (i, p) = (r / pr.max(1), r % pr.max(1));
-            let src = &packed[p * cols..(p + 1) * cols];
-            let code = |c: usize| match src.get(c) {
-                Some(&b) => (b >> (2 * i)) & 3,
-                None => 1, // padding beyond `cols`: value 0
-            };
-            let whole = cols / 4;
-            for (o, q) in row.iter_mut().zip(src.chunks_exact(4)) {
-                *o = ((q[0] >> (2 * i)) & 3)
-                    | (((q[1] >> (2 * i)) & 3) << 2)
-                    | (((q[2] >> (2 * i)) & 3) << 4)
-                    | (((q[3] >> (2 * i)) & 3) << 6);
-            }
-            if whole < rb {
-                let c0 = 4 * whole;
-                row[whole] = (0..4).fold(0, |acc, k| acc | (code(c0 + k) << (2 * k)));
-            }
-        });
-    Ok(out)
+    Ok(SharedBytes::resident(rows * rb, |out| {
+        hf_to_native_into(packed, rows, cols, out)
+    }))
+}
+
+/// [`hf_to_native`] into `out` of `rows × native_row_bytes(cols)` bytes, `packed` checked.
+fn hf_to_native_into(packed: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
+    use rayon::prelude::*;
+    let (pr, rb) = (rows / 4, native_row_bytes(cols));
+    if pr == 0 || rb == 0 {
+        return;
+    }
+    // Output rows p, pr + p, 2pr + p and 3pr + p all come from packed row p: its bytes 4j..4j+3
+    // hold their codes for columns 4j..4j+3, and byte j of each is one transposition away.
+    let (top, bottom) = out.split_at_mut(2 * pr * rb);
+    let (q0, q1) = top.split_at_mut(pr * rb);
+    let (q2, q3) = bottom.split_at_mut(pr * rb);
+    let halves = (q0.par_chunks_mut(rb)).zip(q1.par_chunks_mut(rb));
+    let quarters = halves.zip(q2.par_chunks_mut(rb).zip(q3.par_chunks_mut(rb)));
+    let whole = cols / 4;
+    quarters.enumerate().for_each(|(p, ((r0, r1), (r2, r3)))| {
+        let src = &packed[p * cols..(p + 1) * cols];
+        let mut put = |j: usize, q: [u8; 4]| {
+            let [a, b, c, d] = transpose_codes(u32::from_le_bytes(q)).to_le_bytes();
+            (r0[j], r1[j], r2[j], r3[j]) = (a, b, c, d);
+        };
+        for (j, q) in src.chunks_exact(4).enumerate() {
+            put(j, [q[0], q[1], q[2], q[3]]);
+        }
+        if whole < rb {
+            // Columns past `cols` are padding: code 1 (value 0) in every field.
+            let mut q = [0x55u8; 4];
+            q[..cols - 4 * whole].copy_from_slice(&src[4 * whole..]);
+            put(whole, q);
+        }
+    });
+}
+
+/// `w`'s bytes k = 0..3 each hold four 2-bit codes (field i at bits 2i): byte i of the result
+/// holds field i of each byte k at bits 2k — the 4 × 4 matrix of codes transposed, by swapping
+/// its off-diagonal 2 × 2 blocks and then the off-diagonal codes within each block.
+fn transpose_codes(w: u32) -> u32 {
+    let t = ((w >> 12) ^ w) & 0x0000_F0F0;
+    let w = w ^ t ^ (t << 12);
+    let t = ((w >> 6) ^ w) & 0x00CC_00CC;
+    w ^ t ^ (t << 6)
 }
 
 /// 256-entry table: a packed byte → its four ternary values.
@@ -220,17 +248,20 @@ mod tests {
             .prop_flat_map(|(r, c)| (Just(4 * r), Just(c), ternary_vec(4 * r * c)))) {
             let p = pack_hf(&v, rows, cols);
             prop_assert_eq!(unpack_hf(&p, rows, cols).unwrap(), v.clone());
-            prop_assert_eq!(hf_to_native(&p, rows, cols).unwrap(), pack_native(&v, rows, cols));
+            prop_assert_eq!(hf_to_native(&p, rows, cols).unwrap().to_vec(), pack_native(&v, rows, cols).to_vec());
         }
     }
 
     #[test]
     fn known_packing_bytes() {
         // native: row [-1,0,1,1] → codes 0,1,2,2 → 0b10_10_01_00
-        assert_eq!(pack_native(&[-1, 0, 1, 1], 1, 4), vec![0b1010_0100]);
+        assert_eq!(
+            pack_native(&[-1, 0, 1, 1], 1, 4).to_vec(),
+            vec![0b1010_0100]
+        );
         // a 5-column row pads with code 1 (value 0)
         assert_eq!(
-            pack_native(&[1, 1, 1, 1, -1], 1, 5),
+            pack_native(&[1, 1, 1, 1, -1], 1, 5).to_vec(),
             vec![0xAA, 0b0101_0100]
         );
         // hf: rows 0..4 of one column → bits 2i..2i+1 hold row i
