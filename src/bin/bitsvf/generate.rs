@@ -133,22 +133,25 @@ pub fn run(a: Args) -> Result<()> {
 /// as it is complete; prefill and decode speed on stderr.
 fn plain(a: Args) -> Result<()> {
     let start = Instant::now();
-    let ck = crate::common::load_model(a.model.as_deref(), a.ternarize)?;
-    // The tokenizer is read while the model is built (a 128k-token tokenizer.json takes about
-    // as long as copying the head).
-    let (tok, model) = std::thread::scope(|s| {
-        let tok = s.spawn(|| tokenizer::for_model(a.model.as_deref(), &ck.config));
-        let options = ModelOptions {
-            head: a.head,
-            ..Default::default()
-        };
-        let model = Model::new(&ck, options);
+    // The tokenizer is read while the model loads: parsing a 128k-token tokenizer.json takes
+    // about as long as loading a 2B model.
+    let (ck, tok) = std::thread::scope(|s| {
+        let tok = s.spawn(|| tokenizer::read_for_model(a.model.as_deref()));
+        let ck = crate::common::load_model(a.model.as_deref(), a.ternarize);
         let tok = tok
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (tok, model)
+        (ck, tok)
     });
-    let (tok, model) = (tok?, model?);
+    let ck = ck?;
+    let tok = tok?.finish(&ck.config)?;
+    tracing::info!("model loaded after {:.2} s", start.elapsed().as_secs_f64());
+    let options = ModelOptions {
+        head: a.head,
+        ..Default::default()
+    };
+    let model = Model::new(&ck, options)?;
+    tracing::info!("model built after {:.2} s", start.elapsed().as_secs_f64());
     let (prompt, stop) = match a.chat {
         false => (prompt_ids(tok.as_ref(), &a.prompt)?, tok.stop_ids()),
         true => {

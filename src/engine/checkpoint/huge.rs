@@ -30,9 +30,9 @@ unsafe impl Sync for HugeMap {}
 
 impl HugeMap {
     /// The mapping, or `None` where it cannot be made (not Linux, `len` below [`HUGE_PAGE`],
-    /// or the kernel refused): the caller then uses the heap.
+    /// `BITSVF_NO_HUGEPAGES` set, or the kernel refused): the caller then uses the heap.
     pub fn new(len: usize) -> Option<HugeMap> {
-        if len < HUGE_PAGE || !cfg!(target_os = "linux") {
+        if len < HUGE_PAGE || !cfg!(target_os = "linux") || opted_out() {
             return None;
         }
         Self::map_aligned(len)
@@ -82,6 +82,12 @@ impl HugeMap {
     }
 }
 
+/// `BITSVF_NO_HUGEPAGES=1` in the environment: weights stay in ordinary heap memory.
+fn opted_out() -> bool {
+    static OUT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OUT.get_or_init(|| std::env::var_os("BITSVF_NO_HUGEPAGES").is_some())
+}
+
 impl std::ops::Deref for HugeMap {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -113,7 +119,7 @@ mod tests {
         );
         let len = HUGE_PAGE + 12_345;
         let m = HugeMap::new(len);
-        if !cfg!(target_os = "linux") {
+        if !cfg!(target_os = "linux") || opted_out() {
             assert!(m.is_none());
             return;
         }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 /// The bytes of one file: memory-mapped, or compiled into the binary; or bytes made on load,
 /// on the heap or (large ones) in huge-page memory.
 enum Backing {
-    Mmap(Mmap),
+    /// A read-only map of the file, and the file (to read a range without mapping it).
+    Mmap(Mmap, std::fs::File),
     Static(&'static [u8]),
     Owned(Vec<u8>),
     Huge(HugeMap),
@@ -23,7 +24,7 @@ impl std::ops::Deref for Backing {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Backing::Mmap(m) => m,
+            Backing::Mmap(m, _) => m,
             Backing::Static(b) => b,
             Backing::Owned(b) => b,
             Backing::Huge(b) => b,
@@ -48,7 +49,7 @@ pub fn map_file(path: &Path) -> Result<SharedBytes> {
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let len = mmap.len();
     Ok(SharedBytes {
-        backing: Arc::new(Backing::Mmap(mmap)),
+        backing: Arc::new(Backing::Mmap(mmap, file)),
         start: 0,
         len,
     })
@@ -101,19 +102,24 @@ impl SharedBytes {
         })
     }
 
-    /// These bytes copied by [`Self::resident`] when they are read from a file mapping
-    /// (letting go of the file's pages as they are copied), else shared as they are.
+    /// These bytes copied by [`Self::resident`] when they are a file mapping's, else shared as
+    /// they are. The copy reads the file (the page cache straight into the new memory, none
+    /// of the file's pages mapped), or where that fails copies from the mapping and lets go of
+    /// its pages as it goes.
     pub fn into_resident(self) -> SharedBytes {
-        if !matches!(*self.backing, Backing::Mmap(_)) {
+        let Backing::Mmap(_, file) = &*self.backing else {
             return self;
-        }
+        };
         const CHUNK: usize = 8 << 20;
         SharedBytes::resident(self.len, |out| {
             use rayon::prelude::*;
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, dst)| {
-                self.populate_range(i * CHUNK, dst.len());
-                dst.copy_from_slice(&self[i * CHUNK..i * CHUNK + dst.len()]);
-                self.release_range(i * CHUNK, dst.len());
+                let at = i * CHUNK;
+                if !read_at(file, dst, (self.start + at) as u64) {
+                    self.populate_range(at, dst.len());
+                    dst.copy_from_slice(&self[at..at + dst.len()]);
+                    self.release_range(at, dst.len());
+                }
             });
         })
     }
@@ -137,7 +143,7 @@ impl SharedBytes {
     /// reading them all (rather than a page fault every few pages); best effort.
     pub fn populate_range(&self, offset: usize, len: usize) {
         let len = len.min(self.len.saturating_sub(offset));
-        if let (Backing::Mmap(map), true) = (&*self.backing, len > 0) {
+        if let (Backing::Mmap(map, _), true) = (&*self.backing, len > 0) {
             let advice = memmap2::Advice::PopulateRead;
             let _ = map.advise_range(advice, self.start + offset, len);
         }
@@ -147,7 +153,7 @@ impl SharedBytes {
     /// memory-mapped (see [`TensorFiles::release`]); best effort.
     pub fn release_range(&self, offset: usize, len: usize) {
         let len = len.min(self.len.saturating_sub(offset));
-        if let (Backing::Mmap(map), true) = (&*self.backing, len > 0) {
+        if let (Backing::Mmap(map, _), true) = (&*self.backing, len > 0) {
             // SAFETY: a read-only private file mapping: dropped pages are read again from
             // the file when next touched.
             let _ = unsafe {
@@ -155,6 +161,20 @@ impl SharedBytes {
                 map.unchecked_advise_range(advice, self.start + offset, len)
             };
         }
+    }
+}
+
+/// Fill `buf` from `file` at `offset`; false where that is not possible or fails.
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset).is_ok()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, buf, offset);
+        false
     }
 }
 
@@ -215,7 +235,7 @@ impl TensorFiles {
             // SAFETY: the map is read-only; a file changed underneath us while loading is
             // outside what any model loader can defend against (same as candle and HF).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            files.push(StFile::parse(path.clone(), Backing::Mmap(mmap))?);
+            files.push(StFile::parse(path.clone(), Backing::Mmap(mmap, file))?);
             for name in files[i].meta.tensors().keys() {
                 index.insert(name.clone(), i);
             }
@@ -271,7 +291,7 @@ impl TensorFiles {
     pub fn release(&self, prefix: &str) {
         for (name, &i) in &self.index {
             let f = &self.files[i];
-            let (Backing::Mmap(map), true) = (&*f.mmap, name.starts_with(prefix)) else {
+            let (Backing::Mmap(map, _), true) = (&*f.mmap, name.starts_with(prefix)) else {
                 continue;
             };
             let Some(info) = f.meta.info(name) else {

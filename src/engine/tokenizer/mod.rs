@@ -105,6 +105,14 @@ mod tests {
     }
 }
 
+/// The `tokenizer.json` at `path`, parsed.
+fn read_tokenizer_json(path: &std::path::Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path).map_err(|e| Error::UnknownFormat {
+        path: path.to_path_buf(),
+        msg: format!("not a readable tokenizer.json: {e}"),
+    })
+}
+
 /// A Hugging Face `tokenizer.json`, through the `tokenizers` crate.
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
@@ -132,23 +140,7 @@ impl HfTokenizer {
     /// Load `path`; `bos`/`eos` come from the model config (eos also ends answers, as does
     /// any token containing a newline — the task suite's answer terminator).
     pub fn from_file(path: &std::path::Path, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::UnknownFormat {
-            path: path.to_path_buf(),
-            msg: format!("not a readable tokenizer.json: {e}"),
-        })?;
-        Self::new(inner, path, bos, eos)
-    }
-
-    /// The tokenizer in the metadata of the GGUF file `path`, if it has one.
-    pub fn from_gguf(
-        path: &std::path::Path,
-        bos: Option<u32>,
-        eos: Option<u32>,
-    ) -> Result<Option<Self>> {
-        let g = crate::engine::checkpoint::gguf::Gguf::open(path)?;
-        gguf::tokenizer(&g)?
-            .map(|inner| Self::new(inner, path, bos, eos))
-            .transpose()
+        Self::new(read_tokenizer_json(path)?, path, bos, eos)
     }
 
     /// `inner`, read from `path`, with the model's `bos` and `eos`.
@@ -255,23 +247,56 @@ pub fn for_model(
     source: Option<&std::path::Path>,
     config: &crate::engine::config::ModelConfig,
 ) -> Result<Box<dyn Tokenizer>> {
-    if let Some(src) = source {
-        let dir = model_dir(src);
+    read_for_model(source)?.finish(config)
+}
+
+/// A model's tokenizer read before its config is known (parsing a 128k-token
+/// `tokenizer.json` takes about as long as loading a 2B model, so the two can run side by
+/// side); [`PendingTokenizer::finish`] applies and checks the config. Errors are
+/// [`for_model`]'s.
+pub fn read_for_model(source: Option<&std::path::Path>) -> Result<PendingTokenizer> {
+    let Some(src) = source else {
+        return Ok(PendingTokenizer {
+            found: None,
+            dir: None,
+        });
+    };
+    let inside = match crate::engine::checkpoint::gguf::Gguf::sniff(src) {
+        true => {
+            let g = crate::engine::checkpoint::gguf::Gguf::open(src)?;
+            gguf::tokenizer(&g)?.map(|t| (t, src.to_path_buf()))
+        }
+        false => None,
+    };
+    let found = match inside {
+        Some(t) => Some(t),
+        None => file_for_model(src)
+            .map(|tj| Ok::<_, Error>((read_tokenizer_json(&tj)?, tj)))
+            .transpose()?,
+    };
+    Ok(PendingTokenizer {
+        found,
+        dir: Some(model_dir(src)),
+    })
+}
+
+/// See [`read_for_model`].
+pub struct PendingTokenizer {
+    /// The tokenizer and the file it came from.
+    found: Option<(tokenizers::Tokenizer, std::path::PathBuf)>,
+    /// The model's directory, when the model is not the embedded one.
+    dir: Option<std::path::PathBuf>,
+}
+
+impl PendingTokenizer {
+    /// The tokenizer with the model's BOS and EOS, its vocabulary checked against the model's.
+    pub fn finish(self, config: &crate::engine::config::ModelConfig) -> Result<Box<dyn Tokenizer>> {
+        let Some(dir) = self.dir else {
+            return Ok(Box::new(ByteTokenizer));
+        };
         let (bos, eos) = (config.bos_token_id, config.eos_token_id);
-        let inside = match crate::engine::checkpoint::gguf::Gguf::sniff(src) {
-            true => HfTokenizer::from_gguf(src, bos, eos)?.map(|t| (t, src.to_path_buf())),
-            false => None,
-        };
-        let beside = || -> Result<Option<(HfTokenizer, std::path::PathBuf)>> {
-            file_for_model(src)
-                .map(|tj| Ok((HfTokenizer::from_file(&tj, bos, eos)?, tj)))
-                .transpose()
-        };
-        let found = match inside {
-            Some(t) => Some(t),
-            None => beside()?,
-        };
-        if let Some((t, from)) = found {
+        if let Some((inner, from)) = self.found {
+            let t = HfTokenizer::new(inner, &from, bos, eos)?;
             if t.vocab_size() > config.vocab_size {
                 return Err(Error::config(
                     &from,
@@ -294,8 +319,8 @@ pub fn for_model(
                 config.vocab_size
             )));
         }
+        Ok(Box::new(ByteTokenizer))
     }
-    Ok(Box::new(ByteTokenizer))
 }
 
 #[cfg(test)]
