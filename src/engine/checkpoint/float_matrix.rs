@@ -102,7 +102,13 @@ fn u16_bytes(bits: &[u16]) -> Vec<u8> {
 #[derive(Clone)]
 enum Data {
     F32(Arc<Vec<f32>>),
-    Half(StoredDtype, SharedBytes),
+    /// bf16 / f16 bits, and their copy in huge-page memory once one is made (shared by every
+    /// clone, so models built from one checkpoint hold one copy).
+    Half(
+        StoredDtype,
+        SharedBytes,
+        Arc<std::sync::OnceLock<SharedBytes>>,
+    ),
     Q8_0(Arc<Q8_0>),
 }
 
@@ -203,7 +209,7 @@ impl FloatMatrix {
         let m = FloatMatrix {
             rows,
             cols,
-            data: Data::Half(half, bytes),
+            data: Data::Half(half, bytes, Arc::default()),
         };
         // Non-finite halves have an all-ones exponent: checked on the bits, without widening.
         let exponent: u16 = match half {
@@ -218,7 +224,7 @@ impl FloatMatrix {
                 let parts = bits.par_chunks(chunk).enumerate();
                 parts.find_map_first(|(c, part)| {
                     let (at, len) = (c * chunk * 2, part.len() * 2);
-                    if let Data::Half(_, bytes) = &m.data {
+                    if let Data::Half(_, bytes, _) = &m.data {
                         bytes.populate_range(at, len);
                     }
                     let found = part.iter().position(|&b| b & exponent == exponent);
@@ -251,7 +257,7 @@ impl FloatMatrix {
     pub fn dtype(&self) -> StoredDtype {
         match &self.data {
             Data::F32(_) => StoredDtype::F32,
-            Data::Half(d, _) => *d,
+            Data::Half(d, ..) => *d,
             Data::Q8_0(_) => StoredDtype::Q8_0,
         }
     }
@@ -282,7 +288,7 @@ impl FloatMatrix {
     /// The raw 16-bit elements of a bf16 / f16 matrix, when the mapped bytes are 2-aligned
     /// (safetensors data always is).
     pub fn half_bits(&self) -> Option<(StoredDtype, &[u16])> {
-        let Data::Half(d, bytes) = &self.data else {
+        let Data::Half(d, bytes, _) = &self.data else {
             return None;
         };
         // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
@@ -291,11 +297,13 @@ impl FloatMatrix {
     }
 
     /// This matrix with a memory-mapped bf16 / f16 matrix copied into huge-page memory (see
-    /// [`SharedBytes::into_resident`]); any other shared as it is.
+    /// [`SharedBytes::into_resident`]), the copy made once for this matrix and its clones; any
+    /// other shared as it is.
     pub fn resident(&self) -> FloatMatrix {
         let mut m = self.clone();
-        if let Data::Half(d, bytes) = &self.data {
-            m.data = Data::Half(*d, bytes.clone().into_resident());
+        if let Data::Half(d, bytes, copy) = &self.data {
+            let bytes = copy.get_or_init(|| bytes.clone().into_resident());
+            m.data = Data::Half(*d, bytes.clone(), Arc::default());
         }
         m
     }
@@ -311,13 +319,13 @@ impl FloatMatrix {
                     .copied()
                     .collect(),
             )),
-            Data::Half(d, bytes) => {
+            Data::Half(d, bytes, _) => {
                 let b: Vec<u8> = perm
                     .iter()
                     .flat_map(|&r| &bytes[2 * r * c..2 * (r + 1) * c])
                     .copied()
                     .collect();
-                Data::Half(*d, SharedBytes::from_vec(b))
+                Data::Half(*d, SharedBytes::from_vec(b), Arc::default())
             }
             Data::Q8_0(q) => {
                 let per = c / Q8_0_BLOCK;
@@ -351,7 +359,7 @@ impl FloatMatrix {
         let (start, n) = (r0 * self.cols, out.len());
         let (d, bytes) = match &self.data {
             Data::F32(v) => return out.copy_from_slice(&v[start..start + n]),
-            Data::Half(d, bytes) => (*d, bytes),
+            Data::Half(d, bytes, _) => (*d, bytes),
             Data::Q8_0(q) => {
                 // Rows hold whole blocks, so `start` is a block boundary.
                 let qs = &q.qs()[start..start + n];
@@ -492,7 +500,7 @@ impl FloatMatrix {
 
     /// Give back the mapped pages of data bytes `offset..offset + len`.
     fn data_release(&self, offset: usize, len: usize) {
-        if let Data::Half(_, bytes) = &self.data {
+        if let Data::Half(_, bytes, _) = &self.data {
             bytes.release_range(offset, len);
         }
     }
@@ -658,6 +666,36 @@ mod tests {
             .to_q8_0()
             .unwrap_err();
         assert!(err.to_string().contains("2×20"), "{err}");
+    }
+
+    /// A memory-mapped matrix made resident reads back the same values, and its clones share
+    /// the one copy (models built from one checkpoint hold the head once).
+    #[test]
+    fn resident_copy_is_made_once_and_reads_the_file() {
+        let (rows, cols) = (1024, 1536); // 3 MiB of bf16: past one huge page
+        let bits: Vec<u16> = (0..rows * cols)
+            .map(|i| 0x3c00 ^ (i as u16 & 0x3ff))
+            .collect();
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bin");
+        std::fs::write(&path, [&[0u8; 6][..], &bytes].concat()).unwrap();
+        let mapped = super::super::st::map_file(&path)
+            .unwrap()
+            .slice(6, bytes.len());
+        let m = FloatMatrix::mapped(StoredDtype::Bf16, mapped, rows, cols).unwrap();
+        let (a, b) = (m.resident(), m.clone().resident());
+        let (pa, pb) = (a.half_bits().unwrap().1, b.half_bits().unwrap().1);
+        assert_eq!(pa, &bits[..]);
+        assert!(std::ptr::eq(pa.as_ptr(), pb.as_ptr()), "one copy");
+        assert!(!std::ptr::eq(
+            pa.as_ptr(),
+            m.half_bits().unwrap().1.as_ptr()
+        ));
+        assert!(std::ptr::eq(
+            a.resident().half_bits().unwrap().1.as_ptr(),
+            pa.as_ptr()
+        ));
     }
 
     /// Halves round away from zero (ggml's `roundf`) on the vector path too, and every value
