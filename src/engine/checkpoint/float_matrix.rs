@@ -431,10 +431,7 @@ impl FloatMatrix {
     /// The matrix as ggml Q8_0 blocks (a Q8_0 matrix as it is held; any other quantized
     /// first).
     pub fn to_q8_0_blocks(&self) -> Result<Vec<u8>> {
-        let q = match self.q8_0() {
-            Some(_) => self.clone(),
-            None => self.to_q8_0()?,
-        };
+        let q = self.to_q8_0()?;
         let (qs, scales) = q.q8_0().expect("a Q8_0 matrix");
         let mut out = Vec::with_capacity(StoredDtype::Q8_0.bytes(self.len()));
         for (b, s) in qs.chunks(Q8_0_BLOCK).zip(scales) {
@@ -454,8 +451,11 @@ impl FloatMatrix {
 
     /// This matrix quantized to Q8_0 as ggml does it (per block of 32: scale = max|x| / 127
     /// stored as f16, values rounded to nearest, ties away from zero), in parallel over rows.
-    /// Errors when a row is not a whole number of blocks.
+    /// Errors when a row is not a whole number of blocks. A Q8_0 matrix is itself (shared).
     pub fn to_q8_0(&self) -> Result<FloatMatrix> {
+        if self.q8_0().is_some() {
+            return Ok(self.clone());
+        }
         if !self.cols.is_multiple_of(Q8_0_BLOCK) {
             return Err(Error::Input(format!(
                 "a {}×{} matrix cannot be held as q8_0: its rows of {} are not a whole number \
@@ -661,6 +661,9 @@ mod tests {
             assert_eq!(v, qs[5 * 64 + c] as f32 * s);
         }
         assert_eq!(m.to_f32()[5 * 64..], row);
+        // A Q8_0 matrix quantized again is itself, not re-rounded.
+        let again = m.to_q8_0().unwrap();
+        assert!(std::ptr::eq(again.q8_0().unwrap().0.as_ptr(), qs.as_ptr()));
         // Rows that are not whole blocks are refused.
         let err = FloatMatrix::from_f32(vec![0.0; 40], 2, 20)
             .to_q8_0()
