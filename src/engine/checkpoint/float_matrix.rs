@@ -224,7 +224,7 @@ impl FloatMatrix {
                 let parts = bits.par_chunks(chunk).enumerate();
                 parts.find_map_first(|(c, part)| {
                     let (at, len) = (c * chunk * 2, part.len() * 2);
-                    if let Data::Half(_, bytes, _) = &m.data {
+                    if let Some(bytes) = m.half_bytes() {
                         bytes.populate_range(at, len);
                     }
                     let found = part.iter().position(|&b| b & exponent == exponent);
@@ -500,8 +500,16 @@ impl FloatMatrix {
 
     /// Give back the mapped pages of data bytes `offset..offset + len`.
     fn data_release(&self, offset: usize, len: usize) {
-        if let Data::Half(_, bytes, _) = &self.data {
+        if let Some(bytes) = self.half_bytes() {
             bytes.release_range(offset, len);
+        }
+    }
+
+    /// The bytes of a bf16 / f16 matrix (memory-mapped or not).
+    fn half_bytes(&self) -> Option<&SharedBytes> {
+        match &self.data {
+            Data::Half(_, bytes, _) => Some(bytes),
+            _ => None,
         }
     }
 

@@ -142,24 +142,30 @@ impl SharedBytes {
     /// Map the file's pages of bytes `offset..offset + len` of these in one call, ahead of
     /// reading them all (rather than a page fault every few pages); best effort.
     pub fn populate_range(&self, offset: usize, len: usize) {
+        if let Some((map, at, len)) = self.mapped_range(offset, len) {
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, at, len);
+        }
+    }
+
+    /// The file mapping under bytes `offset..offset + len` of these, with that range's place
+    /// in it clipped to these bytes; `None` when they are not a mapping's or the range is
+    /// empty.
+    fn mapped_range(&self, offset: usize, len: usize) -> Option<(&Mmap, usize, usize)> {
         let len = len.min(self.len.saturating_sub(offset));
-        if let (Backing::Mmap(map, _), true) = (&*self.backing, len > 0) {
-            let advice = memmap2::Advice::PopulateRead;
-            let _ = map.advise_range(advice, self.start + offset, len);
+        match &*self.backing {
+            Backing::Mmap(map, _) if len > 0 => Some((map, self.start + offset, len)),
+            _ => None,
         }
     }
 
     /// Give back the resident pages of bytes `offset..offset + len` of these when they are
     /// memory-mapped (see [`TensorFiles::release`]); best effort.
     pub fn release_range(&self, offset: usize, len: usize) {
-        let len = len.min(self.len.saturating_sub(offset));
-        if let (Backing::Mmap(map, _), true) = (&*self.backing, len > 0) {
+        if let Some((map, at, len)) = self.mapped_range(offset, len) {
             // SAFETY: a read-only private file mapping: dropped pages are read again from
             // the file when next touched.
-            let _ = unsafe {
-                let advice = memmap2::UncheckedAdvice::DontNeed;
-                map.unchecked_advise_range(advice, self.start + offset, len)
-            };
+            let _ =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
         }
     }
 }
