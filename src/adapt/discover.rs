@@ -48,6 +48,7 @@ pub fn gradient_direction(
         act_quant: true,
         dtype: DType::F32,
         head: crate::engine::model::HeadFormat::Stored,
+        defer_head_copy: false,
     };
     let lengths = factors
         .iter()

@@ -234,6 +234,7 @@ pub const DENSE: ModelOptions = ModelOptions {
     act_quant: true,
     dtype: candle_core::DType::F32,
     head: crate::engine::model::HeadFormat::Stored,
+    defer_head_copy: false,
 };
 
 impl Mixer {

@@ -55,18 +55,22 @@ impl Shared {
     }
 
     /// Stop this group and every group split from it: collectives waiting or to come fail
-    /// with `why`.
+    /// with `why`, or with the first reason when the group was already stopped. The groups
+    /// split from it get that first reason too, so a rank that stopped only because another
+    /// did never shows as the cause.
     fn abort(&self, why: &str) -> bool {
-        let first = {
+        let (first, why) = {
             let mut round = self.lock();
             let first = round.failed.is_none();
-            round.failed.get_or_insert_with(|| why.to_string());
-            first
+            (
+                first,
+                round.failed.get_or_insert_with(|| why.to_string()).clone(),
+            )
         };
         self.turned.notify_all();
         let children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         for child in children.values() {
-            child.abort(why);
+            child.abort(&why);
         }
         first
     }

@@ -262,6 +262,7 @@ pub fn verify(ck: &Checkpoint, probe: &[Vec<u32>]) -> Result<RecoveryReport> {
                 act_quant,
                 dtype: DType::F32,
                 head: crate::engine::model::HeadFormat::Stored,
+                defer_head_copy: false,
             },
         )
     };

@@ -241,6 +241,7 @@ pub(crate) mod tests {
         act_quant: true,
         dtype: DType::F32,
         head: crate::engine::model::HeadFormat::Stored,
+        defer_head_copy: false,
     };
 
     #[test]

@@ -252,6 +252,7 @@ fn train(
         act_quant: true,
         dtype: DType::F32,
         head: crate::engine::model::HeadFormat::Stored,
+        defer_head_copy: false,
     };
     let reference = Model::new(ck, options)?;
     let lengths = z_lengths(ck, cfg.targets, cfg.parameterization, factors, cfg.rank)?;

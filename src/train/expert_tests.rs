@@ -18,6 +18,7 @@ fn dense_setup(act_quant: bool, dtype: DType) -> (Checkpoint, BTreeMap<String, S
         act_quant,
         dtype,
         head: crate::engine::model::HeadFormat::Stored,
+        defer_head_copy: false,
     };
     (ck, f, options)
 }
@@ -47,6 +48,7 @@ fn loss_of(
         act_quant: false,
         dtype: DType::F64,
         head: crate::engine::model::HeadFormat::Stored,
+        defer_head_copy: false,
     };
     let z = var_tensors(vars);
     let model = svf_model(ck, options, f, &z, param).unwrap();
@@ -82,6 +84,7 @@ fn float_base_gradients_match_finite_differences() {
         act_quant: true,
         dtype: DType::F64,
         head: crate::engine::model::HeadFormat::Stored,
+        defer_head_copy: false,
     };
     let params = [Parameterization::Paper, Parameterization::LowRank];
     check_gradients(&ck, &f, options, &params);

@@ -218,6 +218,7 @@ pub fn pretrain(
                     act_quant: true,
                     dtype: DType::F32,
                     head: crate::engine::model::HeadFormat::Stored,
+                    defer_head_copy: false,
                 },
             )?;
             let spec = EvalSpec {

@@ -146,8 +146,10 @@ fn plain(a: Args) -> Result<()> {
     let ck = ck?;
     let tok = tok?.finish(&ck.config)?;
     tracing::info!("model loaded after {:.2} s", start.elapsed().as_secs_f64());
+    // The head's huge-page copy is made once the first token is out (see below).
     let options = ModelOptions {
         head: a.head,
+        defer_head_copy: true,
         ..Default::default()
     };
     let model = Model::new(&ck, options)?;
@@ -192,7 +194,14 @@ fn plain(a: Args) -> Result<()> {
     let (mut ids, mut shown, mut first) = (Vec::new(), 0, None);
     let mut out = std::io::stdout().lock();
     let stats = model.generate_streaming(&prompt, &options, |id| {
-        first.get_or_insert_with(|| start.elapsed());
+        first.get_or_insert_with(|| {
+            // Decoding reads the whole head per token, faster from huge pages: copy it while
+            // the next tokens are decoded (a detached thread; the process may end first).
+            if options.max_new_tokens > 1 {
+                let _ = model.copy_head_in_background();
+            }
+            start.elapsed()
+        });
         if options.stop.contains(&id) {
             return true;
         }

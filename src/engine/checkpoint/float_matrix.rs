@@ -102,14 +102,59 @@ fn u16_bytes(bits: &[u16]) -> Vec<u8> {
 #[derive(Clone)]
 enum Data {
     F32(Arc<Vec<f32>>),
-    /// bf16 / f16 bits, and their copy in huge-page memory once one is made (shared by every
-    /// clone, so models built from one checkpoint hold one copy).
-    Half(
-        StoredDtype,
-        SharedBytes,
-        Arc<std::sync::OnceLock<SharedBytes>>,
-    ),
+    /// bf16 / f16 bits, and their copy in huge-page memory as far as it is made (shared by
+    /// every clone, so models built from one checkpoint hold one copy).
+    Half(StoredDtype, SharedBytes, Arc<ResidentCopy>),
     Q8_0(Arc<Q8_0>),
+}
+
+/// Index of the first of `bits` whose exponent field (`exponent`, its mask) is all ones.
+/// Blocks of 64 are tested without branches, so the scan runs at vector width.
+fn first_with_exponent(bits: &[u16], exponent: u16) -> Option<usize> {
+    const BLOCK: usize = 64;
+    let bad = |b: &u16| b & exponent == exponent;
+    let block = bits
+        .chunks(BLOCK)
+        .position(|c| c.iter().fold(false, |any, b| any | bad(b)))?;
+    let at = block * BLOCK;
+    bits[at..].iter().position(bad).map(|i| at + i)
+}
+
+/// Bytes aimed at per piece of a [`ResidentCopy`].
+const PIECE_BYTES: usize = 8 << 20;
+
+/// The huge-page copy of a memory-mapped bf16 / f16 matrix (see
+/// [`FloatMatrix::make_resident`]), made a piece of rows at a time. Readers take each row from
+/// its piece's copy once that piece is made, else from the mapping, so a product can run while
+/// the copy is being made.
+#[derive(Default)]
+struct ResidentCopy {
+    /// Rows per piece: whole huge pages where the row length allows.
+    piece_rows: std::sync::OnceLock<usize>,
+    pieces: std::sync::OnceLock<Box<[std::sync::OnceLock<SharedBytes>]>>,
+}
+
+impl ResidentCopy {
+    /// The made piece holding row `r`, with its first row.
+    fn piece_of(&self, r: usize) -> Option<(&SharedBytes, usize)> {
+        let per = *self.piece_rows.get()?;
+        let piece = self.pieces.get()?.get(r / per)?.get()?;
+        Some((piece, r / per * per))
+    }
+}
+
+/// Rows per piece of a [`ResidentCopy`] for rows of `row_bytes` bytes: a whole number of
+/// huge pages (the fewest rows that fill some, times as many as come near [`PIECE_BYTES`]).
+fn piece_rows(row_bytes: usize) -> usize {
+    let huge = super::huge::HUGE_PAGE;
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let whole = huge / gcd(huge, row_bytes.max(1));
+    whole * (PIECE_BYTES / (whole * row_bytes.max(1))).max(1)
 }
 
 /// Q8_0 values: value `i` is `qs()[i] · scales[i / 32]`.
@@ -227,7 +272,7 @@ impl FloatMatrix {
                     if let Some(bytes) = m.half_bytes() {
                         bytes.populate_range(at, len);
                     }
-                    let found = part.iter().position(|&b| b & exponent == exponent);
+                    let found = first_with_exponent(part, exponent);
                     m.data_release(at, len);
                     found.map(|i| c * chunk + i)
                 })
@@ -285,8 +330,8 @@ impl FloatMatrix {
         }
     }
 
-    /// The raw 16-bit elements of a bf16 / f16 matrix, when the mapped bytes are 2-aligned
-    /// (safetensors data always is).
+    /// The raw 16-bit elements of a bf16 / f16 matrix as loaded (not its huge-page copy: see
+    /// [`Self::half_row`]), when the mapped bytes are 2-aligned (safetensors data always is).
     pub fn half_bits(&self) -> Option<(StoredDtype, &[u16])> {
         let Data::Half(d, bytes, _) = &self.data else {
             return None;
@@ -296,16 +341,82 @@ impl FloatMatrix {
         (head.is_empty() && mid.len() == self.len()).then_some((*d, mid))
     }
 
-    /// This matrix with a memory-mapped bf16 / f16 matrix copied into huge-page memory (see
-    /// [`SharedBytes::into_resident`]), the copy made once for this matrix and its clones; any
-    /// other shared as it is.
-    pub fn resident(&self) -> FloatMatrix {
-        let mut m = self.clone();
-        if let Data::Half(d, bytes, copy) = &self.data {
-            let bytes = copy.get_or_init(|| bytes.clone().into_resident());
-            m.data = Data::Half(*d, bytes.clone(), Arc::default());
+    /// Row `r`'s 16-bit elements of a bf16 / f16 matrix: from its huge-page copy once the
+    /// piece holding the row is made ([`Self::make_resident`]), else as loaded (when 2-aligned,
+    /// as for [`Self::half_bits`]).
+    pub fn half_row(&self, r: usize) -> Option<&[u16]> {
+        let Data::Half(_, bytes, copy) = &self.data else {
+            return None;
+        };
+        let (src, first) = match copy.piece_of(r) {
+            Some((piece, first)) => (piece, first),
+            None => (bytes, 0),
+        };
+        let n = self.cols;
+        // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
+        let (head, mid, _) = unsafe { src.align_to::<u16>() };
+        let at = (r - first) * n;
+        (head.is_empty() && at + n <= mid.len()).then(|| &mid[at..at + n])
+    }
+
+    /// Map in the file's pages of rows `r0..r0 + n` of a memory-mapped bf16 / f16 matrix in
+    /// one call, ahead of reading them (see [`SharedBytes::populate_range`]), as far as they
+    /// are not read from the huge-page copy; nothing for any other matrix.
+    pub fn populate_rows(&self, r0: usize, n: usize) {
+        if let Data::Half(_, bytes, copy) = &self.data {
+            if copy.piece_of(r0).is_none() {
+                bytes.populate_range(2 * r0 * self.cols, 2 * n * self.cols);
+            }
         }
-        m
+    }
+
+    /// Copy a memory-mapped bf16 / f16 matrix into huge-page memory (see
+    /// [`SharedBytes::into_resident`]), a piece of rows at a time on all threads. Each piece is
+    /// read from as soon as it is made, and the mapping's pages under it are let go. The copy
+    /// is made once for this matrix and its clones; nothing for any other matrix.
+    pub fn make_resident(&self) {
+        self.copy_pieces(true);
+    }
+
+    /// [`Self::make_resident`] on a thread of its own, one piece after another, leaving
+    /// rayon's threads to the caller: `generate` copies the head while it decodes. None when
+    /// there is nothing to copy.
+    pub fn make_resident_in_background(&self) -> Option<std::thread::JoinHandle<()>> {
+        let Data::Half(_, bytes, _) = &self.data else {
+            return None;
+        };
+        if !bytes.is_mapped() {
+            return None;
+        }
+        let m = self.clone();
+        let spawn = std::thread::Builder::new().name("resident-copy".into());
+        spawn.spawn(move || m.copy_pieces(false)).ok()
+    }
+
+    /// See [`Self::make_resident`]; `parallel`: the pieces on rayon's threads.
+    fn copy_pieces(&self, parallel: bool) {
+        let Data::Half(_, bytes, copy) = &self.data else {
+            return;
+        };
+        if !bytes.is_mapped() {
+            return;
+        }
+        let row = 2 * self.cols;
+        let per = *copy.piece_rows.get_or_init(|| piece_rows(row));
+        let pieces = copy.pieces.get_or_init(|| {
+            (0..self.rows.div_ceil(per))
+                .map(|_| Default::default())
+                .collect()
+        });
+        let make = |(i, piece): (usize, &std::sync::OnceLock<SharedBytes>)| {
+            let (at, rows) = (i * per * row, per.min(self.rows - i * per));
+            piece.get_or_init(|| bytes.slice(at, rows * row).into_resident());
+            bytes.release_range(at, rows * row);
+        };
+        match parallel {
+            true => pieces.par_iter().enumerate().for_each(make),
+            false => pieces.iter().enumerate().for_each(make),
+        }
     }
 
     /// The matrix whose row `i` is row `perm[i]` of this one, in the same dtype (a copy).
@@ -359,7 +470,21 @@ impl FloatMatrix {
         let (start, n) = (r0 * self.cols, out.len());
         let (d, bytes) = match &self.data {
             Data::F32(v) => return out.copy_from_slice(&v[start..start + n]),
-            Data::Half(d, bytes, _) => (*d, bytes),
+            Data::Half(d, bytes, _) if self.half_bits().is_none() => (*d, bytes),
+            Data::Half(d, ..) => {
+                // Row by row, each from its piece of the huge-page copy where made.
+                let widen = |b: u16| match d {
+                    StoredDtype::Bf16 => f32::from_bits((b as u32) << 16),
+                    _ => half::f16::from_bits(b).to_f32(),
+                };
+                for (i, o) in out.chunks_mut(self.cols.max(1)).enumerate() {
+                    let bits = self.half_row(r0 + i).expect("2-aligned rows");
+                    for (o, &b) in o.iter_mut().zip(bits) {
+                        *o = widen(b);
+                    }
+                }
+                return;
+            }
             Data::Q8_0(q) => {
                 // Rows hold whole blocks, so `start` is a block boundary.
                 let qs = &q.qs()[start..start + n];
@@ -378,18 +503,9 @@ impl FloatMatrix {
             StoredDtype::Bf16 => f32::from_bits((b as u32) << 16),
             _ => half::f16::from_bits(b).to_f32(),
         };
-        match self.half_bits() {
-            Some((_, bits)) => {
-                for (o, &b) in out.iter_mut().zip(&bits[start..start + n]) {
-                    *o = widen(b);
-                }
-            }
-            None => {
-                let src = bytes[2 * start..2 * (start + n)].chunks_exact(2);
-                for (o, c) in out.iter_mut().zip(src) {
-                    *o = widen(u16::from_le_bytes([c[0], c[1]]));
-                }
-            }
+        let src = bytes[2 * start..2 * (start + n)].chunks_exact(2);
+        for (o, c) in out.iter_mut().zip(src) {
+            *o = widen(u16::from_le_bytes([c[0], c[1]]));
         }
     }
 
@@ -505,7 +621,7 @@ impl FloatMatrix {
         }
     }
 
-    /// The bytes of a bf16 / f16 matrix (memory-mapped or not).
+    /// The bytes of a bf16 / f16 matrix as loaded (memory-mapped or not).
     fn half_bytes(&self) -> Option<&SharedBytes> {
         match &self.data {
             Data::Half(_, bytes, _) => Some(bytes),
@@ -679,11 +795,12 @@ mod tests {
         assert!(err.to_string().contains("2×20"), "{err}");
     }
 
-    /// A memory-mapped matrix made resident reads back the same values, and its clones share
-    /// the one copy (models built from one checkpoint hold the head once).
+    /// A memory-mapped matrix made resident reads back the same values from its copy, in
+    /// pieces of whole huge pages, and its clones share the one copy (models built from one
+    /// checkpoint hold the head once); in the background too.
     #[test]
     fn resident_copy_is_made_once_and_reads_the_file() {
-        let (rows, cols) = (1024, 1536); // 3 MiB of bf16: past one huge page
+        let (rows, cols) = (4096 + 7, 1536); // 12 MiB of bf16: two pieces and a ragged third
         let bits: Vec<u16> = (0..rows * cols)
             .map(|i| 0x3c00 ^ (i as u16 & 0x3ff))
             .collect();
@@ -694,19 +811,67 @@ mod tests {
         let mapped = super::super::st::map_file(&path)
             .unwrap()
             .slice(6, bytes.len());
-        let m = FloatMatrix::mapped(StoredDtype::Bf16, mapped, rows, cols).unwrap();
-        let (a, b) = (m.resident(), m.clone().resident());
-        let (pa, pb) = (a.half_bits().unwrap().1, b.half_bits().unwrap().1);
-        assert_eq!(pa, &bits[..]);
-        assert!(std::ptr::eq(pa.as_ptr(), pb.as_ptr()), "one copy");
-        assert!(!std::ptr::eq(
-            pa.as_ptr(),
-            m.half_bits().unwrap().1.as_ptr()
-        ));
-        assert!(std::ptr::eq(
-            a.resident().half_bits().unwrap().1.as_ptr(),
-            pa.as_ptr()
-        ));
+        let m = FloatMatrix::mapped(StoredDtype::Bf16, mapped.clone(), rows, cols).unwrap();
+        assert_eq!(
+            super::piece_rows(2 * cols),
+            2048,
+            "3 KiB rows: 3 MiB pieces, near 8 MiB"
+        );
+        let file_row = |r: usize| m.half_bits().unwrap().1[r * cols..].as_ptr();
+        assert!(std::ptr::eq(m.half_row(5).unwrap().as_ptr(), file_row(5)));
+        let (a, b) = (m.clone(), m.clone());
+        a.make_resident();
+        let mut row = vec![0f32; cols];
+        for r in [0, 2047, 2048, 4095, 4096, rows - 1] {
+            let (ra, rb) = (a.half_row(r).unwrap(), b.half_row(r).unwrap());
+            assert_eq!(ra, &bits[r * cols..(r + 1) * cols], "row {r}");
+            assert!(std::ptr::eq(ra.as_ptr(), rb.as_ptr()), "one copy");
+            assert!(!std::ptr::eq(ra.as_ptr(), file_row(r)), "row {r} copied");
+            m.row_into(r, &mut row);
+            assert!(row
+                .iter()
+                .zip(ra)
+                .all(|(x, &h)| x.to_bits() == (h as u32) << 16));
+        }
+        let again = a.half_row(0).unwrap().as_ptr();
+        b.make_resident();
+        assert!(
+            std::ptr::eq(b.half_row(0).unwrap().as_ptr(), again),
+            "made once"
+        );
+        let c = FloatMatrix::mapped(StoredDtype::Bf16, mapped, rows, cols).unwrap();
+        c.make_resident_in_background().unwrap().join().unwrap();
+        assert_eq!(c.half_row(rows - 1).unwrap(), &bits[(rows - 1) * cols..]);
+        assert!(!std::ptr::eq(c.half_row(0).unwrap().as_ptr(), again));
+        let in_memory = FloatMatrix::mapped(
+            StoredDtype::Bf16,
+            SharedBytes::from_vec(bytes.clone()),
+            rows,
+            cols,
+        )
+        .unwrap();
+        assert!(in_memory.make_resident_in_background().is_none());
+    }
+
+    /// The blockwise scan finds the first non-finite half wherever it lies, as a plain search.
+    #[test]
+    fn scan_finds_the_first_all_ones_exponent() {
+        for len in [0, 1, 63, 64, 65, 200] {
+            for bad in (0..len).step_by(7).map(Some).chain([None]) {
+                let mut bits: Vec<u16> = (0..len).map(|i| (i as u16) & 0x3fff).collect();
+                if let Some(b) = bad {
+                    bits[b] = 0x7f80 | 1; // a bf16 NaN
+                    if b + 3 < len {
+                        bits[b + 3] = 0xff80; // −∞ after it
+                    }
+                }
+                assert_eq!(
+                    super::first_with_exponent(&bits, 0x7f80),
+                    bad,
+                    "{len} {bad:?}"
+                );
+            }
+        }
     }
 
     /// Halves round away from zero (ggml's `roundf`) on the vector path too, and every value

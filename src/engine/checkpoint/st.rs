@@ -103,7 +103,7 @@ impl SharedBytes {
     }
 
     /// These bytes copied by [`Self::resident`] when they are a file mapping's, else shared as
-    /// they are. The copy reads the file (the page cache straight into the new memory, none
+    /// they are; on the calling thread. The copy reads the file (the page cache straight into the new memory, none
     /// of the file's pages mapped), or where that fails copies from the mapping and lets go of
     /// its pages as it goes.
     pub fn into_resident(self) -> SharedBytes {
@@ -112,16 +112,20 @@ impl SharedBytes {
         };
         const CHUNK: usize = 8 << 20;
         SharedBytes::resident(self.len, |out| {
-            use rayon::prelude::*;
-            out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, dst)| {
+            for (i, dst) in out.chunks_mut(CHUNK).enumerate() {
                 let at = i * CHUNK;
                 if !read_at(file, dst, (self.start + at) as u64) {
                     self.populate_range(at, dst.len());
                     dst.copy_from_slice(&self[at..at + dst.len()]);
                     self.release_range(at, dst.len());
                 }
-            });
+            }
         })
+    }
+
+    /// Whether these bytes are a file mapping's.
+    pub fn is_mapped(&self) -> bool {
+        matches!(&*self.backing, Backing::Mmap(..))
     }
 
     /// Bytes `offset..offset + len` of these, sharing the mapping. Panics when out of range

@@ -68,6 +68,10 @@ pub struct ModelOptions {
     pub dtype: DType,
     /// How the output head is held (an f32 model's; see [`Model::with_head`]).
     pub head: HeadFormat,
+    /// Leave a memory-mapped bf16 / f16 head in the file's pages when the model is built,
+    /// for [`Model::copy_head_in_background`] to copy into huge-page memory later (the first
+    /// token comes sooner). Off: the copy is made while building.
+    pub defer_head_copy: bool,
 }
 
 impl Default for ModelOptions {
@@ -77,6 +81,7 @@ impl Default for ModelOptions {
             act_quant: true,
             dtype: DType::F32,
             head: HeadFormat::Stored,
+            defer_head_copy: false,
         }
     }
 }
@@ -142,7 +147,13 @@ impl Model {
         // memory (or quantized into it), which tied embeddings share unless quantized.
         let tied = std::ptr::eq(ck.lm_head(), &ck.embed_tokens);
         let head_matrix = match (dt, options.head) {
-            (DType::F32, HeadFormat::Stored) => ck.lm_head().resident(),
+            (DType::F32, HeadFormat::Stored) => {
+                let head = ck.lm_head().clone();
+                if !options.defer_head_copy {
+                    head.make_resident();
+                }
+                head
+            }
             (DType::F32, HeadFormat::Q8_0) => ck.lm_head().to_q8_0()?,
             _ => ck.lm_head().clone(),
         };
@@ -557,6 +568,7 @@ impl Model {
             act_quant,
             dtype: DType::F32,
             head: HeadFormat::Stored,
+            defer_head_copy: false,
         };
         Ok((
             Model {

@@ -87,6 +87,17 @@ impl Model {
         Ok(self)
     }
 
+    /// Start copying a memory-mapped bf16 / f16 head into huge-page memory on a thread of its
+    /// own (see [`ModelOptions::defer_head_copy`](super::ModelOptions)): decoding goes on
+    /// meanwhile, each part of the head read from its copy once that part is made. None when
+    /// there is nothing to copy.
+    pub fn copy_head_in_background(&self) -> Option<std::thread::JoinHandle<()>> {
+        match &self.head {
+            Table::Stored(m) => m.make_resident_in_background(),
+            Table::Tensor(_) => None,
+        }
+    }
+
     /// Bytes of weights a decoded token reads: every linear (packed ternary or dense) and
     /// the output head, in the form they are held (a hybrid linear counts its packed base;
     /// a z-adapted one is not counted).

@@ -248,7 +248,7 @@ impl MatmulRows {
     /// an L1-sized buffer and dotted with every row of x, so w streams from memory once.
     fn forward_few(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.w.rows, self.w.cols);
-        let bf16 = self.w.half_bits().filter(|(d, _)| *d == StoredDtype::Bf16);
+        let bf16 = self.w.half_bits().is_some() && self.w.dtype() == StoredDtype::Bf16;
         let q8 = self.w.q8_0();
         let per_row = k / crate::engine::checkpoint::Q8_0_BLOCK;
         let (xq, xd) = match q8 {
@@ -257,6 +257,10 @@ impl MatmulRows {
         };
         let mut yt = vec![0f32; n * m];
         let task = |buf: &mut Vec<f32>, (c, out): (usize, &mut [f32])| {
+            if bf16 {
+                // Rows still in the file's pages are mapped in at once, not a fault at a time.
+                self.w.populate_rows(c * FEW_ROWS_TASK, out.len() / m);
+            }
             for (jj, o) in out.chunks_mut(m).enumerate() {
                 let j = c * FEW_ROWS_TASK + jj;
                 if let Some((qs, scales)) = q8 {
@@ -268,9 +272,10 @@ impl MatmulRows {
                     }
                     continue;
                 }
-                if let Some((_, w)) = bf16 {
-                    // bf16 → f32 is a shift: fused into the dot product, no buffer.
-                    let row = &w[j * k..(j + 1) * k];
+                if bf16 {
+                    // bf16 → f32 is a shift: fused into the dot product, no buffer. The row
+                    // comes from the huge-page copy once that part of it is made.
+                    let row = self.w.half_row(j).expect("a 2-aligned bf16 matrix");
                     for (i, oi) in o.iter_mut().enumerate() {
                         *oi = dot_bf16(&x[i * k..(i + 1) * k], row);
                     }

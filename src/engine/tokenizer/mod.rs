@@ -113,6 +113,22 @@ fn read_tokenizer_json(path: &std::path::Path) -> Result<tokenizers::Tokenizer> 
     })
 }
 
+/// A parsed tokenizer and the tokens whose text holds a newline (finding them decodes every
+/// token: a 128k vocabulary takes a good part of a second, done while the model loads).
+struct Parsed {
+    inner: tokenizers::Tokenizer,
+    newline: Vec<u32>,
+}
+
+impl Parsed {
+    fn new(inner: tokenizers::Tokenizer) -> Self {
+        let newline = (inner.get_vocab(true).into_values())
+            .filter(|&id| inner.decode(&[id], false).is_ok_and(|s| s.contains('\n')))
+            .collect();
+        Parsed { inner, newline }
+    }
+}
+
 /// A Hugging Face `tokenizer.json`, through the `tokenizers` crate.
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
@@ -140,23 +156,19 @@ impl HfTokenizer {
     /// Load `path`; `bos`/`eos` come from the model config (eos also ends answers, as does
     /// any token containing a newline — the task suite's answer terminator).
     pub fn from_file(path: &std::path::Path, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        Self::new(read_tokenizer_json(path)?, path, bos, eos)
+        Self::new(Parsed::new(read_tokenizer_json(path)?), path, bos, eos)
     }
 
-    /// `inner`, read from `path`, with the model's `bos` and `eos`.
+    /// `parsed`, read from `path`, with the model's `bos` and `eos`.
     fn new(
-        inner: tokenizers::Tokenizer,
+        parsed: Parsed,
         path: &std::path::Path,
         bos: Option<u32>,
         eos: Option<u32>,
     ) -> Result<Self> {
+        let Parsed { inner, newline } = parsed;
         let vocab = inner.get_vocab_size(true);
-        let mut stop: Vec<u32> = inner
-            .get_vocab(true)
-            .into_iter()
-            .filter(|(_, id)| inner.decode(&[*id], false).is_ok_and(|s| s.contains('\n')))
-            .map(|(_, id)| id)
-            .collect();
+        let mut stop = newline;
         stop.extend(eos);
         stop.sort_unstable();
         stop.dedup();
@@ -264,14 +276,14 @@ pub fn read_for_model(source: Option<&std::path::Path>) -> Result<PendingTokeniz
     let inside = match crate::engine::checkpoint::gguf::Gguf::sniff(src) {
         true => {
             let g = crate::engine::checkpoint::gguf::Gguf::open(src)?;
-            gguf::tokenizer(&g)?.map(|t| (t, src.to_path_buf()))
+            gguf::tokenizer(&g)?.map(|t| (Parsed::new(t), src.to_path_buf()))
         }
         false => None,
     };
     let found = match inside {
         Some(t) => Some(t),
         None => file_for_model(src)
-            .map(|tj| Ok::<_, Error>((read_tokenizer_json(&tj)?, tj)))
+            .map(|tj| Ok::<_, Error>((Parsed::new(read_tokenizer_json(&tj)?), tj)))
             .transpose()?,
     };
     Ok(PendingTokenizer {
@@ -283,7 +295,7 @@ pub fn read_for_model(source: Option<&std::path::Path>) -> Result<PendingTokeniz
 /// See [`read_for_model`].
 pub struct PendingTokenizer {
     /// The tokenizer and the file it came from.
-    found: Option<(tokenizers::Tokenizer, std::path::PathBuf)>,
+    found: Option<(Parsed, std::path::PathBuf)>,
     /// The model's directory, when the model is not the embedded one.
     dir: Option<std::path::PathBuf>,
 }
