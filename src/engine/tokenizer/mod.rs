@@ -113,16 +113,23 @@ fn read_tokenizer_json(path: &std::path::Path) -> Result<tokenizers::Tokenizer> 
     })
 }
 
-/// A parsed tokenizer and the tokens whose text holds a newline (finding them decodes every
-/// token: a 128k vocabulary takes a good part of a second, done while the model loads).
+/// A parsed tokenizer and the tokens whose decoded text holds a newline.
 struct Parsed {
     inner: tokenizers::Tokenizer,
     newline: Vec<u32>,
 }
 
 impl Parsed {
+    /// Decoding all of a 128k vocabulary takes a third of a second, so only the tokens that
+    /// can decode to a newline are decoded: those that hold one as written, as byte-level BPE's
+    /// `Ċ` or as a byte fallback's `<0x0A>`. A decoder that replaces text could make one of
+    /// anything, so with one every token is decoded.
     fn new(inner: tokenizers::Tokenizer) -> Self {
-        let newline = (inner.get_vocab(true).into_values())
+        let replaces = (inner.get_decoder())
+            .is_some_and(|d| serde_json::to_string(d).map_or(true, |j| j.contains("\"Replace\"")));
+        let may = |t: &str| replaces || t.contains(['\n', 'Ċ']) || t.contains("<0x0A>");
+        let ids = 0..inner.get_vocab_size(true) as u32;
+        let newline = (ids.filter(|&id| inner.id_to_token(id).is_some_and(|t| may(&t))))
             .filter(|&id| inner.decode(&[id], false).is_ok_and(|s| s.contains('\n')))
             .collect();
         Parsed { inner, newline }
@@ -363,5 +370,45 @@ mod hf_tests {
             .unwrap()
             .to_string();
         assert!(e.contains("tokenizer.json"), "{e}");
+    }
+
+    /// The newline tokens found by decoding only the candidates are those found by decoding
+    /// every token: byte-level BPE, byte fallback, and a decoder that replaces text.
+    #[test]
+    fn newline_tokens_match_a_decode_of_every_token() {
+        let tokenizer = |model: &str, decoder: &str| {
+            let json = format!(
+                r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+                "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+                "decoder": {decoder}, "model": {model}}}"#
+            );
+            tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap()
+        };
+        let vocab = r#"{"a": 0, "Ċ": 1, "aĊ": 2, "<0x0A>": 3, "<n>": 4, "▁b": 5, "ĊĊ": 6}"#;
+        let bpe =
+            format!(r#"{{"type": "BPE", "vocab": {vocab}, "merges": [], "byte_fallback": true}}"#);
+        let cases = [
+            (
+                r#"{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}"#,
+                vec![1, 2, 6],
+            ),
+            (
+                r#"{"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]}"#,
+                vec![3],
+            ),
+            (
+                r#"{"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "<n>"}, "content": "\n"}, {"type": "ByteFallback"}]}"#,
+                vec![3, 4],
+            ),
+        ];
+        for (decoder, expected) in cases {
+            let inner = tokenizer(&bpe, decoder);
+            let mut all: Vec<u32> = (inner.get_vocab(true).into_values())
+                .filter(|&id| inner.decode(&[id], false).unwrap().contains('\n'))
+                .collect();
+            all.sort_unstable();
+            assert_eq!(all, expected, "{decoder}");
+            assert_eq!(Parsed::new(inner).newline, expected, "{decoder}");
+        }
     }
 }
