@@ -390,7 +390,17 @@ impl FloatMatrix {
         }
         let m = self.clone();
         let spawn = std::thread::Builder::new().name("resident-copy".into());
-        spawn.spawn(move || m.copy_pieces(false)).ok()
+        spawn
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                m.copy_pieces(false);
+                let mb = m.stored_bytes() as f64 / 1e6;
+                tracing::info!(
+                    "{mb:.0} MB copied into huge pages in {:.2} s",
+                    start.elapsed().as_secs_f64()
+                );
+            })
+            .ok()
     }
 
     /// See [`Self::make_resident`]; `parallel`: the pieces on rayon's threads.
