@@ -120,6 +120,14 @@ fn first_with_exponent(bits: &[u16], exponent: u16) -> Option<usize> {
     bits[at..].iter().position(bad).map(|i| at + i)
 }
 
+/// Row `r` of `cols` 16-bit elements in `bytes`, when they are 2-aligned and hold it.
+fn bits_row(bytes: &[u8], r: usize, cols: usize) -> Option<&[u16]> {
+    // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
+    let (head, mid, _) = unsafe { bytes.align_to::<u16>() };
+    let at = r * cols;
+    (head.is_empty() && at + cols <= mid.len()).then(|| &mid[at..at + cols])
+}
+
 /// Bytes aimed at per piece of a [`ResidentCopy`].
 const PIECE_BYTES: usize = 8 << 20;
 
@@ -348,15 +356,12 @@ impl FloatMatrix {
         let Data::Half(_, bytes, copy) = &self.data else {
             return None;
         };
-        let (src, first) = match copy.piece_of(r) {
-            Some((piece, first)) => (piece, first),
-            None => (bytes, 0),
-        };
-        let n = self.cols;
-        // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
-        let (head, mid, _) = unsafe { src.align_to::<u16>() };
-        let at = (r - first) * n;
-        (head.is_empty() && at + n <= mid.len()).then(|| &mid[at..at + n])
+        // A piece short of a huge page lives on the heap, where 2-alignment is likely but not
+        // promised: the mapping serves where it is not.
+        let copied = copy
+            .piece_of(r)
+            .and_then(|(piece, first)| bits_row(piece, r - first, self.cols));
+        copied.or_else(|| bits_row(bytes, r, self.cols))
     }
 
     /// Map in the file's pages of rows `r0..r0 + n` of a memory-mapped bf16 / f16 matrix in
