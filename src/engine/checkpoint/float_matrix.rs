@@ -830,7 +830,7 @@ mod tests {
         assert_eq!(
             super::piece_rows(2 * cols),
             2048,
-            "3 KiB rows: 3 MiB pieces, near 8 MiB"
+            "3 KiB rows: 6 MiB pieces, three whole huge pages"
         );
         let file_row = |r: usize| m.half_bits().unwrap().1[r * cols..].as_ptr();
         assert!(std::ptr::eq(m.half_row(5).unwrap().as_ptr(), file_row(5)));
