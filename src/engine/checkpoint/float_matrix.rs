@@ -4,6 +4,7 @@
 //! 128256 × 2560 embedding is 0.66 GB as bf16 and would be 1.31 GB as f32, twice over when
 //! the head is a transposed copy.
 
+use super::resident::{aligned_u16, ResidentCopy};
 use super::st::{RawTensor, SharedBytes};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -118,51 +119,6 @@ fn first_with_exponent(bits: &[u16], exponent: u16) -> Option<usize> {
         .position(|c| c.iter().fold(false, |any, b| any | bad(b)))?;
     let at = block * BLOCK;
     bits[at..].iter().position(bad).map(|i| at + i)
-}
-
-/// Row `r` of `cols` 16-bit elements in `bytes`, when they are 2-aligned and hold it.
-fn bits_row(bytes: &[u8], r: usize, cols: usize) -> Option<&[u16]> {
-    // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
-    let (head, mid, _) = unsafe { bytes.align_to::<u16>() };
-    let at = r * cols;
-    (head.is_empty() && at + cols <= mid.len()).then(|| &mid[at..at + cols])
-}
-
-/// Bytes aimed at per piece of a [`ResidentCopy`].
-const PIECE_BYTES: usize = 8 << 20;
-
-/// The huge-page copy of a memory-mapped bf16 / f16 matrix (see
-/// [`FloatMatrix::make_resident`]), made a piece of rows at a time. Readers take each row from
-/// its piece's copy once that piece is made, else from the mapping, so a product can run while
-/// the copy is being made.
-#[derive(Default)]
-struct ResidentCopy {
-    /// Rows per piece: whole huge pages where the row length allows.
-    piece_rows: std::sync::OnceLock<usize>,
-    pieces: std::sync::OnceLock<Box<[std::sync::OnceLock<SharedBytes>]>>,
-}
-
-impl ResidentCopy {
-    /// The made piece holding row `r`, with its first row.
-    fn piece_of(&self, r: usize) -> Option<(&SharedBytes, usize)> {
-        let per = *self.piece_rows.get()?;
-        let piece = self.pieces.get()?.get(r / per)?.get()?;
-        Some((piece, r / per * per))
-    }
-}
-
-/// Rows per piece of a [`ResidentCopy`] for rows of `row_bytes` bytes: a whole number of
-/// huge pages (the fewest rows that fill some, times as many as come near [`PIECE_BYTES`]).
-fn piece_rows(row_bytes: usize) -> usize {
-    let huge = super::huge::HUGE_PAGE;
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    let whole = huge / gcd(huge, row_bytes.max(1));
-    whole * (PIECE_BYTES / (whole * row_bytes.max(1))).max(1)
 }
 
 /// Q8_0 values: value `i` is `qs()[i] · scales[i / 32]`.
@@ -344,24 +300,20 @@ impl FloatMatrix {
         let Data::Half(d, bytes, _) = &self.data else {
             return None;
         };
-        // SAFETY: every bit pattern is a valid u16; `align_to` returns the aligned middle.
-        let (head, mid, _) = unsafe { bytes.align_to::<u16>() };
-        (head.is_empty() && mid.len() == self.len()).then_some((*d, mid))
+        let bits = aligned_u16(bytes).filter(|b| b.len() == self.len())?;
+        Some((*d, bits))
     }
 
     /// Row `r`'s 16-bit elements of a bf16 / f16 matrix: from its huge-page copy once the
     /// piece holding the row is made ([`Self::make_resident`]), else as loaded (when 2-aligned,
     /// as for [`Self::half_bits`]).
     pub fn half_row(&self, r: usize) -> Option<&[u16]> {
-        let Data::Half(_, bytes, copy) = &self.data else {
+        let Data::Half(_, _, copy) = &self.data else {
             return None;
         };
-        // A piece short of a huge page lives on the heap, where 2-alignment is likely but not
-        // promised: the mapping serves where it is not.
-        let copied = copy
-            .piece_of(r)
-            .and_then(|(piece, first)| bits_row(piece, r - first, self.cols));
-        copied.or_else(|| bits_row(bytes, r, self.cols))
+        let n = self.cols;
+        let loaded = || self.half_bits()?.1.get(r * n..(r + 1) * n);
+        copy.row(r, n).or_else(loaded)
     }
 
     /// Map in the file's pages of rows `r0..r0 + n` of a memory-mapped bf16 / f16 matrix in
@@ -369,7 +321,7 @@ impl FloatMatrix {
     /// are not read from the huge-page copy; nothing for any other matrix.
     pub fn populate_rows(&self, r0: usize, n: usize) {
         if let Data::Half(_, bytes, copy) = &self.data {
-            if copy.piece_of(r0).is_none() {
+            if copy.row(r0, self.cols).is_none() {
                 bytes.populate_range(2 * r0 * self.cols, 2 * n * self.cols);
             }
         }
@@ -387,12 +339,7 @@ impl FloatMatrix {
     /// rayon's threads to the caller: `generate` copies the head while it decodes. None when
     /// there is nothing to copy.
     pub fn make_resident_in_background(&self) -> Option<std::thread::JoinHandle<()>> {
-        let Data::Half(_, bytes, _) = &self.data else {
-            return None;
-        };
-        if !bytes.is_mapped() {
-            return None;
-        }
+        self.half_bytes().filter(|b| b.is_mapped())?;
         let m = self.clone();
         let spawn = std::thread::Builder::new().name("resident-copy".into());
         spawn
@@ -410,27 +357,10 @@ impl FloatMatrix {
 
     /// See [`Self::make_resident`]; `parallel`: the pieces on rayon's threads.
     fn copy_pieces(&self, parallel: bool) {
-        let Data::Half(_, bytes, copy) = &self.data else {
-            return;
-        };
-        if !bytes.is_mapped() {
-            return;
-        }
-        let row = 2 * self.cols;
-        let per = *copy.piece_rows.get_or_init(|| piece_rows(row));
-        let pieces = copy.pieces.get_or_init(|| {
-            (0..self.rows.div_ceil(per))
-                .map(|_| Default::default())
-                .collect()
-        });
-        let make = |(i, piece): (usize, &std::sync::OnceLock<SharedBytes>)| {
-            let (at, rows) = (i * per * row, per.min(self.rows - i * per));
-            piece.get_or_init(|| bytes.slice(at, rows * row).into_resident());
-            bytes.release_range(at, rows * row);
-        };
-        match parallel {
-            true => pieces.par_iter().enumerate().for_each(make),
-            false => pieces.iter().enumerate().for_each(make),
+        if let Data::Half(_, bytes, copy) = &self.data {
+            if bytes.is_mapped() {
+                copy.make(bytes, self.rows, self.cols, parallel);
+            }
         }
     }
 
@@ -485,21 +415,7 @@ impl FloatMatrix {
         let (start, n) = (r0 * self.cols, out.len());
         let (d, bytes) = match &self.data {
             Data::F32(v) => return out.copy_from_slice(&v[start..start + n]),
-            Data::Half(d, bytes, _) if self.half_bits().is_none() => (*d, bytes),
-            Data::Half(d, ..) => {
-                // Row by row, each from its piece of the huge-page copy where made.
-                let widen = |b: u16| match d {
-                    StoredDtype::Bf16 => f32::from_bits((b as u32) << 16),
-                    _ => half::f16::from_bits(b).to_f32(),
-                };
-                for (i, o) in out.chunks_mut(self.cols.max(1)).enumerate() {
-                    let bits = self.half_row(r0 + i).expect("2-aligned rows");
-                    for (o, &b) in o.iter_mut().zip(bits) {
-                        *o = widen(b);
-                    }
-                }
-                return;
-            }
+            Data::Half(d, bytes, _) => (*d, bytes),
             Data::Q8_0(q) => {
                 // Rows hold whole blocks, so `start` is a block boundary.
                 let qs = &q.qs()[start..start + n];
@@ -518,9 +434,19 @@ impl FloatMatrix {
             StoredDtype::Bf16 => f32::from_bits((b as u32) << 16),
             _ => half::f16::from_bits(b).to_f32(),
         };
-        let src = bytes[2 * start..2 * (start + n)].chunks_exact(2);
-        for (o, c) in out.iter_mut().zip(src) {
-            *o = widen(u16::from_le_bytes([c[0], c[1]]));
+        if self.half_bits().is_none() {
+            let src = bytes[2 * start..2 * (start + n)].chunks_exact(2);
+            for (o, c) in out.iter_mut().zip(src) {
+                *o = widen(u16::from_le_bytes([c[0], c[1]]));
+            }
+            return;
+        }
+        // Row by row, each from its piece of the huge-page copy where made.
+        for (i, o) in out.chunks_mut(self.cols.max(1)).enumerate() {
+            let bits = self.half_row(r0 + i).expect("2-aligned rows");
+            for (o, &b) in o.iter_mut().zip(bits) {
+                *o = widen(b);
+            }
         }
     }
 
@@ -828,7 +754,7 @@ mod tests {
             .slice(6, bytes.len());
         let m = FloatMatrix::mapped(StoredDtype::Bf16, mapped.clone(), rows, cols).unwrap();
         assert_eq!(
-            super::piece_rows(2 * cols),
+            super::super::resident::piece_rows(2 * cols),
             2048,
             "3 KiB rows: 6 MiB pieces, three whole huge pages"
         );

@@ -14,6 +14,7 @@ mod formats;
 mod from_gguf;
 pub mod gguf;
 mod huge;
+mod resident;
 mod save;
 pub mod st;
 mod to_gguf;

@@ -103,9 +103,9 @@ impl SharedBytes {
     }
 
     /// These bytes copied by [`Self::resident`] when they are a file mapping's, else shared as
-    /// they are; on the calling thread. The copy reads the file (the page cache straight into the new memory, none
-    /// of the file's pages mapped), or where that fails copies from the mapping and lets go of
-    /// its pages as it goes.
+    /// they are; on the calling thread. The copy reads the file (the page cache straight into
+    /// the new memory, none of the file's pages mapped), or where that fails copies from the
+    /// mapping and lets go of its pages as it goes.
     pub fn into_resident(self) -> SharedBytes {
         let Backing::Mmap(_, file) = &*self.backing else {
             return self;
